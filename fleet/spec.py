@@ -1,0 +1,463 @@
+"""The declared service: stacks/Pulumi.<stack>.yaml parsed into typed, validated objects.
+
+A stack file is ordinary Pulumi structured config. Everything infermesh reads lives under
+the project's namespace (``infermesh:<key>``)::
+
+    config:
+      infermesh:regions: [...]
+      infermesh:providers: [...]
+      infermesh:vastai-api-key:
+        secure: v1:...          # a Pulumi secret, referenced by a provider's `credentials`
+
+``load(stack)`` returns a :class:`Spec` or raises :class:`SpecError` with one message that
+names the field and the reason. Nothing here talks to a network or a cloud: the spec is data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+NAMESPACE = "infermesh"
+ROOT = Path(__file__).resolve().parent.parent
+STACKS_DIR = ROOT / "stacks"
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$", max_length=120)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+# GPU types the plan knows, with their memory in GiB. A stack may add its own under `gpus`.
+GPU_VRAM_GB: dict[str, float] = {
+    "H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "L40S": 48, "A6000": 48,
+    "L4": 24, "A10": 24, "RTX4090": 24, "RTX3090": 24, "cpu": 0,
+}
+
+
+class SpecError(Exception):
+    """A stack file that cannot be used. ``str()`` is the one message shown to the operator."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Region(_Strict):
+    name: Name
+    location: str = ""
+
+
+class Provider(_Strict):
+    """Supply behind the gateway: a GPU marketplace, a reserved cloud, or an OpenAI-compatible upstream.
+
+    kind: the adapter. `sim` and `llamacpp` run workers as local processes (no cloud);
+    `vastai`, `runpod`, `akash` lease GPUs; `openai` is an external OpenAI-compatible upstream
+    used for overflow (no lease, billed per token).
+    role: `marketplace` (ordinary supply), `reserved` (the centralized fallback the
+    paid tiers rely on), `overflow` (an external upstream used only when pools are short).
+    """
+
+    name: Name
+    kind: Literal["sim", "llamacpp", "vastai", "runpod", "akash", "openai"]
+    role: Literal["marketplace", "reserved", "overflow"] = "marketplace"
+    regions: list[Name] = Field(min_length=1)
+    price_cap_per_gpu_hour: NonNegFloat | None = None
+    # Name of the stack-config secret holding the API key (`infermesh:<credentials>`).
+    credentials: str | None = None
+    # Only for kind `openai`: the upstream's base URL and its price per 1M tokens.
+    base_url: str | None = None
+    price_per_1m_tokens: NonNegFloat | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Provider:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("an `openai` provider needs base_url")
+        if self.kind in ("vastai", "runpod", "akash", "openai") and not self.credentials:
+            raise ValueError(f"a `{self.kind}` provider needs credentials (the name of a stack secret)")
+        return self
+
+
+class ModelArch(_Strict):
+    """What the VRAM check needs: KV cache bytes per token = layers x kv_heads x 2 x head_dim x dtype_bytes."""
+
+    layers: PosInt
+    kv_heads: PosInt
+    head_dim: PosInt
+    kv_dtype_bytes: PosInt = 2
+
+
+class Model(_Strict):
+    id: Name                                   # the name customers send as `model`
+    weights: str                               # e.g. "Qwen/Qwen2.5-7B-Instruct" or a GGUF path
+    revision: str = "main"
+    sha256: str | None = None                  # checksum of the weights the worker verifies
+    quantization: str | None = None
+    context_length: PosInt = 8192
+    weights_gb: NonNegFloat = 0                # VRAM taken by the weights
+    arch: ModelArch | None = None
+    fallback: Name | None = None               # model that serves tiers allowing fallback
+
+
+class SimKnobs(_Strict):
+    """Knobs of the `sim` engine (a simulator, not a model)."""
+
+    ttft_ms: NonNegFloat = 30
+    itl_ms: NonNegFloat = 5                    # inter-token latency
+    output_tokens: PosInt = 16
+    error_rate: Annotated[float, Field(ge=0, le=1)] = 0
+    seed: int | None = None
+
+
+class Gpu(_Strict):
+    type: str
+    count: PosInt = 1
+
+
+class Pool(_Strict):
+    """Replicas of one model on one provider in one region."""
+
+    name: Name
+    model: Name
+    provider: Name
+    region: Name
+    gpu: Gpu = Gpu(type="cpu")
+    replicas: NonNegInt = 1
+    weight: NonNegFloat = 1
+    role: Literal["primary", "standby", "canary", "drained"] = "primary"
+    image: str | None = None                   # worker image, pinned by digest outside local stacks
+    max_concurrency: PosInt = 64               # concurrent sequences per replica (vLLM max_num_seqs)
+    max_model_len: PosInt | None = None        # tokens per sequence for the KV budget (model context by default)
+    price_per_gpu_hour: NonNegFloat | None = None
+    connection: Literal["container", "ssh"] = "container"
+    sim: SimKnobs | None = None                # only for sim providers
+    gguf: str | None = None                    # only for llamacpp providers
+
+
+class Timeouts(_Strict):
+    connect_s: PosFloat = 2.0
+    ttft_s: PosFloat = 10.0
+    idle_s: PosFloat = 30.0                    # longest gap between two stream chunks
+    total_s: PosFloat = 300.0
+
+
+class Slo(_Strict):
+    availability: Annotated[float, Field(gt=0, lt=100)] = 99.5   # percent of good minutes
+    ttft_p95_ms: PosFloat = 2000
+    ttlt_p95_ms: PosFloat = 30000
+
+
+class Tier(_Strict):
+    name: Name
+    models: list[Name] = Field(min_length=1)
+    rpm: PosInt
+    tpm: PosInt
+    max_prompt_tokens: PosInt = 8192
+    max_output_tokens: PosInt = 1024
+    priority: NonNegInt = 0                    # shed lowest first under overload
+    allow_fallback: bool = False
+    limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
+    price_per_1m_tokens: NonNegFloat = 0
+    monthly_fee: NonNegFloat = 0
+    slo: Slo = Slo()
+    timeouts: Timeouts = Timeouts()
+
+
+class StateBackends(_Strict):
+    limits: Literal["memory", "redis"] = "memory"
+    ledger: Literal["sqlite", "postgres"] = "sqlite"
+    redis_url: str | None = None
+    postgres_dsn: str | None = None
+
+    @model_validator(mode="after")
+    def _urls(self) -> StateBackends:
+        if self.limits == "redis" and not self.redis_url:
+            raise ValueError("limits: redis needs redis_url")
+        if self.ledger == "postgres" and not self.postgres_dsn:
+            raise ValueError("ledger: postgres needs postgres_dsn")
+        return self
+
+
+class Privacy(_Strict):
+    log_prompts: bool = False                  # tenants may still opt in, with a TTL
+    debug_log_ttl_hours: PosInt = 24
+
+
+class Gateway(_Strict):
+    replicas: PosInt = 1
+    namespace: str = "infermesh"
+    host: str = "localhost"                    # public ingress host
+    tls_issuer: str | None = None              # cert-manager ClusterIssuer
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    max_body_bytes: PosInt = 1_048_576
+    probe_interval_s: PosFloat = 30
+    health_interval_s: PosFloat = 5
+    drain_timeout_s: PosFloat = 30
+    max_in_flight: PosInt = 2048               # admission sheds the lowest tier above this
+    state: StateBackends = StateBackends()
+    privacy: Privacy = Privacy()
+
+
+class Mesh(_Strict):
+    cidr: str = "10.90.0.0/16"
+    port: Annotated[int, Field(ge=1, le=65535)] = 51820
+    keepalive_s: NonNegInt = 25
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(v)
+        except ValueError as e:
+            raise ValueError(f"not a CIDR: {e}") from None
+        return v
+
+
+class Forecast(_Strict):
+    model: Name
+    region: Name
+    qps: NonNegFloat
+    prompt_tokens: PosInt
+    completion_tokens: PosInt
+
+
+class Throughput(_Strict):
+    """Measured decode throughput of one GPU type serving one model (tokens/s at saturation)."""
+
+    gpu: str
+    model: Name
+    tokens_per_s: PosFloat
+    efficiency: Annotated[float, Field(gt=0, le=1)] = 0.75   # E in the capacity formula
+    utilisation: Annotated[float, Field(gt=0, le=1)] = 0.6   # U in the cost formula
+
+
+class Canary(_Strict):
+    pool: Name
+    image: str
+    weight: Annotated[float, Field(gt=0, le=50)] = 5         # percent of the pool's traffic
+
+
+class Planning(_Strict):
+    headroom: Annotated[float, Field(ge=1.0, le=2.0)] = 1.3
+    overhead_per_1m_tokens: NonNegFloat = 0.0
+
+
+class Spec(_Strict):
+    stack: str
+    regions: list[Region] = Field(min_length=1)
+    providers: list[Provider] = Field(min_length=1)
+    models: list[Model] = Field(min_length=1)
+    pools: list[Pool] = Field(min_length=1)
+    tiers: list[Tier] = Field(min_length=1)
+    gateway: Gateway = Gateway()
+    mesh: Mesh = Mesh()
+    forecast: list[Forecast] = []
+    throughput: list[Throughput] = []
+    gpus: dict[str, PosFloat] = {}             # extra GPU types: name -> VRAM GiB
+    planning: Planning = Planning()
+    canary: Canary | None = None
+    allow_sim_workers: bool = False            # bootstrap may accept hosts without a GPU
+    local_port_base: Annotated[int, Field(ge=1024, le=65000)] = 9100  # local workers' first port
+    secrets: dict[str, str] = Field(default={}, repr=False)  # resolved `infermesh:<name>` secrets
+
+    # ---- lookups -------------------------------------------------------------------------
+    def provider(self, name: str) -> Provider:
+        return next(p for p in self.providers if p.name == name)
+
+    def model(self, model_id: str) -> Model:
+        return next(m for m in self.models if m.id == model_id)
+
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def pool(self, name: str) -> Pool:
+        return next(p for p in self.pools if p.name == name)
+
+    def vram_gb(self, gpu_type: str) -> float | None:
+        return self.gpus.get(gpu_type, GPU_VRAM_GB.get(gpu_type))
+
+    # ---- cross-references ----------------------------------------------------------------
+    @model_validator(mode="after")
+    def _references(self) -> Spec:
+        def unique(items: list[Any], what: str, key: str = "name") -> set[str]:
+            seen: set[str] = set()
+            for i, item in enumerate(items):
+                value = getattr(item, key)
+                if value in seen:
+                    raise _At(f"{what}[{i}].{key}", f"duplicate {key} {value!r}")
+                seen.add(value)
+            return seen
+
+        regions = unique(self.regions, "regions")
+        providers = unique(self.providers, "providers")
+        models = unique(self.models, "models", "id")
+        unique(self.pools, "pools")
+        unique(self.tiers, "tiers")
+        for i, p in enumerate(self.providers):
+            for r in p.regions:
+                if r not in regions:
+                    raise _At(f"providers[{i}].regions", f"unknown region {r!r}")
+            if p.credentials and p.credentials not in self.secrets:
+                raise _At(f"providers[{i}].credentials",
+                          f"secret {NAMESPACE}:{p.credentials} is not set in the stack file "
+                          f"(pulumi config set --secret {NAMESPACE}:{p.credentials} ...)")
+        for i, m in enumerate(self.models):
+            if m.fallback is not None and m.fallback not in models:
+                raise _At(f"models[{i}].fallback", f"unknown model {m.fallback!r}")
+            if m.fallback == m.id:
+                raise _At(f"models[{i}].fallback", "a model cannot be its own fallback")
+        for i, pool in enumerate(self.pools):
+            where = f"pools[{i}] ({pool.name})"
+            if pool.model not in models:
+                raise _At(f"{where}.model", f"unknown model {pool.model!r}")
+            if pool.provider not in providers:
+                raise _At(f"{where}.provider", f"unknown provider {pool.provider!r}; declared: {sorted(providers)}")
+            prov = self.provider(pool.provider)
+            if pool.region not in prov.regions:
+                raise _At(f"{where}.region", f"provider {prov.name!r} does not serve region {pool.region!r}")
+            if prov.kind == "openai":
+                continue
+            vram = self.vram_gb(pool.gpu.type)
+            if vram is None:
+                raise _At(f"{where}.gpu.type", f"unknown GPU type {pool.gpu.type!r}; add it under `gpus`")
+            model = self.model(pool.model)
+            if prov.kind not in ("sim", "llamacpp") and model.weights_gb > vram * pool.gpu.count:
+                raise _At(f"{where}.gpu", f"{pool.gpu.count} x {pool.gpu.type} ({vram * pool.gpu.count:g} GiB) "
+                                           f"cannot hold {model.id}'s weights ({model.weights_gb:g} GiB)")
+            if prov.kind == "sim" and pool.sim is None:
+                pass  # sim pools may use default knobs
+            if prov.kind == "llamacpp" and not pool.gguf:
+                raise _At(f"{where}.gguf", "a llamacpp pool names its GGUF file")
+            cap = prov.price_cap_per_gpu_hour
+            if cap is not None and pool.price_per_gpu_hour is not None and pool.price_per_gpu_hour > cap:
+                raise _At(f"{where}.price_per_gpu_hour",
+                          f"{pool.price_per_gpu_hour} is above provider {prov.name!r}'s cap {cap}")
+        for i, t in enumerate(self.tiers):
+            for m in t.models:
+                if m not in models:
+                    raise _At(f"tiers[{i}] ({t.name}).models", f"unknown model {m!r}")
+        for i, f in enumerate(self.forecast):
+            if f.model not in models:
+                raise _At(f"forecast[{i}].model", f"unknown model {f.model!r}")
+            if f.region not in regions:
+                raise _At(f"forecast[{i}].region", f"unknown region {f.region!r}")
+        if self.canary is not None and self.canary.pool not in {p.name for p in self.pools}:
+            raise _At("canary.pool", f"unknown pool {self.canary.pool!r}")
+        return self
+
+
+class _At(ValueError):
+    """A cross-reference error that already knows its field path."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def stack_path(stack: str, stacks_dir: Path | None = None) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", stack):
+        raise SpecError(f"stack name {stack!r}: use letters, digits, '.', '_' or '-'")
+    return (stacks_dir or STACKS_DIR) / f"Pulumi.{stack}.yaml"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The `infermesh:` keys of a stack file, namespace stripped. Raises SpecError."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such stack file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise SpecError(f"{path}: expected a mapping with a `config:` section (Pulumi stack config)")
+    out: dict[str, Any] = {}
+    for key, value in doc["config"].items():
+        ns, _, name = str(key).partition(":")
+        if ns == NAMESPACE and name:
+            out[name] = value
+    return out
+
+
+def parse(config: dict[str, Any], stack: str, source: str = "<config>",
+          secrets: dict[str, str] | None = None) -> Spec:
+    """Validate already-read config. Secrets are values shaped ``{secure: ...}`` in the file, or
+    plain values handed in by Pulumi at deploy time; either way they never reach a log."""
+    data: dict[str, Any] = {"stack": stack}
+    found_secrets: dict[str, str] = dict(secrets or {})
+    for key, value in config.items():
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            found_secrets[key] = str(value["secure"])
+        elif key in _FIELDS:
+            data[key] = value
+        elif key in found_secrets or isinstance(value, str):
+            found_secrets[key] = value if isinstance(value, str) else str(value)
+        else:
+            raise SpecError(f"{source}: {NAMESPACE}:{key}: unknown setting; known: {', '.join(sorted(_FIELDS))}")
+    data["secrets"] = found_secrets
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_describe(e, data)}") from None
+    except _At as e:  # pragma: no cover - pydantic wraps validator errors, kept for safety
+        raise SpecError(f"{source}: {e}") from None
+
+
+def load(stack: str, stacks_dir: Path | None = None) -> Spec:
+    path = stack_path(stack, stacks_dir)
+    return parse(read_config(path), stack, source=str(path.relative_to(path.parent.parent))
+                 if path.is_relative_to(path.parent.parent) else str(path))
+
+
+_FIELDS = {name for name in Spec.model_fields if name not in ("stack", "secrets")}
+
+
+def _describe(e: ValidationError, data: dict[str, Any]) -> str:
+    """One line for the first error: the field path (with the pool/tier name where known) and why."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(x) for x in err["loc"]]
+    msg = err["msg"]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _At):
+        return str(ctx_err)
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    path = _path(loc, data)
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown field"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    return f"{path}: {msg}" if path else msg
+
+
+def _path(loc: list[str], data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for key in loc:
+        if key.isdigit() and isinstance(node, list):
+            idx = int(key)
+            node = node[idx] if idx < len(node) else None
+            label = f"[{idx}]"
+            if isinstance(node, dict) and ("name" in node or "id" in node):
+                label += f" ({node.get('name', node.get('id'))})"
+            parts.append(label)
+        else:
+            node = node.get(key) if isinstance(node, dict) else None
+            parts.append(("." if parts else "") + key)
+    return "".join(parts)
