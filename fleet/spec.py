@@ -79,6 +79,9 @@ class Provider(_Strict):
     # Only for kind `openai`: the upstream's base URL and its price per 1M tokens.
     base_url: str | None = None
     price_per_1m_tokens: NonNegFloat | None = None
+    # Declarative failover (`infermesh failover drain`): the provider is out of service; the plan
+    # drains its pools (no leases, weight 0) and adds replacement capacity on the others.
+    drained: bool = False
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Provider:

@@ -1,0 +1,696 @@
+"""The `sim` engine: a SIMULATOR of vLLM's OpenAI-compatible server. It runs no model.
+
+It answers the same HTTP API a vLLM worker does (chat and text completions, streaming with
+an optional usage chunk, /v1/models, /health, /version, and a /metrics page with vLLM's metric
+names), with knobs for time to first token, inter-token latency, output length and errors, and
+faults that drills switch on at run time. It is what the local stack, the drills and the
+benchmarks run on machines without a GPU, and it says that it is a simulator wherever it shows:
+`owned_by: "infermesh-simulator"` in /v1/models, the start line, `--help`, /version, /metrics.
+
+    python -m engines.sim --host 127.0.0.1 --port 9101 --model demo-chat \
+        [--ttft-ms 30] [--itl-ms 5] [--output-tokens 16] [--error-rate 0.0] [--seed N] \
+        [--max-concurrency 64] [--max-model-len 8192] [--fault MODE] [--unhealthy]
+
+Output. The text is words from a fixed vocabulary, one word per token, chosen by a generator
+seeded with a hash of the prompt: the same prompt gives the same text on every worker (synthetic
+probes can assert content). completion_tokens = min(max_tokens or max_completion_tokens,
+--output-tokens); finish_reason is "length" when max_tokens cut the output short, else "stop".
+
+Prompt tokens are counted without a tokenizer: the whitespace-separated words of the prompt
+(completions; a list of token ids counts one per id), or of every message's text content plus 3
+per message (chat; text parts of a content list count, other parts do not).
+
+Timing. TTFT is slept before the first token (the stream's headers go out at once, as vLLM's
+do), then ITL between tokens; a non-stream answer comes after ttft + (n - 1) * itl. Requests
+beyond --max-concurrency wait in a queue (an asyncio.Semaphore) and count in
+vllm:num_requests_waiting; KV-cache usage is simulated as running / max_concurrency.
+
+Faults: GET/POST/DELETE /sim/faults, JSON, partial updates (only keys present change):
+    mode        "none" | "hang" | "reset" | "error500" | "slow"
+                hang: read the request, never answer (until the client goes away);
+                reset: streams send `reset_after` chunks, then the TCP connection is aborted;
+                       non-stream requests see the connection closed without a response;
+                error500: every generation request gets a 500 (OpenAI-shaped error);
+                slow: TTFT is `ttft_ms` if set, else the start TTFT times `slow_factor`.
+    error_rate  0..1, share of requests answered 500 (a seeded draw per request: --seed, or
+                "seed" in the body to reseed, makes the sequence repeatable); null = the start value
+    ttft_ms, itl_ms   run-time latency overrides in any mode; null = the start value
+    unhealthy   true: /health answers 503
+    slow_factor, reset_after, seed   as above
+DELETE restores the faults the worker started with. GET /sim/stats counts answers by outcome.
+
+/metrics is written by hand (a few f-strings): one model per process and a handful of numbers
+make a registry, its locks and its generic exposition pure overhead on a fake upstream meant to
+cost nothing. The families and labels are those vLLM's prometheus_client registry exposes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ENGINE = "infermesh-simulator"
+FAULT_MODES = ("none", "hang", "reset", "error500", "slow")
+
+# One word per token. 64 entries: a generator draw picks one with its top 6 bits.
+VOCAB = (
+    "the", "mesh", "routes", "tokens", "through", "a", "simulated", "worker", "and", "every",
+    "stream", "arrives", "on", "time", "while", "gateway", "keeps", "its", "promise", "to",
+    "customer", "who", "sees", "one", "reliable", "endpoint", "not", "messy", "provider", "layer",
+    "behind", "it", "latency", "budget", "holds", "under", "load", "because", "pools", "fail",
+    "over", "cleanly", "when", "primary", "goes", "dark", "standby", "takes", "traffic", "as",
+    "probes", "verify", "what", "we", "promise", "with", "small", "steady", "steps", "of",
+    "quiet", "green", "light", "again",
+)
+_FIRST = tuple(orjson.dumps(w) for w in VOCAB)         # first token: no leading space
+_NEXT = tuple(orjson.dumps(" " + w) for w in VOCAB)    # later tokens: " word"
+
+_LCG_A = 6364136223846793005
+_LCG_C = 1442695040888963407
+_MASK = (1 << 64) - 1
+
+
+def token_indices(seed_text: str, n: int) -> list[int]:
+    """Vocabulary indices of the n tokens generated for a prompt (a 64-bit LCG seeded by crc32)."""
+    x = zlib.crc32(seed_text.encode("utf-8", "surrogatepass")) or 1
+    out = []
+    for _ in range(n):
+        x = (x * _LCG_A + _LCG_C) & _MASK
+        out.append(x >> 58)
+    return out
+
+
+def completion_text(seed_text: str, n: int) -> str:
+    """The text the simulator answers for a prompt: `n` words, separated by single spaces.
+
+    `seed_text` is the completion prompt, or for chat the message texts joined by newlines.
+    """
+    return " ".join(VOCAB[i] for i in token_indices(seed_text, n))
+
+
+@dataclass
+class Fault:
+    """Faults of a running simulator; see the module docstring for their meaning."""
+
+    mode: str = "none"
+    error_rate: float | None = None    # None: SimConfig.error_rate
+    ttft_ms: float | None = None       # None: SimConfig.ttft_ms (times slow_factor in "slow")
+    itl_ms: float | None = None        # None: SimConfig.itl_ms
+    unhealthy: bool = False
+    slow_factor: float = 10.0
+    reset_after: int = 2               # chunks a "reset" stream sends before the abort
+
+    def update(self, body: Any) -> int | None:
+        """Apply a partial update from a JSON body; returns a new RNG seed if one was given.
+
+        Raises ValueError naming the field; nothing changes when any field is bad.
+        """
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        known = {f.name for f in dataclasses.fields(self)} | {"seed"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        new = dataclasses.replace(self)
+        for key, value in body.items():
+            if key == "seed":
+                continue
+            setattr(new, key, value)
+        new.validate()
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError("seed must be an integer")
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(new, f.name))
+        return seed
+
+    def validate(self) -> None:
+        if self.mode not in FAULT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(FAULT_MODES)}, got {self.mode!r}")
+        if self.error_rate is not None and not (_is_number(self.error_rate) and 0 <= self.error_rate <= 1):
+            raise ValueError("error_rate must be a number from 0 to 1, or null")
+        for name in ("ttft_ms", "itl_ms"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, or null")
+        if not isinstance(self.unhealthy, bool):
+            raise ValueError("unhealthy must be true or false")
+        if not (_is_number(self.slow_factor) and self.slow_factor >= 1):
+            raise ValueError("slow_factor must be a number >= 1")
+        if not (isinstance(self.reset_after, int) and not isinstance(self.reset_after, bool) and self.reset_after >= 0):
+            raise ValueError("reset_after must be an integer >= 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SimConfig:
+    """What a simulator worker serves and how it behaves at start."""
+
+    model: str = "demo-chat"
+    host: str = "127.0.0.1"
+    port: int = 9101
+    ttft_ms: float = 30.0
+    itl_ms: float = 5.0
+    output_tokens: int = 16
+    error_rate: float = 0.0
+    seed: int | None = None
+    max_concurrency: int = 64
+    max_model_len: int = 8192
+    fault: Fault = field(default_factory=Fault)
+
+
+class _Refused(Exception):
+    """A request answered with an OpenAI-shaped error before any generation."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error_response(status: int, message: str, type_: str, param: str | None, code: str | None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Sim:
+    """The state of one simulator worker: config, faults, queue, counters."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        cfg.fault.validate()
+        self.cfg = cfg
+        self.start_fault = dataclasses.replace(cfg.fault)
+        self.fault = dataclasses.replace(cfg.fault)
+        self.rng = random.Random(cfg.seed)
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.running = 0
+        self.waiting = 0
+        self.hanging = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success = {"stop": 0, "length": 0}
+        self.outcomes: dict[str, int] = {}
+        self.created = int(time.time())
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = 0
+        self._label = f'model_name="{_escape_label(cfg.model)}"'
+        self.model_json = orjson.dumps(cfg.model)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _next_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self._id_prefix}{self._ids:x}"
+
+    def ttft_s(self) -> float:
+        f = self.fault
+        if f.ttft_ms is not None:
+            ms = f.ttft_ms
+        elif f.mode == "slow":
+            ms = self.cfg.ttft_ms * f.slow_factor
+        else:
+            ms = self.cfg.ttft_ms
+        return ms / 1000.0
+
+    def itl_s(self) -> float:
+        ms = self.fault.itl_ms if self.fault.itl_ms is not None else self.cfg.itl_ms
+        return ms / 1000.0
+
+    def error_rate(self) -> float:
+        return self.fault.error_rate if self.fault.error_rate is not None else self.cfg.error_rate
+
+    def fault_state(self) -> dict[str, Any]:
+        state = dataclasses.asdict(self.fault)
+        state["effective"] = {
+            "ttft_ms": self.ttft_s() * 1000.0,
+            "itl_ms": self.itl_s() * 1000.0,
+            "error_rate": self.error_rate(),
+        }
+        state["engine"] = ENGINE
+        return state
+
+    # -- request parsing -------------------------------------------------------------------
+
+    def _parse(self, raw: bytes, chat: bool) -> tuple[dict[str, Any], str, int, int, bool]:
+        """Check a request; returns (body, seed text, prompt tokens, max_tokens or 0, truncated?)."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _Refused(400, f"Request body is not valid JSON: {exc}", "invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "Request body must be a JSON object", "invalid_request_error")
+        model = body.get("model")
+        if model is not None and model != self.cfg.model:
+            raise _Refused(404, f"The model `{model}` does not exist.", "invalid_request_error",
+                           "model", "model_not_found")
+        if chat:
+            seed_text, prompt_tokens = _chat_prompt(body.get("messages"))
+        else:
+            seed_text, prompt_tokens = _completion_prompt(body.get("prompt"))
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        param = "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens, param = body.get("max_tokens"), "max_tokens"
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise _Refused(400, f"{param} must be an integer >= 1", "invalid_request_error", param)
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise _Refused(400, "stream must be a boolean", "invalid_request_error", "stream")
+        limit = self.cfg.max_model_len
+        if prompt_tokens + (max_tokens or 0) > limit:
+            raise _Refused(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the messages, "
+                           f"{max_tokens or 0} in the completion).", "invalid_request_error", param)
+        n = self.cfg.output_tokens
+        truncated = max_tokens is not None and max_tokens < n
+        if truncated:
+            n = max_tokens
+        return body, seed_text, prompt_tokens, n, truncated
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body, seed_text, prompt_tokens, n, truncated = self._parse(raw, chat)
+        except _Refused as r:
+            self._count(str(r.status))
+            return _error_response(r.status, r.message, r.type, r.param, r.code)
+
+        mode = self.fault.mode
+        if mode == "hang":
+            return await self._hang(request)
+        rate = self.error_rate()
+        if mode == "error500" or (rate > 0 and self.rng.random() < rate):
+            self._count("500")
+            return _error_response(500, "Simulated engine failure (infermesh simulator fault injection)",
+                                   "server_error", None, "simulated_fault")
+        stream = body.get("stream") is True
+        if mode == "reset" and not stream:
+            self._count("reset")
+            return _abort(request)
+
+        self.waiting += 1
+        try:
+            await self.sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            if stream:
+                opts = body.get("stream_options")
+                include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+                return await self._stream(request, chat, seed_text, prompt_tokens, n, truncated, include_usage)
+            return await self._complete(chat, seed_text, prompt_tokens, n, truncated)
+        finally:
+            self.running -= 1
+            self.sem.release()
+
+    async def _hang(self, request: web.Request) -> web.StreamResponse:
+        # Never answers. The handler is cancelled when the client goes away (handler_cancellation
+        # in main()); under a runner without it, the poll below notices the closed transport, so
+        # nothing outlives the connection.
+        self._count("hang")
+        self.hanging += 1
+        try:
+            while True:
+                transport = request.transport
+                if transport is None or transport.is_closing() or self.fault.mode != "hang":
+                    break
+                await asyncio.sleep(0.25)
+            if self.fault.mode != "hang" and request.transport is not None:
+                # The drill switched the fault off: the hung request is dropped, as a restarted
+                # engine would drop it.
+                return _abort(request)
+        finally:
+            self.hanging -= 1
+        return web.Response(status=499)  # the client is gone; nothing is sent
+
+    async def _complete(self, chat: bool, seed_text: str, prompt_tokens: int, n: int,
+                        truncated: bool) -> web.Response:
+        delay = self.ttft_s() + max(n - 1, 0) * self.itl_s()
+        if delay > 0:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self._count("disconnected")
+                raise
+        text = completion_text(seed_text, n)
+        finish = "length" if truncated else "stop"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": None, "finish_reason": finish}
+            obj, prefix = "chat.completion", "chatcmpl"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj, prefix = "text_completion", "cmpl"
+        body = {"id": self._next_id(prefix), "object": obj, "created": int(time.time()),
+                "model": self.cfg.model, "choices": [choice], "usage": usage}
+        self._finished(prompt_tokens, n, finish)
+        self._count("200")
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _stream(self, request: web.Request, chat: bool, seed_text: str, prompt_tokens: int, n: int,
+                      truncated: bool, include_usage: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        reset_after = self.fault.reset_after if self.fault.mode == "reset" else -1
+        sent_tokens = 0
+        try:
+            await resp.prepare(request)
+            ttft, itl = self.ttft_s(), self.itl_s()
+            if ttft > 0:
+                await asyncio.sleep(ttft)
+            # Every chunk is a fixed head, a JSON-encoded piece and a fixed tail: no dict, no dumps.
+            cid = self._next_id("chatcmpl" if chat else "cmpl").encode()
+            created = str(int(time.time())).encode()
+            obj = b"chat.completion.chunk" if chat else b"text_completion"
+            head = (b'data: {"id":"' + cid + b'","object":"' + obj + b'","created":' + created
+                    + b',"model":' + self.model_json + b',"choices":[{"index":0,')
+            if chat:
+                tok_head, tok_tail = head + b'"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            else:
+                tok_head, tok_tail = head + b'"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
+            chunks: list[bytes] = []
+            if chat:
+                chunks.append(head + b'"delta":{"role":"assistant","content":""},"logprobs":null,'
+                                     b'"finish_reason":null}]}\n\n')
+            for i, idx in enumerate(token_indices(seed_text, n)):
+                chunks.append(tok_head + (_NEXT[idx] if i else _FIRST[idx]) + tok_tail)
+            finish = b'"length"' if truncated else b'"stop"'
+            if chat:
+                chunks.append(head + b'"delta":{},"logprobs":null,"finish_reason":' + finish + b'}]}\n\n')
+            else:
+                chunks.append(head + b'"text":"","logprobs":null,"finish_reason":' + finish + b'}]}\n\n')
+            if include_usage:
+                chunks.append(
+                    b'data: {"id":"' + cid + b'","object":"' + obj + b'","created":' + created
+                    + b',"model":' + self.model_json + b',"choices":[],"usage":'
+                    + orjson.dumps({"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                    "total_tokens": prompt_tokens + n}) + b"}\n\n")
+            chunks.append(b"data: [DONE]\n\n")
+            first_token = 1 if chat else 0  # chunks[first_token:first_token + n] are the tokens
+
+            if reset_after >= 0:
+                for i, chunk in enumerate(chunks[:reset_after]):
+                    if i and itl > 0:
+                        await asyncio.sleep(itl)
+                    await resp.write(chunk)
+                    if first_token <= i < first_token + n:
+                        sent_tokens += 1
+                self.generation_tokens += sent_tokens
+                self._count("reset")
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                return resp
+            if itl <= 0:
+                await resp.write(b"".join(chunks))
+                sent_tokens = n
+            else:
+                # the role chunk and the first token leave together, at TTFT
+                start = first_token + 1
+                await resp.write(b"".join(chunks[:start]))
+                sent_tokens = 1
+                for i in range(start, len(chunks)):
+                    if i < first_token + n:
+                        await asyncio.sleep(itl)
+                        sent_tokens += 1
+                    await resp.write(chunks[i])
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            self.generation_tokens += sent_tokens
+            self._count("disconnected")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return resp
+        self._finished(prompt_tokens, n, "length" if truncated else "stop")
+        self._count("200")
+        return resp
+
+    def _finished(self, prompt_tokens: int, n: int, finish: str) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += n
+        self.success[finish] += 1
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {"id": self.cfg.model, "object": "model", "created": self.created, "owned_by": ENGINE,
+                "root": self.cfg.model, "parent": None, "max_model_len": self.cfg.max_model_len}
+        return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if self.fault.unhealthy else 200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": _version(), "engine": ENGINE})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        lab = self._label
+        usage = self.running / self.cfg.max_concurrency
+        text = (
+            f"# HELP vllm:num_requests_running Number of requests in model execution batches (simulated by {ENGINE}).\n"
+            f"# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{lab}}} {self.running}\n"
+            f"# HELP vllm:num_requests_waiting Number of requests waiting to be processed (simulated).\n"
+            f"# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{lab}}} {self.waiting}\n"
+            f"# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage, 1 means 100 percent (simulated: running/max).\n"
+            f"# TYPE vllm:gpu_cache_usage_perc gauge\n"
+            f"vllm:gpu_cache_usage_perc{{{lab}}} {usage}\n"
+            f"# HELP vllm:kv_cache_usage_perc KV-cache usage, 1 means 100 percent (simulated: running/max).\n"
+            f"# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f"vllm:kv_cache_usage_perc{{{lab}}} {usage}\n"
+            f"# HELP vllm:prompt_tokens_total Number of prefill tokens processed (simulated).\n"
+            f"# TYPE vllm:prompt_tokens_total counter\n"
+            f"vllm:prompt_tokens_total{{{lab}}} {float(self.prompt_tokens)}\n"
+            f"# HELP vllm:generation_tokens_total Number of generation tokens processed (simulated).\n"
+            f"# TYPE vllm:generation_tokens_total counter\n"
+            f"vllm:generation_tokens_total{{{lab}}} {float(self.generation_tokens)}\n"
+            f"# HELP vllm:request_success_total Count of successfully processed requests (simulated).\n"
+            f"# TYPE vllm:request_success_total counter\n"
+            f'vllm:request_success_total{{finished_reason="stop",{lab}}} {float(self.success["stop"])}\n'
+            f'vllm:request_success_total{{finished_reason="length",{lab}}} {float(self.success["length"])}\n'
+            f"# HELP infermesh_sim_info This worker is the infermesh simulator, not a model.\n"
+            f"# TYPE infermesh_sim_info gauge\n"
+            f'infermesh_sim_info{{engine="{ENGINE}",{lab}}} 1.0\n'
+        )
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.fault_state()), content_type="application/json")
+
+    async def post_faults(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _error_response(400, f"Request body is not valid JSON: {exc}", "invalid_request_error", None, None)
+        try:
+            seed = self.fault.update(body)
+        except ValueError as exc:
+            return _error_response(400, str(exc), "invalid_request_error", None, None)
+        if seed is not None:
+            self.rng.seed(seed)
+        return await self.get_faults(request)
+
+    async def delete_faults(self, request: web.Request) -> web.Response:
+        self.fault = dataclasses.replace(self.start_fault)
+        self.rng.seed(self.cfg.seed)
+        return await self.get_faults(request)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        body = {"engine": ENGINE, "model": self.cfg.model, "requests": sum(self.outcomes.values()),
+                "by_status": dict(self.outcomes), "running": self.running, "waiting": self.waiting,
+                "hanging": self.hanging, "prompt_tokens": self.prompt_tokens,
+                "generation_tokens": self.generation_tokens}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _abort(request: web.Request) -> web.Response:
+    """Drop the connection without a response (the client sees a reset, not an answer)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return web.Response(status=499)  # never sent: aiohttp finds the transport closed
+
+
+def _chat_prompt(messages: Any) -> tuple[str, int]:
+    if not isinstance(messages, list) or not messages:
+        raise _Refused(400, "`messages` must be a non-empty list of messages", "invalid_request_error", "messages")
+    texts: list[str] = []
+    tokens = 0
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise _Refused(400, f"messages[{i}] must be an object with a `role`", "invalid_request_error",
+                           f"messages[{i}]")
+        content = msg.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = " ".join(p["text"] for p in content
+                            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+        elif content is None:
+            text = ""
+        else:
+            raise _Refused(400, f"messages[{i}].content must be a string, a list of parts or null",
+                           "invalid_request_error", f"messages[{i}].content")
+        texts.append(text)
+        tokens += len(text.split()) + 3
+    return "\n".join(texts), tokens
+
+
+def _completion_prompt(prompt: Any) -> tuple[str, int]:
+    # A string; a list of token ids; or a list of strings (taken as one prompt, joined).
+    if isinstance(prompt, str):
+        return prompt, len(prompt.split())
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return " ".join(map(str, prompt)), len(prompt)
+        if all(isinstance(t, str) for t in prompt):
+            text = "\n".join(prompt)
+            return text, len(text.split())
+    raise _Refused(400, "`prompt` must be a string, a list of strings or a list of token ids",
+                   "invalid_request_error", "prompt")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("infermesh")
+    except Exception:
+        return "0.0.0"
+
+
+def make_app(cfg: SimConfig) -> web.Application:
+    """The simulator as an aiohttp application (run it with handler_cancellation=True, as main() does)."""
+    sim = _Sim(cfg)
+    app = web.Application()
+    app["sim"] = sim
+    app.router.add_post("/v1/chat/completions", sim.chat)
+    app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_get("/v1/models", sim.models)
+    app.router.add_get("/health", sim.health)
+    app.router.add_get("/version", sim.version)
+    app.router.add_get("/metrics", sim.metrics)
+    app.router.add_get("/sim/faults", sim.get_faults)
+    app.router.add_post("/sim/faults", sim.post_faults)
+    app.router.add_delete("/sim/faults", sim.delete_faults)
+    app.router.add_get("/sim/stats", sim.stats)
+    return app
+
+
+async def serve(cfg: SimConfig, shutdown_timeout: float = 0.5) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get `shutdown_timeout` seconds, then are cut."""
+    runner = web.AppRunner(make_app(cfg), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sim worker (simulator) serving {cfg.model} on http://{cfg.host}:{port}", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> SimConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m engines.sim",
+        description="infermesh `sim` engine: a SIMULATOR speaking vLLM's OpenAI-compatible API. It runs no model: "
+                    "answers are deterministic filler words, timed by the knobs below. For demos, drills and "
+                    "load tests on machines without a GPU. Faults switch at run time through /sim/faults.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9101, help="0 picks a free port (printed in the start line)")
+    p.add_argument("--model", default="demo-chat", help="the model id served (default: %(default)s)")
+    p.add_argument("--ttft-ms", type=_non_negative, default=30.0, help="time to first token (default: %(default)s)")
+    p.add_argument("--itl-ms", type=_non_negative, default=5.0, help="inter-token latency (default: %(default)s)")
+    p.add_argument("--output-tokens", type=_positive_int, default=16,
+                   help="tokens per answer unless max_tokens is smaller (default: %(default)s)")
+    p.add_argument("--error-rate", type=_share, default=0.0, help="share of requests answered 500 (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the error draws, for repeatable runs")
+    p.add_argument("--max-concurrency", type=_positive_int, default=64,
+                   help="requests generated at once; more wait in a queue (default: %(default)s)")
+    p.add_argument("--max-model-len", type=_positive_int, default=8192, help="context length (default: %(default)s)")
+    p.add_argument("--fault", choices=FAULT_MODES, default="none", help="fault mode at start (default: none)")
+    p.add_argument("--unhealthy", action="store_true", help="start with /health answering 503")
+    p.add_argument("--slow-factor", type=float, default=10.0, help="TTFT multiplier of the slow fault (default: 10)")
+    p.add_argument("--reset-after", type=int, default=2,
+                   help="chunks a stream sends before the reset fault aborts it (default: 2)")
+    a = p.parse_args(argv)
+    fault = Fault(mode=a.fault, unhealthy=a.unhealthy, slow_factor=a.slow_factor, reset_after=a.reset_after)
+    try:
+        fault.validate()
+    except ValueError as exc:
+        p.error(str(exc))
+    return SimConfig(model=a.model, host=a.host, port=a.port, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
+                     output_tokens=a.output_tokens, error_rate=a.error_rate, seed=a.seed,
+                     max_concurrency=a.max_concurrency, max_model_len=a.max_model_len, fault=fault)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`infermesh usage report --stack S [--tenant T] [--since ...] [--format csv|json|table]`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+
+from fleet import spec as spec_mod
+from fleet.cli import UserError
+from fleet.paths import state_dir
+from gateway import ledger
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("usage", help="usage reports from the ledger")
+    usub = p.add_subparsers(dest="action", required=True)
+    r = usub.add_parser("report", help="tokens and requests per tenant and model")
+    r.add_argument("--stack", required=True)
+    r.add_argument("--tenant")
+    r.add_argument("--since", help="ISO date/time (UTC) or a duration like 24h, 7d, 30m")
+    r.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    r.add_argument("--records", action="store_true", help="one row per request instead of totals")
+    r.set_defaults(func=run)
+
+
+def parse_since(text: str | None, now: float | None = None) -> float | None:
+    if not text:
+        return None
+    now = now or time.time()
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * units[text[-1]]
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"--since {text!r}: give an ISO date/time (2026-11-01T00:00) or a duration (24h, 7d)") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def totals(rows: list[dict]) -> list[dict]:
+    acc: dict[tuple, dict] = defaultdict(lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0,
+                                                  "completion_tokens": 0})
+    for r in rows:
+        a = acc[(r["tenant"], r["served_model"] or r["requested_model"])]
+        a["requests"] += 1
+        a["errors"] += r["status"] != 200
+        a["prompt_tokens"] += r["prompt_tokens"]
+        a["completion_tokens"] += r["completion_tokens"]
+    return [{"tenant": t, "model": m, **v, "total_tokens": v["prompt_tokens"] + v["completion_tokens"]}
+            for (t, m), v in sorted(acc.items())]
+
+
+def run(args: argparse.Namespace) -> int:
+    spec_mod.load(args.stack)
+    path = state_dir(args.stack) / "ledger.db"
+    if not path.exists():
+        raise UserError(f"no ledger yet for stack {args.stack} ({path})")
+    rows = ledger.query(path, args.tenant, parse_since(args.since))
+    out = rows if args.records else totals(rows)
+    if args.format == "json":
+        print(json.dumps(out, indent=None))
+    elif args.format == "csv":
+        if out:
+            w = csv.DictWriter(sys.stdout, fieldnames=list(out[0]))
+            w.writeheader()
+            w.writerows(out)
+    else:
+        cols = list(out[0]) if out else ["tenant", "model", "requests", "total_tokens"]
+        print("  ".join(f"{c:>14}" for c in cols))
+        for row in out:
+            print("  ".join(f"{str(row[c]):>14}" for c in cols))
+    return 0

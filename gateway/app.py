@@ -1,0 +1,400 @@
+"""The OpenAI-compatible gateway: FastAPI app, its state, and the request pipeline's wiring.
+
+auth -> admission (limits, caps, shedding) -> route -> upstream call -> relay -> meter -> SLIs.
+The hot path avoids per-request logging and JSON round trips of stream chunks; see proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from fleet.spec import Spec, Tier
+from gateway import admission, slo
+from gateway.errors import ApiError
+from gateway.keys import KeyStore, Principal
+from gateway.ledger import Ledger, UsageRecord
+from gateway.ledger import query as ledger_query
+from gateway.limits import LocalLimiter
+from gateway.metrics import Metrics
+from gateway.proxy import Call
+from gateway.router import Router
+
+log = logging.getLogger("infermesh.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_JSON = "application/json"
+MODELS_CREATED = 1_700_000_000   # a fixed `created` for /v1/models: the catalogue is declared, not trained
+
+
+@dataclass
+class Settings:
+    spec: Spec
+    routing_path: Path
+    state_dir: Path
+    admin_token: str | None = None
+
+
+class Gateway:
+    """Everything a request needs, created once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.spec = settings.spec
+        self.tiers: dict[str, Tier] = {t.name: t for t in self.spec.tiers}
+        self.keys = KeyStore(settings.state_dir / "keys.db")
+        self.ledger = Ledger(settings.state_dir / "ledger.db")
+        self.limiter = LocalLimiter()
+        self.metrics = Metrics()
+        self.router = Router(self._read_routing())
+        self.router.on_eject = self._ejected
+        self._routing_mtime = self._mtime()
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
+        self.in_flight = 0
+        self.max_priority = max((t.priority for t in self.spec.tiers), default=0)
+        self.admin_token = settings.admin_token or _admin_token(settings.state_dir)
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent",))
+        await self.router.check_all(self.session)
+        self._update_health_gauges()
+        self._tasks = [asyncio.create_task(c) for c in
+                       (self._health_loop(), self._watch_routing(), self._purge_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.session.close()
+        self.ledger.close()
+
+    # ---- routing config -----------------------------------------------------------------------
+    def _mtime(self) -> float:
+        try:
+            return self.settings.routing_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def _read_routing(self) -> dict[str, Any]:
+        return orjson.loads(self.settings.routing_path.read_bytes())
+
+    def reload_routing(self) -> bool:
+        """Apply the routing file if it is valid; a broken file keeps the running config."""
+        try:
+            config = self._read_routing()
+            self.router.apply(config)
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            log.error("routing config %s not applied: %s", self.settings.routing_path, type(e).__name__)
+            return False
+        self._routing_mtime = self._mtime()
+        self._update_health_gauges()
+        log.info("routing config applied (version %d)", self.router.version)
+        return True
+
+    async def _watch_routing(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._mtime() != self._routing_mtime:
+                self.reload_routing()
+                await self.router.check_all(self.session)
+
+    async def _health_loop(self) -> None:
+        interval = self.spec.gateway.health_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await self.router.check_all(self.session)
+            self._update_health_gauges()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            self.ledger.purge_expired()
+            await asyncio.sleep(60)
+
+    def _update_health_gauges(self) -> None:
+        now = time.monotonic()
+        for m in self.router.models.values():
+            for p in m.pools:
+                self.metrics.healthy.labels(m.id, p.name, p.provider, p.region, p.role).set(
+                    sum(1 for ep in p.endpoints if ep.available(now)))
+
+    def _ejected(self, ep) -> None:
+        p = ep.pool
+        self.metrics.ejections.labels(p.model, p.name, p.provider, p.region).inc()
+
+    def upstream_headers(self, ep) -> dict[str, str]:
+        return {"content-type": _JSON}
+
+    # ---- metering -----------------------------------------------------------------------------
+    def finish(self, call: Call) -> None:
+        rec = call.rec
+        self.ledger.record(rec)
+        self.limiter.settle(rec.tenant, call.adm.prompt_tokens_estimate + call.adm.max_output,
+                            rec.prompt_tokens + rec.completion_tokens)
+        self._count(rec)
+
+    def _count(self, rec: UsageRecord) -> None:
+        m = self.metrics
+        m.requests.labels(rec.route, f"{rec.status // 100}xx", rec.requested_model, rec.pool or "",
+                          rec.provider or "", rec.region or "", rec.tier).inc()
+        if rec.status == 200:
+            model, pool = rec.served_model or rec.requested_model, rec.pool or ""
+            if rec.ttft_ms is not None:
+                m.ttft.labels(model, pool, rec.tier).observe(rec.ttft_ms / 1000)
+            if rec.ttlt_ms is not None:
+                m.ttlt.labels(model, pool, rec.tier).observe(rec.ttlt_ms / 1000)
+            m.tokens.labels("in", model, rec.tier).inc(rec.prompt_tokens)
+            m.tokens.labels("out", model, rec.tier).inc(rec.completion_tokens)
+
+    def debug_logging(self, p: Principal) -> bool:
+        return bool(self.spec.gateway.privacy.log_prompts or (p.debug_log_until and p.debug_log_until > time.time()))
+
+    def keep_debug_log(self, call: Call, completion: str) -> None:
+        ttl = self.spec.gateway.privacy.debug_log_ttl_hours * 3600
+        until = min(time.time() + ttl, call.adm.principal.debug_log_until or float("inf"))
+        prompt = call.adm.payload.get("messages", call.adm.payload.get("prompt"))
+        self.ledger.debug_log(call.request_id, call.rec.tenant, orjson.dumps(prompt).decode(), completion, until)
+
+    # ---- the request path -----------------------------------------------------------------------
+    def authenticate(self, request: Request) -> Principal:
+        token = admission.bearer(request.headers.get("authorization"))
+        if token is None:
+            raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="missing_api_key")
+        principal = self.keys.authenticate(token)
+        if principal is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return principal
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.spec.gateway.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def tier_of(self, principal: Principal) -> Tier:
+        tier = self.tiers.get(principal.tier)
+        if tier is None:
+            raise ApiError(403, "Your plan is not available on this service. Contact support.", code="unknown_tier")
+        return tier
+
+    def check_model(self, tier: Tier, model: Any) -> str:
+        if not isinstance(model, str) or not model:
+            raise admission.bad_request("'model' is required.", param="model")
+        if not self.router.has_model(model):
+            raise ApiError(404, f"The model '{model[:200]}' does not exist.", code="model_not_found", param="model")
+        if model not in tier.models:
+            raise ApiError(403, f"Your plan does not include the model '{model}'.", code="model_not_allowed",
+                           param="model")
+        return model
+
+    def shed(self, tier: Tier) -> None:
+        """Under overload the lowest tiers are refused first: each priority level gets a
+        larger share of the in-flight budget, the top tier all of it."""
+        limit = self.spec.gateway.max_in_flight
+        share = 0.7 + 0.3 * (tier.priority / self.max_priority if self.max_priority else 1.0)
+        if self.in_flight >= limit * share:
+            self.metrics.shed.labels(tier.name).inc()
+            raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
+                           headers={"retry-after": "2"})
+
+    async def handle(self, request: Request, route: str) -> Response:
+        started = time.perf_counter()
+        rid = request.headers.get("x-request-id")
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = "req_" + secrets.token_hex(12)
+        try:
+            principal = self.authenticate(request)
+        except ApiError as e:
+            return e.response(rid)
+        tier = self.tiers.get(principal.tier)
+        rec = UsageRecord(rid, principal.tenant, principal.key_id, principal.tier, route, "")
+        headers = {"x-request-id": rid}
+        call = None
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            tier = self.tier_of(principal)
+            body = await self.read_body(request)
+            payload = admission.parse_json(body)
+            rec.requested_model = str(payload.get("model", ""))[:200]
+            model = self.check_model(tier, payload.get("model"))
+            est, affinity = (admission.check_chat if route == "chat" else admission.check_completion)(payload)
+            if est > tier.max_prompt_tokens:
+                raise admission.bad_request(
+                    f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
+                    param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
+            stream, include_usage, max_output = admission.check_common(payload, tier)
+            if stream:
+                payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            rec.stream = stream
+            self.shed(tier)
+            decision = self.limiter.admit(principal.tenant, tier.rpm, tier.tpm, est + max_output)
+            headers.update(decision.headers)
+            if not decision.allowed:
+                self.metrics.rate_limited.labels(tier.name).inc()
+                raise ApiError(429, f"Rate limit reached for {decision.reason} on your plan. "
+                                    f"Please retry after {decision.headers['retry-after']}s.",
+                               code="rate_limit_exceeded", headers=decision.headers)
+            adm = admission.Admitted(principal, tier, payload, model, stream, include_usage, est, max_output, affinity)
+            call = Call(self, adm, route, rid, started, rec, headers)
+            return await call.run()
+        except ApiError as e:
+            rec.status, rec.error = e.status, e.code
+            rec.ttlt_ms = (time.perf_counter() - started) * 1000
+            self.ledger.record(rec)
+            if call is not None:
+                self.limiter.settle(principal.tenant, call.adm.prompt_tokens_estimate + call.adm.max_output, 0)
+            self._count(rec)
+            e.headers = headers | e.headers
+            return e.response(rid)
+        finally:
+            if call is None or not call.streaming:
+                self.end_request()
+
+    def end_request(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    # ---- models -------------------------------------------------------------------------------
+    def model_object(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "infermesh"}
+
+
+def _admin_token(state_dir: Path) -> str:
+    """The operator's token for /admin/*: INFERMESH_ADMIN_TOKEN, else one kept in the state dir."""
+    env = os.environ.get("INFERMESH_ADMIN_TOKEN")
+    if env:
+        return env
+    path = state_dir / "admin.token"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    gw = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="infermesh gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        message = "Unknown request URL." if status == 404 else (exc.detail or "Request not allowed.")
+        return ApiError(status, f"{message} ({request.method} {request.url.path})",
+                        code="unknown_url" if status == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+        return ApiError(500, "The server had an error while processing your request.",
+                        code="internal_error").response(request.headers.get("x-request-id"))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await gw.handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gw.handle(request, "completions")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        try:
+            tier = gw.tier_of(gw.authenticate(request))
+        except ApiError as e:
+            return e.response()
+        data = [gw.model_object(m) for m in tier.models if gw.router.has_model(m)]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        try:
+            tier = gw.tier_of(gw.authenticate(request))
+            gw.check_model(tier, model_id)
+        except ApiError as e:
+            return e.response()
+        return Response(orjson.dumps(gw.model_object(model_id)), media_type=_JSON)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def admin(request: Request) -> None:
+        token = admission.bearer(request.headers.get("authorization")) or ""
+        if not secrets.compare_digest(token.encode(), gw.admin_token.encode()):
+            raise ApiError(401, "Admin token required.", code="invalid_admin_token")
+
+    @app.get("/admin/endpoints")
+    async def admin_endpoints(request: Request) -> Response:
+        try:
+            admin(request)
+        except ApiError as e:
+            return e.response()
+        return Response(orjson.dumps({"version": gw.router.version, "pools": gw.router.status()}), media_type=_JSON)
+
+    @app.get("/admin/slo")
+    async def admin_slo(request: Request) -> Response:
+        try:
+            admin(request)
+        except ApiError as e:
+            return e.response()
+        hours = float(request.query_params.get("hours", 24 * 30))
+        rows = ledger_query(gw.ledger.path, since=time.time() - hours * 3600)
+        return Response(orjson.dumps(slo.report(rows, gw.spec)), media_type=_JSON)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        try:
+            admin(request)
+        except ApiError as e:
+            return e.response()
+        if not gw.reload_routing():
+            return ApiError(400, "The routing config could not be applied; the running one is kept.",
+                            code="bad_routing_config").response()
+        await gw.router.check_all(gw.session)
+        return Response(orjson.dumps({"version": gw.router.version}), media_type=_JSON)
+
+    return app

@@ -1,0 +1,160 @@
+"""Tenants and API keys, stored in SQLite (keys.db under the stack's state dir).
+
+A key is shown once, at creation; only its SHA-256 is stored. A key reads
+``im-<id>.<secret>``: the id (not secret) finds the record, then the SHA-256 of the whole key is
+compared with the stored one in constant time. The secret is 256 random bits, so a fast
+unsalted hash is the right tool (a password KDF buys nothing here and would cost every request). The gateway keeps an in-memory map hash -> key and refreshes it
+whenever another connection committed to the file (SQLite's ``PRAGMA data_version``), so a
+key created or revoked by ``infermesh keys`` takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_PREFIX = "im-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    name            TEXT PRIMARY KEY,
+    tier            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    debug_log_until REAL            -- prompts/completions kept only while set and in the future
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id          TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL REFERENCES tenants(name),
+    hash        TEXT NOT NULL UNIQUE,
+    prefix      TEXT NOT NULL,      -- first characters, to recognise a key in listings
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the result of authentication."""
+
+    key_id: str
+    tenant: str
+    tier: str
+    debug_log_until: float | None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    tenant: str
+    tier: str
+    prefix: str
+    created_at: float
+    revoked_at: float | None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class KeyAdmin:
+    """What `infermesh keys` does: create, list, revoke. Never stores or prints a key twice."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+
+    def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            row = self.conn.execute("SELECT tier FROM tenants WHERE name = ?", (tenant,)).fetchone()
+            if row is None:
+                if tier is None:
+                    raise LookupError(f"tenant {tenant!r} is new: give its --tier")
+                self.conn.execute("INSERT INTO tenants(name, tier, created_at) VALUES (?, ?, ?)",
+                                  (tenant, tier, now))
+            elif tier is not None and tier != row[0]:
+                self.conn.execute("UPDATE tenants SET tier = ? WHERE name = ?", (tier, tenant))
+            ident = secrets.token_hex(6)
+            key = f"{KEY_PREFIX}{ident}.{secrets.token_urlsafe(32)}"
+            key_id = "key_" + ident
+            self.conn.execute(
+                "INSERT INTO keys(id, tenant, hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key_id, tenant, hash_key(key), key[:10], now))
+        return key, self.get(key_id)
+
+    def get(self, key_id: str) -> KeyInfo:
+        row = self.conn.execute(
+            "SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
+            "FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no key {key_id!r}")
+        return KeyInfo(*row)
+
+    def list(self, tenant: str | None = None) -> list[KeyInfo]:
+        sql = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
+               "FROM keys k JOIN tenants t ON t.name = k.tenant")
+        rows = self.conn.execute(sql + (" WHERE k.tenant = ?" if tenant else "") + " ORDER BY k.created_at",
+                                 (tenant,) if tenant else ()).fetchall()
+        return [KeyInfo(*r) for r in rows]
+
+    def revoke(self, key_id: str) -> KeyInfo:
+        with self.conn:
+            cur = self.conn.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                                    (time.time(), key_id))
+        if cur.rowcount == 0:
+            info = self.get(key_id)  # raises LookupError for an unknown id
+            raise LookupError(f"key {info.id} is already revoked")
+        return self.get(key_id)
+
+    def set_debug_log(self, tenant: str, hours: float) -> float | None:
+        """Opt a tenant in to prompt/completion debug logs for `hours` (0 opts out)."""
+        until = time.time() + hours * 3600 if hours > 0 else None
+        with self.conn:
+            cur = self.conn.execute("UPDATE tenants SET debug_log_until = ? WHERE name = ?", (until, tenant))
+        if cur.rowcount == 0:
+            raise LookupError(f"no tenant {tenant!r}")
+        return until
+
+
+class KeyStore:
+    """The gateway's read side: bearer token -> Principal, refreshed when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+        self._version = -1
+        self._by_id: dict[str, tuple[str, Principal]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._version:
+            return
+        rows = self.conn.execute(
+            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until FROM keys k "
+            "JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL").fetchall()
+        self._by_id = {kid[4:]: (h, Principal(kid, tenant, tier, until)) for h, kid, tenant, tier, until in rows}
+        self._version = version
+
+    def authenticate(self, token: str) -> Principal | None:
+        self.refresh()
+        ident, dot, _ = token.removeprefix(KEY_PREFIX).partition(".")
+        entry = self._by_id.get(ident) if dot and token.startswith(KEY_PREFIX) else None
+        if entry is None:
+            return None
+        stored, principal = entry
+        return principal if hmac.compare_digest(stored, hash_key(token)) else None

@@ -1,0 +1,282 @@
+"""The upstream call: pick an endpoint, call it, retry before the first byte, relay, meter.
+
+A request that has not sent a byte to the client may be retried on another endpoint (and
+another pool) within its deadline. Once a stream has started it is never retried: if the
+upstream breaks, the client gets an OpenAI-style error event and the stream ends cleanly.
+Streams are relayed event by event as they arrive; only events that mention ``usage`` are
+parsed (to meter), everything else passes through as bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from gateway.errors import ApiError, stream_error_event
+from gateway.ledger import UsageRecord
+from gateway.router import Endpoint
+
+if TYPE_CHECKING:
+    from gateway.admission import Admitted
+    from gateway.app import Gateway
+
+MAX_ATTEMPTS = 4
+DONE = b"data: [DONE]\n\n"
+_JSON = {"content-type": "application/json"}
+
+
+class UpstreamFailure(Exception):
+    """A failure before the first byte reached the client: worth another endpoint."""
+
+    def __init__(self, error_class: str) -> None:
+        super().__init__(error_class)
+        self.error_class = error_class      # connect | timeout | reset | status_5xx | status_429
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's journey, for the ledger and the metrics."""
+
+    gw: Gateway
+    adm: Admitted
+    route: str                  # "chat" | "completions"
+    request_id: str
+    started: float
+    rec: UsageRecord
+    headers: dict[str, str]
+    streaming: bool = False     # the response outlives handle(): the relay ends the request
+
+    # ---- the public entry ------------------------------------------------------------------
+    async def run(self) -> Response:
+        gw, adm = self.gw, self.adm
+        tier = adm.tier
+        deadline = self.started + tier.timeouts.total_s
+        model = adm.model
+        exclude: set[Endpoint] = set()
+        last_class = ""
+        attempts = 0
+        while True:
+            ep = gw.router.pick(model, exclude, adm.affinity)
+            if ep is None:
+                fallback = gw.router.models[model].fallback
+                if (not self.rec.fallback and fallback and tier.allow_fallback and gw.router.has_model(fallback)):
+                    model = fallback
+                    self.rec.fallback = True
+                    self.headers["x-infermesh-fallback"] = fallback
+                    gw.metrics.fallbacks.labels(adm.model, fallback, tier.name).inc()
+                    exclude = set()
+                    continue
+                raise self._exhausted(last_class)
+            if attempts >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
+                raise self._exhausted(last_class or "timeout")
+            if attempts:
+                self.rec.retries += 1
+                gw.metrics.retries.labels(adm.model).inc()
+            attempts += 1
+            self.rec.served_model = model
+            self._at(ep)
+            adm.payload["model"] = model
+            try:
+                return await self._attempt(ep, deadline)
+            except UpstreamFailure as f:
+                last_class = f.error_class
+                exclude.add(ep)
+                gw.router.failure(ep)
+                pool = ep.pool
+                gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                                  f.error_class).inc()
+
+    def _at(self, ep: Endpoint) -> None:
+        self.rec.pool, self.rec.provider, self.rec.region = ep.pool.name, ep.pool.provider, ep.pool.region
+
+    def _exhausted(self, error_class: str) -> ApiError:
+        retry = {"retry-after": "5"}
+        if not error_class:
+            return ApiError(503, "The model has no healthy capacity right now. Please retry shortly.",
+                            code="no_capacity", headers=retry)
+        if error_class == "timeout":
+            return ApiError(504, "The model did not answer in time.", code="upstream_timeout", headers=retry)
+        return ApiError(502, "The model failed to answer. Please retry.", code="upstream_error", headers=retry)
+
+    # ---- one endpoint ------------------------------------------------------------------------
+    async def _attempt(self, ep: Endpoint, deadline: float) -> Response:
+        gw, adm = self.gw, self.adm
+        to = adm.tier.timeouts
+        left = max(0.05, deadline - time.perf_counter())
+        body = orjson.dumps(adm.payload)
+        url = ep.url + ("/v1/chat/completions" if self.route == "chat" else "/v1/completions")
+        ep.outstanding += 1
+        released = False
+        resp = None
+        try:
+            try:
+                if adm.stream:
+                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=to.connect_s, sock_read=to.idle_s)
+                else:
+                    timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
+                async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left):
+                    resp = await gw.session.post(url, data=body, headers=gw.upstream_headers(ep), timeout=timeout)
+                    if resp.status >= 500 or resp.status == 429:
+                        resp.release()
+                        raise UpstreamFailure("status_429" if resp.status == 429 else "status_5xx")
+                    if resp.status >= 400:
+                        return await self._client_error(ep, resp)
+                    if not adm.stream:
+                        return await self._whole(ep, resp)
+                    first = await _next_event(resp)
+                    if first is None:
+                        raise UpstreamFailure("reset")
+            except TimeoutError:
+                raise UpstreamFailure("timeout") from None
+            except aiohttp.ClientConnectorError:
+                raise UpstreamFailure("connect") from None
+            except (aiohttp.ClientError, ConnectionError, OSError):
+                raise UpstreamFailure("reset") from None
+            released = True     # the stream owns the endpoint's slot from here on
+            return self._stream(ep, resp, first)
+        finally:
+            if not released:
+                ep.outstanding -= 1
+                if resp is not None:
+                    resp.close() if adm.stream else resp.release()
+
+    async def _client_error(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Response:
+        """A 4xx from the worker (e.g. context too long): the client's fault, passed on without
+        anything that names the worker."""
+        raw = await resp.read()
+        self.gw.router.success(ep)
+        message = "The model rejected the request."
+        try:
+            err = orjson.loads(raw).get("error") or {}
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                message = err["message"][:1000]
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        status = resp.status if resp.status in (400, 404, 413, 422) else 400
+        raise ApiError(400 if status == 422 else status, message, code="upstream_rejected")
+
+    async def _whole(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Response:
+        raw = await resp.read()
+        now = time.perf_counter()
+        try:
+            doc = orjson.loads(raw)
+            usage = doc.get("usage") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            raise UpstreamFailure("status_5xx") from None
+        self.gw.router.success(ep)
+        rec = self.rec
+        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+        rec.status = 200
+        rec.ttft_ms = rec.ttlt_ms = (now - self.started) * 1000
+        if self.gw.debug_logging(self.adm.principal):
+            self.gw.keep_debug_log(self, _completion_text(doc))
+        self.gw.finish(self)             # ledger commit before the client sees the body
+        return Response(raw, status_code=200, headers=self.headers | _JSON)
+
+    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes) -> Response:
+        self.headers["cache-control"] = "no-cache"
+        self.streaming = True
+        return StreamingResponse(self._relay(ep, resp, first), status_code=200, headers=self.headers,
+                                 media_type="text/event-stream")
+
+    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+        gw, rec, adm = self.gw, self.rec, self.adm
+        rec.ttft_ms = (time.perf_counter() - self.started) * 1000
+        keep = gw.debug_logging(adm.principal)
+        text: list[bytes] = [] if keep else None  # type: ignore[assignment]
+        rec.status = 499                       # until the stream ends one way or another
+        event: bytes | None = first
+        try:
+            while event is not None:
+                if event == DONE:
+                    rec.status = 200
+                    rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
+                    gw.router.success(ep)
+                    if keep:
+                        gw.keep_debug_log(self, _stream_text(text))
+                    gw.finish(self)            # ledger commit before [DONE] reaches the client
+                    yield DONE
+                    return
+                if b'"usage"' in event and _has_usage(event):
+                    usage = orjson.loads(event[6:]).get("usage") or {}
+                    rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    if adm.include_usage:
+                        yield event
+                elif event.startswith(b'data: {"error"'):
+                    rec.status, rec.error = 502, "upstream_error_event"
+                    yield stream_error_event("The model failed while streaming.", "upstream_error")
+                    yield DONE
+                    return
+                else:
+                    if keep:
+                        text.append(event)
+                    yield event
+                event = await _next_event(resp)
+            raise ConnectionResetError("stream ended without [DONE]")
+        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
+            # Started streams are never retried: end cleanly with an error event.
+            timed_out = isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
+            rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
+            gw.router.failure(ep)
+            pool = ep.pool
+            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                              "stream_" + ("timeout" if timed_out else "reset")).inc()
+            yield stream_error_event("The model stream was interrupted. Please retry.",
+                                     "upstream_timeout" if timed_out else "upstream_error")
+            yield DONE
+        finally:
+            ep.outstanding -= 1
+            resp.release() if rec.status == 200 else resp.close()
+            if rec.ttlt_ms is None:
+                rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
+            if rec.status != 200:
+                gw.finish(self)                # client gone (499) or upstream broke: still one record
+            gw.end_request()
+
+
+async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The next complete SSE event (`data: ...\\n\\n`), or None at the end of the body."""
+    content = resp.content
+    while True:
+        line = await content.readline()
+        if not line:
+            return None
+        if line.startswith(b"data:"):
+            if line.endswith(b"\r\n"):
+                line = line[:-2] + b"\n"
+            # the blank line that ends the event follows; emit the event whole
+            return line + b"\n"
+
+
+def _has_usage(event: bytes) -> bool:
+    return b'"usage":null' not in event and b'"usage": null' not in event
+
+
+def _completion_text(doc: dict) -> str:
+    parts = []
+    for c in doc.get("choices") or []:
+        msg = c.get("message") or {}
+        parts.append(msg.get("content") or c.get("text") or "")
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+def _stream_text(events: list[bytes]) -> str:
+    out = []
+    for ev in events:
+        try:
+            for c in orjson.loads(ev[6:]).get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") or c.get("text")
+                if isinstance(piece, str):
+                    out.append(piece)
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+    return "".join(out)

@@ -1,0 +1,249 @@
+"""Which worker serves a request: models -> pools -> endpoints, with health.
+
+Pool roles: `primary` pools share traffic by weight; a `canary` pool takes its weight as a
+share of the model's traffic; `standby` pools take traffic only when no primary endpoint is
+available; `drained` pools take none (in-flight requests finish).
+
+Endpoint choice inside the active pools is *weighted power-of-two-choices*: draw two
+endpoints with probability proportional to their weight, keep the one with the lower load
+score. At low load that follows the weights; under load it steers away from busy workers.
+The load score is outstanding requests through this gateway plus, where the worker's vLLM
+``/metrics`` is readable, its queue (``vllm:num_requests_waiting``) and a penalty when its KV
+cache is nearly full (``vllm:gpu_cache_usage_perc`` / ``vllm:kv_cache_usage_perc``). Those two
+are the signals that predict TTFT on vLLM: a waiting request has not started prefill, and a
+full KV cache means preemption. Multi-turn chats carry an affinity key (the conversation's
+prefix): rendezvous hashing keeps them on one worker while it is available and not
+overloaded, so vLLM's prefix cache stays warm.
+
+Health: active checks (``/health`` and ``/metrics`` every few seconds) and passive outlier
+detection (consecutive failures eject an endpoint for 5 s, doubling per ejection up to 5 min;
+at most half of a pool's endpoints are ejected at once; an ejected endpoint returns only
+after its ejection time passed *and* a later active check passed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("infermesh.router")
+
+EJECT_AFTER_FAILURES = 3
+EJECT_BASE_S = 5.0
+EJECT_MAX_S = 300.0
+MAX_EJECTED_SHARE = 0.5
+KV_PRESSURE = 0.9
+
+
+@dataclass(eq=False)
+class Endpoint:
+    id: str
+    url: str
+    pool: Pool
+    outstanding: int = 0
+    healthy: bool = True              # last active check
+    checked_at: float = 0.0           # monotonic time of the last passing check
+    failures: int = 0                 # consecutive passive failures
+    ejections: int = 0
+    ejected_until: float = 0.0
+    waiting: float = 0.0              # from the worker's /metrics
+    kv_usage: float = 0.0
+
+    def available(self, now: float) -> bool:
+        if not self.healthy:
+            return False
+        if self.ejected_until == 0.0:
+            return True
+        return now >= self.ejected_until and self.checked_at >= self.ejected_until
+
+    def score(self) -> float:
+        penalty = 8.0 if self.kv_usage >= KV_PRESSURE else 0.0
+        return (self.outstanding + self.waiting + penalty + 1.0) / self.pool.endpoint_weight
+
+
+@dataclass(eq=False)
+class Pool:
+    name: str
+    provider: str
+    region: str
+    role: str
+    weight: float
+    model: str
+    endpoints: list[Endpoint] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def endpoint_weight(self) -> float:
+        return max(self.weight, 1e-9) / max(1, len(self.endpoints))
+
+
+@dataclass(eq=False)
+class ModelRoute:
+    id: str
+    fallback: str | None
+    pools: list[Pool]
+
+
+class Router:
+    def __init__(self, config: dict[str, Any], rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self.models: dict[str, ModelRoute] = {}
+        self.version = 0
+        self.on_eject = lambda ep: None   # metrics hooks, set by the app
+        self.apply(config)
+
+    # ---- configuration ----------------------------------------------------------------
+    def apply(self, config: dict[str, Any]) -> None:
+        """Swap in a new routing config. Endpoints that persist keep their health and load."""
+        old = {ep.id: ep for ep in self.endpoints()}
+        models: dict[str, ModelRoute] = {}
+        for m in config.get("models", []):
+            pools = []
+            for p in m.get("pools", []):
+                pool = Pool(p["name"], p.get("provider", ""), p.get("region", ""), p.get("role", "primary"),
+                            float(p.get("weight", 1.0)), m["id"])
+                for e in p.get("endpoints", []):
+                    ep = old.get(e["id"])
+                    if ep is None or ep.url != e["url"].rstrip("/"):
+                        ep = Endpoint(e["id"], e["url"].rstrip("/"), pool)
+                    ep.pool = pool
+                    pool.endpoints.append(ep)
+                pools.append(pool)
+            models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools)
+        self.models = models
+        self.version += 1
+
+    def endpoints(self) -> Iterable[Endpoint]:
+        for m in self.models.values():
+            for p in m.pools:
+                yield from p.endpoints
+
+    # ---- choice -----------------------------------------------------------------------
+    def pick(self, model: str, exclude: set[Endpoint] | frozenset = frozenset(),
+             affinity: str | None = None) -> Endpoint | None:
+        route = self.models.get(model)
+        if route is None:
+            return None
+        now = time.monotonic()
+        by_role: dict[str, list[Endpoint]] = {"primary": [], "canary": [], "standby": []}
+        for pool in route.pools:
+            if pool.role in by_role and pool.weight > 0:
+                by_role[pool.role].extend(
+                    ep for ep in pool.endpoints if ep not in exclude and ep.available(now))
+        canary = by_role["canary"]
+        if canary and by_role["primary"]:
+            share = sum(ep.pool.endpoint_weight for ep in canary)
+            if self.rng.random() < share:
+                return self._p2c(canary)
+        candidates = by_role["primary"] or canary or by_role["standby"]
+        if not candidates:
+            return None
+        if affinity is not None:
+            ep = self._rendezvous(candidates, affinity)
+            if ep.waiting == 0 and ep.kv_usage < KV_PRESSURE and ep.outstanding < 4 * (1 + min(
+                    e.outstanding for e in candidates)):
+                return ep
+        return self._p2c(candidates)
+
+    def _p2c(self, eps: list[Endpoint]) -> Endpoint:
+        if len(eps) == 1:
+            return eps[0]
+        weights = [ep.pool.endpoint_weight for ep in eps]
+        a, b = self.rng.choices(eps, weights=weights, k=2)
+        return a if a.score() <= b.score() else b
+
+    @staticmethod
+    def _rendezvous(eps: list[Endpoint], key: str) -> Endpoint:
+        def rank(ep: Endpoint) -> float:
+            h = int.from_bytes(hashlib.blake2b(f"{key}|{ep.id}".encode(), digest_size=8).digest(), "big")
+            return (h + 1) / 2**64 * ep.pool.endpoint_weight
+        return max(eps, key=rank)
+
+    def has_model(self, model: str) -> bool:
+        return model in self.models
+
+    # ---- passive health ---------------------------------------------------------------
+    def success(self, ep: Endpoint) -> None:
+        ep.failures = 0
+        if ep.ejected_until and ep.available(time.monotonic()):
+            ep.ejections = max(0, ep.ejections - 1)
+            ep.ejected_until = 0.0
+
+    def failure(self, ep: Endpoint) -> None:
+        ep.failures += 1
+        now = time.monotonic()
+        if ep.failures < EJECT_AFTER_FAILURES or now < ep.ejected_until:
+            return
+        pool = ep.pool
+        ejected = sum(1 for e in pool.endpoints if e.ejected_until > now)
+        if ejected + 1 > MAX_EJECTED_SHARE * len(pool.endpoints) and len(pool.endpoints) > 1:
+            return  # keep a share of the pool in rotation; active checks still take dead ones out
+        ep.ejections += 1
+        ep.ejected_until = now + min(EJECT_MAX_S, EJECT_BASE_S * 2 ** (ep.ejections - 1))
+        ep.failures = 0
+        log.warning("endpoint %s of pool %s ejected for %.0fs", ep.id, pool.name, ep.ejected_until - now)
+        self.on_eject(ep)
+
+    # ---- active health ----------------------------------------------------------------
+    async def check(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float = 2.0) -> bool:
+        to = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with session.get(ep.url + "/health", timeout=to) as r:
+                ok = r.status == 200
+            if ok:
+                await self._read_load(session, ep, to)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if ok != ep.healthy:
+            log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")
+        ep.healthy = ok
+        if ok:
+            ep.checked_at = time.monotonic()
+        return ok
+
+    @staticmethod
+    async def _read_load(session: aiohttp.ClientSession, ep: Endpoint, to: aiohttp.ClientTimeout) -> None:
+        try:
+            async with session.get(ep.url + "/metrics", timeout=to) as r:
+                if r.status != 200:
+                    return
+                text = await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return
+        waiting = kv = 0.0
+        for line in text.splitlines():
+            if line.startswith("vllm:num_requests_waiting"):
+                waiting += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")):
+                kv = max(kv, float(line.rsplit(" ", 1)[1]))
+        ep.waiting, ep.kv_usage = waiting, kv
+
+    async def check_all(self, session: aiohttp.ClientSession) -> None:
+        eps = [ep for ep in self.endpoints() if ep.pool.role != "drained"]
+        if eps:
+            await asyncio.gather(*(self.check(session, ep) for ep in eps))
+
+    def status(self) -> list[dict[str, Any]]:
+        """Admin view: per pool, endpoint health. Operators only: holds addresses."""
+        now = time.monotonic()
+        out = []
+        for m in self.models.values():
+            for p in m.pools:
+                out.append({
+                    "model": m.id, "pool": p.name, "provider": p.provider, "region": p.region,
+                    "role": p.role, "weight": p.weight,
+                    "endpoints": [{
+                        "id": ep.id, "url": ep.url, "available": ep.available(now), "healthy": ep.healthy,
+                        "ejected_for_s": round(max(0.0, ep.ejected_until - now), 1),
+                        "outstanding": ep.outstanding, "waiting": ep.waiting, "kv_usage": ep.kv_usage,
+                    } for ep in p.endpoints],
+                })
+        return out

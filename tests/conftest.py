@@ -1,0 +1,125 @@
+"""Shared fixtures: real local stacks (sim workers + gateway processes) on free loopback ports."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fleet import spec as spec_mod
+from fleet.local import LocalStack
+from gateway.keys import KeyAdmin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(n: int) -> int:
+    """A base port with n free consecutive ports after it (checked by binding)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def local_config() -> dict[str, Any]:
+    return spec_mod.read_config(spec_mod.stack_path("local"))
+
+
+@dataclass
+class RunningStack:
+    stack: LocalStack
+    spec: spec_mod.Spec
+    stacks_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.stack.base_url
+
+    @property
+    def root_url(self) -> str:
+        return self.stack.base_url.removesuffix("/v1")
+
+    @property
+    def state(self) -> Path:
+        return self.stack.state
+
+    def key(self, tenant: str = "acme", tier: str = "pro") -> str:
+        return KeyAdmin(self.state / "keys.db").create(tenant, tier)[0]
+
+    def admin_token(self) -> str:
+        return (self.state / "admin.token").read_text().strip()
+
+    def worker_url(self, pool: str, replica: int = 0) -> str:
+        from fleet.routing import local_endpoints
+        return f"http://127.0.0.1:{local_endpoints(self.spec)[(pool, replica)]}"
+
+    def gateway_proc(self):
+        return next(p for n, p in self.stack.procs if n == "gateway")
+
+
+def start_stack(tmp: Path, mutate: Callable[[dict], None] | None = None, name: str = "test") -> RunningStack:
+    config = copy.deepcopy(local_config())
+    if mutate:
+        mutate(config)
+    n_ports = sum(p.get("replicas", 1) for p in config["pools"]) + 2
+    config["local_port_base"] = free_port_range(n_ports)
+    config["gateway"] = {**config.get("gateway", {}), "port": free_port()}
+    stacks_dir = tmp / "stacks"
+    stacks_dir.mkdir(parents=True, exist_ok=True)
+    (stacks_dir / f"Pulumi.{name}.yaml").write_text(
+        yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
+    spec = spec_mod.load(name, stacks_dir)
+    stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir)
+    stack.start()
+    return RunningStack(stack, spec, stacks_dir)
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory) -> Iterator[RunningStack]:
+    """The shipped local stack's shape, on free ports, shared by a module's tests."""
+    running = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield running
+    finally:
+        running.stack.stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path) -> Iterator[Callable[..., RunningStack]]:
+    started: list[RunningStack] = []
+
+    def make(mutate: Callable[[dict], None] | None = None) -> RunningStack:
+        running = start_stack(tmp_path / f"s{len(started)}", mutate)
+        started.append(running)
+        return running
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            s.stack.stop()

@@ -1,0 +1,80 @@
+"""A scripted upstream for tests: records every request body it receives and answers like a
+vLLM worker, with streams it can hold between chunks. Runs an aiohttp server in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from aiohttp import web
+
+
+class Recorder:
+    def __init__(self, model: str = "demo-chat") -> None:
+        self.model = model
+        self.bodies: list[dict] = []
+        self.release = threading.Event()      # streams pause after their first chunk until set
+        self.release.set()
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+
+    @staticmethod
+    async def _health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        base = {"id": "chatcmpl-rec", "created": int(time.time()), "model": body["model"]}
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if not body.get("stream"):
+            return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok ok"}, "finish_reason": "stop"}]})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            c = {**base, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: " + json.dumps(c).encode() + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": "ok"}))
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        await resp.write(chunk({"content": " ok"}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            u = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(u).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self._runner.cleanup()
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

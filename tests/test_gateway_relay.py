@@ -1,0 +1,116 @@
+"""What the gateway sends upstream and how it relays: untouched pass-through fields, forced
+stream usage, capped max_tokens, chunk-by-chunk streaming, and live routing reloads."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+from openai import OpenAI
+
+from tests.recorder import Recorder
+
+
+@pytest.fixture
+def recorder():
+    rec = Recorder()
+    try:
+        yield rec
+    finally:
+        rec.close()
+
+
+def admin_post(stack, path: str) -> dict:
+    req = urllib.request.Request(stack.root_url + path, data=b"", method="POST",
+                                 headers={"authorization": f"Bearer {stack.admin_token()}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def point_model_at(stack, model: str, url: str) -> None:
+    routing = json.loads((stack.state / "routing.json").read_text())
+    for m in routing["models"]:
+        if m["id"] == model:
+            m["pools"] = [{"name": "recorder", "provider": "test", "region": "local", "role": "primary",
+                           "weight": 1, "endpoints": [{"id": "recorder/0", "url": url}]}]
+    (stack.state / "routing.json").write_text(json.dumps(routing))
+    admin_post(stack, "/admin/reload")
+
+
+def test_uninterpreted_fields_pass_through_untouched(stack_factory, recorder):
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "w",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    c.chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice="auto",
+        response_format={"type": "json_object"}, logprobs=True, top_logprobs=2, seed=7, n=1, stop=["END"],
+        user="u-1", max_tokens=50_000, extra_body={"guided_choice": ["a", "b"], "top_k": 5})
+    sent = recorder.bodies[-1]
+    assert sent["tools"] == tools and sent["tool_choice"] == "auto"
+    assert sent["response_format"] == {"type": "json_object"}
+    assert (sent["logprobs"], sent["top_logprobs"], sent["seed"], sent["n"], sent["stop"]) == (True, 2, 7, 1, ["END"])
+    assert sent["guided_choice"] == ["a", "b"] and sent["top_k"] == 5 and sent["user"] == "u-1"
+    assert sent["max_tokens"] == 1024            # the pro tier's cap, not 50,000
+
+
+def test_streams_always_ask_upstream_for_usage(stack_factory, recorder):
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+    chunks = list(c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True))
+    assert recorder.bodies[-1]["stream_options"] == {"include_usage": True}
+    assert all(ch.usage is None for ch in chunks)   # the client did not ask for it
+    rows = _ledger_rows(stack)
+    assert rows[-1]["completion_tokens"] == 2 and rows[-1]["prompt_tokens"] == 3
+
+
+def test_stream_chunks_are_relayed_before_the_upstream_finishes(stack_factory, recorder):
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+    recorder.release.clear()                    # the upstream holds its second chunk
+    stream = c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+    got_first = threading.Event()
+    first = []
+
+    def read_first():
+        first.append(next(iter(stream)))
+        got_first.set()
+    t = threading.Thread(target=read_first, daemon=True)
+    t.start()
+    assert got_first.wait(10), "the first chunk was held back until the upstream finished"
+    assert first[0].choices[0].delta.content == "ok"
+    recorder.release.set()
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "stop"
+
+
+def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
+    stack = stack_factory()
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+    c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+    assert recorder.bodies == []
+    # the file watcher picks up a changed file by itself (no admin call)
+    routing = json.loads((stack.state / "routing.json").read_text())
+    for m in routing["models"]:
+        if m["id"] == "demo-chat":
+            m["pools"] = [{"name": "recorder", "provider": "test", "region": "local", "role": "primary",
+                           "weight": 1, "endpoints": [{"id": "recorder/0", "url": recorder.url}]}]
+    time.sleep(0.01)
+    (stack.state / "routing.json").write_text(json.dumps(routing))
+    deadline = time.monotonic() + 10
+    while not recorder.bodies and time.monotonic() < deadline:
+        c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+        time.sleep(0.2)
+    assert recorder.bodies, "the changed routing file was not applied"
+
+
+def _ledger_rows(stack) -> list[dict]:
+    from gateway import ledger
+    return ledger.query(stack.state / "ledger.db")
