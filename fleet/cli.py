@@ -51,4 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Import by name: run as `python -m fleet.cli`, this file is __main__, and the commands'
+    # `from fleet.cli import UserError` must be the same class that main() catches.
+    from fleet.cli import main as _main
+
+    sys.exit(_main())

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run a local stack (gateway + simulated workers) in the foreground")
     p.add_argument("--stack", default="local")
     p.add_argument("--port", type=int, help="gateway port (default: the stack's gateway.port)")
+    p.add_argument("--port-base", type=int, help="first port of the local workers (default: the stack's local_port_base)")
     p.add_argument("--tier", default="pro", help="tier of the demo tenant's key")
     p.set_defaults(func=run)
 
@@ -46,6 +47,8 @@ Workers are the `sim` engine (a simulator, not a model). Ctrl-C stops everything
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.stack)
+    if args.port_base:
+        spec = spec.model_copy(update={"local_port_base": args.port_base})
     if args.tier not in {t.name for t in spec.tiers}:
         raise UserError(f"--tier {args.tier!r} is not a tier of stack {args.stack}")
     stack = LocalStack(spec, state_dir(args.stack), gateway_port=args.port)
