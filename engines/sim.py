@@ -196,6 +196,10 @@ class _Sim:
 
     def __init__(self, cfg: SimConfig) -> None:
         cfg.fault.validate()
+        if cfg.max_concurrency < 1 or cfg.output_tokens < 1 or cfg.max_model_len < 1:
+            raise ValueError("max_concurrency, output_tokens and max_model_len must be >= 1")
+        if cfg.ttft_ms < 0 or cfg.itl_ms < 0 or not 0 <= cfg.error_rate <= 1:
+            raise ValueError("ttft_ms and itl_ms must be >= 0, error_rate from 0 to 1")
         self.cfg = cfg
         self.start_fault = dataclasses.replace(cfg.fault)
         self.fault = dataclasses.replace(cfg.fault)
