@@ -1,0 +1,700 @@
+"""The plan: everything that decides something, as pure functions of the spec.
+
+``build_plan(spec)`` returns a :class:`Plan`: the GPU leases to rent, the WireGuard mesh
+(addresses and peers), the gateway's routing config, the capacity and VRAM verdicts and the
+costs. Pulumi (``__main__.py``), Ansible and the gateway only carry the plan out; `infermesh
+plan` prints it and `infermesh check` judges it (fleet/policy.py).
+
+Failover. A provider marked ``drained: true`` in the stack file is out of service: its pools
+plan as role ``drained`` (no leases, weight 0, so the gateway's weighted choice moves their
+traffic to the pools left), and the plan adds *replacement capacity* deterministically:
+
+- where a forecast exists for the model and region, surviving pools of that model and region
+  get extra replicas (one at a time, always to the provider with the least capacity) until
+  the forecast is carried with N+1 again; if fewer than two providers survive there, a pool
+  on the reserved provider is added first (named ``<drained pool>-via-<reserved provider>``);
+- where no forecast exists, the drained GPUs are replaced one for one on the survivors (the
+  declared capacity is the only statement of need), or on the reserved provider if none survive.
+
+Keeping the replacement in the plan (not written into the file) makes ``failover restore``
+exact: removing the flag gives back the very same plan. The replacement replicas get the
+next replica indices of their pool, so no existing lease, name or mesh address changes.
+
+Formulas (the seeds'):
+
+- GPUs per model x region = ceil(QPS x (Tp + Tc) / (Rt x E) x headroom); N+1 holds when the
+  declared pools still carry that after losing the provider with the most capacity there.
+- VRAM per pool: weights_gb + layers x kv_heads x 2 x head_dim x dtype_bytes x tokens x
+  sequences / 2**30 GiB, against the GPU's VRAM x count.
+- Monthly cost = price per GPU-hour x GPUs x replicas x 730; COGS per 1M tokens =
+  price per GPU-hour / (R x U x 3600) x 1e6 + overhead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fleet.routing import local_endpoints, routing_config
+from fleet.spec import Pool, Spec
+
+HOURS_PER_MONTH = 730
+WORKER_PORT = 8000                      # vLLM's OpenAI-compatible server on each worker
+LOCAL_KINDS = ("sim", "llamacpp")       # workers run as local processes, no lease
+LEASED_KINDS = ("vastai", "runpod", "akash")
+GiB = 2 ** 30
+
+
+# ---- the shapes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lease:
+    """One GPU lease (one pool replica) to rent."""
+
+    name: str                   # "<pool>-<i>": also the marketplace label that makes create idempotent
+    pool: str
+    model: str
+    provider: str
+    provider_kind: str
+    region: str
+    gpu_type: str
+    gpu_count: int
+    price_cap: float | None     # the provider's cap per GPU-hour; offers above it are refused
+    image: str | None
+    connection: str             # "container" | "ssh"
+    mesh_address: str           # this worker's WireGuard address
+    replica: int = 0
+    role: str = "primary"
+    price_per_gpu_hour: float | None = None   # the pool's expected price, if declared
+    failover: bool = False      # replacement capacity added because a provider is drained
+
+
+@dataclass(frozen=True)
+class MeshNode:
+    name: str
+    role: str                   # "gateway" | "worker"
+    address: str                # inside spec.mesh.cidr, deterministic
+    pool: str | None
+    peers: tuple[str, ...]      # gateways peer with all workers; workers with all gateways
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """A pool as planned: its declared replicas and what failover added."""
+
+    name: str
+    model: str
+    provider: str
+    provider_kind: str
+    region: str
+    role: str                   # effective role (drained when its provider is)
+    declared_role: str
+    weight: float               # effective routing weight (0 when drained)
+    gpu_type: str
+    gpu_count: int
+    replicas: int               # effective replicas
+    declared_replicas: int
+    failover_replicas: int      # replicas added by failover (replicas - declared, or all of a new pool)
+    leased: bool                # replicas are GPU leases (not local processes, not an upstream)
+    added_by_failover: bool = False
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Forecast demand against declared supply for one model in one region."""
+
+    model: str
+    region: str
+    qps: float
+    tokens_per_request: int                 # Tp + Tc
+    demand_tokens_per_s: float              # QPS x (Tp + Tc)
+    headroom: float
+    gpu_type: str | None                    # reference GPU (throughput figures in its units)
+    tokens_per_s: float | None              # Rt of the reference GPU for this model
+    efficiency: float | None                # E
+    gpus_exact: float | None                # QPS x (Tp + Tc) / (Rt x E), before headroom
+    required_gpus: int | None               # ceil(gpus_exact x headroom)
+    declared_gpus: int                      # GPUs in the non-drained pools here (overflow upstreams excluded)
+    declared_equivalent: float              # declared capacity in reference GPUs (= declared_gpus if one type)
+    by_provider: tuple[tuple[str, float], ...]   # reference-GPU capacity per provider
+    largest_provider: str | None
+    after_loss: float                       # capacity left after losing the largest provider
+    ok: bool                                # declared carries the forecast with headroom
+    n_plus_1: bool                          # ... and still does after losing the largest provider
+    missing_throughput: tuple[str, ...] = ()   # pools without a throughput figure (not counted)
+
+
+@dataclass(frozen=True)
+class Vram:
+    pool: str
+    model: str
+    gpu_type: str
+    gpu_count: int
+    weights_gb: float
+    kv_bytes_per_token: int | None          # None: the model declares no arch (weights only, flagged)
+    tokens: int                             # per sequence: pool.max_model_len or the model's context
+    sequences: int                          # pool.max_concurrency
+    kv_cache_gb: float
+    total_gb: float
+    gpu_vram_gb: float                      # VRAM per GPU x count
+    fits: bool
+    weights_only: bool                      # no arch: the KV cache could not be counted
+
+
+@dataclass(frozen=True)
+class PoolCost:
+    pool: str
+    provider: str
+    model: str
+    region: str
+    gpus: int                               # GPUs leased: count x replicas (0 when drained)
+    price_per_gpu_hour: float | None
+    price_source: str | None                # "pool" | "cap" | "per-token" | None
+    monthly: float | None                   # None: no price known (or billed per token)
+    tokens_per_s: float | None              # R (per GPU)
+    utilisation: float | None               # U
+    cogs_per_1m: float | None
+
+
+@dataclass(frozen=True)
+class TierMargin:
+    tier: str
+    price_per_1m: float
+    cogs_per_1m: float | None               # traffic-weighted over the tier's models
+    margin_per_1m: float | None
+    margin_pct: float | None
+    by_model: tuple[tuple[str, float | None], ...]
+
+
+@dataclass(frozen=True)
+class Costs:
+    pools: tuple[PoolCost, ...]
+    providers: tuple[tuple[str, float], ...]   # monthly per provider
+    monthly_total: float
+    tiers: tuple[TierMargin, ...]
+    overhead_per_1m: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    stack: str
+    leases: tuple[Lease, ...]
+    mesh: tuple[MeshNode, ...]
+    routing: dict
+    capacity: tuple[Capacity, ...]
+    vram: tuple[Vram, ...]
+    costs: Costs
+    pools: tuple[PoolPlan, ...] = ()
+    providers: tuple[dict, ...] = ()        # name, kind, role, regions, price cap, drained
+    drained: tuple[str, ...] = ()           # providers marked drained
+    effective: Spec | None = field(default=None, compare=False, repr=False)  # spec with failover applied
+
+    def lease(self, name: str) -> Lease:
+        return next(x for x in self.leases if x.name == name)
+
+    def node(self, name: str) -> MeshNode:
+        return next(x for x in self.mesh if x.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack,
+            "providers": [dict(p) for p in self.providers],
+            "drained": list(self.drained),
+            "pools": [asdict(p) for p in self.pools],
+            "leases": [asdict(x) for x in self.leases],
+            "capacity": [_jsonable(asdict(c)) for c in self.capacity],
+            "vram": [asdict(v) for v in self.vram],
+            "mesh": [asdict(n) | {"peers": list(n.peers)} for n in self.mesh],
+            "routing": self.routing,
+            "costs": _jsonable(asdict(self.costs)),
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---- formulas (small, named, tested with the seeds' worked examples) --------------------------
+
+def gpus_needed(qps: float, prompt_tokens: int, completion_tokens: int,
+                tokens_per_s: float, efficiency: float) -> float:
+    """QPS x (Tp + Tc) / (Rt x E): e.g. 2 x 850 / (1,500 x 0.75) = 1.51."""
+    return qps * (prompt_tokens + completion_tokens) / (tokens_per_s * efficiency)
+
+
+def round_up(x: float) -> int:
+    """Ceil that ignores float dust (2.0000000000004 is 2)."""
+    return math.ceil(round(x, 9))
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    return layers * kv_heads * 2 * head_dim * dtype_bytes
+
+
+def cogs_per_1m(price_per_gpu_hour: float, tokens_per_s: float, utilisation: float,
+                overhead: float = 0.0) -> float:
+    """$2.80/h at 1,600 tok/s and 60% utilisation = $0.81 per 1M tokens."""
+    return price_per_gpu_hour / (tokens_per_s * utilisation * 3600) * 1e6 + overhead
+
+
+def monthly_cost(price_per_gpu_hour: float, gpu_count: int, replicas: int) -> float:
+    return price_per_gpu_hour * gpu_count * replicas * HOURS_PER_MONTH
+
+
+# ---- the mesh ---------------------------------------------------------------------------------
+
+def gateway_block(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    """Addresses reserved at the start of the mesh for gateways (so more gateways never move workers)."""
+    hosts = network.num_addresses - 2
+    return 64 if hosts >= 4096 else 16 if hosts >= 256 else 4
+
+
+def assign_addresses(cidr: str, gateways: list[str], workers: list[str]) -> dict[str, str]:
+    """Deterministic, stable mesh addresses.
+
+    Gateways take the first addresses of the CIDR (``gateway-0`` is network + 1, ...), inside a
+    reserved block. Each worker's address is derived from a hash of its own name (sha256 ->
+    an offset in the rest of the CIDR), with linear probing on a collision, workers resolved in
+    the order given (declaration order of pools, then replica index). So an address depends on
+    the node's name, not on its position: adding a pool or a replica never renumbers existing
+    nodes (a per-pool block scheme would cap replicas per pool and still have to place the
+    blocks; counting in order would shift every node after an insertion). The only way an
+    existing node can move is when a new node declared *before* it hashes onto its exact
+    address (about n / 65k per added node on a /16); workers behind NAT re-handshake anyway.
+    """
+    network = ipaddress.ip_network(cidr)
+    first = int(network.network_address) + 1
+    block = gateway_block(network)
+    if len(gateways) > block:
+        raise ValueError(f"mesh {cidr}: {len(gateways)} gateways exceed the {block} reserved gateway addresses")
+    space = network.num_addresses - 2 - block
+    if len(workers) > space:
+        raise ValueError(f"mesh {cidr}: {len(workers)} workers do not fit in {space} addresses")
+    out: dict[str, str] = {}
+    for i, name in enumerate(gateways):
+        out[name] = str(ipaddress.ip_address(first + i))
+    taken: set[int] = set()
+    for name in workers:
+        offset = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % space
+        while offset in taken:
+            offset = (offset + 1) % space
+        taken.add(offset)
+        out[name] = str(ipaddress.ip_address(first + block + offset))
+    return out
+
+
+# ---- failover: the effective pools ------------------------------------------------------------
+
+def _drained(spec: Spec) -> set[str]:
+    return {p.name for p in spec.providers if getattr(p, "drained", False)}
+
+
+def _counts_for_capacity(spec: Spec, pool: Pool) -> bool:
+    prov = spec.provider(pool.provider)
+    return pool.role != "drained" and prov.kind != "openai" and prov.role != "overflow"
+
+
+def _throughput(spec: Spec, gpu: str, model: str):
+    return next((t for t in spec.throughput if t.gpu == gpu and t.model == model), None)
+
+
+def effective_spec(spec: Spec) -> Spec:
+    """The spec with drained providers applied: their pools drained, replacement capacity added."""
+    drained = _drained(spec)
+    if not drained:
+        return spec
+    pools = [p.model_copy(update={"role": "drained"}) if p.provider in drained else p for p in spec.pools]
+    lost = [p for p in spec.pools if p.provider in drained and p.role != "drained" and p.replicas > 0
+            and spec.provider(p.provider).kind not in ("openai",)]
+    groups: dict[tuple[str, str], list[Pool]] = {}
+    for p in lost:
+        groups.setdefault((p.model, p.region), []).append(p)
+    forecasts = {(f.model, f.region): f for f in spec.forecast}
+    for (model, region), gone in groups.items():
+        fc = forecasts.get((model, region))
+
+        def survivors() -> list[int]:
+            return [i for i, p in enumerate(pools)
+                    if p.model == model and p.region == region and _counts_for_capacity(spec, p)]
+
+        providers_left = {pools[i].provider for i in survivors()}
+        need_two = fc is not None and fc.qps > 0
+        if not providers_left or (need_two and len(providers_left) < 2):
+            reserved = next((pr for pr in spec.providers if pr.role == "reserved" and pr.name not in drained
+                             and region in pr.regions and pr.name not in providers_left
+                             and pr.kind != "openai"), None)
+            if reserved is not None:
+                src = gone[0]
+                name = f"{src.name}-via-{reserved.name}"
+                if all(p.name != name for p in pools):
+                    pools.append(src.model_copy(update={
+                        "name": name, "provider": reserved.name, "replicas": 0,
+                        "price_per_gpu_hour": None, "role": src.role,
+                    }))
+        idx = survivors()
+        if not idx:
+            continue
+        if fc is None:
+            # No forecast: replace the drained GPUs one for one.
+            missing = sum(p.replicas * p.gpu.count for p in gone)
+            while missing > 0:
+                i = _smallest(spec, pools, idx)
+                pools[i] = pools[i].model_copy(update={"replicas": pools[i].replicas + 1})
+                missing -= pools[i].gpu.count
+            continue
+        # Converges: each step raises the provider with the least capacity, so the capacity left
+        # after losing the largest grows; bounded anyway (a plan never loops on odd figures).
+        for _ in range(256):
+            cap = _capacity(spec, fc, [pools[i] for i in idx])
+            if cap.required_gpus is None or (cap.ok and (cap.n_plus_1 or len({pools[i].provider for i in idx}) < 2)):
+                break
+            i = _smallest(spec, pools, idx)
+            pools[i] = pools[i].model_copy(update={"replicas": pools[i].replicas + 1})
+    return spec.model_copy(update={"pools": pools})
+
+
+def _pool_equiv(spec: Spec, pool: Pool, ref_rate: float | None) -> float:
+    t = _throughput(spec, pool.gpu.type, pool.model)
+    if t is None or not ref_rate:
+        return 0.0
+    return pool.replicas * pool.gpu.count * t.tokens_per_s * t.efficiency / ref_rate
+
+
+def _smallest(spec: Spec, pools: list[Pool], idx: list[int]) -> int:
+    """Index of the surviving pool whose provider holds the least capacity (declaration order breaks ties)."""
+    by_provider: dict[str, float] = {}
+    for i in idx:
+        p = pools[i]
+        t = _throughput(spec, p.gpu.type, p.model)
+        rate = t.tokens_per_s * t.efficiency if t else 1.0
+        by_provider[p.provider] = by_provider.get(p.provider, 0.0) + p.replicas * p.gpu.count * rate
+    smallest = min(by_provider[pools[i].provider] for i in idx)
+    cands = [i for i in idx if by_provider[pools[i].provider] == smallest]
+    prefer = [i for i in cands if pools[i].role == "primary"] or cands
+    return prefer[0]
+
+
+# ---- capacity -----------------------------------------------------------------------------------
+
+def _capacity(spec: Spec, fc, pools: list[Pool]) -> Capacity:
+    here = [p for p in pools if p.model == fc.model and p.region == fc.region and _counts_for_capacity(spec, p)]
+    # Reference GPU: the type holding the most GPUs here among those with a throughput figure.
+    gpus_by_type: dict[str, int] = {}
+    for p in here:
+        if _throughput(spec, p.gpu.type, p.model):
+            gpus_by_type[p.gpu.type] = gpus_by_type.get(p.gpu.type, 0) + p.replicas * p.gpu.count
+    ref = max(gpus_by_type, key=lambda g: (gpus_by_type[g], g)) if gpus_by_type else None
+    if ref is None:  # no pool here with a figure: any figure for the model
+        t_any = next((t for t in spec.throughput if t.model == fc.model), None)
+        ref = t_any.gpu if t_any else None
+    t_ref = _throughput(spec, ref, fc.model) if ref else None
+    demand = fc.qps * (fc.prompt_tokens + fc.completion_tokens)
+    headroom = spec.planning.headroom
+    if t_ref is None:
+        exact = required = None
+        ref_rate = None
+    else:
+        ref_rate = t_ref.tokens_per_s * t_ref.efficiency
+        exact = gpus_needed(fc.qps, fc.prompt_tokens, fc.completion_tokens, t_ref.tokens_per_s, t_ref.efficiency)
+        required = round_up(exact * headroom)
+    by_provider: dict[str, float] = {}
+    for p in here:
+        by_provider[p.provider] = by_provider.get(p.provider, 0.0) + _pool_equiv(spec, p, ref_rate)
+    declared_equiv = sum(by_provider.values())
+    largest = max(by_provider, key=lambda k: (by_provider[k], k)) if by_provider else None
+    after = declared_equiv - (by_provider[largest] if largest else 0.0)
+    eps = 1e-9
+    ok = required is not None and declared_equiv + eps >= required
+    n1 = required is not None and after + eps >= required
+    return Capacity(
+        model=fc.model, region=fc.region, qps=fc.qps,
+        tokens_per_request=fc.prompt_tokens + fc.completion_tokens,
+        demand_tokens_per_s=demand, headroom=headroom, gpu_type=ref,
+        tokens_per_s=t_ref.tokens_per_s if t_ref else None,
+        efficiency=t_ref.efficiency if t_ref else None,
+        gpus_exact=exact, required_gpus=required,
+        declared_gpus=sum(p.replicas * p.gpu.count for p in here),
+        declared_equivalent=round(declared_equiv, 6),
+        by_provider=tuple(sorted((k, round(v, 6)) for k, v in by_provider.items())),
+        largest_provider=largest, after_loss=round(after, 6), ok=ok, n_plus_1=n1,
+        missing_throughput=tuple(p.name for p in here if _throughput(spec, p.gpu.type, p.model) is None),
+    )
+
+
+def capacity(spec: Spec) -> tuple[Capacity, ...]:
+    return tuple(_capacity(spec, fc, list(spec.pools)) for fc in spec.forecast)
+
+
+# ---- VRAM ---------------------------------------------------------------------------------------
+
+def vram(spec: Spec) -> tuple[Vram, ...]:
+    out = []
+    for pool in spec.pools:
+        prov = spec.provider(pool.provider)
+        if prov.kind in LOCAL_KINDS + ("openai",):
+            continue  # CPU processes or an upstream: no GPU memory to budget
+        model = spec.model(pool.model)
+        tokens = pool.max_model_len or model.context_length
+        seqs = pool.max_concurrency
+        if model.arch is not None:
+            a = model.arch
+            per_token = kv_bytes_per_token(a.layers, a.kv_heads, a.head_dim, a.kv_dtype_bytes)
+            kv = per_token * tokens * seqs / GiB
+        else:
+            per_token, kv = None, 0.0
+        gpu_vram = (spec.vram_gb(pool.gpu.type) or 0.0) * pool.gpu.count
+        total = model.weights_gb + kv
+        out.append(Vram(
+            pool=pool.name, model=model.id, gpu_type=pool.gpu.type, gpu_count=pool.gpu.count,
+            weights_gb=model.weights_gb, kv_bytes_per_token=per_token, tokens=tokens, sequences=seqs,
+            kv_cache_gb=round(kv, 3), total_gb=round(total, 3), gpu_vram_gb=gpu_vram,
+            fits=total <= gpu_vram, weights_only=model.arch is None,
+        ))
+    return tuple(out)
+
+
+# ---- costs --------------------------------------------------------------------------------------
+
+def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
+    """Monthly per pool and provider; COGS per 1M per pool; margin per tier.
+
+    extra_leases: leases outside the pools' replicas (the canary), by pool name, billed like the pool.
+    """
+    overhead = spec.planning.overhead_per_1m_tokens
+    rows: list[PoolCost] = []
+    for pool in spec.pools:
+        prov = spec.provider(pool.provider)
+        if prov.kind == "openai":
+            cogs = (prov.price_per_1m_tokens + overhead) if prov.price_per_1m_tokens is not None else None
+            rows.append(PoolCost(pool.name, prov.name, pool.model, pool.region, 0, None, "per-token",
+                                 None, None, None, cogs))
+            continue
+        if pool.price_per_gpu_hour is not None:
+            price, source = pool.price_per_gpu_hour, "pool"
+        elif prov.price_cap_per_gpu_hour is not None:
+            price, source = prov.price_cap_per_gpu_hour, "cap"
+        else:
+            price, source = None, None
+        replicas = 0 if pool.role == "drained" else pool.replicas + (extra_leases or {}).get(pool.name, 0)
+        gpus = pool.gpu.count * replicas
+        monthly = monthly_cost(price, pool.gpu.count, replicas) if price is not None else None
+        t = _throughput(spec, pool.gpu.type, pool.model)
+        cogs = cogs_per_1m(price, t.tokens_per_s, t.utilisation, overhead) if (t and price is not None) else None
+        rows.append(PoolCost(pool.name, prov.name, pool.model, pool.region, gpus, price, source,
+                             round(monthly, 2) if monthly is not None else None,
+                             t.tokens_per_s if t else None, t.utilisation if t else None,
+                             round(cogs, 4) if cogs is not None else None))
+    per_provider: dict[str, float] = {}
+    for r in rows:
+        per_provider[r.provider] = per_provider.get(r.provider, 0.0) + (r.monthly or 0.0)
+    total = round(sum(per_provider.values()), 2)
+
+    # COGS per model: weighted by routing weight over the primary pools with a COGS figure.
+    by_name = {p.name: p for p in spec.pools}
+    model_cogs: dict[str, float | None] = {}
+    for m in spec.models:
+        cands = [(by_name[r.pool], r) for r in rows if r.model == m.id and r.cogs_per_1m is not None]
+        prim = [(p, r) for p, r in cands if p.role == "primary" and p.weight > 0
+                and spec.provider(p.provider).role != "overflow"]
+        use = prim or [(p, r) for p, r in cands if p.role != "drained"]
+        wsum = sum(max(p.weight, 0.0) * max(p.replicas, 1) for p, _ in use)
+        if not use:
+            model_cogs[m.id] = None
+        elif wsum <= 0:
+            model_cogs[m.id] = sum(r.cogs_per_1m for _, r in use) / len(use)
+        else:
+            model_cogs[m.id] = sum(p.weight * max(p.replicas, 1) * r.cogs_per_1m for p, r in use) / wsum
+    # Tier COGS: models weighted by forecast token volume (equal when there is no forecast).
+    volume: dict[str, float] = {}
+    for f in spec.forecast:
+        volume[f.model] = volume.get(f.model, 0.0) + f.qps * (f.prompt_tokens + f.completion_tokens)
+    tiers = []
+    for t in spec.tiers:
+        known = [(m, model_cogs.get(m)) for m in t.models]
+        vals = [(m, c) for m, c in known if c is not None]
+        if vals:
+            weights = [volume.get(m, 0.0) for m, _ in vals]
+            if sum(weights) <= 0:
+                weights = [1.0] * len(vals)
+            cogs = sum(w * c for w, (_, c) in zip(weights, vals)) / sum(weights)
+            margin = t.price_per_1m_tokens - cogs
+            pct = margin / t.price_per_1m_tokens * 100 if t.price_per_1m_tokens > 0 else None
+            tiers.append(TierMargin(t.name, t.price_per_1m_tokens, round(cogs, 4), round(margin, 4),
+                                    round(pct, 1) if pct is not None else None,
+                                    tuple((m, round(c, 4) if c is not None else None) for m, c in known)))
+        else:
+            tiers.append(TierMargin(t.name, t.price_per_1m_tokens, None, None, None, tuple(known)))
+    return Costs(pools=tuple(rows), providers=tuple(sorted((k, round(v, 2)) for k, v in per_provider.items())),
+                 monthly_total=total, tiers=tuple(tiers), overhead_per_1m=overhead)
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+def is_local_only(spec: Spec) -> bool:
+    """All supply runs on this machine (sim / llamacpp): no leases, no public ingress."""
+    return all(p.kind in LOCAL_KINDS for p in spec.providers)
+
+
+def build_plan(spec: Spec) -> Plan:
+    eff = effective_spec(spec)
+    declared = {p.name: p for p in spec.pools}
+
+    # Leases: every replica of every non-drained pool on a leasing provider, plus the canary.
+    leases_raw: list[tuple[Pool, int, str | None, bool]] = []   # pool, replica, image override, failover
+    for pool in eff.pools:
+        prov = eff.provider(pool.provider)
+        if prov.kind not in LEASED_KINDS or pool.role == "drained":
+            continue
+        base = declared.get(pool.name)
+        base_replicas = base.replicas if base is not None and base.provider == pool.provider else 0
+        for i in range(pool.replicas):
+            leases_raw.append((pool, i, None, i >= base_replicas))
+    canary_lease = None
+    if eff.canary is not None:
+        base = eff.pool(eff.canary.pool)
+        if eff.provider(base.provider).kind in LEASED_KINDS and base.role != "drained":
+            canary_lease = base.model_copy(update={"name": f"{base.name}-canary"})
+            leases_raw.append((canary_lease, 0, eff.canary.image, False))
+
+    gateways = [f"gateway-{i}" for i in range(eff.gateway.replicas)]
+    worker_names = [f"{p.name}-{i}" for p, i, _, _ in leases_raw]
+    try:
+        addresses = assign_addresses(eff.mesh.cidr, gateways, worker_names)
+    except ValueError as e:
+        from fleet.spec import SpecError
+        raise SpecError(str(e)) from None
+
+    leases = tuple(
+        Lease(
+            name=f"{p.name}-{i}", pool=p.name, model=p.model, provider=p.provider,
+            provider_kind=eff.provider(p.provider).kind, region=p.region, gpu_type=p.gpu.type,
+            gpu_count=p.gpu.count, price_cap=eff.provider(p.provider).price_cap_per_gpu_hour,
+            image=image or p.image, connection=p.connection, mesh_address=addresses[f"{p.name}-{i}"],
+            replica=i, role="canary" if image else p.role, price_per_gpu_hour=p.price_per_gpu_hour,
+            failover=fo,
+        )
+        for p, i, image, fo in leases_raw
+    )
+    mesh = tuple(
+        [MeshNode(g, "gateway", addresses[g], None, tuple(worker_names)) for g in gateways]
+        + [MeshNode(w.name, "worker", w.mesh_address, w.pool, tuple(gateways)) for w in leases]
+    )
+
+    ports = local_endpoints(eff)
+    next_port = max(ports.values(), default=eff.local_port_base - 1) + 1
+
+    def endpoint(pool: Pool, i: int) -> str:
+        kind = eff.provider(pool.provider).kind
+        if kind in LOCAL_KINDS:
+            port = ports.get((pool.name, i), next_port)
+            return f"http://127.0.0.1:{port}"
+        node = addresses.get(f"{pool.name}-{i}")
+        if node is None:  # a drained pool's replica: no worker, no address
+            return ""
+        return f"http://{node}:{WORKER_PORT}"
+
+    routing = routing_config(eff, endpoint)
+    for m in routing["models"]:
+        for p in m["pools"]:
+            if p["role"] == "drained":
+                p["endpoints"] = []
+
+    pools = []
+    for p in eff.pools:
+        prov = eff.provider(p.provider)
+        d = declared.get(p.name)
+        declared_replicas = d.replicas if d is not None else 0
+        pools.append(PoolPlan(
+            name=p.name, model=p.model, provider=p.provider, provider_kind=prov.kind, region=p.region,
+            role=p.role, declared_role=d.role if d is not None else p.role,
+            weight=0.0 if p.role == "drained" else p.weight,
+            gpu_type=p.gpu.type, gpu_count=p.gpu.count, replicas=p.replicas,
+            declared_replicas=declared_replicas,
+            failover_replicas=max(p.replicas - declared_replicas, 0),
+            leased=prov.kind in LEASED_KINDS, added_by_failover=d is None,
+        ))
+    drained = tuple(sorted(_drained(spec)))
+    providers = tuple({
+        "name": p.name, "kind": p.kind, "role": p.role, "regions": list(p.regions),
+        "price_cap_per_gpu_hour": p.price_cap_per_gpu_hour, "drained": p.name in drained,
+        **({"base_url": p.base_url, "price_per_1m_tokens": p.price_per_1m_tokens} if p.kind == "openai" else {}),
+    } for p in eff.providers)
+    return Plan(
+        stack=spec.stack, leases=leases, mesh=mesh, routing=routing,
+        capacity=capacity(eff), vram=vram(eff),
+        costs=costs(eff, {eff.canary.pool: 1} if canary_lease is not None else None),
+        pools=tuple(pools), providers=providers, drained=drained, effective=eff,
+    )
+
+
+# ---- what a stack change does --------------------------------------------------------------------
+
+def _routing_pools(plan: Plan) -> dict[tuple[str, str], dict]:
+    return {(m["id"], p["name"]): p for m in plan.routing.get("models", []) for p in m.get("pools", [])}
+
+
+def diff(old: Plan, new: Plan) -> dict[str, Any]:
+    """What going from ``old`` to ``new`` changes: leases, routing (roles, weights, endpoints),
+    mesh nodes, capacity verdicts and the monthly cost. Empty lists mean no change."""
+    a = {x.name: x for x in old.leases}
+    b = {x.name: x for x in new.leases}
+    changed = []
+    for name in sorted(set(a) & set(b)):
+        fa, fb = asdict(a[name]), asdict(b[name])
+        fields = {k: [fa[k], fb[k]] for k in fa if fa[k] != fb[k]}
+        if fields:
+            changed.append({"name": name, "changes": fields})
+    ra, rb = _routing_pools(old), _routing_pools(new)
+    routing = []
+    for key in sorted(set(ra) | set(rb)):
+        pa, pb = ra.get(key), rb.get(key)
+        if pa is None or pb is None:
+            p = pa or pb
+            routing.append({"model": key[0], "pool": key[1], "change": "added" if pa is None else "removed",
+                            "role": p["role"], "weight": p["weight"], "endpoints": len(p["endpoints"])})
+            continue
+        fields = {}
+        for k in ("role", "weight"):
+            if pa[k] != pb[k]:
+                fields[k] = [pa[k], pb[k]]
+        if len(pa["endpoints"]) != len(pb["endpoints"]):
+            fields["endpoints"] = [len(pa["endpoints"]), len(pb["endpoints"])]
+        if fields:
+            routing.append({"model": key[0], "pool": key[1], "change": "changed", **fields})
+    ma = {n.name: n.address for n in old.mesh}
+    mb = {n.name: n.address for n in new.mesh}
+    mesh = {
+        "added": sorted(set(mb) - set(ma)),
+        "removed": sorted(set(ma) - set(mb)),
+        "readdressed": sorted(n for n in set(ma) & set(mb) if ma[n] != mb[n]),
+    }
+    ca = {(c.model, c.region): c for c in old.capacity}
+    cb = {(c.model, c.region): c for c in new.capacity}
+    capacity_changes = []
+    for key in sorted(set(ca) | set(cb)):
+        x, y = ca.get(key), cb.get(key)
+        pick = lambda c: None if c is None else {  # noqa: E731
+            "required_gpus": c.required_gpus, "declared_gpus": c.declared_gpus, "ok": c.ok, "n_plus_1": c.n_plus_1}
+        if pick(x) != pick(y):
+            capacity_changes.append({"model": key[0], "region": key[1], "before": pick(x), "after": pick(y)})
+    pa_cost, pb_cost = dict(old.costs.providers), dict(new.costs.providers)
+    providers = {k: round(pb_cost.get(k, 0.0) - pa_cost.get(k, 0.0), 2)
+                 for k in sorted(set(pa_cost) | set(pb_cost)) if pb_cost.get(k, 0.0) != pa_cost.get(k, 0.0)}
+    return {
+        "leases": {"added": [asdict(b[n]) for n in sorted(set(b) - set(a))],
+                   "removed": [asdict(a[n]) for n in sorted(set(a) - set(b))],
+                   "changed": changed},
+        "routing": routing,
+        "mesh": mesh,
+        "capacity": capacity_changes,
+        "cost": {"monthly_before": old.costs.monthly_total, "monthly_after": new.costs.monthly_total,
+                 "monthly_delta": round(new.costs.monthly_total - old.costs.monthly_total, 2),
+                 "providers": providers},
+    }
