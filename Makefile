@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STACK   ?= local
 STAMP   := $(VENV)/.installed
 
-.PHONY: install up test test-mesh lint clean bench
+.PHONY: install up test test-mesh system-deps lint clean bench
 
 install: $(STAMP)
 
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml requirements.lock
 up: install
 	$(BIN)/infermesh up --stack $(STACK)
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# The mesh tests alone: hosts as network namespaces, sshd, WireGuard (wireguard-go), real playbooks.
+test-mesh: install system-deps
+	INFERMESH_MESH_TESTS=1 $(BIN)/python -m pytest -q -m mesh
+
+# System packages the mesh tests and bootstrap need (sshd, wireguard-go, wg, iptables); a no-op when present.
+system-deps:
+	bash scripts/install-system-deps.sh
 
 lint: install
 	$(BIN)/python -m ruff check fleet gateway engines tests
