@@ -2,6 +2,11 @@
 
 Starts every local pool's workers (the `sim` simulator or llama.cpp), writes the routing
 config, starts the gateway, and stops all of them (by the PIDs it started) on exit.
+
+With ``gateway.replicas`` > 1 (stacks/Pulumi.local-ha.yaml) it starts that many gateway
+processes, ``gateway-0``..., on shared state (Redis limits, PostgreSQL ledger and keys): each
+listens on its own port (``replica_ports``) and all on the stack's gateway port with
+SO_REUSEPORT, the kernel being the load balancer (see gateway/__main__.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.routing import local_endpoints, routing_config
+from fleet.routing import canary_pool, local_endpoints, routing_config
 from fleet.spec import ROOT, Spec
 
 LOCAL_KINDS = ("sim", "llamacpp")
@@ -34,6 +39,7 @@ class LocalStack:
     host: str = "127.0.0.1"
     gateway_port: int | None = None
     stacks_dir: Path | None = None          # where Pulumi.<stack>.yaml lives, if not stacks/
+    replica_ports: list[int] | None = None  # each replica's own port (default: the gateway port + 1 + i)
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     @property
@@ -44,7 +50,21 @@ class LocalStack:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
+    @property
+    def replicas(self) -> int:
+        return self.spec.gateway.replicas
+
+    def replica_port(self, i: int) -> int:
+        return self.replica_ports[i] if self.replica_ports else self.port + 1 + i
+
+    def replica_url(self, i: int) -> str:
+        return f"http://{self.host}:{self.replica_port(i)}/v1"
+
     def check(self) -> None:
+        state = self.spec.gateway.state
+        if self.replicas > 1 and (state.limits != "redis" or state.ledger != "postgres"):
+            raise LocalStackError(f"stack {self.spec.stack} runs {self.replicas} gateway replicas: they need shared "
+                                  f"state (gateway.state: limits: redis, ledger: postgres)")
         remote = sorted({p.provider for p in self.spec.pools
                          if self.spec.provider(p.provider).kind not in LOCAL_KINDS and p.role != "drained"})
         if remote:
@@ -54,8 +74,11 @@ class LocalStack:
     def worker_commands(self) -> list[tuple[str, int, list[str]]]:
         out = []
         ports = local_endpoints(self.spec)
-        for pool in self.spec.pools:
+        canary = canary_pool(self.spec)        # a canary block runs one more worker, like its base pool
+        for pool in [*self.spec.pools, *([canary] if canary is not None else [])]:
             kind = self.spec.provider(pool.provider).kind
+            if kind not in LOCAL_KINDS:
+                continue
             for i in range(pool.replicas):
                 port = ports[(pool.name, i)]
                 if kind == "sim":
@@ -96,21 +119,53 @@ class LocalStack:
         self.check()
         self.state.mkdir(parents=True, exist_ok=True)
         workers = self.worker_commands()
-        routing = self.write_routing()
+        self.write_routing()
         try:
             for name, _, cmd in workers:
                 self._spawn(name, cmd)
             for name, port, _ in workers:
                 self._wait(f"http://{self.host}:{port}/health", name, timeout)
-            env_stack = ["--stack", self.spec.stack, "--routing", str(routing), "--host", self.host,
-                         "--port", str(self.port), "--state-dir", str(self.state)]
-            if self.stacks_dir is not None:
-                env_stack += ["--stacks-dir", str(self.stacks_dir)]
-            self._spawn("gateway", [sys.executable, "-m", "gateway", *env_stack])
-            self._wait(f"http://{self.host}:{self.port}/health", "gateway", timeout)
+            if self.spec.gateway.state.ledger == "postgres":
+                self._ensure_database()
+            if self.replicas == 1:
+                self._spawn("gateway", self.gateway_command())
+                self._wait(f"http://{self.host}:{self.port}/health", "gateway", timeout)
+            else:
+                for i in range(self.replicas):
+                    self.start_replica(i, wait=False)
+                for i in range(self.replicas):
+                    self._wait(f"http://{self.host}:{self.replica_port(i)}/health", f"gateway-{i}", timeout)
         except BaseException:
             self.stop()
             raise
+
+    def gateway_command(self, replica: int | None = None) -> list[str]:
+        cmd = [sys.executable, "-m", "gateway", "--stack", self.spec.stack, "--routing",
+               str(self.state / "routing.json"), "--host", self.host, "--state-dir", str(self.state)]
+        if self.stacks_dir is not None:
+            cmd += ["--stacks-dir", str(self.stacks_dir)]
+        if replica is None:
+            return cmd + ["--port", str(self.port)]
+        return cmd + ["--port", str(self.replica_port(replica)), "--shared-port", str(self.port),
+                      "--instance", f"gw-{replica}"]
+
+    def start_replica(self, i: int, wait: bool = True, timeout: float = 30.0) -> None:
+        """(Re)start gateway replica i on its state (after a crash, it ships what its spool holds)."""
+        name = f"gateway-{i}"
+        self.procs = [(n, p) for n, p in self.procs if n != name or p.poll() is None]
+        self._spawn(name, self.gateway_command(i))
+        if wait:
+            self._wait(f"http://{self.host}:{self.replica_port(i)}/health", name, timeout)
+
+    def _ensure_database(self) -> None:
+        from gateway.state.migrate import ensure_database, migrate
+        dsn = self.spec.gateway.state.postgres_dsn
+        try:
+            ensure_database(dsn)
+            migrate(dsn)
+        except Exception as e:
+            raise LocalStackError(f"PostgreSQL for stack {self.spec.stack} is not usable "
+                                  f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
     def _wait(self, url: str, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -130,14 +185,18 @@ class LocalStack:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process we started (gateway first, so it drains), then SIGKILL stragglers."""
-        for name, proc in sorted(self.procs, key=lambda np: np[0] != "gateway"):
+        gateways = [p for n, p in self.procs if n.startswith("gateway")]
+        for proc in gateways:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                if name == "gateway":
-                    try:
-                        proc.wait(grace)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+        for proc in gateways:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for name, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc in self.procs:
             try:
@@ -146,6 +205,11 @@ class LocalStack:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+    def apply(self, new_spec: Spec, log=print) -> list[str]:
+        """Follow a changed stack file without dropping a request (fleet/local_apply.py)."""
+        from fleet.local_apply import apply
+        return apply(self, new_spec, log)
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]

@@ -15,11 +15,47 @@ from fleet.spec import Pool, Spec
 EndpointRule = Callable[[Pool, int], str]   # (pool, replica index) -> base URL of the worker
 
 
+def canary_pool(spec: Spec) -> Pool | None:
+    """The canary block as a pool: one replica like its base pool, with the new image (and, on
+    sim pools, the new build's knobs), named ``<base>-canary``."""
+    if spec.canary is None:
+        return None
+    base = spec.pool(spec.canary.pool)
+    return base.model_copy(update={"name": f"{base.name}-canary", "replicas": 1, "role": "canary",
+                                   "image": spec.canary.image, "sim": spec.canary.sim or base.sim})
+
+
+def canary_share(spec: Spec) -> tuple[float, float]:
+    """(share of the model's traffic for the canary, base pool's new weight).
+
+    The canary block's weight is a percent of *its base pool's* traffic. The gateway's router
+    draws the canary's share from the whole model first, so the share is weight% x the base
+    pool's share of the model's primary weight, and the base pool's weight shrinks by the same
+    factor: the canary then takes weight% of the base pool's traffic and the other pools keep
+    exactly what they had. (A base pool that is not an active primary gives the canary nothing.)
+    """
+    assert spec.canary is not None
+    base = spec.pool(spec.canary.pool)
+    a = spec.canary.weight / 100.0
+
+    def active(p: Pool) -> bool:
+        prov = spec.provider(p.provider)
+        return (p.role == "primary" and not prov.drained and prov.role != "overflow"
+                and p.weight > 0 and (prov.kind == "openai" or p.replicas > 0))
+
+    total = sum(p.weight for p in spec.pools if p.model == base.model and active(p))
+    if not active(base) or total <= 0:
+        return 0.0, base.weight
+    return a * base.weight / total, base.weight * (1 - a)
+
+
 def local_endpoints(spec: Spec) -> dict[tuple[str, int], int]:
-    """Loopback ports of local (sim / llamacpp) workers, in declaration order from local_port_base."""
+    """Loopback ports of local (sim / llamacpp) workers, in declaration order from local_port_base.
+    A canary's worker comes after all pools, so starting or ending one moves no other port."""
     ports: dict[tuple[str, int], int] = {}
     port = spec.local_port_base
-    for pool in spec.pools:
+    canary = canary_pool(spec)
+    for pool in [*spec.pools, *([canary] if canary is not None else [])]:
         if spec.provider(pool.provider).kind not in ("sim", "llamacpp"):
             continue
         for i in range(pool.replicas):
@@ -52,12 +88,16 @@ def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
             "role": role, "weight": 0.0 if role == "drained" else pool.weight,
             "endpoints": endpoints,
         })
-    if spec.canary is not None:
+    canary = canary_pool(spec)
+    if spec.canary is not None and canary is not None:
         base = spec.pool(spec.canary.pool)
-        name = f"{base.name}-canary"
+        share, base_weight = canary_share(spec)
+        for entry in models[base.model]["pools"]:
+            if entry["name"] == base.name and entry["role"] == "primary":
+                entry["weight"] = base_weight
         models[base.model]["pools"].append({
-            "name": name, "provider": base.provider, "region": base.region, "role": "canary",
-            "weight": spec.canary.weight / 100.0, "base_pool": base.name, "image": spec.canary.image,
-            "endpoints": [{"id": f"{name}/0", "url": endpoint(base.model_copy(update={"name": name}), 0)}],
+            "name": canary.name, "provider": base.provider, "region": base.region, "role": "canary",
+            "weight": share, "base_pool": base.name, "image": spec.canary.image,
+            "endpoints": [{"id": f"{canary.name}/0", "url": endpoint(canary, 0)}],
         })
     return {"stack": spec.stack, "models": list(models.values())}

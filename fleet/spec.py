@@ -166,8 +166,11 @@ class Tier(_Strict):
     models: list[Name] = Field(min_length=1)
     rpm: PosInt
     tpm: PosInt
+    key_rpm: PosInt | None = None              # per API key, inside the tenant's rpm/tpm (None: tenant only)
+    key_tpm: PosInt | None = None
     max_prompt_tokens: PosInt = 8192
     max_output_tokens: PosInt = 1024
+    degraded_max_output_tokens: PosInt | None = None   # max_tokens cap while an SLO is at risk (gateway/risk.py)
     priority: NonNegInt = 0                    # shed lowest first under overload
     allow_fallback: bool = False
     limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
@@ -251,6 +254,7 @@ class Canary(_Strict):
     pool: Name
     image: str
     weight: Annotated[float, Field(gt=0, le=50)] = 5         # percent of the pool's traffic
+    sim: SimKnobs | None = None                # sim pools: how the new build behaves (default: the pool's knobs)
 
 
 class Planning(_Strict):

@@ -1,12 +1,19 @@
 """Run the gateway: `python -m gateway --stack S --routing FILE [--host H --port P --state-dir DIR]`.
 
 On SIGTERM uvicorn stops accepting, lets in-flight requests and streams finish for up to
-the stack's drain timeout, then exits.
+the stack's drain timeout, runs the app's shutdown, then exits with status 0 (uvicorn re-raises
+the signal once drained; the handler installed here turns that into a clean exit).
+
+Replicas on one machine (`infermesh up --stack local-ha`): each runs with its own ``--instance``
+and ``--port``, and all also listen on ``--shared-port`` with SO_REUSEPORT, where the kernel
+spreads incoming connections over the live replicas (a dead one's socket leaves the group).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--instance", default=None, help="this replica's name (its ledger spool: STATE_DIR/instances/NAME)")
+    p.add_argument("--shared-port", type=int, default=None,
+                   help="also listen here with SO_REUSEPORT, shared with the other replicas")
     args = p.parse_args(argv)
     logsafe.setup(args.log_level.upper())
     try:
@@ -39,11 +49,33 @@ def main(argv: list[str] | None = None) -> int:
     if not routing.exists():
         print(f"gateway: no routing config at {routing} (infermesh up writes it)", file=sys.stderr)
         return 2
-    app = create_app(Settings(spec=spec, routing_path=routing, state_dir=sdir))
-    uvicorn.run(app, host=args.host, port=args.port or spec.gateway.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s), loop="uvloop", http="httptools",
-                server_header=False)
+    app = create_app(Settings(spec=spec, routing_path=routing, state_dir=sdir, instance=args.instance))
+    port = args.port or spec.gateway.port
+    signal.signal(signal.SIGTERM, _drained)     # uvicorn's own handler replaces it while serving
+    options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
+                   loop="uvloop", http="httptools", server_header=False)
+    if args.shared_port is None:
+        uvicorn.run(app, host=args.host, port=port, **options)
+        return 0
+    sockets = [_listen(args.host, port, reuse_port=False), _listen(args.host, args.shared_port, reuse_port=True)]
+    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=sockets)
     return 0
+
+
+def _drained(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

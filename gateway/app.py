@@ -25,19 +25,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fleet.spec import Spec, Tier
-from gateway import admission, slo
+from gateway import admission, sli, slo
 from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
-from gateway.ledger import query as ledger_query
-from gateway.limits import LocalLimiter
 from gateway.metrics import Metrics
 from gateway.proxy import Call
+from gateway.probes import Prober, limits_for
+from gateway.risk import RiskWindow
 from gateway.router import Router
+from gateway.state import State
 
 log = logging.getLogger("infermesh.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
+DRAIN_LIMIT = 16 * 1024 * 1024  # bodies above the limit but below this are read before the 413
 MODELS_CREATED = 1_700_000_000   # a fixed `created` for /v1/models: the catalogue is declared, not trained
 
 
@@ -47,6 +49,7 @@ class Settings:
     routing_path: Path
     state_dir: Path
     admin_token: str | None = None
+    instance: str | None = None        # this replica's name when several share the state dir
 
 
 class Gateway:
@@ -56,12 +59,20 @@ class Gateway:
         self.settings = settings
         self.spec = settings.spec
         self.tiers: dict[str, Tier] = {t.name: t for t in self.spec.tiers}
-        self.keys = KeyStore(settings.state_dir / "keys.db")
-        self.ledger = Ledger(settings.state_dir / "ledger.db")
-        self.limiter = LocalLimiter()
+        self.state = State(self.spec, settings.state_dir, settings.instance)   # embedded or shared (gateway/state)
+        self.keys: KeyStore = self.state.keys
+        self.ledger: Ledger = self.state.ledger
+        self.limiter = self.state.limiter
+        self._settling: set[asyncio.Task] = set()
         self.metrics = Metrics()
+        self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
         self.router.on_eject = self._ejected
+        # TTFT above which a streamed answer may count as slow (outlier detection, gateway/router.py)
+        self.router.slow_s = {m.id: limits_for(self.spec, m.id).ttft_s for m in self.spec.models}
+        self.prober = Prober(self)           # synthetic probes per pool (gateway/probes.py)
+        self.probe_log = self.prober.log     # per-pool probe pass counts for /admin/sli
+        self.risk = RiskWindow()             # SLO at risk -> max_tokens capped (gateway/risk.py)
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
         self.in_flight = 0
@@ -74,10 +85,11 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",))
+        await self.state.start(self.metrics.registry)
         await self.router.check_all(self.session)
         self._update_health_gauges()
         self._tasks = [asyncio.create_task(c) for c in
-                       (self._health_loop(), self._watch_routing(), self._purge_loop())]
+                       (self._health_loop(), self._watch_routing(), self._purge_loop(), self.prober.run())]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -86,6 +98,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.session.close()
+        await self.state.stop()
         self.ledger.close()
 
     # ---- routing config -----------------------------------------------------------------------
@@ -140,6 +153,7 @@ class Gateway:
     def _ejected(self, ep) -> None:
         p = ep.pool
         self.metrics.ejections.labels(p.model, p.name, p.provider, p.region).inc()
+        self._update_health_gauges()
 
     def upstream_headers(self, ep) -> dict[str, str]:
         return {"content-type": _JSON}
@@ -148,12 +162,33 @@ class Gateway:
     def finish(self, call: Call) -> None:
         rec = call.rec
         self.ledger.record(rec)
-        self.limiter.settle(rec.tenant, call.adm.prompt_tokens_estimate + call.adm.max_output,
-                            rec.prompt_tokens + rec.completion_tokens)
+        self.settle(call, rec.prompt_tokens + rec.completion_tokens)
         self._count(rec)
+
+    def settle(self, call: Call, actual: int) -> None:
+        """Correct the limiter's up-front token charge, off the response's path."""
+        adm = call.adm
+        task = asyncio.ensure_future(self.limiter.settle(adm.principal.tenant, adm.principal.key_id,
+                                                         adm.prompt_tokens_estimate + adm.max_output, actual))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
+                headers: dict[str, str]) -> int:
+        """Cap max_tokens at the tier's degraded limit while its SLO is at risk (gateway/risk.py)."""
+        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+        cap = tier.degraded_max_output_tokens
+        if payload[field] <= cap:
+            return max_output
+        payload[field] = cap
+        headers["x-infermesh-degraded"] = "max_tokens"
+        self.metrics.degraded.labels(model, tier.name).inc()
+        return cap * (payload.get("n") or 1)
 
     def _count(self, rec: UsageRecord) -> None:
         m = self.metrics
+        if rec.requested_model and (rec.status == 200 or rec.status >= 500):
+            self.risk.observe(rec.requested_model, rec.ttft_ms if rec.status == 200 else None, rec.status >= 500)
         m.requests.labels(rec.route, f"{rec.status // 100}xx", rec.requested_model, rec.pool or "",
                           rec.provider or "", rec.region or "", rec.tier).inc()
         if rec.status == 200:
@@ -186,16 +221,22 @@ class Gateway:
         return principal
 
     async def read_body(self, request: Request) -> bytes:
+        """The body, up to the stack's limit. A larger body is read to its end (up to
+        DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
         limit = self.spec.gateway.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
+            raise too_large
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-            chunks.append(chunk)
+            if size > DRAIN_LIMIT:
+                raise too_large
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise too_large
         return b"".join(chunks)
 
     def tier_of(self, principal: Principal) -> Tier:
@@ -251,12 +292,17 @@ class Gateway:
                     f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
                     param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
             stream, include_usage, max_output = admission.check_common(payload, tier)
+            if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
+                max_output = self.degrade(payload, tier, model, max_output, headers)
             if stream:
                 payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             rec.stream = stream
             self.shed(tier)
-            decision = self.limiter.admit(principal.tenant, tier.rpm, tier.tpm, est + max_output)
+            decision = await self.limiter.admit(principal.tenant, principal.key_id, tier, est + max_output)
             headers.update(decision.headers)
+            if decision.unavailable:
+                raise ApiError(503, "Rate limits for your plan are briefly unavailable. Please retry shortly.",
+                               code="limits_unavailable", headers=decision.headers)
             if not decision.allowed:
                 self.metrics.rate_limited.labels(tier.name).inc()
                 raise ApiError(429, f"Rate limit reached for {decision.reason} on your plan. "
@@ -270,7 +316,7 @@ class Gateway:
             rec.ttlt_ms = (time.perf_counter() - started) * 1000
             self.ledger.record(rec)
             if call is not None:
-                self.limiter.settle(principal.tenant, call.adm.prompt_tokens_estimate + call.adm.max_output, 0)
+                self.settle(call, 0)
             self._count(rec)
             e.headers = headers | e.headers
             return e.response(rid)
@@ -373,7 +419,11 @@ def create_app(settings: Settings) -> FastAPI:
             admin(request)
         except ApiError as e:
             return e.response()
-        return Response(orjson.dumps({"version": gw.router.version, "pools": gw.router.status()}), media_type=_JSON)
+        pools = gw.router.status()
+        probes = gw.prober.status()
+        for p in pools:
+            p["probes"] = probes.get(p["pool"])
+        return Response(orjson.dumps({"version": gw.router.version, "pools": pools}), media_type=_JSON)
 
     @app.get("/admin/slo")
     async def admin_slo(request: Request) -> Response:
@@ -382,8 +432,27 @@ def create_app(settings: Settings) -> FastAPI:
         except ApiError as e:
             return e.response()
         hours = float(request.query_params.get("hours", 24 * 30))
-        rows = ledger_query(gw.ledger.path, since=time.time() - hours * 3600)
+        rows = await gw.state.usage_rows(since=time.time() - hours * 3600)
         return Response(orjson.dumps(slo.report(rows, gw.spec)), media_type=_JSON)
+
+    @app.get("/admin/sli")
+    async def admin_sli(request: Request) -> Response:
+        try:
+            admin(request)
+            try:
+                since = request.query_params.get("since")       # epoch seconds: from then on
+                window = time.time() - float(since) if since else float(request.query_params.get("window", 600))
+            except ValueError:
+                window = -1.0
+            if not 0 < window <= 31 * 86400:
+                raise ApiError(400, "window: seconds, more than 0 and at most 2678400; since: a past epoch time.",
+                               code="invalid_window", param="window")
+        except ApiError as e:
+            return e.response()
+        now = time.time()
+        rows = await gw.state.usage_rows(since=now - window)
+        return Response(orjson.dumps(sli.report(rows, gw.attempts, window, now, getattr(gw, "probe_log", None))),
+                        media_type=_JSON)
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request) -> Response:

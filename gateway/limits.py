@@ -1,17 +1,25 @@
-"""In-process rate limits per tenant: requests and tokens per minute, as token buckets.
+"""Rate limits per tenant and per key: requests and tokens per minute, as token buckets.
 
 A bucket holds up to one minute's allowance and refills continuously. Tokens are charged
 up front with an estimate (prompt estimate + max_tokens, as OpenAI does) and corrected once
 the upstream's ``usage`` is known, so long completions count what they really produced.
-The headers follow OpenAI's: x-ratelimit-{limit,remaining,reset}-{requests,tokens}.
-The shared (Redis) limiter of several replicas keeps the same interface.
+The headers follow OpenAI's: x-ratelimit-{limit,remaining,reset}-{requests,tokens}; where a
+key has its own limits (Tier.key_rpm / key_tpm) the headers show the tighter of key and tenant.
+
+Two implementations with one async interface (``admit``, ``settle``): :class:`LocalLimiter`
+(in-process, one replica) and ``gateway.state.redis_limits.RedisLimiter`` (shared by replicas,
+one atomic Lua round trip per request). Both take every bucket of a request or none.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.spec import Tier
 
 
 @dataclass(slots=True)
@@ -21,7 +29,7 @@ class Bucket:
     stamp: float
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.capacity / 60.0)
+        self.level = min(self.capacity, self.level + max(0.0, now - self.stamp) * self.capacity / 60.0)
         self.stamp = now
 
     def seconds_until(self, amount: float) -> float:
@@ -35,13 +43,63 @@ class Decision:
     headers: dict[str, str]
     retry_after: float = 0.0
     reason: str = ""
+    unavailable: bool = False     # shared limits unreachable and the tier fails closed
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The buckets one request touches: (scope, capacity) pairs for requests and for tokens."""
+
+    requests: tuple[tuple[str, int], ...]
+    tokens: tuple[tuple[str, int], ...]
+    want: int = field(default=0)
+
+
+def plan(tenant: str, key_id: str, tier: Tier, tokens: int) -> Plan:
+    req = [("t:" + tenant, tier.rpm)]
+    tok = [("t:" + tenant, tier.tpm)]
+    if getattr(tier, "key_rpm", None):
+        req.append(("k:" + key_id, tier.key_rpm))
+    if getattr(tier, "key_tpm", None):
+        tok.append(("k:" + key_id, tier.key_tpm))
+    return Plan(tuple(req), tuple(tok), tokens)
 
 
 def _fmt(seconds: float) -> str:
     return f"{seconds:.3f}s" if seconds < 60 else f"{seconds / 60:.1f}m"
 
 
+def decide(p: Plan, req: list[tuple[float, float]], tok: list[tuple[float, float]], allowed: bool) -> Decision:
+    """Headers and verdict from each bucket's (level after the take, wait) — shared by both limiters,
+    so they answer alike. The headers show the tightest bucket of each kind."""
+    def tightest(caps, states):
+        i = min(range(len(states)), key=lambda j: (math.floor(states[j][0]), j))
+        cap, level = caps[i][1], states[i][0]
+        return cap, level, max(0.0, (cap - level) * 60.0 / cap)
+
+    rcap, rlevel, rreset = tightest(p.requests, req)
+    tcap, tlevel, treset = tightest(p.tokens, tok)
+    headers = {
+        "x-ratelimit-limit-requests": str(rcap),
+        "x-ratelimit-remaining-requests": str(max(0, math.floor(rlevel))),
+        "x-ratelimit-reset-requests": _fmt(rreset),
+        "x-ratelimit-limit-tokens": str(tcap),
+        "x-ratelimit-remaining-tokens": str(max(0, math.floor(tlevel))),
+        "x-ratelimit-reset-tokens": _fmt(treset),
+    }
+    if allowed:
+        return Decision(True, headers)
+    wait_req = max(w for _, w in req)
+    wait_tok = max(w for _, w in tok)
+    retry = max(wait_req, wait_tok)
+    headers["retry-after"] = str(max(1, math.ceil(retry)))
+    reason = "requests per minute" if wait_req >= wait_tok else "tokens per minute"
+    return Decision(False, headers, retry, reason)
+
+
 class LocalLimiter:
+    """In-process buckets: exact for one replica; per-process (so N x the limit) across N."""
+
     def __init__(self) -> None:
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
@@ -56,33 +114,39 @@ class LocalLimiter:
         b.refill(now)
         return b
 
-    def admit(self, key: str, rpm: int, tpm: int, tokens: int) -> Decision:
+    def admit_now(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
+        p = plan(tenant, key_id, tier, tokens)
         now = time.monotonic()
-        req = self._bucket(self._requests, key, rpm, now)
-        tok = self._bucket(self._tokens, key, tpm, now)
-        tokens = min(tokens, tpm)             # a request larger than a minute's allowance waits a full minute
-        wait_req, wait_tok = req.seconds_until(1), tok.seconds_until(tokens)
-        allowed = wait_req == 0 and wait_tok == 0
+        reqs = [self._bucket(self._requests, k, cap, now) for k, cap in p.requests]
+        toks = [self._bucket(self._tokens, k, cap, now) for k, cap in p.tokens]
+        # a request larger than a minute's allowance waits a full minute
+        req_waits = [b.seconds_until(1) for b in reqs]
+        tok_takes = [min(tokens, b.capacity) for b in toks]
+        tok_waits = [b.seconds_until(t) for b, t in zip(toks, tok_takes)]
+        allowed = not any(req_waits) and not any(tok_waits)
         if allowed:
-            req.level -= 1
-            tok.level -= tokens
-        headers = {
-            "x-ratelimit-limit-requests": str(rpm),
-            "x-ratelimit-remaining-requests": str(max(0, math.floor(req.level))),
-            "x-ratelimit-reset-requests": _fmt(req.seconds_until(req.capacity)),
-            "x-ratelimit-limit-tokens": str(tpm),
-            "x-ratelimit-remaining-tokens": str(max(0, math.floor(tok.level))),
-            "x-ratelimit-reset-tokens": _fmt(tok.seconds_until(tok.capacity)),
-        }
-        if allowed:
-            return Decision(True, headers)
-        retry = max(wait_req, wait_tok)
-        headers["retry-after"] = str(max(1, math.ceil(retry)))
-        reason = "requests per minute" if wait_req >= wait_tok else "tokens per minute"
-        return Decision(False, headers, retry, reason)
+            for b in reqs:
+                b.level -= 1
+            for b, t in zip(toks, tok_takes):
+                b.level -= t
+        return decide(p, [(b.level, w) for b, w in zip(reqs, req_waits)],
+                      [(b.level, w) for b, w in zip(toks, tok_waits)], allowed)
 
-    def settle(self, key: str, charged: int, actual: int) -> None:
+    def settle_now(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
+        for k in ("t:" + tenant, "k:" + key_id):
+            b = self._tokens.get(k)
+            if b is not None:
+                b.level = min(b.capacity, b.level + charged - actual)
+
+    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
+        return self.admit_now(tenant, key_id, tier, tokens)
+
+    async def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
         """Correct the up-front token charge with what the request really used."""
-        b = self._tokens.get(key)
-        if b is not None:
-            b.level = min(b.capacity, b.level + charged - actual)
+        self.settle_now(tenant, key_id, charged, actual)
+
+    async def start(self, metrics=None) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass

@@ -32,3 +32,9 @@ class Metrics:
         self.in_flight = Gauge("infermesh_in_flight", "Requests in flight", registry=r)
         self.probes = Counter("infermesh_probes", "Synthetic probes by result", ("model", "pool", "result"),
                               registry=r)
+        self.probe_ttft = Histogram("infermesh_probe_ttft_seconds", "Synthetic probes' time to first token",
+                                    ("model", "pool"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.probe_pass_rate = Gauge("infermesh_probe_pass_rate", "Share of passed synthetic probes per pool "
+                                     "over the last 10 minutes", ("model", "pool"), registry=r)
+        self.degraded = Counter("infermesh_degraded", "Requests whose max_tokens was capped while an SLO was "
+                                "at risk", ("model", "tier"), registry=r)

@@ -90,6 +90,7 @@ class Call:
                 exclude.add(ep)
                 gw.router.failure(ep)
                 pool = ep.pool
+                gw.attempts.failed(pool.name, f.error_class)     # per-pool SLIs (gateway/sli.py)
                 gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                                   f.error_class).inc()
 
@@ -98,7 +99,8 @@ class Call:
 
     def _exhausted(self, error_class: str) -> ApiError:
         retry = {"retry-after": "5"}
-        if not error_class:
+        if not error_class or error_class == "connect":
+            # nothing to route to, or nothing that was tried took the connection: no capacity
             return ApiError(503, "The model has no healthy capacity right now. Please retry shortly.",
                             code="no_capacity", headers=retry)
         if error_class == "timeout":
@@ -115,6 +117,7 @@ class Call:
         ep.outstanding += 1
         released = False
         resp = None
+        sent = time.perf_counter()
         try:
             try:
                 if adm.stream:
@@ -133,6 +136,7 @@ class Call:
                     first = await _next_event(resp)
                     if first is None:
                         raise UpstreamFailure("reset")
+                    slow = gw.router.observe_ttft(ep, time.perf_counter() - sent)
             except TimeoutError:
                 raise UpstreamFailure("timeout") from None
             except aiohttp.ClientConnectorError:
@@ -140,7 +144,7 @@ class Call:
             except (aiohttp.ClientError, ConnectionError, OSError):
                 raise UpstreamFailure("reset") from None
             released = True     # the stream owns the endpoint's slot from here on
-            return self._stream(ep, resp, first)
+            return self._stream(ep, resp, first, slow)
         finally:
             if not released:
                 ep.outstanding -= 1
@@ -181,13 +185,16 @@ class Call:
         self.gw.finish(self)             # ledger commit before the client sees the body
         return Response(raw, status_code=200, headers=self.headers | _JSON)
 
-    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes) -> Response:
+    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes, slow: bool) -> Response:
         self.headers["cache-control"] = "no-cache"
         self.streaming = True
-        return StreamingResponse(self._relay(ep, resp, first), status_code=200, headers=self.headers,
+        return StreamingResponse(self._relay(ep, resp, first, slow), status_code=200, headers=self.headers,
                                  media_type="text/event-stream")
 
-    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes,
+                     slow: bool = False) -> AsyncIterator[bytes]:
+        """Relay a started stream. ``slow``: its TTFT made it an outlier (router.observe_ttft), so
+        the endpoint gets a failure instead of a success at the end, though the client is served."""
         gw, rec, adm = self.gw, self.rec, self.adm
         rec.ttft_ms = (time.perf_counter() - self.started) * 1000
         keep = gw.debug_logging(adm.principal)
@@ -199,7 +206,13 @@ class Call:
                 if event == DONE:
                     rec.status = 200
                     rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-                    gw.router.success(ep)
+                    if slow:
+                        gw.router.failure(ep)
+                        pool = ep.pool
+                        gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                                          "slow_ttft").inc()
+                    else:
+                        gw.router.success(ep)
                     if keep:
                         gw.keep_debug_log(self, _stream_text(text))
                     gw.finish(self)            # ledger commit before [DONE] reaches the client

@@ -4,21 +4,43 @@ Pool roles: `primary` pools share traffic by weight; a `canary` pool takes its w
 share of the model's traffic; `standby` pools take traffic only when no primary endpoint is
 available; `drained` pools take none (in-flight requests finish).
 
-Endpoint choice inside the active pools is *weighted power-of-two-choices*: draw two
-endpoints with probability proportional to their weight, keep the one with the lower load
-score. At low load that follows the weights; under load it steers away from busy workers.
-The load score is outstanding requests through this gateway plus, where the worker's vLLM
-``/metrics`` is readable, its queue (``vllm:num_requests_waiting``) and a penalty when its KV
-cache is nearly full (``vllm:gpu_cache_usage_perc`` / ``vllm:kv_cache_usage_perc``). Those two
-are the signals that predict TTFT on vLLM: a waiting request has not started prefill, and a
-full KV cache means preemption. Multi-turn chats carry an affinity key (the conversation's
-prefix): rendezvous hashing keeps them on one worker while it is available and not
-overloaded, so vLLM's prefix cache stays warm.
+Choice, so that declared weights hold at any load:
 
-Health: active checks (``/health`` and ``/metrics`` every few seconds) and passive outlier
-detection (consecutive failures eject an endpoint for 5 s, doubling per ejection up to 5 min;
-at most half of a pool's endpoints are ejected at once; an ejected endpoint returns only
-after its ejection time passed *and* a later active check passed).
+1. *Pool*: drawn at random in proportion to the weights of the pools of the active role that
+   have an available endpoint (a pool with none drops out and the others share its weight).
+2. *Endpoint* inside the pool: power-of-two-choices on the load score, the lower wins. The
+   score is outstanding requests through this gateway plus, where the worker's vLLM
+   ``/metrics`` is readable, its queue (``vllm:num_requests_waiting``) and a penalty when its KV
+   cache is nearly full (``vllm:gpu_cache_usage_perc`` / ``vllm:kv_cache_usage_perc``). Those
+   two are the signals that predict TTFT on vLLM: a waiting request has not started prefill,
+   and a full KV cache means preemption.
+3. *Spill-over*: when the endpoint so chosen is saturated (requests waiting or KV cache over
+   90%), a second pool is drawn and the less loaded of the two endpoints wins, so an overloaded
+   pool sheds to the others only while it queues.
+
+Multi-turn chats carry an affinity key (the conversation's prefix): rendezvous hashing keeps
+them on one worker while it is available and not overloaded, so vLLM's prefix cache stays warm.
+
+Health:
+
+- Active checks: ``/health`` and ``/metrics`` of every endpoint every ``health_interval_s``.
+  A failing check takes the endpoint out at once; it returns at the next passing check.
+- Passive outlier detection: ``EJECT_AFTER_FAILURES`` (3) consecutive failures eject an
+  endpoint for 5 s, doubling with each ejection up to 5 min (a success after its return
+  steps the doubling back by one). A failure is a connect error, a reset, a 5xx or 429, a
+  TTFT or idle timeout, a broken stream, a failed synthetic probe (gateway/probes.py), or a
+  *slow* answer (below). At most half of a pool's endpoints are ejected at once; as in
+  Envoy, one endpoint may always be ejected, so a one-endpoint pool can be ejected whole (the
+  model's other pools, its standby and its fallback carry it). An ejected endpoint returns
+  only after its ejection time passed *and* a later active check passed.
+- TTFT degradation: each streamed answer's TTFT, measured from the start of the upstream
+  attempt (so it is the endpoint's, not the gateway's queueing), is *slow* when it exceeds the
+  model's slow limit (the strictest TTFT SLO, p95, of the tiers that serve the model; set by
+  the app in ``slow_s``) *and* is more than ``SLOW_RELATIVE`` (2) times the median TTFT (an
+  EWMA per endpoint) of the model's other available endpoints. The second condition makes
+  it an *outlier* test: when every endpoint is slow (overload) nothing is ejected, since
+  ejecting would only concentrate the load. A slow answer is still delivered; it counts as one
+  failure. So a pool whose TTFT degrades is ejected after three slow answers or failed probes.
 """
 
 from __future__ import annotations
@@ -41,6 +63,8 @@ EJECT_BASE_S = 5.0
 EJECT_MAX_S = 300.0
 MAX_EJECTED_SHARE = 0.5
 KV_PRESSURE = 0.9
+SLOW_RELATIVE = 2.0               # a slow answer is also this many times the peers' median TTFT
+TTFT_EWMA_ALPHA = 0.5           # fast: when every endpoint slows at once, peers catch up in one answer
 
 
 @dataclass(eq=False)
@@ -56,6 +80,8 @@ class Endpoint:
     ejected_until: float = 0.0
     waiting: float = 0.0              # from the worker's /metrics
     kv_usage: float = 0.0
+    ttft_ewma: float = 0.0            # seconds, streamed answers (attempt start -> first event)
+    slow: int = 0                     # slow answers seen (outlier detection)
 
     def available(self, now: float) -> bool:
         if not self.healthy:
@@ -65,8 +91,11 @@ class Endpoint:
         return now >= self.ejected_until and self.checked_at >= self.ejected_until
 
     def score(self) -> float:
-        penalty = 8.0 if self.kv_usage >= KV_PRESSURE else 0.0
-        return (self.outstanding + self.waiting + penalty + 1.0) / self.pool.endpoint_weight
+        """Load: requests through us, the worker's queue, a penalty when its KV cache is nearly full."""
+        return self.outstanding + self.waiting + (8.0 if self.kv_usage >= KV_PRESSURE else 0.0)
+
+    def saturated(self) -> bool:
+        return self.waiting > 0 or self.kv_usage >= KV_PRESSURE
 
 
 @dataclass(eq=False)
@@ -98,6 +127,7 @@ class Router:
         self.models: dict[str, ModelRoute] = {}
         self.version = 0
         self.on_eject = lambda ep: None   # metrics hooks, set by the app
+        self.slow_s: dict[str, float] = {}  # model -> TTFT above which an answer may be "slow"
         self.apply(config)
 
     # ---- configuration ----------------------------------------------------------------
@@ -133,31 +163,44 @@ class Router:
         if route is None:
             return None
         now = time.monotonic()
-        by_role: dict[str, list[Endpoint]] = {"primary": [], "canary": [], "standby": []}
+        by_role: dict[str, list[tuple[Pool, list[Endpoint]]]] = {"primary": [], "canary": [], "standby": []}
         for pool in route.pools:
-            if pool.role in by_role and pool.weight > 0:
-                by_role[pool.role].extend(
-                    ep for ep in pool.endpoints if ep not in exclude and ep.available(now))
+            groups = by_role.get(pool.role)
+            if groups is None or pool.weight <= 0:
+                continue
+            eps = [ep for ep in pool.endpoints if ep not in exclude and ep.available(now)]
+            if eps:
+                groups.append((pool, eps))
         canary = by_role["canary"]
         if canary and by_role["primary"]:
-            share = sum(ep.pool.endpoint_weight for ep in canary)
-            if self.rng.random() < share:
-                return self._p2c(canary)
-        candidates = by_role["primary"] or canary or by_role["standby"]
-        if not candidates:
+            if self.rng.random() < sum(pool.weight for pool, _ in canary):
+                return self._p2c(self._draw(canary)[1])
+        groups = by_role["primary"] or canary or by_role["standby"]
+        if not groups:
             return None
         if affinity is not None:
+            candidates = [ep for _, eps in groups for ep in eps]
             ep = self._rendezvous(candidates, affinity)
-            if ep.waiting == 0 and ep.kv_usage < KV_PRESSURE and ep.outstanding < 4 * (1 + min(
-                    e.outstanding for e in candidates)):
+            if not ep.saturated() and ep.outstanding < 4 * (1 + min(e.outstanding for e in candidates)):
                 return ep
-        return self._p2c(candidates)
+        pool, eps = self._draw(groups)
+        ep = self._p2c(eps)
+        if ep.saturated() and len(groups) > 1:
+            # the drawn pool queues: draw a second pool and keep the less loaded endpoint
+            other = self._p2c(self._draw([g for g in groups if g[0] is not pool])[1])
+            if other.score() < ep.score():
+                return other
+        return ep
+
+    def _draw(self, groups: list[tuple[Pool, list[Endpoint]]]) -> tuple[Pool, list[Endpoint]]:
+        if len(groups) == 1:
+            return groups[0]
+        return self.rng.choices(groups, weights=[pool.weight for pool, _ in groups])[0]
 
     def _p2c(self, eps: list[Endpoint]) -> Endpoint:
         if len(eps) == 1:
             return eps[0]
-        weights = [ep.pool.endpoint_weight for ep in eps]
-        a, b = self.rng.choices(eps, weights=weights, k=2)
+        a, b = self.rng.sample(eps, 2)
         return a if a.score() <= b.score() else b
 
     @staticmethod
@@ -176,6 +219,23 @@ class Router:
         if ep.ejected_until and ep.available(time.monotonic()):
             ep.ejections = max(0, ep.ejections - 1)
             ep.ejected_until = 0.0
+
+    def observe_ttft(self, ep: Endpoint, seconds: float) -> bool:
+        """Record a streamed answer's TTFT (from the attempt's start). True when it is *slow*: over
+        the model's slow limit and an outlier against the model's other available endpoints."""
+        prev = ep.ttft_ewma
+        ep.ttft_ewma = seconds if prev == 0.0 else prev + TTFT_EWMA_ALPHA * (seconds - prev)
+        limit = self.slow_s.get(ep.pool.model)
+        route = self.models.get(ep.pool.model)
+        if limit is None or seconds <= limit or route is None:
+            return False
+        now = time.monotonic()
+        peers = sorted(e.ttft_ewma for p in route.pools for e in p.endpoints
+                       if e is not ep and e.ttft_ewma > 0 and e.available(now))
+        if peers and seconds <= SLOW_RELATIVE * peers[(len(peers) - 1) // 2]:
+            return False
+        ep.slow += 1
+        return True
 
     def failure(self, ep: Endpoint) -> None:
         ep.failures += 1
@@ -244,6 +304,8 @@ class Router:
                         "id": ep.id, "url": ep.url, "available": ep.available(now), "healthy": ep.healthy,
                         "ejected_for_s": round(max(0.0, ep.ejected_until - now), 1),
                         "outstanding": ep.outstanding, "waiting": ep.waiting, "kv_usage": ep.kv_usage,
+                        "ejections": ep.ejections, "consecutive_failures": ep.failures,
+                        "ttft_ewma_ms": round(ep.ttft_ewma * 1000, 1), "slow_answers": ep.slow,
                     } for ep in p.endpoints],
                 })
         return out

@@ -4,7 +4,9 @@ Definitions (the SLA addendum's, stated once here and in the README):
 - Requests are grouped into one-minute intervals per tier, model and region.
 - An interval is *good* when it had no 5xx and its p95 TTFT is within the tier's TTFT SLO.
   429s for a tenant over its own limits (code rate_limit_exceeded) and requests the client
-  abandoned (499) do not count against availability; other 4xx are the client's and do not count.
+  abandoned (499) do not count against availability; other 4xx are the client's and do not count,
+  except the gateway's own load shedding (429, code ``overloaded``): that refusal is the
+  service's, so it makes an interval bad like a 5xx.
 - Availability = good intervals / intervals with traffic, per tier.
 - Error budget: the bad share the SLO allows (1 - availability SLO). Burn rate over a window =
   bad share in the window / allowed share (1.0 spends the budget exactly over the period).
@@ -37,13 +39,17 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[rank - 1]
 
 
+def shed(row: dict[str, Any]) -> bool:
+    return row["status"] == 429 and row.get("error") == "overloaded"
+
+
 def counts_against(row: dict[str, Any]) -> bool:
-    return row["status"] >= 500
+    return row["status"] >= 500 or shed(row)
 
 
 def ignored(row: dict[str, Any]) -> bool:
     """Rows that do not take part in availability at all."""
-    return row["status"] == 499 or (400 <= row["status"] < 500)
+    return row["status"] == 499 or (400 <= row["status"] < 500 and not shed(row))
 
 
 def intervals(rows: Iterable[dict[str, Any]], tier: Tier) -> dict[tuple[str, str, int], bool]:
@@ -115,7 +121,8 @@ def report(rows: list[dict[str, Any]], spec: Spec, now: float | None = None) -> 
             "tier": tier.name,
             "slo": tier.slo.model_dump(),
             "requests": len(mine),
-            "requests_5xx": sum(1 for r in mine if counts_against(r)),
+            "requests_5xx": sum(1 for r in mine if r["status"] >= 500),
+            "requests_shed": sum(1 for r in mine if shed(r)),
             "intervals": len(ivs),
             "good_intervals": good,
             "availability": availability,

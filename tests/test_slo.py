@@ -34,6 +34,10 @@ def test_interval_is_bad_on_5xx_or_slow_ttft_and_ignores_own_quota_429s():
     rows += [row(3, status=499)]                                  # client gone: not counted
     t = pro(slo.report(rows, SPEC, now=T0 + 200 * 60))
     assert t["intervals"] == 200 and t["good_intervals"] == 198
+    assert t["requests_5xx"] == 1 and t["requests_shed"] == 0
+    # the gateway's own load shedding is the service's refusal: it makes minute 4 bad
+    shed = pro(slo.report(rows + [row(4, status=429, code="overloaded")], SPEC, now=T0 + 200 * 60))
+    assert shed["good_intervals"] == 197 and shed["requests_shed"] == 1 and shed["requests_5xx"] == 1
     assert t["availability"] == 99.0
     # 0.5 % below 99.5 -> 5 steps of 0.1 % -> 25 %, the cap
     assert t["credit_percent"] == 25.0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from fleet import spec as spec_mod
 from fleet.cli import UserError
 from fleet.paths import state_dir
-from gateway.keys import KeyAdmin
+from gateway.state import key_admin
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tier", help="the tenant's tier (required for a new tenant)")
     ls = ksub.add_parser("list", help="list keys (never the keys themselves)")
     ls.add_argument("--tenant")
-    r = ksub.add_parser("revoke", help="revoke a key by its id; takes effect at once")
+    r = ksub.add_parser("revoke", help="revoke a key by its id; takes effect at once (shared state: on every "
+                                     "replica within 2 s)")
     r.add_argument("key_id")
     d = ksub.add_parser("debug-log", help="opt a tenant in to prompt/completion debug logs for N hours (0: off)")
     d.add_argument("--tenant", required=True)
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for q in (c, ls, r, d):
         q.add_argument("--stack", required=True)
         q.add_argument("--json", action="store_true")
+        q.add_argument("--stacks-dir", type=Path, default=None, help=argparse.SUPPRESS)
         q.set_defaults(func=run)
 
 
@@ -37,8 +40,8 @@ def _info(k) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = spec_mod.load(args.stack)
-    admin = KeyAdmin(state_dir(args.stack) / "keys.db")
+    spec = spec_mod.load(args.stack, args.stacks_dir)
+    admin = key_admin(spec, state_dir(args.stack))   # PostgreSQL with ledger: postgres, else keys.db
     try:
         if args.action == "create":
             tiers = [t.name for t in spec.tiers]

@@ -9,7 +9,8 @@ from fleet import spec as spec_mod
 from fleet.cli import UserError
 from fleet.commands.usage import parse_since
 from fleet.paths import state_dir
-from gateway import ledger, slo
+from gateway import slo
+from gateway.state import usage_rows, uses_postgres
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +30,9 @@ def _ms(v) -> str:
 def run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.stack)
     path = state_dir(args.stack) / "ledger.db"
-    if not path.exists():
+    if not uses_postgres(spec) and not path.exists():
         raise UserError(f"no ledger yet for stack {args.stack} ({path})")
-    rep = slo.report(ledger.query(path, since=parse_since(args.since)), spec)
+    rep = slo.report(usage_rows(spec, state_dir(args.stack), since=parse_since(args.since)), spec)
     if args.json:
         print(json.dumps(rep))
         return 0

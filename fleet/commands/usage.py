@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from fleet import spec as spec_mod
 from fleet.cli import UserError
 from fleet.paths import state_dir
-from gateway import ledger
+from gateway.state import usage_rows, uses_postgres
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,11 +56,11 @@ def totals(rows: list[dict]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec_mod.load(args.stack)
+    spec = spec_mod.load(args.stack)
     path = state_dir(args.stack) / "ledger.db"
-    if not path.exists():
+    if not uses_postgres(spec) and not path.exists():
         raise UserError(f"no ledger yet for stack {args.stack} ({path})")
-    rows = ledger.query(path, args.tenant, parse_since(args.since))
+    rows = usage_rows(spec, state_dir(args.stack), args.tenant, parse_since(args.since))
     out = rows if args.records else totals(rows)
     if args.format == "json":
         print(json.dumps(out, indent=None))

@@ -1,0 +1,289 @@
+"""`infermesh canary start|status|evaluate|promote|rollback`: a new image reaches a pool only through a canary.
+
+Every step that changes the service is an edit of the stack file (stacks/Pulumi.<S>.yaml) and
+nothing else; `pulumi up` (or a running `infermesh up`, which follows its stack file) applies it:
+
+    start     adds the `infermesh:canary:` block: a one-replica copy of POOL running IMAGE, taking
+              WEIGHT percent of POOL's traffic (sim pools: `--sim key=value` sets the new build's knobs)
+    promote   sets POOL's image (and sim knobs) to the canary's and removes the block
+    rollback  removes the block
+
+`status` and `evaluate` read the gateway's per-pool SLIs (``GET /admin/sli``) and compare the
+canary with its base pool (fleet/canary.py has the rules). Both print one line, or JSON with
+``--json``, and exit 0 promote, 3 wait, 4 rollback (2: bad input, unreachable gateway).
+`evaluate --apply` also makes the promote or rollback edit; `--follow` evaluates every
+``--interval`` seconds until the decision is not wait or ``--timeout`` passes.
+The admin token comes from ``--admin-token``, ``INFERMESH_ADMIN_TOKEN``, or the stack's state dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from fleet import canary as rules
+from fleet import spec as spec_mod
+from fleet import stackfile
+from fleet.cli import UserError
+from fleet.paths import state_dir
+from fleet.spec import SimKnobs
+
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
+START_COMMENT = "a canary (`infermesh canary start`); end it with `infermesh canary promote|rollback`"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("canary", help="start, evaluate, promote or roll back a canary (edits the stack file)")
+    csub = p.add_subparsers(dest="action", required=True)
+
+    def common(a: argparse.ArgumentParser) -> None:
+        a.add_argument("--stack", required=True)
+        a.add_argument("--stacks-dir", type=Path, default=None, help=argparse.SUPPRESS)
+
+    a = csub.add_parser("start", help="add a canary block: POOL's copy running IMAGE at WEIGHT%% of POOL's traffic")
+    common(a)
+    a.add_argument("--pool", required=True)
+    a.add_argument("--image", required=True, help="the new image, pinned by digest: name@sha256:<64 hex>")
+    a.add_argument("--weight", type=float, default=5.0, help="percent of the pool's traffic, >0 to 50 (default 5)")
+    a.add_argument("--sim", action="append", default=[], metavar="KNOB=VALUE",
+                   help="sim pools only: the new build's behaviour (ttft_ms, itl_ms, output_tokens, error_rate, seed)")
+    a.set_defaults(func=start)
+
+    for action, text in (("status", "compare canary and baseline now"),
+                         ("evaluate", "decide promote / rollback / wait (exit 0 / 4 / 3)")):
+        a = csub.add_parser(action, help=text)
+        common(a)
+        a.add_argument("--gateway", required=True, help="the gateway's base URL (http://host:port)")
+        a.add_argument("--admin-token", default=None, help="default: $INFERMESH_ADMIN_TOKEN or the state dir's")
+        a.add_argument("--window", type=float, default=600.0, help="seconds of SLIs (default 600)")
+        a.add_argument("--json", action="store_true", help="print the decision as JSON")
+        a.add_argument("--min-samples", type=int, default=rules.Thresholds.min_samples)
+        a.add_argument("--alpha", type=float, default=rules.Thresholds.alpha)
+        a.add_argument("--error-margin", type=float, default=rules.Thresholds.error_margin)
+        a.add_argument("--ttft-ratio", type=float, default=rules.Thresholds.ttft_ratio)
+        a.add_argument("--ttlt-ratio", type=float, default=rules.Thresholds.ttlt_ratio)
+        if action == "evaluate":
+            a.add_argument("--apply", action="store_true", help="make the promote or rollback edit")
+            a.add_argument("--follow", action="store_true", help="repeat while the decision is wait")
+            a.add_argument("--interval", type=float, default=30.0)
+            a.add_argument("--timeout", type=float, default=1800.0)
+        a.set_defaults(func=evaluate)
+
+    for action, text in (("promote", "make the canary's image the pool's and remove the block"),
+                         ("rollback", "remove the canary block")):
+        a = csub.add_parser(action, help=text)
+        common(a)
+        a.add_argument("--reason", default=None, help=argparse.SUPPRESS)
+        a.set_defaults(func=promote if action == "promote" else rollback)
+
+
+# ---- stack-file edits ------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace) -> tuple[Path, spec_mod.Spec, str]:
+    path = spec_mod.stack_path(args.stack, args.stacks_dir)
+    spec = spec_mod.load(args.stack, args.stacks_dir)
+    return path, spec, path.read_bytes().decode("utf-8")
+
+
+def _sim_knobs(pairs: list[str], base: SimKnobs | None) -> SimKnobs | None:
+    if not pairs:
+        return None
+    values = (base or SimKnobs()).model_dump()
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or k not in SimKnobs.model_fields:
+            raise UserError(f"--sim {pair!r}: use KNOB=VALUE with KNOB one of {', '.join(SimKnobs.model_fields)}")
+        values[k] = v
+    try:
+        return SimKnobs.model_validate({k: (None if v in ("null", "none") else v) for k, v in values.items()})
+    except Exception as e:  # pydantic ValidationError: one line
+        raise UserError(f"--sim: {str(e).splitlines()[1:3]}") from None
+
+
+def start_text(text: str, spec: spec_mod.Spec, pool: str, image: str, weight: float,
+               sim: list[str] | None = None) -> tuple[str, spec_mod.Spec]:
+    """The stack file with a canary block, and the spec it gives. Refuses bad or conflicting input."""
+    names = [p.name for p in spec.pools]
+    if pool not in names:
+        raise UserError(f"no pool {pool!r} in stack {spec.stack}; pools: {', '.join(names)}")
+    if spec.canary is not None:
+        raise UserError(f"a canary is already running in stack {spec.stack} (pool {spec.canary.pool}, "
+                        f"image {spec.canary.image}); promote or roll it back first")
+    if not IMAGE_RE.match(image):
+        raise UserError(f"image {image!r} is not pinned by digest; use name@sha256:<64 hex digits>")
+    if not 0 < weight <= 50:
+        raise UserError(f"--weight {weight:g} is out of range: a canary takes more than 0 and at most 50 "
+                        "percent of its pool's traffic")
+    base = spec.pool(pool)
+    prov = spec.provider(base.provider)
+    if base.role != "primary" or prov.drained:
+        state = "drained" if prov.drained else base.role
+        raise UserError(f"pool {pool!r} is {state}: a canary takes a share of a primary pool's traffic")
+    if prov.kind == "openai":
+        raise UserError(f"pool {pool!r} is an external upstream ({prov.name}); there is no image to canary")
+    if base.image == image:
+        raise UserError(f"{image} is already pool {pool!r}'s image")
+    knobs = None
+    if sim:
+        if prov.kind != "sim":
+            raise UserError(f"--sim applies only to sim pools; {pool!r} runs on {prov.kind}")
+        knobs = _sim_knobs(sim, base.sim)
+    block: dict = {"pool": pool, "image": image, "weight": int(weight) if weight == int(weight) else weight}
+    if knobs is not None:
+        block["sim"] = knobs.model_dump(exclude_none=True)
+    expected = spec.model_copy(update={"canary": spec_mod.Canary(pool=pool, image=image, weight=weight, sim=knobs)})
+    try:
+        return stackfile.add_key(text, "canary", block, START_COMMENT), expected
+    except stackfile.StackEditError as e:
+        raise UserError(str(e)) from None
+
+
+def end_text(text: str, spec: spec_mod.Spec, promote: bool) -> tuple[str, spec_mod.Spec]:
+    if spec.canary is None:
+        raise UserError(f"no canary is running in stack {spec.stack}; nothing to "
+                        f"{'promote' if promote else 'roll back'}")
+    c = spec.canary
+    expected = spec.model_copy(update={"canary": None})
+    try:
+        if promote:
+            base = spec.pool(c.pool)
+            update = {"image": c.image}
+            text = stackfile.set_item_field(text, "pools", c.pool, "image", c.image)
+            if c.sim is not None and c.sim != base.sim:
+                text = stackfile.set_item_field(text, "pools", c.pool, "sim", c.sim.model_dump(exclude_none=True))
+                update["sim"] = c.sim
+            pools = [p.model_copy(update=update) if p.name == c.pool else p for p in spec.pools]
+            expected = expected.model_copy(update={"pools": pools})
+        return stackfile.remove_key(text, "canary"), expected
+    except stackfile.StackEditError as e:
+        raise UserError(str(e)) from None
+
+
+def _write(path: Path, args: argparse.Namespace, new_text: str, expected: spec_mod.Spec) -> spec_mod.Spec:
+    try:
+        after = stackfile.verify(new_text, args.stack, path, expected)
+    except stackfile.StackEditError as e:
+        raise UserError(str(e)) from None
+    stackfile.write_atomically(path, new_text)
+    return after
+
+
+def start(args: argparse.Namespace) -> int:
+    path, spec, text = _load(args)
+    new_text, expected = start_text(text, spec, args.pool, args.image, args.weight, args.sim)
+    _write(path, args, new_text, expected)
+    print(f"canary started in {path.name}: pool {args.pool} -> {args.image} at {args.weight:g}% of its traffic; "
+          f"apply with `pulumi up -s {args.stack}` (a running `infermesh up` follows the file)")
+    return 0
+
+
+def _end(args: argparse.Namespace, promote: bool) -> int:
+    path, spec, text = _load(args)
+    new_text, expected = end_text(text, spec, promote)
+    _write(path, args, new_text, expected)
+    c = spec.canary
+    assert c is not None
+    if promote:
+        print(f"canary promoted in {path.name}: pool {c.pool} now runs {c.image}; canary block removed")
+    else:
+        print(f"canary rolled back in {path.name}: block removed, pool {c.pool} keeps "
+              f"{spec.pool(c.pool).image or 'its image'}" + (f" ({args.reason})" if args.reason else ""))
+    return 0
+
+
+def promote(args: argparse.Namespace) -> int:
+    return _end(args, True)
+
+
+def rollback(args: argparse.Namespace) -> int:
+    return _end(args, False)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+
+def admin_token(args: argparse.Namespace) -> str:
+    if args.admin_token:
+        return args.admin_token
+    env = os.environ.get("INFERMESH_ADMIN_TOKEN")
+    if env:
+        return env
+    path = state_dir(args.stack) / "admin.token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise UserError(f"no admin token: pass --admin-token, set INFERMESH_ADMIN_TOKEN, or run where {path} "
+                        "exists") from None
+
+
+def fetch_sli(gateway: str, token: str, window: float, since: float | None = None) -> dict:
+    query = {"since": f"{since:.3f}"} if since is not None else {"window": window}
+    url = gateway.rstrip("/").removesuffix("/v1") + "/admin/sli?" + urllib.parse.urlencode(query)
+    req = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = ""
+        try:
+            detail = json.loads(e.read()).get("error", {}).get("message", "")
+        except (ValueError, AttributeError):
+            pass
+        raise UserError(f"gateway answered {e.code} for /admin/sli{': ' + detail if detail else ''}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot reach the gateway at {gateway} ({getattr(e, 'reason', e)})") from None
+
+
+def canary_slis(gateway: str, token: str, window: float, pool: str) -> dict:
+    """SLIs over the window, or only since the canary's first request when it is younger: canary and
+    baseline are compared over the same period (load, time of day, a cold start: both saw the same)."""
+    sli = fetch_sli(gateway, token, window)
+    first = ((sli.get("pools") or {}).get(f"{pool}-canary") or {}).get("first_at")
+    if first is not None and first > sli.get("since", 0) + 1:
+        sli = fetch_sli(gateway, token, window, since=first)
+    return sli
+
+
+def thresholds(args: argparse.Namespace) -> rules.Thresholds:
+    return rules.Thresholds(min_samples=args.min_samples, alpha=args.alpha, error_margin=args.error_margin,
+                            ttft_ratio=args.ttft_ratio, ttlt_ratio=args.ttlt_ratio)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    spec = spec_mod.load(args.stack, args.stacks_dir)
+    if spec.canary is None:
+        raise UserError(f"no canary is running in stack {args.stack}")
+    if args.window <= 0:
+        raise UserError("--window must be positive (seconds)")
+    token = admin_token(args)
+    t = thresholds(args)
+    follow = getattr(args, "follow", False)
+    deadline = time.monotonic() + getattr(args, "timeout", 0)
+    while True:
+        decision = rules.decide(canary_slis(args.gateway, token, args.window, spec.canary.pool), spec.canary.pool, t)
+        if not follow or decision.action != "wait" or time.monotonic() + args.interval > deadline:
+            break
+        if not args.json:
+            print(decision.line(), file=sys.stderr, flush=True)
+        time.sleep(args.interval)
+    applied = None
+    if getattr(args, "apply", False) and decision.action in ("promote", "rollback"):
+        path, now_spec, text = _load(args)
+        if now_spec.canary != spec.canary:
+            raise UserError("the canary block changed while it was evaluated; nothing applied")
+        new_text, expected = end_text(text, now_spec, decision.action == "promote")
+        _write(path, args, new_text, expected)
+        applied = decision.action
+    if args.json:
+        print(json.dumps({**decision.to_json(), "pool": spec.canary.pool, "image": spec.canary.image,
+                          "applied": applied}, indent=2))
+    else:
+        print(decision.line() + (f" [{applied} written to the stack file]" if applied else ""))
+    return decision.exit_code

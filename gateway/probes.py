@@ -1,0 +1,224 @@
+"""Synthetic probes: a known prompt to every pool every ``gateway.probe_interval_s`` seconds.
+
+A probe is a streamed chat completion sent straight to one endpoint of the pool (round robin
+over its endpoints, ejected and unhealthy ones included: a probe measures the pool, and a
+pool whose workers are down must not look good). It passes when the worker answers 200, the
+stream carries non-empty content and ends with ``[DONE]`` and no error event, and its TTFT and
+TTLT are within the model's probe limits:
+
+- TTFT limit: the strictest (lowest) ``slo.ttft_p95_ms`` of the tiers that serve the model;
+- TTLT limit: the strictest ``slo.ttlt_p95_ms`` of those tiers (a probe asks for only
+  ``PROBE_MAX_TOKENS`` tokens, so this is loose: it catches a stalled stream, not a slow one).
+
+Tier-independent: one probe verifies what the most demanding customer of the model is promised.
+A model no tier serves directly (a fallback only) gets the default ``Slo``'s limits.
+
+A failed probe counts as one passive failure of the endpoint (gateway/router.py: three in a
+row eject it); a passed one as a success. A probe that failed on TTFT alone counts only when
+the router's outlier test finds the endpoint slow against its peers (as a slow answer to a
+customer would): when every endpoint of a model is slow, the probes fail (the promise is not
+met, and the pass rate says so) but nothing is ejected. Results go to metrics (``infermesh_probes`` by result,
+``infermesh_probe_ttft_seconds``, ``infermesh_probe_pass_rate`` per pool over
+``PASS_RATE_WINDOW_S``), to ``GET /admin/endpoints`` (per pool: pass rate, count, last result)
+and to :class:`ProbeLog`, whose ``window(since)`` gives the per-pool pass counts the canary
+analysis reads (``GET /admin/sli``, gateway/sli.py). Probes never reach the usage ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from fleet.spec import Slo, Spec
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.router import Endpoint, Pool
+
+PROBE_PROMPT = "infermesh synthetic probe: reply with a few words."
+PROBE_MAX_TOKENS = 4
+PASS_RATE_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    ttft_s: float
+    ttlt_s: float
+
+
+def limits_for(spec: Spec, model: str) -> ProbeLimits:
+    """The model's probe limits: the strictest TTFT and TTLT SLO among the tiers serving it."""
+    slos = [t.slo for t in spec.tiers if model in t.models] or [Slo()]
+    return ProbeLimits(min(s.ttft_p95_ms for s in slos) / 1000, min(s.ttlt_p95_ms for s in slos) / 1000)
+
+
+@dataclass
+class ProbeResult:
+    pool: str
+    endpoint: str
+    passed: bool
+    result: str                  # pass | status | connect | ttft | ttlt | content | error_event | reset
+    ttft_ms: float | None
+    ttlt_ms: float | None
+    at: float                    # wall clock
+
+    def view(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "passed": self.passed, "result": self.result,
+                "ttft_ms": self.ttft_ms, "ttlt_ms": self.ttlt_ms, "at": self.at}
+
+
+class ProbeLog:
+    """Probe outcomes per pool, in memory: ``window(since) -> {pool: {"passed": n, "total": n}}``."""
+
+    def __init__(self, max_events: int = 100_000) -> None:
+        self._events: deque[tuple[float, str, bool]] = deque(maxlen=max_events)
+        self.last: dict[str, ProbeResult] = {}
+
+    def record(self, r: ProbeResult) -> None:
+        self._events.append((r.at, r.pool, r.passed))
+        self.last[r.pool] = r
+
+    def window(self, since: float) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for t, pool, passed in reversed(self._events):
+            if t < since:
+                break
+            c = out.setdefault(pool, {"passed": 0, "total": 0})
+            c["total"] += 1
+            c["passed"] += passed
+        return out
+
+    def pass_rates(self, since: float) -> dict[str, float]:
+        return {pool: c["passed"] / c["total"] for pool, c in self.window(since).items() if c["total"]}
+
+
+async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimits,
+                headers: dict[str, str]) -> ProbeResult:
+    """One probe of one endpoint."""
+    body = orjson.dumps({"model": ep.pool.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
+                         "max_tokens": PROBE_MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}})
+    started = time.perf_counter()
+    ttft = ttlt = None
+    content = False
+
+    def done(result: str) -> ProbeResult:
+        ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+        return ProbeResult(ep.pool.name, ep.id, result == "pass", result, ms(ttft), ms(ttlt), time.time())
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(2.0, limits.ttft_s))
+    loop = asyncio.get_running_loop()
+    try:
+        # Waits no longer than the TTFT limit for the first token (a hung worker must not hold
+        # the round up), then up to the TTLT limit for the rest.
+        async with asyncio.timeout(limits.ttft_s) as deadline:
+            async with session.post(ep.url + "/v1/chat/completions", data=body, headers=headers,
+                                    timeout=timeout) as resp:
+                if resp.status != 200:
+                    return done("status")
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        ttlt = time.perf_counter() - started
+                        break
+                    event = orjson.loads(data)
+                    if "error" in event:
+                        return done("error_event")
+                    for c in event.get("choices") or []:
+                        piece = (c.get("delta") or {}).get("content") or c.get("text")
+                        if piece:
+                            if ttft is None:
+                                ttft = time.perf_counter() - started
+                                deadline.reschedule(loop.time() + max(0.0, limits.ttlt_s - ttft))
+                            content = True
+                else:
+                    return done("reset")
+    except TimeoutError:
+        return done("ttlt" if ttft is not None else "ttft")
+    except aiohttp.ClientConnectorError:
+        return done("connect")
+    except (aiohttp.ClientError, OSError, orjson.JSONDecodeError, AttributeError):
+        return done("reset")
+    if not content:
+        return done("content")
+    if ttft > limits.ttft_s:
+        return done("ttft")
+    return done("pass")
+
+
+class Prober:
+    """Probes every pool of every model (drained pools excepted) every ``probe_interval_s``."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.log = ProbeLog()
+        self._turn: dict[str, int] = {}
+        self._limits: dict[str, ProbeLimits] = {}
+
+    def limits(self, model: str) -> ProbeLimits:
+        lim = self._limits.get(model)
+        if lim is None:
+            lim = self._limits[model] = limits_for(self.gw.spec, model)
+        return lim
+
+    def _target(self, pool: Pool) -> Endpoint:
+        i = self._turn.get(pool.name, 0)
+        self._turn[pool.name] = i + 1
+        return pool.endpoints[i % len(pool.endpoints)]
+
+    async def round(self) -> list[ProbeResult]:
+        gw = self.gw
+        targets = [self._target(p) for m in gw.router.models.values() for p in m.pools
+                   if p.role != "drained" and p.endpoints]
+        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), gw.upstream_headers(ep))
+                                         for ep in targets))
+        for ep, r in zip(targets, results):
+            self.log.record(r)
+            pool = ep.pool
+            gw.metrics.probes.labels(pool.model, pool.name, r.result).inc()
+            if r.ttft_ms is not None:
+                gw.metrics.probe_ttft.labels(pool.model, pool.name).observe(r.ttft_ms / 1000)
+            if r.passed:
+                gw.router.observe_ttft(ep, r.ttft_ms / 1000)
+                gw.router.success(ep)
+            elif r.result == "ttft":
+                # Slowness goes through the request path's outlier test: a model slow everywhere
+                # (overload) ejects nothing. A probe that got no token in time counts just over its limit.
+                limit = self.limits(pool.model).ttft_s
+                seconds = r.ttft_ms / 1000 if r.ttft_ms is not None else limit + 0.001
+                if gw.router.observe_ttft(ep, seconds):
+                    gw.router.failure(ep)
+            else:
+                gw.router.failure(ep)
+        rates = self.log.pass_rates(time.time() - PASS_RATE_WINDOW_S)
+        for m in gw.router.models.values():
+            for p in m.pools:
+                if p.name in rates:
+                    gw.metrics.probe_pass_rate.labels(m.id, p.name).set(rates[p.name])
+        return results
+
+    async def run(self) -> None:
+        interval = self.gw.spec.gateway.probe_interval_s
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):      # a probe bug must never stop the loop
+                await self.round()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per pool: probes and pass rate over the last PASS_RATE_WINDOW_S, and the last result."""
+        window = self.log.window(time.time() - PASS_RATE_WINDOW_S)
+        out = {}
+        for pool, last in self.log.last.items():
+            c = window.get(pool, {"passed": 0, "total": 0})
+            out[pool] = {"probes": c["total"], "pass_rate": round(c["passed"] / c["total"], 4) if c["total"] else None,
+                         "window_s": PASS_RATE_WINDOW_S, "last": last.view()}
+        return out

@@ -1,0 +1,136 @@
+"""The gateway's state backends, chosen by the stack (gateway.state), behind one interface.
+
+=================  ==========================  ===========================================
+                   embedded (one replica)      shared (several replicas)
+=================  ==========================  ===========================================
+limits             LocalLimiter (memory)       RedisLimiter: one Lua round trip per request
+ledger             SQLite ledger.db            SQLite spool per replica -> PostgreSQL
+tenants and keys   SQLite keys.db              PostgreSQL (with ``ledger: postgres``)
+=================  ==========================  ===========================================
+
+``State(spec, state_dir, instance)`` builds them; ``start``/``stop`` run their background tasks
+(Redis probe, ledger shipping, key refresh). A replica's spool lives in
+``state_dir/instances/<instance>/ledger.db`` so several replicas can share one state dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from gateway import ledger as sqlite_ledger
+from gateway.keys import KeyAdmin, KeyStore
+from gateway.ledger import Ledger
+from gateway.limits import LocalLimiter
+from gateway.state.health import Health
+
+if TYPE_CHECKING:
+    from fleet.spec import Spec, Tier
+
+
+def fails_open(tier: Tier, tiers: list[Tier]) -> bool:
+    """When shared limits are unreachable: the tier's limits_fail_open if set; otherwise open for
+    paid tiers and closed for free tiers and for the lowest tier (lowest priority)."""
+    if tier.limits_fail_open is not None:
+        return tier.limits_fail_open
+    paid = tier.price_per_1m_tokens > 0 or tier.monthly_fee > 0
+    lowest = tier.priority <= min(t.priority for t in tiers)
+    return paid and not lowest
+
+
+def redis_prefix(spec: Spec) -> str:
+    return f"infermesh:{spec.stack}:"
+
+
+def uses_postgres(spec: Spec) -> bool:
+    return spec.gateway.state.ledger == "postgres"
+
+
+def key_admin(spec: Spec, state_dir: Path):
+    """Where `infermesh keys` writes: PostgreSQL with ``ledger: postgres``, else keys.db."""
+    if uses_postgres(spec):
+        from gateway.state.migrate import migrate
+        from gateway.state.pg_keys import PgKeyAdmin
+        migrate(spec.gateway.state.postgres_dsn)
+        return PgKeyAdmin(spec.gateway.state.postgres_dsn)
+    return KeyAdmin(state_dir / "keys.db")
+
+
+def usage_rows(spec: Spec, state_dir: Path, tenant: str | None = None, since: float | None = None) -> list[dict]:
+    if uses_postgres(spec):
+        from gateway.state import pg_ledger
+        return pg_ledger.query(spec.gateway.state.postgres_dsn, tenant, since)
+    return sqlite_ledger.query(state_dir / "ledger.db", tenant, since)
+
+
+class State:
+    def __init__(self, spec: Spec, state_dir: Path, instance: str | None = None) -> None:
+        backends = spec.gateway.state
+        self.spec, self.state_dir = spec, state_dir
+        self.health = Health()
+        self.shipper = None
+        self._migrating: asyncio.Task | None = None
+        self.pg = uses_postgres(spec)
+        if self.pg:
+            from gateway.state.pg_keys import PgKeyStore
+            from gateway.state.pg_ledger import PgShipper, SpoolLedger
+            spool = (state_dir / "instances" / instance if instance else state_dir) / "ledger.db"
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
+            self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
+            self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health)
+        else:
+            self.ledger = Ledger(state_dir / "ledger.db")
+            self.keys = KeyStore(state_dir / "keys.db")
+        if backends.limits == "redis":
+            from gateway.state.redis_limits import RedisLimiter
+            tiers = list(spec.tiers)
+            self.limiter: Any = RedisLimiter(backends.redis_url, redis_prefix(spec),
+                                             lambda t: fails_open(t, tiers), self.health)
+        else:
+            self.limiter = LocalLimiter()
+
+    async def start(self, registry: CollectorRegistry) -> None:
+        self.health.bind(registry)
+        if self.pg:
+            from gateway.state.migrate import migrate
+            try:
+                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)
+            except Exception as e:   # PostgreSQL down at start: serve from the spool, migrate when it answers
+                self.health.report("postgres", "ledger", False, e)
+                self._migrating = asyncio.create_task(self._migrate_later())
+            self.shipper.backlog_gauge = Gauge("infermesh_ledger_spool_backlog",
+                                               "Usage records in the local spool not yet in PostgreSQL",
+                                               registry=registry)
+            await self.keys.start()
+            self.shipper.start()
+        await self.limiter.start()
+
+    async def _migrate_later(self) -> None:
+        from gateway.state.migrate import migrate
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)
+                return
+            except Exception:
+                continue
+
+    async def stop(self) -> None:
+        if self._migrating is not None:
+            self._migrating.cancel()
+        await self.limiter.stop()
+        if self.pg:
+            await self.keys.stop()
+            await self.shipper.stop()
+
+    async def usage_rows(self, since: float | None = None) -> list[dict]:
+        if self.pg:
+            return await asyncio.to_thread(usage_rows, self.spec, self.state_dir, None, since)
+        return sqlite_ledger.query(self.ledger.path, since=since)
+
+
+__all__ = ["State", "fails_open", "key_admin", "usage_rows", "redis_prefix"]

@@ -1,0 +1,198 @@
+"""The usage ledger in PostgreSQL, fed from each replica's local spool.
+
+The request path is unchanged: every request still commits one row to the replica's SQLite
+ledger (gateway/ledger.py) before the last bytes reach the client, so a completed request is on
+disk even if the process is killed the next instant. That file is the spool: a background task
+(:class:`PgShipper`) ships its rows to PostgreSQL in id order, in batches, each batch one
+transaction of ``INSERT ... ON CONFLICT DO NOTHING`` keyed by (instance_id, local_id); after a
+record wakes it, it lingers 0.1 s so that under load a batch holds many rows (one transaction
+per ~0.1 s, not per request), and a row is in PostgreSQL ~0.1-0.2 s after its response:
+
+- nothing is lost: a row leaves the spool only as a committed PostgreSQL row; while PostgreSQL
+  is unreachable rows accumulate on disk and are replayed in order when it answers;
+- nothing is counted twice: the key is the spool's own (instance id, row id), never the client's
+  x-request-id (which may repeat); a batch whose commit was cut mid-flight is shipped again and
+  its rows already there are skipped;
+- the high-water mark is PostgreSQL's ``max(local_id)`` for this instance, read again on every
+  (re)connect: batches are contiguous id ranges committed whole, so PostgreSQL holds a prefix of
+  the spool and everything above the mark is still to ship.
+
+The instance id lives inside the spool file, so a replica restarted on the same state dir
+(after kill -9, say) ships what the killed process left. The spool is never pruned (SQLite would
+reuse the ids of deleted tail rows); it is also the replica's local record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from gateway.ledger import _COLUMNS, Ledger, UsageRecord
+from gateway.ledger import connect as sqlite_connect
+from gateway.state.health import Health
+
+log = logging.getLogger("infermesh.state")
+
+_INSERT = (f"INSERT INTO usage (instance_id, local_id, {', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join(['%s'] * (len(_COLUMNS) + 2))}) ON CONFLICT (instance_id, local_id) DO NOTHING")
+_BOOLS = {i + 2 for i, c in enumerate(_COLUMNS) if c in ("stream", "fallback")}
+_ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
+
+
+def spool_instance_id(path: Path, name: str | None = None) -> str:
+    """The spool's instance id, created once and kept in the file itself."""
+    conn = sqlite_connect(path)
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS spool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT OR IGNORE INTO spool_meta VALUES ('instance_id', ?)",
+                     (f"{name or 'gw'}-{uuid.uuid4().hex[:16]}",))
+        return conn.execute("SELECT value FROM spool_meta WHERE key = 'instance_id'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+class SpoolLedger(Ledger):
+    """The SQLite ledger, waking the shipper after each committed record."""
+
+    def __init__(self, path: Path, wake) -> None:
+        super().__init__(path)
+        self._wake = wake
+
+    def record(self, rec: UsageRecord) -> None:
+        super().record(rec)
+        self._wake()
+
+
+class PgShipper:
+    def __init__(self, spool: Path, dsn: str, health: Health, instance_name: str | None = None,
+                 batch: int = 500, idle_s: float = 1.0, retry_s: float = 1.0, op_timeout_s: float = 10.0,
+                 linger_s: float = 0.1) -> None:
+        self.spool, self.dsn, self.health = spool, dsn, health
+        self.instance_id = spool_instance_id(spool, instance_name)
+        self.batch, self.idle_s, self.retry_s, self.op_timeout_s = batch, idle_s, retry_s, op_timeout_s
+        self.linger_s = linger_s
+        self._reader = sqlite3.connect(spool, isolation_level=None, check_same_thread=False)
+        self._conn: psycopg.AsyncConnection | None = None
+        self.hwm: int | None = None              # highest local id known to be in PostgreSQL
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.shipped = 0
+        self.backlog_gauge = None
+        health.register("postgres", "ledger")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- one batch --------------------------------------------------------------------------
+    def _read(self, after: int) -> list[tuple]:
+        cols = ", ".join(_COLUMNS)
+        return self._reader.execute(f"SELECT id, {cols} FROM usage WHERE id > ? ORDER BY id LIMIT ?",
+                                    (after, self.batch)).fetchall()
+
+    def _spool_max(self) -> int:
+        return self._reader.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=3)
+            cur = await self._conn.execute("SELECT coalesce(max(local_id), 0) FROM usage WHERE instance_id = %s",
+                                           (self.instance_id,))
+            self.hwm = (await cur.fetchone())[0]
+        return self._conn
+
+    async def ship_once(self) -> int:
+        """Ship the next batch above the high-water mark; returns how many rows it held."""
+        conn = await self._connect()
+        rows = await asyncio.to_thread(self._read, self.hwm)
+        if not rows:
+            return 0
+        params = [(self.instance_id, *(bool(v) if i in _BOOLS else v for i, v in enumerate(r, start=1)))
+                  for r in rows]
+        async with conn.transaction():
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT, params)
+        self.hwm = rows[-1][0]
+        self.shipped += len(rows)
+        return len(rows)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()              # no round trip: the server may be gone
+
+    def _gauge(self) -> None:
+        if self.backlog_gauge is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.backlog_gauge.set(max(0, self._spool_max() - (self.hwm or 0)))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()                    # a record after this point wakes the next round
+            try:
+                n = await asyncio.wait_for(self.ship_once(), self.op_timeout_s)
+            except _ERRORS as e:
+                self._close()
+                self.health.report("postgres", "ledger", False, e)
+                self._gauge()
+                await asyncio.sleep(self.retry_s)
+                continue
+            self.health.report("postgres", "ledger", True)
+            self._gauge()
+            if n == self.batch:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.idle_s)
+            if self._wake.is_set():
+                await asyncio.sleep(self.linger_s)   # let the records of the next ~linger_s join one batch
+
+    async def drain(self, timeout_s: float = 5.0) -> bool:
+        """Ship everything now (at shutdown); False if PostgreSQL did not take it all in time."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                n = await asyncio.wait_for(self.ship_once(), max(0.1, deadline - time.monotonic()))
+                if n < self.batch:
+                    return True
+        except _ERRORS as e:
+            log.warning("ledger spool not fully shipped at shutdown (%s); it ships at the next start",
+                        type(e).__name__)
+        return False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.drain()
+        self._close()
+        self._reader.close()
+
+
+def query(dsn: str, tenant: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+    """Rows for reports from the shared ledger, oldest first (the same fields as ledger.query)."""
+    where, args = [], []
+    if tenant:
+        where.append("tenant = %s")
+        args.append(tenant)
+    if since is not None:
+        where.append("created_at >= %s")
+        args.append(since)
+    sql = (f"SELECT instance_id, local_id, {', '.join(_COLUMNS)} FROM usage"
+           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_at, instance_id, local_id")
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        return list(cur.execute(sql, args))

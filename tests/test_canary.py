@@ -1,0 +1,607 @@
+"""Canaries: decision rules (pure), CLI refusals, stack-file edits, and end to end on the local stack.
+
+End to end, as the pipeline runs it: `infermesh canary start` edits the stack file; the running
+local stack follows the file (the watcher `infermesh up` runs, fleet/local_apply.py) and starts
+the canary's worker; clients keep calling the gateway; `infermesh canary evaluate --apply`
+decides on the gateway's SLIs and writes promote or rollback into the file; the stack follows
+again. Short windows and small sample minimums keep it quick; nothing asserts timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleet import canary as rules
+from fleet import cli
+from fleet import spec as spec_mod
+from fleet.local_apply import StackWatcher
+from fleet.routing import canary_share, local_endpoints, routing_config
+from gateway import ledger
+from gateway.sli import AttemptLog, pool_slis
+
+from .conftest import local_config
+
+IMAGE = "registry.example/infermesh/worker@sha256:" + "ab" * 32
+POOL = "demo-chat-east"
+
+
+# ---- decision rules: hand-checked numbers -------------------------------------------------------
+
+def test_z_test_matches_hand_computation():
+    # p1 = .3, p2 = .1, pooled .2: se = sqrt(.2 * .8 * (1/100 + 1/100)) = .056569; z = .2 / se = 3.5355
+    z, p = rules.z_test(30, 100, 10, 100)
+    assert z == pytest.approx(3.5355, abs=1e-4)
+    assert p == pytest.approx(0.000203, abs=2e-6)          # 1 - Phi(3.5355)
+    assert rules.z_test(10, 100, 30, 100)[1] == pytest.approx(1 - 0.000203, abs=2e-6)  # one-sided
+    assert rules.z_test(0, 100, 0, 100) == (0.0, 1.0)       # no errors anywhere: no evidence
+
+
+def test_fisher_exact_matches_hand_computation():
+    # N=20, K=3 errors, 10 drawn for the canary: P(X >= 3) = C(3,3) C(17,7) / C(20,10) = 19448 / 184756
+    assert rules.fisher_greater(3, 10, 0, 10) == pytest.approx(19448 / 184756, rel=1e-9)
+    assert rules.fisher_greater(5, 5, 0, 5) == pytest.approx(1 / 252, rel=1e-9)
+    assert rules.fisher_greater(0, 10, 3, 10) == pytest.approx(1.0)
+    # small expected counts pick Fisher, large ones the z-test
+    assert rules.error_test(3, 10, 0, 10)[0] == "fisher"
+    assert rules.error_test(30, 100, 10, 100)[0] == "z-test"
+
+
+def side(pool: str, attempts: int, errors: int = 0, ttft: float = 100.0, ttlt: float = 300.0, **kw) -> rules.Side:
+    return rules.Side(pool, attempts, errors, latency_samples=attempts - errors, ttft_p95_ms=ttft,
+                      ttlt_p95_ms=ttlt, **kw)
+
+
+def test_a_canary_like_its_baseline_is_promoted():
+    d = rules.evaluate(side("p-canary", 200, 1), side("p", 2000, 8))
+    assert d.action == "promote" and d.exit_code == 0
+    assert "error rate 0.5% vs 0.4%" in d.reason
+
+
+def test_too_few_samples_waits_and_never_promotes():
+    t = rules.Thresholds(min_samples=100)
+    d = rules.evaluate(side("p-canary", 99), side("p", 5000))
+    assert d.action == "wait" and d.exit_code == 3 and "too few samples: canary 99" in d.reason
+    # even a canary that looks better than its baseline waits
+    assert rules.evaluate(side("p-canary", 50, 0, ttft=50), side("p", 5000, 50), t).action == "wait"
+    assert rules.evaluate(side("p-canary", 0), side("p", 0), t).action == "wait"
+
+
+def test_significantly_more_errors_roll_back_and_name_the_reason():
+    d = rules.evaluate(side("p-canary", 200, 60), side("p", 2000, 20))
+    assert d.action == "rollback" and d.exit_code == 4
+    assert d.reason.startswith("error rate 30.0% vs 1.0%") and "z-test" in d.reason
+
+
+def test_a_difference_within_noise_does_not_roll_back():
+    # 12/400 vs 100/5000: pooled 112/5400 = .020741, se = sqrt(.020741 * .979259 * (1/400 + 1/5000))
+    # = .0074055, z = .01 / se = 1.3503, p = .0885 > .01
+    d = rules.evaluate(side("p-canary", 400, 12), side("p", 5000, 100))
+    assert d.action == "promote"
+    check = next(c for c in d.checks if c["check"] == "error_rate")
+    assert check["method"] == "z-test"
+    assert check["z"] == pytest.approx(1.3503, abs=1e-3) and check["p_value"] == pytest.approx(0.0885, abs=1e-3)
+    # 3/150 vs 20/2000: an expected canary error count of 1.6 is too small for z: Fisher, and no rollback
+    d = rules.evaluate(side("p-canary", 150, 3), side("p", 2000, 20))
+    check = next(c for c in d.checks if c["check"] == "error_rate")
+    assert d.action == "promote" and check["method"] == "fisher" and check["p_value"] > 0.1
+
+
+def test_a_significant_but_negligible_difference_is_within_the_margin():
+    # .15% vs .05% over huge samples: significant, but below the 0.2-point margin
+    d = rules.evaluate(side("p-canary", 200_000, 300), side("p", 2_000_000, 1000))
+    assert d.action == "promote"
+
+
+def test_an_overwhelmingly_broken_canary_rolls_back_before_the_minimum_sample():
+    d = rules.evaluate(side("p-canary", 20, 10), side("p", 400, 0), rules.Thresholds(min_samples=100))
+    assert d.action == "rollback" and "error rate 50.0% vs 0.0%" in d.reason and "fisher" in d.reason
+    # the same share with fewer than early_min_attempts waits
+    assert rules.evaluate(side("p-canary", 10, 5), side("p", 400, 0)).action == "wait"
+
+
+def test_slower_p95_ttft_or_ttlt_rolls_back():
+    d = rules.evaluate(side("p-canary", 200, ttft=130), side("p", 2000, ttft=100))
+    assert d.action == "rollback" and d.reason == "TTFT p95 130 ms vs 100 ms (1.30x, limit 1.2x)"
+    d = rules.evaluate(side("p-canary", 200, ttlt=400), side("p", 2000, ttlt=300))
+    assert d.action == "rollback" and d.reason.startswith("TTLT p95 400 ms vs 300 ms (1.33x")
+    # 1.19x passes; a large ratio of tiny latencies (3 ms vs 2 ms) is within the slack
+    assert rules.evaluate(side("p-canary", 200, ttft=119), side("p", 2000, ttft=100)).action == "promote"
+    assert rules.evaluate(side("p-canary", 200, ttft=3, ttlt=3), side("p", 2000, ttft=2, ttlt=2)).action == "promote"
+
+
+def test_probe_pass_rate_rolls_back_and_is_skipped_without_data():
+    d = rules.evaluate(side("p-canary", 200, probes=10, probe_pass_rate=0.8),
+                       side("p", 2000, probes=10, probe_pass_rate=1.0))
+    assert d.action == "rollback" and d.reason.startswith("probe pass rate 80.0% vs 100.0%")
+    d = rules.evaluate(side("p-canary", 200), side("p", 2000))
+    assert next(c for c in d.checks if c["check"] == "probes")["result"] == "skipped"
+
+
+def test_decide_reads_the_gateway_sli_shape():
+    sli = {"pools": {"p": {"attempts": 500, "errors": 0, "latency_samples": 500, "ttft_p95_ms": 50,
+                           "ttlt_p95_ms": 90},
+                     "p-canary": {"attempts": 120, "errors": 0, "latency_samples": 120, "ttft_p95_ms": 51,
+                                  "ttlt_p95_ms": 91}}}
+    d = rules.decide(sli, "p", rules.Thresholds(min_samples=100))
+    assert d.action == "promote"
+    j = d.to_json()
+    assert j["decision"] == "promote" and j["exit_code"] == 0 and j["canary"]["pool"] == "p-canary"
+    assert rules.decide({"pools": {}}, "p").action == "wait"
+
+
+# ---- SLIs from the ledger and the attempt log ----------------------------------------------------
+
+def test_pool_slis_count_retried_failures_against_the_pool_that_failed():
+    rows = [
+        {"pool": "a", "status": 200, "error": None, "ttft_ms": 10, "ttlt_ms": 20, "retries": 0},
+        {"pool": "a", "status": 200, "error": None, "ttft_ms": 30, "ttlt_ms": 40, "retries": 1},  # canary failed first
+        {"pool": "a-canary", "status": 200, "error": None, "ttft_ms": 12, "ttlt_ms": 22, "retries": 0},
+        {"pool": "a-canary", "status": 502, "error": "stream_interrupted", "ttft_ms": 12, "ttlt_ms": 30, "retries": 0},
+        {"pool": "a", "status": 502, "error": "upstream_error", "ttft_ms": None, "ttlt_ms": 5, "retries": 3},
+        {"pool": "", "status": 429, "error": "rate_limit_exceeded", "ttft_ms": None, "ttlt_ms": 1, "retries": 0},
+    ]
+    failed = {"a-canary": {"status_5xx": 1}, "a": {"status_5xx": 1, "connect": 2}}
+    s = pool_slis(rows, failed)
+    assert set(s) == {"a", "a-canary"}
+    # canary: 2 answered rows + 1 failed attempt = 3 attempts; errors: 1 stream break + 1 failed attempt
+    assert s["a-canary"]["attempts"] == 3 and s["a-canary"]["errors"] == 2
+    assert s["a-canary"]["error_rate"] == pytest.approx(2 / 3, abs=1e-6)
+    # baseline: 2 answered (the exhausted row's last attempt is already among the 3 failed ones)
+    assert s["a"]["attempts"] == 5 and s["a"]["errors"] == 3 and s["a"]["requests"] == 3
+    assert s["a"]["errors_5xx"] == 1
+    # latency only from first-attempt successes
+    assert s["a"]["latency_samples"] == 1 and s["a"]["ttft_p95_ms"] == 10
+    assert s["a"]["probe_pass_rate"] is None
+
+
+def test_attempt_log_windows():
+    log = AttemptLog()
+    log.failed("x", "connect", now=100.0)
+    log.failed("x", "status_5xx", now=200.0)
+    log.failed("y", "timeout", now=250.0)
+    assert log.counts(150.0) == {"x": {"status_5xx": 1}, "y": {"timeout": 1}}
+
+
+# ---- routing: the canary's share and port --------------------------------------------------------
+
+def _spec(mutate=None) -> spec_mod.Spec:
+    cfg = local_config()
+    if mutate:
+        mutate(cfg)
+    return spec_mod.parse(cfg, "t")
+
+
+def test_canary_takes_its_weight_of_the_base_pools_traffic_only():
+    spec = _spec(lambda c: c.update(canary={"pool": POOL, "image": IMAGE, "weight": 30}))
+    # demo-chat: east weight 2, west 1. Canary share of the model = .3 * 2/3 = .2; east keeps 2 * .7 = 1.4,
+    # so east serves (1 - .2) * 1.4 / 2.4 = .4667 = .7 * 2/3 and west (1 - .2) * 1 / 2.4 = 1/3, as before.
+    share, east = canary_share(spec)
+    assert share == pytest.approx(0.2) and east == pytest.approx(1.4)
+    ports = local_endpoints(spec)
+    plain = local_endpoints(_spec())
+    assert {k: v for k, v in ports.items() if k in plain} == plain          # no existing port moved
+    assert ports[(f"{POOL}-canary", 0)] == max(plain.values()) + 1
+    cfg = routing_config(spec, lambda p, i: f"http://127.0.0.1:{ports[(p.name, i)]}")
+    pools = {p["name"]: p for m in cfg["models"] for p in m["pools"]}
+    assert pools[f"{POOL}-canary"]["weight"] == pytest.approx(0.2) and pools[POOL]["weight"] == pytest.approx(1.4)
+
+
+# ---- CLI: refusals and stack-file edits ------------------------------------------------------------
+
+@pytest.fixture
+def stack_file(tmp_path) -> Path:
+    d = tmp_path / "stacks"
+    d.mkdir()
+    src = spec_mod.stack_path("local")
+    (d / "Pulumi.local.yaml").write_bytes(src.read_bytes())
+    return d / "Pulumi.local.yaml"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def canary_cli(stack_file: Path, action: str, *extra: str) -> list[str]:
+    return ["canary", action, "--stack", "local", "--stacks-dir", str(stack_file.parent), *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pool", "nope", "--image", IMAGE], "no pool 'nope' in stack local; pools: demo-chat-east"),
+    (["--pool", POOL, "--image", "registry.example/infermesh/worker:latest"], "is not pinned by digest"),
+    (["--pool", POOL, "--image", "worker@sha256:abc"], "is not pinned by digest"),
+    (["--pool", POOL, "--image", IMAGE, "--weight", "0"], "--weight 0 is out of range"),
+    (["--pool", POOL, "--image", IMAGE, "--weight", "51"], "--weight 51 is out of range"),
+    (["--pool", "demo-chat-reserve", "--image", IMAGE], "pool 'demo-chat-reserve' is standby"),
+    (["--pool", POOL, "--image", IMAGE, "--sim", "speed=3"], "--sim 'speed=3': use KNOB=VALUE"),
+])
+def test_start_refuses_bad_input_with_one_line_and_leaves_the_file(capsys, stack_file, extra, message):
+    before = stack_file.read_bytes()
+    rc, out, err = run_cli(capsys, *canary_cli(stack_file, "start", *extra))
+    assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert stack_file.read_bytes() == before
+
+
+def test_start_then_rollback_gives_back_the_same_file(capsys, stack_file):
+    before = stack_file.read_bytes()
+    rc, out, _ = run_cli(capsys, *canary_cli(stack_file, "start", "--pool", POOL, "--image", IMAGE,
+                                              "--weight", "10", "--sim", "error_rate=0.3"))
+    assert rc == 0 and "canary started" in out
+    text = stack_file.read_text()
+    assert text.startswith(before.decode())          # comments and layout kept: only a block appended
+    spec = spec_mod.load("local", stack_file.parent)
+    assert spec.canary.pool == POOL and spec.canary.image == IMAGE and spec.canary.weight == 10
+    assert spec.canary.sim.error_rate == 0.3 and spec.canary.sim.ttft_ms == spec.pool(POOL).sim.ttft_ms
+    # a second canary is refused
+    rc, _, err = run_cli(capsys, *canary_cli(stack_file, "start", "--pool", "demo-chat-west", "--image", IMAGE))
+    assert rc == 2 and "a canary is already running in stack local (pool demo-chat-east" in err
+    rc, out, _ = run_cli(capsys, *canary_cli(stack_file, "rollback"))
+    assert rc == 0 and "rolled back" in out
+    assert stack_file.read_bytes() == before
+    for action in ("rollback", "promote"):
+        rc, _, err = run_cli(capsys, *canary_cli(stack_file, action))
+        assert rc == 2 and "no canary is running in stack local" in err
+    assert stack_file.read_bytes() == before
+
+
+def test_promote_sets_the_pools_image_and_knobs_and_removes_the_block(capsys, stack_file):
+    run_cli(capsys, *canary_cli(stack_file, "start", "--pool", POOL, "--image", IMAGE, "--sim", "ttft_ms=30"))
+    rc, out, _ = run_cli(capsys, *canary_cli(stack_file, "promote"))
+    assert rc == 0 and "promoted" in out
+    spec = spec_mod.load("local", stack_file.parent)
+    assert spec.canary is None and spec.pool(POOL).image == IMAGE and spec.pool(POOL).sim.ttft_ms == 30
+    assert spec.pool("demo-chat-west") == spec_mod.load("local").pool("demo-chat-west")
+    text = stack_file.read_text()
+    assert "infermesh:canary" not in text and text.startswith("# The local stack")
+
+
+def test_edits_work_on_a_file_pyyaml_wrote(capsys, tmp_path):
+    """Block lists at the key's indent, sorted keys, nested mappings: the shape tests/conftest writes."""
+    d = tmp_path / "stacks"
+    d.mkdir()
+    path = d / "Pulumi.local.yaml"
+    path.write_text(yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in local_config().items()}}))
+    cmd = ["canary", "start", "--stack", "local", "--stacks-dir", str(d), "--pool", POOL, "--image", IMAGE,
+           "--sim", "itl_ms=4"]
+    assert run_cli(capsys, *cmd)[0] == 0
+    assert run_cli(capsys, "canary", "promote", "--stack", "local", "--stacks-dir", str(d))[0] == 0
+    pool = spec_mod.load("local", d).pool(POOL)
+    assert pool.image == IMAGE and pool.sim.itl_ms == 4 and pool.sim.ttft_ms == 40
+
+
+def test_evaluate_needs_a_canary_and_a_reachable_gateway(capsys, stack_file):
+    rc, _, err = run_cli(capsys, *canary_cli(stack_file, "evaluate", "--gateway", "http://127.0.0.1:9",
+                                              "--admin-token", "x"))
+    assert rc == 2 and "no canary is running" in err
+    run_cli(capsys, *canary_cli(stack_file, "start", "--pool", POOL, "--image", IMAGE))
+    rc, _, err = run_cli(capsys, *canary_cli(stack_file, "status", "--gateway", "http://127.0.0.1:9",
+                                              "--admin-token", "x"))
+    assert rc == 2 and "cannot reach the gateway" in err
+
+
+# ---- end to end on the local stack ----------------------------------------------------------------
+
+def mutate_for_load(ttft_ms: float = 200):
+    """Roomy limits for a load test; sim pools slow enough that scheduling noise is small next to TTFT."""
+    def mutate(cfg: dict) -> None:
+        for t in cfg["tiers"]:
+            t["rpm"], t["tpm"] = 1_000_000, 1_000_000_000
+        for p in cfg["pools"]:
+            p["sim"] = {"ttft_ms": ttft_ms, "itl_ms": 4, "output_tokens": 6}
+        cfg["gateway"] = {**cfg.get("gateway", {}), "drain_timeout_s": 10}
+    return mutate
+
+
+class Load:
+    """Clients streaming chat completions at the gateway until stopped; every answer is checked."""
+
+    def __init__(self, base_url: str, key: str, threads: int = 12) -> None:
+        self.base_url, self.key = base_url, key
+        self.results: list[tuple[int, str]] = []
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.lock = threading.Lock()
+
+    def _one(self) -> tuple[int, str]:
+        body = json.dumps({"model": "demo-chat", "stream": True, "max_tokens": 6,
+                           "messages": [{"role": "user", "content": "hello canary"}]}).encode()
+        req = urllib.request.Request(self.base_url + "/chat/completions", data=body, method="POST",
+                                     headers={"authorization": f"Bearer {self.key}",
+                                              "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+            if '"error"' in text or not text.rstrip().endswith("data: [DONE]"):
+                return 200, "error event: " + text[-200:]
+            return 200, ""
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()[:200]
+        except OSError as e:
+            return 0, repr(e)
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            res = self._one()
+            with self.lock:
+                self.results.append(res)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(30)
+
+    def failures(self) -> list[tuple[int, str]]:
+        with self.lock:
+            return [r for r in self.results if r != (200, "")]
+
+
+@contextlib.contextmanager
+def following(running):
+    """What `infermesh up` does: poll the stack file and apply changes to the running stack."""
+    lines: list[str] = []
+    path = spec_mod.stack_path("test", running.stacks_dir)
+    watcher = StackWatcher(running.stack, path, lambda: spec_mod.load("test", running.stacks_dir), lines.append)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            watcher.poll()
+            time.sleep(0.2)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield watcher, lines
+    finally:
+        stop.set()
+        t.join(60)
+
+
+def admin_get(running, path: str) -> dict:
+    req = urllib.request.Request(running.root_url + path, headers={"authorization": f"Bearer {running.admin_token()}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def routed_pools(running) -> set[str]:
+    return {p["pool"] for p in admin_get(running, "/admin/endpoints")["pools"]}
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli_args(running, action: str, *extra: str) -> list[str]:
+    return ["canary", action, "--stack", "test", "--stacks-dir", str(running.stacks_dir), *extra]
+
+
+def evaluate_until_decided(capsys, running, min_samples: int, timeout: float = 90.0) -> tuple[int, dict]:
+    """`infermesh canary evaluate --apply --json` every second while it says wait (exit 3)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = cli.main(cli_args(running, "evaluate", "--gateway", running.root_url, "--admin-token",
+                               running.admin_token(), "--window", "120", "--min-samples", str(min_samples),
+                               "--json", "--apply"))
+        out, err = capsys.readouterr()
+        assert rc in (0, 3, 4), err
+        decision = json.loads(out)
+        if rc != 3 or time.monotonic() > deadline:
+            return rc, decision
+        assert decision["decision"] == "wait" and decision["applied"] is None
+        time.sleep(1.0)
+
+
+def start_canary(capsys, running, *extra: str) -> float:
+    rc = cli.main(cli_args(running, "start", "--pool", POOL, "--image", IMAGE, *extra))
+    out = capsys.readouterr()
+    assert rc == 0 and "canary started" in out.out, out.err
+    wait_for(lambda: f"{POOL}-canary" in routed_pools(running), what="the canary in the gateway's routing")
+    return time.time()
+
+
+def canary_gone(running) -> bool:
+    return (f"{POOL}-canary" not in routed_pools(running)
+            and not any(n.startswith(f"{POOL}-canary") for n, _ in running.stack.procs))
+
+
+def test_good_canary_gets_its_share_and_is_promoted_with_no_failed_request(capsys, stack_factory):
+    running = stack_factory(mutate_for_load())
+    key = running.key("acme", "business")
+    with following(running) as (watcher, lines), Load(running.base_url, key) as load:
+        wait_for(lambda: len(load.results) > 30, what="traffic before the canary")
+        started = start_canary(capsys, running, "--weight", "30")
+        rc, decision = evaluate_until_decided(capsys, running, min_samples=80)
+        ended = time.time()
+        assert (rc, decision["decision"]) == (0, "promote"), decision
+        assert decision["applied"] == "promote" and decision["canary"]["attempts"] >= 80
+        wait_for(lambda: canary_gone(running), what="the canary worker to drain and stop")
+        time.sleep(1.0)
+    assert watcher.last_error is None, lines
+    assert load.failures() == [], load.failures()[:5]       # no client request failed across both switches
+    spec = spec_mod.load("test", running.stacks_dir)
+    assert spec.canary is None and spec.pool(POOL).image == IMAGE
+    # The canary's share of demo-chat while it ran: .3 x (2 / 3) = .2 of the model's requests.
+    # Binomial tolerance: |observed - n p| <= 4 sigma, sigma = sqrt(n p (1 - p)).
+    rows = [r for r in ledger.query(running.state / "ledger.db", since=started + 0.5)
+            if r["created_at"] < ended and r["requested_model"] == "demo-chat" and r["status"] == 200]
+    n = len(rows)
+    k = sum(1 for r in rows if r["pool"] == f"{POOL}-canary")
+    p = 0.2
+    print(f"canary share {k}/{n} = {k / max(n, 1):.3f} (expected {p}); decision: {decision['reason']}")
+    assert n >= 200
+    assert abs(k - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (k, n)
+
+
+@pytest.mark.parametrize("knobs, reason", [
+    (["error_rate=0.3"], "error rate"),
+    (["ttft_ms=280"], "TTFT p95"),                # 1.4x the baseline knob (200 ms): 1.3x+ measured
+], ids=["errors", "slow-ttft"])
+def test_bad_canary_is_rolled_back_automatically_and_names_the_reason(capsys, stack_factory, knobs, reason):
+    running = stack_factory(mutate_for_load())
+    key = running.key("acme", "business")
+    with following(running) as (watcher, lines), Load(running.base_url, key) as load:
+        wait_for(lambda: len(load.results) > 30, what="traffic before the canary")
+        start_canary(capsys, running, "--weight", "40", *[a for k in knobs for a in ("--sim", k)])
+        rc, decision = evaluate_until_decided(capsys, running, min_samples=60)
+        assert (rc, decision["decision"]) == (4, "rollback"), decision
+        print(f"decision: {decision['reason']}")
+        assert decision["reason"].startswith(reason) and decision["applied"] == "rollback"
+        wait_for(lambda: canary_gone(running), what="the canary worker to drain and stop")
+    assert watcher.last_error is None, lines
+    # the canary's failures were retried on the baseline before the first byte: no client saw one
+    assert load.failures() == [], load.failures()[:5]
+    spec = spec_mod.load("test", running.stacks_dir)
+    assert spec.canary is None and spec.pool(POOL).image is None
+
+
+def test_too_little_traffic_waits_and_never_promotes(capsys, stack_factory):
+    running = stack_factory(mutate_for_load(ttft_ms=20))
+    key = running.key("acme", "business")
+    with following(running):
+        start_canary(capsys, running, "--weight", "50")
+        with Load(running.base_url, key, threads=2) as load:
+            wait_for(lambda: len(load.results) >= 40, what="a little traffic")
+        for _ in range(3):
+            rc = cli.main(cli_args(running, "evaluate", "--gateway", running.root_url, "--admin-token",
+                                   running.admin_token(), "--window", "120", "--min-samples", "500", "--apply"))
+            out = capsys.readouterr().out
+            assert rc == 3 and out.startswith("wait: too few samples: canary ") and "written" not in out
+        rc = cli.main(cli_args(running, "status", "--gateway", running.root_url, "--admin-token",
+                               running.admin_token(), "--min-samples", "500", "--json"))
+        status = json.loads(capsys.readouterr().out)
+        assert rc == 3 and status["decision"] == "wait" and 0 < status["canary"]["attempts"] < 500
+        assert spec_mod.load("test", running.stacks_dir).canary is not None     # nothing promoted
+        assert cli.main(cli_args(running, "rollback")) == 0
+        wait_for(lambda: canary_gone(running), what="the canary to stop")
+    assert load.failures() == []
+
+
+def test_a_broken_stack_file_keeps_the_running_stack(capsys, stack_factory):
+    running = stack_factory()
+    path = spec_mod.stack_path("test", running.stacks_dir)
+    with following(running) as (watcher, lines):
+        good = path.read_text()
+        path.write_text(good.replace("infermesh:pools:", "infermesh:poolz:"))
+        wait_for(lambda: watcher.last_error is not None, what="the bad file to be noticed")
+        assert len(lines) == 1 and "keeping the running stack" in lines[0] and "\n" not in lines[0]
+        assert POOL in routed_pools(running)
+        path.write_text(good)
+
+
+def test_admin_sli_needs_the_admin_token_and_a_sane_window(local_stack):
+    req = urllib.request.Request(local_stack.root_url + "/admin/sli")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as e:
+        admin_get(local_stack, "/admin/sli?window=0")
+    assert e.value.code == 400
+    body = admin_get(local_stack, "/admin/sli?window=60")
+    assert body["window_s"] == 60 and isinstance(body["pools"], dict) and body["probes_available"] in (True, False)
+
+
+def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
+    """The real `infermesh up`: a canary start and a rollback in the file start and stop the canary's
+    worker; a broken file is reported in one line and changes nothing; SIGTERM still stops all."""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import REPO, free_port, free_port_range
+
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    path = stacks / "Pulumi.local.yaml"
+    path.write_bytes(spec_mod.stack_path("local").read_bytes())
+    env = {**os.environ, "INFERMESH_STATE_DIR": str(tmp_path / "state")}
+    port, base = free_port(), free_port_range(8)
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--stack", "local", "--stacks-dir", str(stacks),
+                             "--port", str(port), "--port-base", str(base)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def expect(pred, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                assert proc.poll() is None, "infermesh up exited"
+                continue
+            if pred(line):
+                return line
+        raise AssertionError("expected line not printed")
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    try:
+        expect(lambda ln: ln.startswith("{"))
+        assert len(children()) == 6
+        args = ["canary", "start", "--stack", "local", "--stacks-dir", str(stacks), "--pool", POOL, "--image", IMAGE]
+        assert cli.main(args) == 0
+        expect(lambda ln: f"started {POOL}-canary-0" in ln)
+        assert len(children()) == 7
+        worker = f"http://127.0.0.1:{base + 5}/health"               # after the 5 declared workers
+        with urllib.request.urlopen(worker, timeout=5) as r:
+            assert r.status == 200
+        assert cli.main(["canary", "rollback", "--stack", "local", "--stacks-dir", str(stacks)]) == 0
+        expect(lambda ln: f"stopped {POOL}-canary-0 (drained)" in ln)
+        wait_for(lambda: len(children()) == 6, what="the canary worker to exit")
+        good = path.read_text()
+        path.write_text(good.replace("replicas: 2", "replicas: -2"))
+        line = expect(lambda ln: "keeping the running stack" in ln)
+        assert "replicas" in line and len(children()) == 6
+        capsys.readouterr()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_promoting_new_knobs_replaces_the_pools_workers_without_a_failed_request(capsys, stack_factory):
+    """A promotion that changes how the pool's workers run (new sim knobs, as a new image would)
+    replaces them one by one under load: parked on a spare port, switched, drained, moved back."""
+    running = stack_factory(mutate_for_load(ttft_ms=50))
+    key = running.key("acme", "business")
+    with following(running) as (watcher, lines), Load(running.base_url, key, threads=8) as load:
+        start_canary(capsys, running, "--weight", "20", "--sim", "itl_ms=3")
+        assert cli.main(cli_args(running, "promote")) == 0
+        wait_for(lambda: any("replaced demo-chat-east-0, demo-chat-east-1" in ln for ln in lines),
+                 what="the pool's workers to be replaced")
+        wait_for(lambda: canary_gone(running), what="the canary to stop")
+        time.sleep(1.0)
+    assert watcher.last_error is None, lines
+    assert load.failures() == [], load.failures()[:5]
+    for i in (0, 1):       # back on their declared ports, running the promoted knobs
+        with urllib.request.urlopen(running.worker_url(POOL, i) + "/sim/faults", timeout=5) as r:
+            assert json.loads(r.read())["effective"]["itl_ms"] == 3
+    eps = {p["pool"]: p for p in admin_get(running, "/admin/endpoints")["pools"]}
+    assert [e["url"] for e in eps[POOL]["endpoints"]] == [running.worker_url(POOL, i) for i in (0, 1)]
