@@ -1,0 +1,95 @@
+"""The Pulumi program: stack config -> spec -> plan -> components. Thin on purpose.
+
+Everything that decides something is in the plan (fleet/plan.py); this file reads the config
+in one place, builds the plan, composes the components (fleet/components) and exports what the
+operator and the next steps need: the public endpoint, the Ansible hosts file for SSH leases,
+the routing config and the plan's costs.
+
+A stack whose supply is all local (sim, llama.cpp: the ``local`` stack) rents nothing and runs
+no cluster: ``infermesh up`` runs it on one machine. Here it only exports its plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pulumi
+
+from fleet import spec as spec_mod
+from fleet.components import GatewayFleet, Images, WireGuardMesh, WorkerFleet, worker_launch
+from fleet.plan import build_plan, is_local_only
+
+ROOT = Path(__file__).resolve().parent
+SPEC_FIELDS = [name for name in spec_mod.Spec.model_fields if name not in ("stack", "secrets")]
+
+
+def read_spec(stack: str, cfg: pulumi.Config) -> tuple[spec_mod.Spec, dict[str, pulumi.Output[str]]]:
+    """The spec from structured config (Pulumi hands each key over as JSON text), and the secrets
+    the providers name, as secret Outputs. The spec only learns *that* a secret is set."""
+    data = {name: value for name in SPEC_FIELDS if (value := cfg.get_object(name)) is not None}
+    secrets: dict[str, pulumi.Output[str]] = {}
+    for provider in data.get("providers") or []:
+        name = provider.get("credentials") if isinstance(provider, dict) else None
+        if name and (value := cfg.get_secret(name)) is not None:
+            secrets[name] = value
+    try:
+        spec = spec_mod.parse(data, stack, source=f"stack {stack}", secrets={k: "(secret)" for k in secrets})
+    except spec_mod.SpecError as e:
+        raise pulumi.RunError(str(e)) from None
+    return spec, secrets
+
+
+def image_repository(cfg: pulumi.Config, spec: spec_mod.Spec) -> str:
+    """Where images are pushed: ``infermesh:image-registry``, else beside the pools' pinned worker image."""
+    explicit = cfg.get("image-registry")
+    if explicit:
+        return explicit.rstrip("/")
+    pinned = [p.image for p in spec.pools if p.image and "@sha256:" in p.image]
+    if not pinned:
+        raise pulumi.RunError("set infermesh:image-registry (no pool pins a worker image to infer it from)")
+    return pinned[0].split("@", 1)[0].rsplit("/", 1)[0]
+
+
+stack = pulumi.get_stack()
+cfg = pulumi.Config("infermesh")
+spec, secrets = read_spec(stack, cfg)
+plan = build_plan(spec)
+costs = plan.to_json()["costs"]
+
+if is_local_only(spec):
+    pulumi.export("endpoint", f"http://127.0.0.1:{spec.gateway.port}/v1")
+    pulumi.export("ansible_inventory", {"hosts": {}, "nodes": {}})
+else:
+    images = Images("infermesh-images", {"repository": image_repository(cfg, spec), "context": str(ROOT),
+                                         "push": cfg.get_bool("push-images") is not False})
+    gateways = [n for n in plan.mesh if n.role == "gateway"]
+    mesh = WireGuardMesh("infermesh-mesh", {
+        "nodes": [{"name": n.name, "role": n.role, "address": n.address, "peers": list(n.peers)} for n in plan.mesh],
+        "cidr": spec.mesh.cidr, "port": spec.mesh.port, "keepalive_s": spec.mesh.keepalive_s,
+        # Each gateway node answers WireGuard at its own name (one gateway replica per node).
+        "gateway_endpoints": {g.name: f"{g.name}.mesh.{spec.gateway.host}:{spec.mesh.port}" for g in gateways},
+    })
+    workers = WorkerFleet("infermesh-workers", {
+        "leases": list(plan.leases),
+        "launches": {lease.name: worker_launch(spec, lease) for lease in plan.leases},
+        "credentials": {p.name: p.credentials for p in spec.providers if p.credentials},
+        "mesh_configs": mesh.worker_configs, "mesh_port": spec.mesh.port,
+        "default_image": images.worker_ref,
+    })
+    gateway_names = [g.name for g in gateways]
+    gateway = GatewayFleet("infermesh-gateway", {
+        "stack": stack, "image": images.gateway_ref, "routing": plan.routing,
+        "host": spec.gateway.host, "tls_issuer": spec.gateway.tls_issuer, "namespace": spec.gateway.namespace,
+        "port": spec.gateway.port, "replicas": spec.gateway.replicas, "drain_timeout_s": spec.gateway.drain_timeout_s,
+        # The gateway calls external upstreams itself: it needs their keys (and only theirs).
+        "secrets": {p.credentials: secrets[p.credentials] for p in spec.providers
+                    if p.kind == "openai" and p.credentials in secrets},
+        "mesh_interfaces": mesh.interfaces.apply(lambda i: {g: i[g] for g in gateway_names}),
+        "mesh_peers": mesh.gateway_peers, "mesh_cidr": spec.mesh.cidr, "mesh_port": spec.mesh.port,
+    })
+    pulumi.export("endpoint", gateway.url)
+    pulumi.export("ansible_inventory", workers.inventory)
+    pulumi.export("images", {"gateway": images.gateway_ref, "worker": images.worker_ref})
+
+pulumi.export("routing_config", plan.routing)
+pulumi.export("costs", costs)

@@ -1,0 +1,202 @@
+"""GatewayFleet: the OpenAI-compatible gateway on Kubernetes (pulumi-kubernetes).
+
+Namespace, Secret (upstream keys and the gateways' mesh interfaces), ConfigMap (the routing
+config, byte for byte the plan's, and the mesh peer list), Deployment, ClusterIP Service,
+HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicies (deny all ingress; allow only the
+ingress controller to the gateway port and WireGuard on the mesh port) and an Ingress with TLS
+from cert-manager.
+
+Secure defaults: no LoadBalancer or NodePort (the Ingress is the only way in), TLS required
+(``tls_issuer`` must be set), pods run as non-root with a read-only root filesystem, and the
+routing config is reloaded live by the gateway, so a failover changes the ConfigMap only and
+rolls no pod.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, NotRequired, TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+ROUTING_KEY = "routing.json"
+PEERS_KEY = "mesh-peers.json"
+
+
+def routing_json(routing: Mapping[str, Any]) -> str:
+    """The ConfigMap's text: ``json.loads`` of it equals the plan's routing exactly."""
+    return json.dumps(routing, indent=1, sort_keys=True)
+
+
+def secret_env_name(secret: str) -> str:
+    return "INFERMESH_SECRET_" + "".join(c if c.isalnum() else "_" for c in secret).upper()
+
+
+class GatewayFleetArgs(TypedDict):
+    stack: str
+    """The stack the gateway serves (it reads stacks/Pulumi.<stack>.yaml from its image)."""
+    image: pulumi.Input[str]
+    """The gateway image, pinned by digest."""
+    routing: Mapping[str, Any]
+    """The plan's routing config (models -> pools -> endpoints)."""
+    host: str
+    """The public ingress host."""
+    tls_issuer: str | None
+    """cert-manager ClusterIssuer; required: the ingress never serves plain HTTP."""
+    namespace: NotRequired[str]
+    """Kubernetes namespace (default ``infermesh``)."""
+    port: NotRequired[int]
+    """The gateway's container port (default 8080)."""
+    replicas: NotRequired[int]
+    """Minimum replicas (the HPA may add up to three times as many)."""
+    secrets: NotRequired[pulumi.Input[Mapping[str, str]]]
+    """Upstream credentials by stack-secret name (secret values)."""
+    mesh_interfaces: NotRequired[pulumi.Input[Mapping[str, str]]]
+    """Per gateway node, its WireGuard [Interface] (secret)."""
+    mesh_peers: NotRequired[pulumi.Input[list[Any]]]
+    """The gateways' peer list (public keys, allowed IPs): not secret, changes with the workers."""
+    mesh_cidr: NotRequired[str]
+    """The mesh network (allowed to reach the gateway port)."""
+    mesh_port: NotRequired[int]
+    """WireGuard's UDP port."""
+    drain_timeout_s: NotRequired[float]
+    """Grace for in-flight streams on SIGTERM."""
+    ingress_namespace: NotRequired[str]
+    """Namespace of the ingress controller allowed to reach the gateway (default ``ingress-nginx``)."""
+    ingress_class: NotRequired[str]
+    """IngressClass (default ``nginx``)."""
+
+
+class GatewayFleet(pulumi.ComponentResource):
+    url: pulumi.Output[str]
+    namespace: pulumi.Output[str]
+
+    def __init__(self, name: str, args: GatewayFleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("infermesh:fleet:GatewayFleet", name, None, opts)
+        if not args.get("tls_issuer"):
+            raise ValueError("GatewayFleet: tls_issuer is required (gateway.tls_issuer in the stack file): "
+                             "the public endpoint is served over TLS only")
+        if not args["host"] or args["host"] in ("localhost", "127.0.0.1"):
+            raise ValueError(f"GatewayFleet: host {args['host']!r} is not a public ingress host (gateway.host)")
+        ns_name = args.get("namespace", "infermesh")
+        port = args.get("port", 8080)
+        replicas = args.get("replicas", 1)
+        mesh_port = args.get("mesh_port", 51820)
+        labels = {"app.kubernetes.io/name": "infermesh-gateway", "app.kubernetes.io/component": "gateway",
+                  "app.kubernetes.io/part-of": "infermesh", "infermesh/stack": args["stack"]}
+        child = pulumi.ResourceOptions(parent=self)
+
+        ns = k8s.core.v1.Namespace(f"{name}-namespace", metadata={"name": ns_name, "labels": labels}, opts=child)
+        in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
+        meta = lambda n: {"name": n, "namespace": ns_name, "labels": labels}  # noqa: E731
+
+        # Two Secrets: upstream keys reach the process as env vars; mesh interfaces are mounted as files.
+        upstreams = k8s.core.v1.Secret(
+            f"{name}-upstreams", metadata=meta("infermesh-upstreams"), type="Opaque",
+            string_data=pulumi.Output.secret(pulumi.Output.from_input(args.get("secrets", {})).apply(
+                lambda s: {secret_env_name(k): v for k, v in sorted(s.items())})), opts=in_ns)
+        mesh = k8s.core.v1.Secret(
+            f"{name}-mesh", metadata=meta("infermesh-mesh"), type="Opaque",
+            string_data=pulumi.Output.secret(pulumi.Output.from_input(args.get("mesh_interfaces", {})).apply(
+                lambda m: {f"wg-{n}.conf": c for n, c in sorted(m.items())})), opts=in_ns)
+        config = k8s.core.v1.ConfigMap(
+            f"{name}-routing", metadata=meta("infermesh-routing"),
+            data=pulumi.Output.from_input(args.get("mesh_peers", [])).apply(
+                lambda peers: {ROUTING_KEY: routing_json(args["routing"]),
+                               PEERS_KEY: json.dumps(peers, indent=1, sort_keys=True)}),
+            opts=in_ns)
+
+        container = {
+            "name": "gateway",
+            "image": args["image"],
+            "args": ["--stack", args["stack"], "--routing", f"/etc/infermesh/routing/{ROUTING_KEY}",
+                     "--host", "0.0.0.0", "--port", str(port), "--state-dir", "/var/lib/infermesh"],
+            "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+            "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                              "failureThreshold": 6},
+            "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "routing", "mountPath": "/etc/infermesh/routing", "readOnly": True},
+                             {"name": "mesh", "mountPath": "/etc/infermesh/mesh", "readOnly": True},
+                             {"name": "state", "mountPath": "/var/lib/infermesh"}],
+        }
+        deployment = k8s.apps.v1.Deployment(
+            f"{name}-deployment", metadata=meta("infermesh-gateway"),
+            spec={
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "terminationGracePeriodSeconds": int(args.get("drain_timeout_s", 30)) + 10,
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                            "seccompProfile": {"type": "RuntimeDefault"}},
+                        "automountServiceAccountToken": False,
+                        "containers": [container],
+                        "volumes": [
+                            {"name": "routing", "configMap": {"name": "infermesh-routing"}},
+                            {"name": "mesh", "secret": {"secretName": "infermesh-mesh", "defaultMode": 0o400}},
+                            {"name": "state", "emptyDir": {}},
+                        ],
+                    },
+                },
+            },
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config]))
+        service = k8s.core.v1.Service(
+            f"{name}-service", metadata=meta("infermesh-gateway"),
+            spec={"type": "ClusterIP", "selector": {"app.kubernetes.io/name": "infermesh-gateway"},
+                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+            opts=in_ns)
+        k8s.autoscaling.v2.HorizontalPodAutoscaler(
+            f"{name}-hpa", metadata=meta("infermesh-gateway"),
+            spec={"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "infermesh-gateway"},
+                  "minReplicas": replicas, "maxReplicas": max(replicas * 3, 2),
+                  "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                      "type": "Utilization", "averageUtilization": 70}}}]},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[deployment]))
+        k8s.policy.v1.PodDisruptionBudget(
+            f"{name}-pdb", metadata=meta("infermesh-gateway"),
+            spec={"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}}},
+            opts=in_ns)
+        k8s.networking.v1.NetworkPolicy(
+            f"{name}-deny-all", metadata=meta("deny-all-ingress"),
+            spec={"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}, opts=in_ns)
+        k8s.networking.v1.NetworkPolicy(
+            f"{name}-allow-gateway", metadata=meta("gateway-ingress"),
+            spec={
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": [{"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": args.get("ingress_namespace", "ingress-nginx")}}}],
+                     "ports": [{"protocol": "TCP", "port": port}]},
+                    # WireGuard: workers dial in from wherever they are rented; the key is the guard.
+                    {"ports": [{"protocol": "UDP", "port": mesh_port}]},
+                    # Over the mesh (probes, workers' callbacks): the gateway port, nothing else.
+                    {"from": [{"ipBlock": {"cidr": args.get("mesh_cidr", "10.90.0.0/16")}}],
+                     "ports": [{"protocol": "TCP", "port": port}]},
+                ],
+            },
+            opts=in_ns)
+        k8s.networking.v1.Ingress(
+            f"{name}-ingress",
+            metadata={**meta("infermesh-gateway"), "annotations": {
+                "cert-manager.io/cluster-issuer": args["tls_issuer"],
+                "nginx.ingress.kubernetes.io/proxy-buffering": "off",       # SSE: never buffer a stream
+                "nginx.ingress.kubernetes.io/proxy-read-timeout": "600",
+                "nginx.ingress.kubernetes.io/ssl-redirect": "true"}},
+            spec={"ingressClassName": args.get("ingress_class", "nginx"),
+                  "tls": [{"hosts": [args["host"]], "secretName": "infermesh-gateway-tls"}],
+                  "rules": [{"host": args["host"], "http": {"paths": [{
+                      "path": "/", "pathType": "Prefix",
+                      "backend": {"service": {"name": "infermesh-gateway", "port": {"name": "http"}}}}]}}]},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[service]))
+        self.url = pulumi.Output.from_input(f"https://{args['host']}/v1")
+        self.namespace = pulumi.Output.from_input(ns_name)
+        self.register_outputs({"url": self.url, "namespace": self.namespace})

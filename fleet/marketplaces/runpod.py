@@ -1,0 +1,181 @@
+"""RunPod Pods against REST **v2** (marketplace-apis.md section 2.1).
+
+Why v2: REST v1 (rest.runpod.io/v1) retired on 2026-11-15, so an adapter written now on v1
+would be dead on arrival; v2 is also the only REST surface with a catalog to search
+(``GET /v2/catalog/gpus``), RFC 9457 error bodies and a ``Retry-After`` on 429.
+
+search  GET  /v2/catalog/gpus?include=AVAILABILITY&product=POD&count=N&cloud=SECURE[&countryCodes=..]
+create  POST /v2/pods -> 201 Pod
+find    GET  /v2/pods -> {"pods": [...]}, matched on ``name`` (our label)
+status  GET  /v2/pods/{id}: status PROVISIONING|STARTING -> pending, RUNNING -> running,
+        EXITED|ERROR|TERMINATED -> dead; endpoint from ``runtime.ports``
+destroy DELETE /v2/pods/{id} -> 204
+
+RunPod has no per-host offers and no bid: an "offer" is a GPU type with its on-demand price per
+GPU and its availability. The price cap is checked against the catalog before create and against
+the pod's billed ``cost`` after it; a pod billed above the cap is terminated at once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from fleet.marketplaces.base import (
+    Endpoint,
+    LeaseRequest,
+    LeaseState,
+    Marketplace,
+    MarketplaceError,
+    NoOffers,
+    NotFound,
+    Offer,
+    OutOfCapacity,
+    PriceAboveCap,
+    ProviderError,
+    Status,
+    select_under_cap,
+)
+
+# The plan's GPU types -> RunPod GPU type ids (v1 enum / v2 catalog ids).
+GPU_IDS: dict[str, str] = {
+    "H200": "NVIDIA H200", "H100": "NVIDIA H100 80GB HBM3", "A100-80G": "NVIDIA A100-SXM4-80GB",
+    "A100-40G": "NVIDIA A100-PCIE-40GB", "L40S": "NVIDIA L40S", "A6000": "NVIDIA RTX A6000",
+    "L4": "NVIDIA L4", "RTX4090": "NVIDIA GeForce RTX 4090", "RTX3090": "NVIDIA GeForce RTX 3090",
+}
+CLOUD = "SECURE"
+# Capacity errors on create are not in the spec's examples [U]; RunPod's words for them:
+_NO_CAPACITY = re.compile(r"no (longer )?(any )?(instances|machines|gpus?) (are )?available|out of capacity|"
+                          r"insufficient capacity|not enough free gpus", re.I)
+
+
+def normalize_status(status: str | None) -> Status:
+    if status == "RUNNING":
+        return "running"
+    if status in ("EXITED", "ERROR", "TERMINATED"):
+        return "dead"
+    return "pending"
+
+
+class RunPod(Marketplace):
+    kind = "runpod"
+    default_base_url = "https://api.runpod.io"
+
+    def classify(self, status: int, body: Any, headers: Mapping[str, str]) -> MarketplaceError | None:
+        detail = " ".join(str(body.get(k, "")) for k in ("title", "detail")) if isinstance(body, dict) else str(body)
+        if 400 <= status < 500 and status not in (401, 403, 404, 429) and _NO_CAPACITY.search(detail):
+            return OutOfCapacity(f"runpod: {detail.strip()}", provider=self.kind, status=status)
+        return None
+
+    def search(self, request: LeaseRequest) -> list[Offer]:
+        gpu_id = GPU_IDS.get(request.gpu_type)
+        if gpu_id is None:
+            raise ValueError(f"runpod: no RunPod GPU id for GPU type {request.gpu_type!r}; known: {sorted(GPU_IDS)}")
+        params = {"include": "AVAILABILITY", "product": "POD", "count": request.gpu_count, "cloud": CLOUD,
+                  "countryCodes": ",".join(request.countries) or None}
+        resp = self.http.request("GET", "/v2/catalog/gpus", params=params)
+        gpus = _field(resp.body, "gpus", list, "GET /v2/catalog/gpus")
+        match = [g for g in gpus if g.get("id") == gpu_id]
+        if not match:
+            raise NoOffers(f"runpod: {gpu_id} is not in the catalog for {request.gpu_count} GPUs"
+                           f"{' in ' + ','.join(request.countries) if request.countries else ''}", provider=self.kind)
+        g = match[0]
+        price = (g.get("price") or {}).get("secure")
+        max_count = (g.get("maxCount") or {}).get("secure")
+        if price is None or not g.get("secure", True) or (max_count is not None and max_count < request.gpu_count):
+            raise NoOffers(f"runpod: {gpu_id} x {request.gpu_count} is not offered on the {CLOUD} cloud",
+                           provider=self.kind)
+        centers = [d for d in g.get("dataCenters") or [] if d.get("availability", "NONE") != "NONE"]
+        offer = Offer(provider_kind=self.kind, offer_id=gpu_id, gpu_type=request.gpu_type, gpu_name=gpu_id,
+                      gpu_count=request.gpu_count, price_per_hour=float(price) * request.gpu_count,
+                      region=",".join(d["id"] for d in centers), raw=g)
+        fit = select_under_cap(self.kind, request, [offer])   # the price first: a dear offer is refused as such
+        if g.get("availability", "NONE") == "NONE" or ("dataCenters" in g and not centers):
+            raise OutOfCapacity(f"runpod: no {gpu_id} available now on the {CLOUD} cloud", provider=self.kind)
+        return fit
+
+    def _launch(self, request: LeaseRequest, offer: Offer) -> str:
+        ports = [f"{p.port}/{p.proto}" for p in request.ports]
+        if request.ssh and "22/tcp" not in ports:
+            ports.append("22/tcp")
+        body: dict[str, Any] = {
+            "name": request.label, "image": request.image,
+            "gpu": {"id": offer.offer_id, "count": request.gpu_count},
+            "cloud": CLOUD, "disk": request.disk_gb, "ports": ports, "env": dict(request.env),
+            "startSsh": request.ssh,
+        }
+        centers = [c for c in offer.region.split(",") if c]
+        if centers:
+            body["dataCenterIds"] = centers
+        if request.args and not request.ssh:
+            body["args"] = " ".join(_quote(a) for a in request.args)
+        resp = self.http.request("POST", "/v2/pods", json_body=body, ok=(201, 200))
+        pod = resp.body
+        if not isinstance(pod, dict) or not pod.get("id"):
+            raise ProviderError(f"runpod: POST /v2/pods answered {str(pod)[:200]}", provider=self.kind)
+        cost = pod.get("cost")
+        cap = request.cap_total()
+        if isinstance(cost, (int, float)) and cap is not None and cost > cap + 1e-9:
+            self.destroy(str(pod["id"]))
+            raise PriceAboveCap(f"runpod: pod {pod['id']} billed {cost:.4f}/h, above the cap {cap:.4f}/h for "
+                                f"{request.label}; terminated", provider=self.kind,
+                                cheapest_per_gpu_hour=cost / request.gpu_count,
+                                cap_per_gpu_hour=request.price_cap_per_gpu_hour)
+        return str(pod["id"])
+
+    def find(self, label: str) -> LeaseState | None:
+        resp = self.http.request("GET", "/v2/pods")
+        pods = _field(resp.body, "pods", list, "GET /v2/pods")
+        mine = [self._state(p) for p in pods if p.get("name") == label and p.get("status") != "TERMINATED"]
+        live = [s for s in mine if s.status != "dead"]
+        return (live or mine or [None])[0]
+
+    def status(self, lease_id: str) -> LeaseState:
+        resp = self.http.request("GET", f"/v2/pods/{lease_id}")
+        if not isinstance(resp.body, dict) or "status" not in resp.body:
+            raise ProviderError(f"runpod: GET /v2/pods/{lease_id}: no status in {str(resp.body)[:200]}",
+                                provider=self.kind)
+        return self._state(resp.body)
+
+    def destroy(self, lease_id: str) -> None:
+        try:
+            self.http.request("DELETE", f"/v2/pods/{lease_id}")
+        except NotFound:
+            pass
+
+    def _state(self, pod: Mapping[str, Any]) -> LeaseState:
+        pod_id = str(pod["id"])
+        endpoints: dict[str, Endpoint] = {}
+        runtime = pod.get("runtime") or {}
+        for p in runtime.get("ports") or []:
+            if p.get("ip") and p.get("public"):
+                proto = "tcp" if p.get("type") in (None, "tcp", "http") else str(p["type"])
+                endpoints[f"{p['private']}/{proto}"] = Endpoint(str(p["ip"]), int(p["public"]), proto)
+        for spec in pod.get("ports") or []:
+            port, _, kind = str(spec).partition("/")
+            if kind == "http" and f"{port}/tcp" not in endpoints:
+                # HTTP ports are served by RunPod's TLS proxy when no public IP maps them.
+                endpoints[f"{port}/tcp"] = Endpoint(f"{pod_id}-{port}.proxy.runpod.net", 443, "https")
+        ssh_info = pod.get("ssh") or {}
+        direct = ssh_info.get("direct") or ssh_info.get("proxy")
+        ssh = Endpoint(str(direct["host"]), int(direct["port"])) if direct else None
+        status = pod.get("status")
+        return LeaseState(
+            provider_kind=self.kind, lease_id=pod_id, label=str(pod.get("name") or ""),
+            status=normalize_status(status), raw_status=str(status), price_per_hour=pod.get("cost"),
+            endpoints=endpoints, ssh=ssh, ssh_user=str(direct.get("username") or "root") if direct else "root",
+            raw=dict(pod),
+        )
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _field(body: Any, key: str, kind: type, where: str) -> Any:
+    if not isinstance(body, dict) or not isinstance(body.get(key), kind):
+        raise ProviderError(f"runpod: {where}: expected {key!r} ({kind.__name__}) in {str(body)[:200]}",
+                            provider="runpod")
+    return body[key]

@@ -1,0 +1,526 @@
+"""Each marketplace adapter against its FAKE server (tests/fakes/marketplaces.py), on 127.0.0.1.
+
+Happy path (search, create, running, endpoint, destroy), idempotent create, the price cap,
+every error shape mapped to its error class, retries on 429 (with and without Retry-After),
+giving up after N tries, and a lease that dies. No test sleeps: adapters take an injected sleep.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import yaml
+
+from fleet.marketplaces import (
+    Akash,
+    AuthFailed,
+    LeaseDied,
+    LeaseRequest,
+    ModelUnavailable,
+    NoOffers,
+    OpenAIUpstream,
+    OutOfCapacity,
+    Port,
+    PriceAboveCap,
+    ProviderError,
+    RateLimited,
+    RetryPolicy,
+    RunPod,
+    VastAi,
+    adapter_class,
+)
+from fleet.marketplaces.base import HttpClient, parse_retry_after
+from tests.fakes.marketplaces import FakeAkash, FakeOpenAIUpstream, FakeRunPod, FakeVastAi
+
+KEY = "test-key"
+IMAGE = "registry.example/infermesh/worker@sha256:" + "a" * 64
+
+
+class Sleeps(list):
+    """An injected sleep: records the waits, never waits."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+def _fake(cls):
+    fake = cls(KEY).start()
+    return fake
+
+
+@pytest.fixture
+def vast():
+    fake = _fake(FakeVastAi)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def runpod():
+    fake = _fake(FakeRunPod)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def akash():
+    fake = _fake(FakeAkash)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def upstream():
+    fake = _fake(FakeOpenAIUpstream)
+    yield fake
+    fake.stop()
+
+
+def request(label="qwen-eu-vast-0", gpu="RTX4090", cap=0.5, **kw) -> LeaseRequest:
+    kw.setdefault("region", "eu-west")
+    kw.setdefault("countries", ("NL", "DE"))
+    return LeaseRequest(label=label, gpu_type=gpu, gpu_count=kw.pop("count", 1), image=IMAGE,
+                        price_cap_per_gpu_hour=cap, args=("--model", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000"),
+                        env={"INFERMESH_LEASE": label}, ports=kw.pop("ports", (Port(8000, "tcp"),)), **kw)
+
+
+def adapter(cls, fake, sleeps, attempts=4, **kw):
+    return cls(KEY if "key" not in kw else kw.pop("key"), fake.url + kw.pop("suffix", ""),
+               retry=RetryPolicy(attempts=attempts, base_s=0.5, cap_s=8), sleep=sleeps, poll_s=1.0,
+               rng=random.Random(7), timeout_s=5, **kw)
+
+
+def vast_adapter(fake, sleeps, **kw):
+    return adapter(VastAi, fake, sleeps, suffix="/api/v0", **kw)
+
+
+# ==== Vast.ai ==========================================================================================
+
+def test_vast_happy_path(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    offers = a.search(request())
+    # Cheapest first, only the requested countries (104 is in the US), none above the cap (103 at 0.95).
+    assert [o.offer_id for o in offers] == ["102", "101"]
+    assert offers[0].price_per_gpu_hour == pytest.approx(0.38) and offers[0].region == "NL"
+    state = a.create(request())
+    assert state.status == "pending" and state.label == "qwen-eu-vast-0"
+    running = a.wait_running(state.lease_id)
+    assert running.status == "running" and running.raw_status == "running"
+    ep = running.endpoint(8000)
+    assert ep is not None and ep.host == "203.0.113.102" and ep.port == 40000
+    # The fake saw the documented create shape: args runtype, ports as docker flags in env, our label.
+    [put] = vast.calls("PUT", r"/asks/102/$")
+    assert put["body"]["runtype"] == "args" and put["body"]["args"][:2] == ["--model", "Qwen/Qwen2.5-7B-Instruct"]
+    assert put["body"]["env"]["-p 8000:8000"] == "1" and put["body"]["label"] == "qwen-eu-vast-0"
+    assert put["headers"]["authorization"] == f"Bearer {KEY}"
+    a.destroy(state.lease_id)
+    assert vast.instances == {}
+    a.destroy(state.lease_id)        # idempotent: already gone is fine
+
+
+def test_vast_search_sends_the_documented_filter(vast, sleeps):
+    vast_adapter(vast, sleeps).search(request(count=1))
+    [call] = vast.calls("POST", r"/bundles/$")
+    q = call["body"]
+    assert q["gpu_name"] == {"eq": "RTX 4090"} and q["num_gpus"] == {"eq": 1}
+    assert q["geolocation"] == {"in": ["NL", "DE"]} and q["order"] == [["dph_total", "asc"]]
+    assert q["rentable"] == {"eq": True} and q["type"] == "on-demand"
+
+
+def test_vast_create_is_idempotent(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    first = a.create(request())
+    second = a.create(request())
+    assert second.lease_id == first.lease_id
+    assert len(vast.instances) == 1 and len(vast.calls("PUT")) == 1
+
+
+def test_vast_dead_lease_under_label_is_replaced(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    first = a.create(request())
+    vast.kill(first.lease_id)
+    second = a.create(request())
+    assert second.lease_id != first.lease_id and list(vast.instances) == [int(second.lease_id)]
+
+
+def test_vast_price_cap_refused(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    with pytest.raises(PriceAboveCap) as e:
+        a.create(request(cap=0.2))
+    assert "0.3800/GPU-hour, above the cap 0.2000" in str(e.value)
+    assert e.value.cheapest_per_gpu_hour == pytest.approx(0.38) and e.value.failover
+    assert vast.calls("PUT") == [] and vast.instances == {}
+
+
+def test_vast_no_cap_never_rents(vast, sleeps):
+    with pytest.raises(PriceAboveCap, match="no price cap"):
+        vast_adapter(vast, sleeps).create(request(cap=None))
+    assert vast.calls("PUT") == []
+
+
+def test_vast_no_offers(vast, sleeps):
+    vast.offers = []
+    with pytest.raises(NoOffers) as e:
+        vast_adapter(vast, sleeps).create(request())
+    assert not isinstance(e.value, PriceAboveCap) and "no offers for 1 x RTX4090 in eu-west" in str(e.value)
+
+
+def test_vast_offer_vanishes_then_next_offer(vast, sleeps):
+    vast.vanish(102)
+    state = vast_adapter(vast, sleeps).create(request())
+    assert vast.instances[int(state.lease_id)]["public_ipaddr"] == "203.0.113.101"
+    assert [c["path"] for c in vast.calls("PUT")] == ["/api/v0/asks/102/", "/api/v0/asks/101/"]
+
+
+def test_vast_out_of_capacity(vast, sleeps):
+    vast.capacity = False
+    with pytest.raises(OutOfCapacity) as e:
+        vast_adapter(vast, sleeps).create(request())
+    assert len(e.value.failover_history) == 2 and e.value.retryable
+    assert all(h.status == 410 for h in e.value.failover_history)
+
+
+@pytest.mark.parametrize("forbidden", [False, True])
+def test_vast_auth_failure(vast, sleeps, forbidden):
+    vast.forbidden = forbidden
+    a = vast_adapter(vast, sleeps, key=KEY if forbidden else "wrong")
+    with pytest.raises(AuthFailed) as e:
+        a.search(request())
+    assert e.value.status == (403 if forbidden else 401) and not e.value.failover and not e.value.retryable
+    assert len(vast.requests) == 1 and sleeps == []          # never retried
+
+
+def test_vast_429_without_retry_after_backs_off_then_succeeds(vast, sleeps):
+    vast.rate_limit(2)                                     # Vast: plain text, no Retry-After
+    offers = vast_adapter(vast, sleeps).search(request())
+    assert offers and len(vast.requests) == 3
+    # Exponential backoff with full jitter: within [0, 0.5] then [0, 1.0].
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0
+
+
+def test_vast_429_gives_up_after_n(vast, sleeps):
+    vast.rate_limit(10)
+    with pytest.raises(RateLimited) as e:
+        vast_adapter(vast, sleeps, attempts=3).search(request())
+    assert "gave up after 3 tries" in str(e.value) and "too frequent" in str(e.value)
+    assert len(vast.requests) == 3 and len(sleeps) == 2
+
+
+def test_vast_create_not_retried_after_500(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    offers = a.search(request())
+    vast.fail(1, status=500)
+    with pytest.raises(ProviderError) as e:
+        a._launch(request(), offers[0])
+    assert e.value.status == 500 and len(vast.calls("PUT")) == 1   # a PUT that may have rented is not resent
+
+
+def test_vast_5xx_on_reads_retried(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    state = a.create(request())
+    vast.fail(2, status=502)
+    assert a.status(state.lease_id).lease_id == state.lease_id and len(sleeps) == 2
+
+
+def test_vast_dead_lease_detected(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    state = a.create(request())
+    vast.kill(state.lease_id, "exited")
+    with pytest.raises(LeaseDied) as e:
+        a.wait_running(state.lease_id)
+    assert e.value.raw_status == "exited" and e.value.lease_id == state.lease_id and "code 137" in str(e.value)
+
+
+def test_vast_fake_rejects_wrong_shape(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    with pytest.raises(ProviderError) as e:
+        a.http.request("PUT", "/asks/101/", json_body={"client_id": "me", "image": IMAGE, "ports": [8000]})
+    assert e.value.status == 400 and "unknown fields ['ports']" in str(e.value)
+
+
+def test_vast_ssh_lease(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    state = a.wait_running(a.create(request(ssh=True, ports=())).lease_id)
+    [put] = vast.calls("PUT")
+    assert put["body"]["runtype"] == "ssh_direct" and "args" not in put["body"]
+    assert state.ssh is not None and state.ssh.host == "203.0.113.102" and state.ssh.port == 40022
+
+
+# ==== RunPod (REST v2) ===================================================================================
+
+def test_runpod_happy_path(runpod, sleeps):
+    a = adapter(RunPod, runpod, sleeps)
+    req = request(label="qwen-eu-runpod-0", cap=1.0, ports=(Port(8000, "http"), Port(22, "tcp")))
+    [offer] = a.search(req)
+    assert offer.offer_id == "NVIDIA GeForce RTX 4090" and offer.price_per_hour == pytest.approx(0.69)
+    state = a.create(req)
+    assert state.status == "pending"
+    [post] = runpod.calls("POST", r"/v2/pods$")
+    body = post["body"]
+    assert body["gpu"] == {"id": "NVIDIA GeForce RTX 4090", "count": 1} and body["cloud"] == "SECURE"
+    assert body["ports"] == ["8000/http", "22/tcp"] and body["dataCenterIds"] == ["EU-NL-1"]
+    assert body["args"] == "--model Qwen/Qwen2.5-7B-Instruct --port 8000" and body["name"] == "qwen-eu-runpod-0"
+    running = a.wait_running(state.lease_id)
+    assert running.status == "running" and running.raw_status == "RUNNING"
+    assert running.endpoint(22).port == 30022 and running.endpoint(22).host == "195.26.233.3"
+    http = running.endpoint(8000)
+    assert http.host == f"{state.lease_id}-8000.proxy.runpod.net" and http.scheme == "https"
+    assert running.ssh.host == "195.26.233.3" and running.ssh_user == "root"
+    a.destroy(state.lease_id)
+    assert runpod.pods == {}
+    a.destroy(state.lease_id)
+
+
+def test_runpod_catalog_query(runpod, sleeps):
+    adapter(RunPod, runpod, sleeps).search(request(cap=1.0, count=2))
+    [call] = runpod.calls("GET", r"/v2/catalog/gpus$")
+    assert call["query"] == {"include": "AVAILABILITY", "product": "POD", "count": "2", "cloud": "SECURE",
+                             "countryCodes": "NL,DE"}
+
+
+def test_runpod_create_is_idempotent(runpod, sleeps):
+    a = adapter(RunPod, runpod, sleeps)
+    first = a.create(request(cap=1.0))
+    assert a.create(request(cap=1.0)).lease_id == first.lease_id and len(runpod.pods) == 1
+
+
+def test_runpod_price_cap_refused(runpod, sleeps):
+    with pytest.raises(PriceAboveCap, match=r"0.6900/GPU-hour, above the cap 0.5000"):
+        adapter(RunPod, runpod, sleeps).create(request(cap=0.5))
+    assert runpod.calls("POST") == []
+
+
+def test_runpod_billed_above_cap_is_terminated(runpod, sleeps):
+    runpod.billed_markup = 0.5           # the catalog said 0.69, the pod bills 1.19
+    with pytest.raises(PriceAboveCap, match="billed 1.1900/h"):
+        adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert runpod.pods == {} and len(runpod.calls("DELETE")) == 1
+
+
+def test_runpod_no_offers(runpod, sleeps):
+    runpod.gpus = []
+    with pytest.raises(NoOffers, match="not in the catalog"):
+        adapter(RunPod, runpod, sleeps).search(request(cap=1.0))
+
+
+def test_runpod_out_of_capacity_in_catalog(runpod, sleeps):
+    runpod.capacity = False
+    with pytest.raises(OutOfCapacity, match="no NVIDIA GeForce RTX 4090 available"):
+        adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert runpod.calls("POST") == []
+
+
+def test_runpod_capacity_gone_at_create(runpod, sleeps):
+    runpod.vanish_on_create = True
+    with pytest.raises(OutOfCapacity) as e:
+        adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert "no longer any instances available" in str(e.value.failover_history[0])
+
+
+@pytest.mark.parametrize("forbidden", [False, True])
+def test_runpod_auth_failure(runpod, sleeps, forbidden):
+    runpod.forbidden = forbidden
+    with pytest.raises(AuthFailed) as e:
+        adapter(RunPod, runpod, sleeps, key=KEY if forbidden else "nope").search(request(cap=1.0))
+    assert e.value.status == (403 if forbidden else 401)
+    assert ("missing bearer token" in str(e.value)) != forbidden
+
+
+def test_runpod_429_honours_retry_after(runpod, sleeps):
+    runpod.rate_limit(2, retry_after="3")
+    assert adapter(RunPod, runpod, sleeps).search(request(cap=1.0))
+    assert sleeps == [3.0, 3.0]
+
+
+def test_runpod_create_retried_on_429(runpod, sleeps):
+    runpod.rate_limit(1, retry_after="2")          # a 429 did nothing: safe to resend a POST
+    state = adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert state.lease_id in runpod.pods and len(runpod.pods) == 1 and 2.0 in sleeps
+
+
+def test_runpod_retry_after_too_long_is_not_waited(runpod, sleeps):
+    runpod.rate_limit(1, retry_after="3600")
+    with pytest.raises(RateLimited) as e:
+        adapter(RunPod, runpod, sleeps).search(request(cap=1.0))
+    assert e.value.retry_after == 3600 and sleeps == []
+
+
+def test_runpod_dead_lease_detected(runpod, sleeps):
+    a = adapter(RunPod, runpod, sleeps)
+    state = a.create(request(cap=1.0))
+    runpod.kill(state.lease_id, "ERROR")
+    with pytest.raises(LeaseDied) as e:
+        a.wait_running(state.lease_id)
+    assert e.value.raw_status == "ERROR" and a.status(state.lease_id).status == "dead"
+
+
+def test_runpod_fake_rejects_v1_shape(runpod, sleeps):
+    a = adapter(RunPod, runpod, sleeps)
+    v1 = {"name": "x", "imageName": IMAGE, "gpuTypeIds": ["NVIDIA GeForce RTX 4090"], "gpuCount": 1}
+    with pytest.raises(ProviderError) as e:
+        a.http.request("POST", "/v2/pods", json_body=v1)
+    assert e.value.status == 422 and "Request validation failed" in str(e.value)
+
+
+# ==== Akash (Console API) ================================================================================
+
+def akash_adapter(fake, sleeps, **kw):
+    a = adapter(Akash, fake, sleeps, **kw)
+    a.bid_wait_s = 10
+    return a
+
+
+def test_akash_sdl_from_pool():
+    req = request(label="qwen-eu-akash-0", cap=0.6, ports=(Port(51820, "udp"),))
+    doc = yaml.safe_load(__import__("fleet.marketplaces.akash", fromlist=["sdl"]).sdl(req))
+    assert doc["version"] == "2.0"
+    svc = doc["services"]["worker"]
+    assert svc["image"] == IMAGE and svc["args"] == ["--model", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000"]
+    # Only the mesh's UDP port is exposed; vLLM's 8000 is reached over the mesh, never published.
+    assert svc["expose"] == [{"port": 51820, "as": 51820, "proto": "udp", "to": [{"global": True}]}]
+    gpu = doc["profiles"]["compute"]["worker"]["resources"]["gpu"]
+    assert gpu == {"units": 1, "attributes": {"vendor": {"nvidia": [{"model": "rtx4090", "ram": "24Gi"}]}}}
+    placement = doc["profiles"]["placement"]["qwen-eu-akash-0"]
+    # 0.60 USD/h = 1000 uact per block at 600 blocks an hour.
+    assert placement["pricing"]["worker"] == {"denom": "uact", "amount": 1000}
+    assert placement["attributes"] == {"location-region": "eu-west"}
+    assert doc["deployment"] == {"worker": {"qwen-eu-akash-0": {"profile": "worker", "count": 1}}}
+    FakeAkash.validate_sdl(doc)           # the fake's validator accepts it
+
+
+def test_akash_happy_path_with_delayed_bids(akash, sleeps):
+    akash.bids_after_polls = 3            # bids arrive only on the 4th poll
+    a = akash_adapter(akash, sleeps)
+    req = request(label="qwen-eu-akash-0", cap=0.6, ports=(Port(51820, "udp"),))
+    state = a.create(req)
+    assert len(akash.calls("GET", r"/v1/bids$")) == 4 and sleeps.count(1.0) >= 3
+    # The cheapest USD bid (500 uact/block = 0.30/h) won; the uakt bid was not priced.
+    [lease_call] = akash.calls("POST", r"/v1/leases$")
+    assert lease_call["body"]["leases"] == [{"dseq": state.lease_id, "gseq": 1, "oseq": 1,
+                                             "provider": "akash1providerbbb"}]
+    assert lease_call["headers"]["x-api-key"] == KEY
+    running = a.wait_running(state.lease_id)
+    assert running.status == "running" and running.price_per_hour == pytest.approx(0.30)
+    ep = running.endpoint(51820, "udp")
+    assert ep is not None and ep.host == "provider.fake-akash.invalid" and ep.port == 31820
+    a.destroy(state.lease_id)
+    assert a.status(state.lease_id).status == "dead"
+
+
+def test_akash_create_is_idempotent(akash, sleeps):
+    a = akash_adapter(akash, sleeps)
+    first = a.create(request(label="qwen-eu-akash-0", cap=0.6))
+    again = a.create(request(label="qwen-eu-akash-0", cap=0.6))
+    assert again.lease_id == first.lease_id and len(akash.calls("POST", r"/v1/deployments$")) == 1
+    other = a.create(request(label="qwen-eu-akash-1", cap=0.6))
+    assert other.lease_id != first.lease_id
+
+
+def test_akash_market_price_above_cap_refused_before_deposit(akash, sleeps):
+    with pytest.raises(PriceAboveCap, match="above the cap 0.2000"):
+        akash_adapter(akash, sleeps).create(request(cap=0.2))
+    assert akash.calls("POST") == []
+
+
+def test_akash_bids_above_cap_refused_and_deployment_closed(akash, sleeps):
+    akash.honour_max_price = False       # a provider that bids above the SDL's price
+    akash.bid_prices = [("akash1dear", "uact", "2000")]        # 1.20 USD/h
+    with pytest.raises(PriceAboveCap, match="1.2000/GPU-hour, above the cap 0.6000"):
+        akash_adapter(akash, sleeps).create(request(cap=0.6))
+    assert akash.calls("POST", r"/v1/leases$") == []
+    [dep] = akash.deployments.values()
+    assert dep["deployment"]["state"] == "closed"          # the deposit comes back
+
+
+def test_akash_no_bids(akash, sleeps):
+    akash.bid_prices = []
+    with pytest.raises(NoOffers, match="no bids .* within 10s"):
+        akash_adapter(akash, sleeps).create(request(cap=0.6))
+    [dep] = akash.deployments.values()
+    assert dep["deployment"]["state"] == "closed"
+
+
+def test_akash_out_of_capacity_in_market(akash, sleeps):
+    with pytest.raises(OutOfCapacity, match="0 nvidia l40s available"):
+        akash_adapter(akash, sleeps).create(request(gpu="L40S", cap=1.0))
+
+
+def test_akash_bid_closed_before_lease_takes_next(akash, sleeps):
+    akash.close_bids_on_lease = {"akash1providerbbb"}
+    state = akash_adapter(akash, sleeps).create(request(cap=0.6))
+    [lease] = akash.deployments[state.lease_id]["leases"]
+    assert lease["id"]["provider"] == "akash1provideraaa"
+
+
+@pytest.mark.parametrize("forbidden", [False, True])
+def test_akash_auth_failure(akash, sleeps, forbidden):
+    akash.forbidden = forbidden
+    with pytest.raises(AuthFailed) as e:
+        akash_adapter(akash, sleeps, key=KEY if forbidden else "nope").create(request(cap=0.6))
+    assert e.value.status == (403 if forbidden else 401)
+
+
+def test_akash_rate_limit_then_success(akash, sleeps):
+    akash.rate_limit(1, retry_after="1")
+    assert akash_adapter(akash, sleeps).find("nothing") is None and sleeps == [1.0]
+
+
+def test_akash_dead_lease_detected(akash, sleeps):
+    a = akash_adapter(akash, sleeps)
+    state = a.create(request(cap=0.6))
+    akash.kill(state.lease_id)
+    with pytest.raises(LeaseDied, match="lease closed"):
+        a.wait_running(state.lease_id)
+
+
+def test_akash_fake_rejects_quickstart_lease_shape(akash, sleeps):
+    a = akash_adapter(akash, sleeps)
+    with pytest.raises(ProviderError) as e:
+        a.http.request("POST", "/v1/leases", json_body={"dseq": "1", "bidId": "x"})
+    assert e.value.status == 400 and "Validation error" in str(e.value)
+
+
+# ==== OpenAI-compatible upstream ==========================================================================
+
+def test_upstream_check(upstream, sleeps):
+    u = OpenAIUpstream(KEY, upstream.url + "/v1", sleep=sleeps)
+    assert u.check("Qwen/Qwen3-32B-FP8") == "qwen/qwen3-32b-fp8"     # case-insensitive, upstream's own id
+    with pytest.raises(ModelUnavailable, match="does not list 'llama-9'"):
+        u.check("llama-9")
+
+
+def test_upstream_auth_and_rate_limit(upstream, sleeps):
+    with pytest.raises(AuthFailed, match="unauthorized"):
+        OpenAIUpstream("bad", upstream.url + "/v1", sleep=sleeps).models()
+    upstream.rate_limit(2, retry_after="2")
+    assert OpenAIUpstream(KEY, upstream.url + "/v1", sleep=sleeps).models() and sleeps == [2.0, 2.0]
+
+
+# ==== plumbing ===========================================================================================
+
+def test_connection_refused_is_retried_then_clear_error(sleeps):
+    fake = FakeVastAi(KEY).start()
+    url = fake.url
+    fake.stop()                     # nothing listens there any more
+    client = HttpClient(url, provider="vastai", headers={}, retry=RetryPolicy(attempts=3), sleep=sleeps)
+    with pytest.raises(ProviderError) as e:
+        client.request("GET", "/api/v0/instances/")
+    assert "cannot connect" in str(e.value) and "gave up after 3 tries" in str(e.value) and len(sleeps) == 2
+
+
+def test_retry_after_http_date():
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == pytest.approx(10.0)
+    assert parse_retry_after("7") == 7.0 and parse_retry_after(None) is None and parse_retry_after("soon") is None
+
+
+def test_registry_and_secret_free_repr():
+    assert adapter_class("vastai") is VastAi and adapter_class("openai") is OpenAIUpstream
+    with pytest.raises(ValueError, match="known"):
+        adapter_class("tensordock")
+    assert "sekrit" not in repr(VastAi("sekrit")) and "sekrit" not in repr(OpenAIUpstream("sekrit"))

@@ -1,0 +1,458 @@
+"""The Pulumi program (__main__.py) under ``pulumi.runtime.set_mocks``, for every shipped stack.
+
+No Pulumi CLI, no cluster, no marketplace: the mocks record every resource the program
+registers (type, name, inputs, with secret markers kept) and answer with plausible outputs.
+The tests assert policies over what was registered: leases per pool, secrets stay secret, the
+routing ConfigMap is the plan's routing, the NetworkPolicies, no public worker Service, TLS on
+the Ingress, and that draining a provider changes exactly the leases and the ConfigMap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import runpy
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pulumi.runtime import rpc
+
+from fleet import plan as plan_mod
+from fleet import spec as spec_mod
+from fleet.commands import failover
+from fleet.components.gateway import PEERS_KEY, ROUTING_KEY
+from fleet.components.lease import LEASE_PROVIDERS, VastAiLeaseProvider
+from fleet.components.mesh import WireGuardKeyProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = ROOT / "__main__.py"
+STACKS = ["local", "staging", "prod"]
+LEASE_TYPE = "pulumi-python:dynamic/infermesh:GpuLease"
+KEY_TYPE = "pulumi-python:dynamic/infermesh:WireGuardKey"
+SECRET_SIG = rpc._special_secret_sig
+SIG = rpc._special_sig_key
+
+
+def is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(SIG) == SECRET_SIG
+
+
+def unwrap(value: Any) -> Any:
+    if is_secret(value):
+        return unwrap(value["value"])
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+def stable_key(node: str) -> tuple[str, str]:
+    """A deterministic key pair per node for the mocks, so two runs can be diffed."""
+    key = X25519PrivateKey.from_private_bytes(hashlib.sha256(node.encode()).digest())
+    raw = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return (raw(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                  serialization.NoEncryption())),
+            raw(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)))
+
+
+@dataclass
+class Registered:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+
+
+class Mocks(pulumi.runtime.Mocks):
+    def __init__(self) -> None:
+        self.resources: list[Registered] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        self.resources.append(Registered(args.typ, args.name, dict(args.inputs)))
+        outs = dict(args.inputs)
+        if args.typ == KEY_TYPE:
+            private, public = stable_key(unwrap(args.inputs["node"]))
+            outs.update(public_key=public, private_key={SIG: SECRET_SIG, "value": private})
+        elif args.typ == LEASE_TYPE:
+            n = int(hashlib.sha256(args.name.encode()).hexdigest()[:4], 16) % 250
+            outs.update(lease_id=f"{args.name}-id", status="running", raw_status="running",
+                        endpoint_host=f"198.51.100.{n}", endpoint_port=31820, ssh_host=f"198.51.100.{n}",
+                        ssh_port=22022, ssh_user="root", price_per_hour=0.4)
+        elif args.typ.startswith("docker-build:index:Image"):
+            digest = "sha256:" + hashlib.sha256(json.dumps(args.inputs.get("tags")).encode()).hexdigest()
+            outs.update(digest=digest, ref=f"{args.inputs['tags'][0]}@{digest}")
+        return f"{args.name}-id", outs
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+    def of_type(self, prefix: str) -> list[Registered]:
+        return [r for r in self.resources if r.typ.startswith(prefix)]
+
+    def one(self, prefix: str, name_part: str = "") -> Registered:
+        found = [r for r in self.of_type(prefix) if name_part in r.name]
+        assert len(found) == 1, f"expected one {prefix} {name_part!r}, got {[r.name for r in found]}"
+        return found[0]
+
+
+@dataclass
+class Run:
+    stack: str
+    spec: spec_mod.Spec
+    plan: plan_mod.Plan
+    mocks: Mocks
+    exports: dict[str, Any] = field(default_factory=dict)
+
+
+def stack_config(stack: str, stacks_dir: Path | None = None) -> tuple[dict[str, str], list[str]]:
+    """The stack file as Pulumi hands it to a program: every value as text (JSON for structured
+    ones), secrets decrypted (here: stand-ins) and listed as secret keys."""
+    raw = spec_mod.read_config(spec_mod.stack_path(stack, stacks_dir))
+    config, secret_keys = {}, []
+    for key, value in raw.items():
+        full = f"{spec_mod.NAMESPACE}:{key}"
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            config[full] = f"test-secret-{key}"
+            secret_keys.append(full)
+        else:
+            config[full] = value if isinstance(value, str) else json.dumps(value)
+    return config, secret_keys
+
+
+def run_program(stack: str, monkeypatch: pytest.MonkeyPatch, stacks_dir: Path | None = None) -> Run:
+    # The SDK runs the program on the thread's current event loop; an earlier async test may have
+    # closed or unset it, so each run gets its own.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    mocks = Mocks()
+    pulumi.runtime.set_mocks(mocks, project="infermesh", stack=stack, preview=False)
+    config, secret_keys = stack_config(stack, stacks_dir)
+    pulumi.runtime.set_all_config(config, secret_keys)
+    exported: dict[str, Any] = {}
+    monkeypatch.setattr(pulumi, "export", lambda name, value: exported.__setitem__(name, value))
+    resolved: dict[str, Any] = {}
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(MAIN), run_name="__main__")
+        return pulumi.Output.from_input(exported).apply(resolved.update)
+
+    program()
+    spec = spec_mod.load(stack, stacks_dir)
+    return Run(stack, spec, plan_mod.build_plan(spec), mocks, resolved)
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Run]:
+    mp = pytest.MonkeyPatch()
+    try:
+        return {s: run_program(s, mp) for s in STACKS if spec_mod.stack_path(s).exists()}
+    finally:
+        mp.undo()
+
+
+def test_every_shipped_stack_runs(runs):
+    assert set(runs) == set(STACKS)
+    for run in runs.values():
+        assert run.exports["routing_config"] == run.plan.routing
+        assert run.exports["costs"]["monthly_total"] == run.plan.costs.monthly_total
+
+
+def test_local_stack_rents_and_deploys_nothing(runs):
+    run = runs["local"]
+    assert run.plan.leases == ()
+    assert [r.typ for r in run.mocks.resources] == []
+    assert run.exports["endpoint"].startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_leases_per_pool(runs, stack):
+    run = runs[stack]
+    leases = run.mocks.of_type(LEASE_TYPE)
+    per_pool = Counter(unwrap(r.inputs["name"]).rsplit("-", 1)[0] for r in leases)
+    expected = {p.name: p.replicas for p in run.plan.pools if p.leased and p.role != "drained" and p.replicas}
+    assert dict(per_pool) == expected
+    assert sum(expected.values()) == len(run.plan.leases) > 0
+    by_name = {unwrap(r.inputs["name"]): unwrap(r.inputs) for r in leases}
+    for lease in run.plan.leases:
+        props = by_name[lease.name]
+        assert (props["provider_kind"], props["gpu_type"], props["gpu_count"], props["region"], props["price_cap"]) == \
+            (lease.provider_kind, lease.gpu_type, lease.gpu_count, lease.region, lease.price_cap)
+        assert props["image"] == lease.image and "@sha256:" in props["image"]
+        assert "--host" in props["args"] and props["args"][props["args"].index("--host") + 1] == lease.mesh_address
+        # The worker API is never published: only WireGuard's UDP port, where the market has UDP.
+        assert all(p.endswith("/udp") for p in props["ports"])
+        assert not any(p.startswith("8000") for p in props["ports"])
+    # Every lease resource passes the policy pack's resource rules (digest-pinned, under the cap).
+    from fleet import policy
+
+    for r in leases:
+        assert policy.check_resource(r.typ, unwrap(r.inputs), r.name) == []
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_secrets_are_secret(runs, stack):
+    run = runs[stack]
+    for r in run.mocks.of_type(LEASE_TYPE):
+        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key) is not secret"
+        assert "PrivateKey = " in unwrap(r.inputs["env"])["WG_CONFIG"]
+        assert is_secret(r.inputs["__provider"])
+        # Only the NAME of the marketplace secret travels; its value appears in no input.
+        assert unwrap(r.inputs["credentials"]).endswith("-api-key")
+    flat = json.dumps([unwrap(r.inputs) for r in run.mocks.resources if r.typ != "kubernetes:core/v1:Secret"])
+    for key in ("vastai-api-key", "runpod-api-key", "akash-api-key", "gonkagate-api-key"):
+        assert f"test-secret-{key}" not in flat
+    for name in ("infermesh-upstreams", "infermesh-mesh"):
+        secret = next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret") if r.inputs["metadata"]["name"] == name)
+        assert is_secret(secret.inputs["stringData"])
+    mesh_secret = unwrap(next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
+                              if r.inputs["metadata"]["name"] == "infermesh-mesh").inputs["stringData"])
+    assert sorted(mesh_secret) == [f"wg-gateway-{i}.conf" for i in range(run.spec.gateway.replicas)]
+    upstreams = unwrap(next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
+                            if r.inputs["metadata"]["name"] == "infermesh-upstreams").inputs["stringData"])
+    want = {"INFERMESH_SECRET_GONKAGATE_API_KEY": "test-secret-gonkagate-api-key"} if stack == "prod" else {}
+    assert upstreams == want
+    keys = run.mocks.of_type(KEY_TYPE)
+    assert len(keys) == len(run.plan.mesh)
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_configmap_is_the_plans_routing(runs, stack):
+    run = runs[stack]
+    cm = run.mocks.one("kubernetes:core/v1:ConfigMap")
+    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == run.plan.routing
+    peers = json.loads(cm.inputs["data"][PEERS_KEY])
+    assert sorted(p["name"] for p in peers) == sorted(x.name for x in run.plan.leases)
+    assert all("private" not in json.dumps(p).lower() for p in peers)
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_network_policies(runs, stack):
+    run = runs[stack]
+    policies = {r.inputs["metadata"]["name"]: r.inputs["spec"] for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
+    deny = policies["deny-all-ingress"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and deny.get("ingress", []) == []
+    allow = policies["gateway-ingress"]
+    assert allow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "infermesh-gateway"}
+    rules = allow["ingress"]
+    port = run.spec.gateway.port
+    # Only three doors: the ingress controller to the gateway port, WireGuard, and the mesh to the gateway port.
+    assert len(rules) == 3
+    assert rules[0]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert rules[0]["ports"] == [{"protocol": "TCP", "port": port}]
+    assert rules[1] == {"ports": [{"protocol": "UDP", "port": run.spec.mesh.port}]}
+    assert rules[2] == {"from": [{"ipBlock": {"cidr": run.spec.mesh.cidr}}], "ports": [{"protocol": "TCP", "port": port}]}
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_no_public_service_and_tls_ingress(runs, stack):
+    run = runs[stack]
+    services = run.mocks.of_type("kubernetes:core/v1:Service")
+    assert services and all(s.inputs["spec"]["type"] == "ClusterIP" for s in services)
+    assert not any("externalIPs" in s.inputs["spec"] for s in services)
+    from fleet import policy
+
+    for r in run.mocks.resources:
+        assert policy.check_resource(r.typ, unwrap(r.inputs), r.name) == [], r.name
+    ingress = run.mocks.one("kubernetes:networking.k8s.io/v1:Ingress")
+    assert ingress.inputs["spec"]["tls"] == [{"hosts": [run.spec.gateway.host], "secretName": "infermesh-gateway-tls"}]
+    assert ingress.inputs["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == run.spec.gateway.tls_issuer
+    assert run.exports["endpoint"] == f"https://{run.spec.gateway.host}/v1"
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_gateway_deployment_hpa_pdb_images(runs, stack):
+    run = runs[stack]
+    dep = run.mocks.one("kubernetes:apps/v1:Deployment")
+    pod = dep.inputs["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert dep.inputs["spec"]["replicas"] == run.spec.gateway.replicas
+    assert "@sha256:" in container["image"] and container["image"] == run.exports["images"]["gateway"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    hpa = run.mocks.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler")
+    assert hpa.inputs["spec"]["minReplicas"] == run.spec.gateway.replicas
+    assert run.mocks.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]["maxUnavailable"] == 1
+    images = run.mocks.of_type("docker-build:index:Image")
+    assert sorted(i.name for i in images) == ["infermesh-images-gateway", "infermesh-images-worker"]
+    for image in images:
+        [tag] = image.inputs["tags"]
+        assert not tag.endswith(":latest") and len(tag.rsplit(":", 1)[1]) == 16    # content-addressed
+
+
+def test_ansible_inventory_for_ssh_leases(monkeypatch, tmp_path):
+    """A stack with an SSH pool: its leases come back as the hosts file `infermesh bootstrap` reads."""
+    text = (ROOT / "stacks" / "Pulumi.staging.yaml").read_text()
+    doc = yaml.safe_load(text)
+    pools = doc["config"]["infermesh:pools"]
+    pools[0]["connection"] = "ssh"
+    (tmp_path / "Pulumi.sshtest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = run_program("sshtest", monkeypatch, stacks_dir=tmp_path)
+    inv = run.exports["ansible_inventory"]
+    ssh = [x for x in run.plan.leases if x.connection == "ssh"]
+    assert ssh and sorted(inv["hosts"]) == sorted(x.name for x in ssh)
+    for lease in ssh:
+        assert inv["hosts"][lease.name]["ssh_port"] == 22022
+        assert inv["nodes"][lease.name] == {"mesh_address": lease.mesh_address, "pool": lease.pool,
+                                            "model": lease.model, "provider": lease.provider, "region": lease.region,
+                                            "gpu_type": lease.gpu_type, "gpu_count": lease.gpu_count}
+    from fleet.inventory import load_hosts
+
+    hosts_file = tmp_path / "hosts.json"
+    hosts_file.write_text(json.dumps(inv))
+    assert set(load_hosts(hosts_file).hosts) == {x.name for x in ssh}
+
+
+def test_bad_stack_is_one_clear_error(monkeypatch, tmp_path):
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.staging.yaml").read_text())
+    del doc["config"]["infermesh:runpod-api-key"]
+    (tmp_path / "Pulumi.bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(Exception) as e:
+        run_program("bad", monkeypatch, stacks_dir=tmp_path)
+    assert "infermesh:runpod-api-key is not set" in str(e.value)
+
+
+# ---- declarative failover ---------------------------------------------------------------------------------
+
+def fingerprint(mocks: Mocks) -> dict[tuple[str, str], str]:
+    """type+name -> inputs (the serialized dynamic provider excluded: it is code, not intent)."""
+    return {(r.typ, r.name): json.dumps(unwrap({k: v for k, v in r.inputs.items() if k != "__provider"}),
+                                        sort_keys=True, default=str) for r in mocks.resources}
+
+
+def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp_path):
+    before = runs["prod"]
+    text = (ROOT / "stacks" / "Pulumi.prod.yaml").read_text()
+    drained = failover.drain_text(text, before.spec, "akash")       # what `infermesh failover drain akash` writes
+    (tmp_path / "Pulumi.prod.yaml").write_text(drained)
+    after = run_program("prod", monkeypatch, stacks_dir=tmp_path)
+    a, b = fingerprint(before.mocks), fingerprint(after.mocks)
+
+    d = plan_mod.diff(before.plan, after.plan)
+    removed_leases = {x["name"] for x in d["leases"]["removed"]}
+    added_leases = {x["name"] for x in d["leases"]["added"]}
+    assert removed_leases == {x.name for x in before.plan.leases if x.provider == "akash"}
+    assert added_leases and all(not n.startswith(tuple(p for p in removed_leases)) for n in added_leases)
+
+    def lease_of(key: tuple[str, str]) -> str | None:
+        name = key[1]
+        for suffix in ("-lease", "-wg"):
+            name = name.removesuffix(suffix)
+        return name if name in removed_leases | added_leases else None
+
+    gone, new = set(a) - set(b), set(b) - set(a)
+    changed = {k for k in set(a) & set(b) if a[k] != b[k]}
+    # Removed: each drained lease's component, lease resource and mesh key; added: the replacements'.
+    assert {lease_of(k) for k in gone} == removed_leases and None not in {lease_of(k) for k in gone}
+    assert {lease_of(k) for k in new} == added_leases and None not in {lease_of(k) for k in new}
+    assert Counter(k[0] for k in gone) == Counter({"infermesh:fleet:GpuLease": len(removed_leases),
+                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: len(removed_leases)})
+    # Changed: the routing ConfigMap, and nothing else (no Deployment roll, no Secret, no other lease).
+    assert changed == {("kubernetes:core/v1:ConfigMap", "infermesh-gateway-routing")}
+    cm = after.mocks.one("kubernetes:core/v1:ConfigMap")
+    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == after.plan.routing != before.plan.routing
+
+
+# ---- the dynamic providers' methods (no engine) ---------------------------------------------------------------
+
+def test_wireguard_key_provider_makes_a_real_stable_pair():
+    from fleet.mesh_keys import public_key
+
+    res = WireGuardKeyProvider().create({"node": "gateway-0", "rotation": 0})
+    assert public_key(res.outs["private_key"]) == res.outs["public_key"] and res.id.startswith("wg-")
+    assert WireGuardKeyProvider().diff(res.id, res.outs, {"node": "gateway-0", "rotation": 0}).changes is False
+    assert WireGuardKeyProvider().diff(res.id, res.outs, {"node": "gateway-0", "rotation": 1}).replaces == ["rotation"]
+
+
+def test_lease_provider_check_and_diff():
+    p = VastAiLeaseProvider("vastai-api-key")
+    good = {"name": "qwen-vast-0", "provider_kind": "vastai", "gpu_type": "RTX4090", "gpu_count": 1,
+            "region": "eu-west", "image": "r/w@sha256:" + "b" * 64, "price_cap": 1.1}
+    res = p.check({}, good)
+    assert res.failures == [] and res.inputs["disk_gb"] == 60 and res.inputs["wait_s"] == 900
+    bad = p.check({}, {**good, "provider_kind": "runpod", "price_cap": None, "gpu_count": 0})
+    assert sorted(f.property for f in bad.failures) == ["gpu_count", "price_cap", "provider_kind"]
+    d = p.diff("1", {**res.inputs, "lease_id": "1"}, {**res.inputs, "price_cap": 1.0})
+    assert d.changes and d.replaces == []
+    d = p.diff("1", res.inputs, {**res.inputs, "image": "r/w@sha256:" + "c" * 64})
+    assert d.replaces == ["image"] and d.delete_before_replace
+    assert set(LEASE_PROVIDERS) == {"vastai", "runpod", "akash"}
+
+
+def test_lease_provider_against_the_fake(monkeypatch):
+    """create/read/update/delete through the adapter, the key read in configure from the stack config."""
+    from pulumi.dynamic import ConfigureRequest
+    from pulumi.dynamic.config import Config
+
+    from tests.fakes.marketplaces import FakeVastAi
+
+    fake = FakeVastAi("vast-key").start()
+    try:
+        monkeypatch.setenv("INFERMESH_VASTAI_BASE_URL", fake.url + "/api/v0")
+        monkeypatch.delenv("VASTAI_API_KEY", raising=False)
+        p = VastAiLeaseProvider("vastai-api-key")
+        p.configure(ConfigureRequest(Config({"infermesh:vastai-api-key": "vast-key"}, "infermesh")))
+        props = p.check({}, {"name": "qwen-vast-0", "provider_kind": "vastai", "gpu_type": "RTX4090",
+                             "gpu_count": 1, "region": "eu-west", "countries": ["NL"],
+                             "image": "r/w@sha256:" + "b" * 64, "price_cap": 0.5, "ports": ["51820/udp"],
+                             "env": {"WG_CONFIG": "[Interface]"}, "wait_s": 0}).inputs
+        created = p.create(props)
+        assert created.outs["status"] == "pending" and created.outs["lease_id"] == created.id
+        again = p.create(props)                                 # a retried `pulumi up`: the same lease
+        assert again.id == created.id and len(fake.instances) == 1
+        read = p.read(created.id, created.outs)
+        assert read.outs["status"] == "running" and read.outs["endpoint_port"] == 40820
+        with pytest.raises(Exception, match="above the new cap"):
+            p.update(created.id, created.outs, {**created.outs, "price_cap": 0.1})
+        p.delete(created.id, created.outs)
+        assert fake.instances == {} and p.read(created.id, created.outs).id is None
+        assert "vast-key" not in json.dumps(created.outs)
+    finally:
+        fake.stop()
+
+
+# ---- the Dockerfiles (they cannot be built here; they must be pinned and sane) -----------------------------
+
+@pytest.mark.parametrize("image", ["gateway", "worker"])
+def test_dockerfiles_pinned_non_root_healthchecked(image):
+    text = (ROOT / "images" / image / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    froms = [ln.split()[1] for ln in lines if ln.upper().startswith("FROM ")]
+    assert froms
+    for ref in froms:
+        name, _, tag = ref.split("@")[0].partition(":")
+        assert tag and tag != "latest" and any(c.isdigit() for c in tag), f"{ref}: not pinned to a version"
+    if image == "worker":
+        assert any(f.startswith("vllm/vllm-openai:v0.") and "@sha256:" in f for f in froms)
+    assert any(ln.startswith("HEALTHCHECK ") for ln in lines)
+    assert "STOPSIGNAL SIGTERM" in lines
+    user_lines = [ln for ln in lines if ln.startswith("USER ")]
+    if image == "gateway":
+        assert user_lines and user_lines[-1].split()[1].split(":")[0] == "10001"
+    else:
+        # Root only for wg-quick (NET_ADMIN); the entrypoint runs vLLM as 10001.
+        assert "INFERMESH_RUN_AS=10001" in text
+    entry = next(ln for ln in lines if ln.startswith("ENTRYPOINT "))
+    assert json.loads(entry[len("ENTRYPOINT "):])       # exec form
+
+
+def test_worker_entrypoint_checksum_and_args(tmp_path):
+    spec = __import__("importlib.util").util.spec_from_file_location("entry", ROOT / "images/worker/entrypoint.py")
+    entry = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    (tmp_path / "a").write_bytes(b"weights")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"more")
+    first = entry.snapshot_sha256(tmp_path)
+    assert first == entry.snapshot_sha256(tmp_path) and len(first) == 64
+    (tmp_path / "sub" / "b").write_bytes(b"tampered")
+    assert entry.snapshot_sha256(tmp_path) != first
+    assert entry.arg(["--model", "m", "--revision", "r"], "--revision") == "r"
+    assert entry.arg(["--model", "m"], "--revision", "main") == "main"
