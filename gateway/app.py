@@ -145,6 +145,7 @@ class Gateway:
 
     def _update_health_gauges(self) -> None:
         now = time.monotonic()
+        self.metrics.healthy.clear()          # a pool removed or given another role leaves no stale series
         for m in self.router.models.values():
             for p in m.pools:
                 self.metrics.healthy.labels(m.id, p.name, p.provider, p.region, p.role).set(

@@ -36,11 +36,16 @@ Health:
 - TTFT degradation: each streamed answer's TTFT, measured from the start of the upstream
   attempt (so it is the endpoint's, not the gateway's queueing), is *slow* when it exceeds the
   model's slow limit (the strictest TTFT SLO, p95, of the tiers that serve the model; set by
-  the app in ``slow_s``) *and* is more than ``SLOW_RELATIVE`` (2) times the median TTFT (an
-  EWMA per endpoint) of the model's other available endpoints. The second condition makes
-  it an *outlier* test: when every endpoint is slow (overload) nothing is ejected, since
-  ejecting would only concentrate the load. A slow answer is still delivered; it counts as one
-  failure. So a pool whose TTFT degrades is ejected after three slow answers or failed probes.
+  the app in ``slow_s``) *and* is more than ``SLOW_RELATIVE`` (2) times the (upper) median
+  recent TTFT of its peers. Peers: the model's other endpoints in primary and canary pools
+  (all but drained ones for a standby endpoint: an idle standby's fast answers say nothing
+  about a loaded primary) with an answer or probe in the last ``PEER_FRESH_S`` (30 s),
+  ejected ones included; an endpoint's recent TTFT is the larger of an EWMA and its last
+  answer, so a model-wide slowdown registers with the peers' next answer. The second condition
+  makes it an *outlier* test: when every endpoint is slow (overload) nothing is ejected, since
+  ejecting would only concentrate the load. A slow answer is still
+  delivered; it counts as one failure. So a pool whose TTFT degrades is ejected after three
+  slow answers or failed probes.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ EJECT_MAX_S = 300.0
 MAX_EJECTED_SHARE = 0.5
 KV_PRESSURE = 0.9
 SLOW_RELATIVE = 2.0               # a slow answer is also this many times the peers' median TTFT
-TTFT_EWMA_ALPHA = 0.5           # fast: when every endpoint slows at once, peers catch up in one answer
+TTFT_EWMA_ALPHA = 0.5
+PEER_FRESH_S = 30.0
 
 
 @dataclass(eq=False)
@@ -81,6 +87,8 @@ class Endpoint:
     waiting: float = 0.0              # from the worker's /metrics
     kv_usage: float = 0.0
     ttft_ewma: float = 0.0            # seconds, streamed answers (attempt start -> first event)
+    ttft_last: float = 0.0
+    ttft_at: float = float("-inf")    # monotonic time of the last TTFT sample
     slow: int = 0                     # slow answers seen (outlier detection)
 
     def available(self, now: float) -> bool:
@@ -225,14 +233,16 @@ class Router:
         the model's slow limit and an outlier against the model's other available endpoints."""
         prev = ep.ttft_ewma
         ep.ttft_ewma = seconds if prev == 0.0 else prev + TTFT_EWMA_ALPHA * (seconds - prev)
+        now = ep.ttft_at = time.monotonic()
+        ep.ttft_last = seconds
         limit = self.slow_s.get(ep.pool.model)
         route = self.models.get(ep.pool.model)
         if limit is None or seconds <= limit or route is None:
             return False
-        now = time.monotonic()
-        peers = sorted(e.ttft_ewma for p in route.pools for e in p.endpoints
-                       if e is not ep and e.ttft_ewma > 0 and e.available(now))
-        if peers and seconds <= SLOW_RELATIVE * peers[(len(peers) - 1) // 2]:
+        roles = ("primary", "canary", "standby") if ep.pool.role == "standby" else ("primary", "canary")
+        peers = sorted(max(e.ttft_ewma, e.ttft_last) for p in route.pools if p.role in roles
+                       for e in p.endpoints if e is not ep and now - e.ttft_at < PEER_FRESH_S)
+        if peers and seconds <= SLOW_RELATIVE * peers[len(peers) // 2]:
             return False
         ep.slow += 1
         return True

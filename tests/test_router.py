@@ -1,0 +1,98 @@
+"""The router on its own: weights, roles, outlier ejection and the TTFT outlier test."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+from gateway.router import EJECT_AFTER_FAILURES, EJECT_BASE_S, Router
+
+
+def config(east_w: float = 2, west_w: float = 1, west_role: str = "primary") -> dict:
+    def pool(name, n, weight, role="primary"):
+        return {"name": name, "provider": name, "region": "r", "role": role, "weight": weight,
+                "endpoints": [{"id": f"{name}/{i}", "url": f"http://{name}-{i}"} for i in range(n)]}
+    return {"models": [{"id": "m", "fallback": None, "pools": [
+        pool("east", 2, east_w), pool("west", 1, west_w, west_role), pool("reserve", 1, 1, "standby")]}]}
+
+
+def shares(router: Router, n: int = 6000) -> dict[str, float]:
+    c = Counter(router.pick("m").pool.name for _ in range(n))
+    return {k: v / n for k, v in c.items()}
+
+
+def eps(router: Router) -> dict:
+    return {ep.id: ep for ep in router.endpoints()}
+
+
+def test_pool_weights_hold_whatever_the_pool_sizes():
+    r = Router(config(east_w=1, west_w=3), rng=random.Random(1))
+    s = shares(r)
+    assert abs(s["west"] - 0.75) < 0.03 and "reserve" not in s
+    # under equal load on every endpoint the weights still hold (no double counting of weight)
+    for ep in r.endpoints():
+        ep.outstanding = 5
+    assert abs(shares(r)["west"] - 0.75) < 0.03
+
+
+def test_saturated_pool_spills_to_another():
+    r = Router(config(east_w=1, west_w=3), rng=random.Random(2))
+    e = eps(r)
+    e["west/0"].waiting, e["west/0"].outstanding = 20, 20
+    assert shares(r)["east"] > 0.9
+
+
+def test_drained_gets_nothing_and_standby_only_without_primaries():
+    r = Router(config(west_role="drained", west_w=0), rng=random.Random(3))
+    assert set(shares(r, 500)) == {"east"}
+    e = eps(r)
+    for i in (0, 1):
+        e[f"east/{i}"].healthy = False
+    assert set(shares(r, 200)) == {"reserve"}
+    e["reserve/0"].healthy = False
+    assert r.pick("m") is None
+
+
+def test_ejection_grows_is_capped_per_pool_and_returns_after_a_check():
+    r = Router(config(), rng=random.Random(4))
+    e = eps(r)
+    for _ in range(EJECT_AFTER_FAILURES):
+        r.failure(e["east/0"])
+        r.failure(e["east/1"])
+    now = time.monotonic()
+    assert not e["east/0"].available(now) and e["east/1"].available(now)     # half the pool at most
+    assert abs(e["east/0"].ejected_until - now - EJECT_BASE_S) < 0.5
+    for _ in range(EJECT_AFTER_FAILURES):                                    # a one-endpoint pool can go
+        r.failure(e["west/0"])
+    assert not e["west/0"].available(now)
+    # after its time it still waits for a passing check
+    e["west/0"].ejected_until = now - 1
+    assert not e["west/0"].available(time.monotonic())
+    e["west/0"].checked_at = time.monotonic()
+    assert e["west/0"].available(time.monotonic())
+    for _ in range(EJECT_AFTER_FAILURES):                                    # the second time: twice as long
+        r.failure(e["west/0"])
+    assert e["west/0"].ejected_until - time.monotonic() > 1.5 * EJECT_BASE_S
+
+
+def test_slow_is_an_outlier_test():
+    r = Router(config(), rng=random.Random(5))
+    r.slow_s = {"m": 1.0}
+    e = eps(r)
+    for name in ("east/0", "east/1"):
+        assert not r.observe_ttft(e[name], 0.05)
+    assert not r.observe_ttft(e["west/0"], 0.5)          # under the limit
+    assert r.observe_ttft(e["west/0"], 1.5)              # over it, and 30x its peers
+    # the whole model slows at once: once the peers answered slowly too, nothing is an outlier
+    for name in ("east/0", "east/1"):
+        r.observe_ttft(e[name], 1.4)
+    assert not r.observe_ttft(e["west/0"], 1.5)
+    # an idle standby's fast answers (probes) are not a primary's peers
+    r.observe_ttft(e["reserve/0"], 0.05)
+    r.observe_ttft(e["east/1"], 1.4)
+    assert not r.observe_ttft(e["east/0"], 1.5)
+    # stale samples do not count: with no fresh peer only the absolute limit is left
+    for name in ("east/0", "east/1"):
+        e[name].ttft_at -= 60
+    assert r.observe_ttft(e["west/0"], 1.5)
