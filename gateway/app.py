@@ -226,6 +226,8 @@ class Gateway:
         DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
         limit = self.spec.gateway.max_body_bytes
         length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= limit:
+            return await request.body()        # the common case: one read, the server enforces the length
         too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
             raise too_large
@@ -375,13 +377,16 @@ def create_app(settings: Settings) -> FastAPI:
         return ApiError(500, "The server had an error while processing your request.",
                         code="internal_error").response(request.headers.get("x-request-id"))
 
-    @app.post("/v1/chat/completions")
+    # The two hot routes are plain Starlette routes: FastAPI's dependency solving around a
+    # handler that takes only the Request cost about 8% of the gateway's CPU in bench/ S1.
     async def chat(request: Request) -> Response:
         return await gw.handle(request, "chat")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gw.handle(request, "completions")
+
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

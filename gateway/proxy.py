@@ -125,7 +125,10 @@ class Call:
                 else:
                     timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
                 async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left):
-                    resp = await gw.session.post(url, data=body, headers=gw.upstream_headers(ep), timeout=timeout)
+                    post = gw.session.post(url, data=body, headers=gw.upstream_headers(ep), timeout=timeout)
+                    # A non-stream answer arrives whole, after the generation: no TTFT timeout can
+                    # tell a long answer from a lost worker, so the wait follows the worker's health.
+                    resp = await (post if adm.stream else _while_healthy(ep, post))
                     if resp.status >= 500 or resp.status == 429:
                         resp.release()
                         raise UpstreamFailure("status_429" if resp.status == 429 else "status_5xx")
@@ -254,6 +257,25 @@ class Call:
             if rec.status != 200:
                 gw.finish(self)                # client gone (499) or upstream broke: still one record
             gw.end_request()
+
+
+WATCH_S = 0.5
+
+
+async def _while_healthy(ep: Endpoint, awaitable):
+    """Await `awaitable` unless the endpoint fails an active health check first (then it is
+    an UpstreamFailure, retried elsewhere: no byte has reached the client yet)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=WATCH_S)
+            if done:
+                return task.result()
+            if not ep.healthy:
+                raise UpstreamFailure("unhealthy")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:

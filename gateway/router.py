@@ -79,7 +79,8 @@ class Endpoint:
     url: str
     pool: Pool
     outstanding: int = 0
-    healthy: bool = True              # last active check
+    healthy: bool = True              # active checks: down on an answer that says so, or 2 timeouts in a row
+    check_timeouts: int = 0
     checked_at: float = 0.0           # monotonic time of the last passing check
     failures: int = 0                 # consecutive passive failures
     ejections: int = 0
@@ -264,13 +265,20 @@ class Router:
 
     # ---- active health ----------------------------------------------------------------
     async def check(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float = 2.0) -> bool:
+        """A refused connection or a non-200 /health marks the endpoint down at once. A timeout
+        needs a second one in a row: under load the gateway's own event loop can lag past the
+        check's timeout, and a single late answer must not take the last endpoint of a model out."""
         to = aiohttp.ClientTimeout(total=timeout)
         try:
             async with session.get(ep.url + "/health", timeout=to) as r:
                 ok = r.status == 200
             if ok:
                 await self._read_load(session, ep, to)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ep.check_timeouts = 0
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            ep.check_timeouts += 1
+            ok = ep.check_timeouts < 2 and ep.healthy
+        except (aiohttp.ClientError, OSError):
             ok = False
         if ok != ep.healthy:
             log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")

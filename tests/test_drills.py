@@ -588,3 +588,23 @@ async def test_overload_sheds_lowest_tier_first_and_caps_max_tokens_under_slo_ri
     assert all(e["available"] for p in state.values() for e in p["endpoints"]), json.dumps(state, indent=1)
     for c in (hobby, pro, biz):
         await c.close()
+
+
+async def test_non_stream_request_on_a_worker_that_goes_dark_is_retried(stack_factory):
+    """A non-stream answer arrives whole, so no TTFT timeout applies: a request waiting on a
+    worker that stops answering (a partition) is moved to another endpoint as soon as an
+    active check finds the worker down, instead of waiting out the tier's total timeout."""
+    stack = stack_factory(mutate_with(lambda c: tier_cfg(c, "pro").setdefault("timeouts", {}).update(total_s=120)))
+    fault(stack, "demo-chat-west", mode="hang")
+    c = client(stack, timeout=150)
+    started = time.monotonic()
+    tasks = [asyncio.create_task(c.chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=4)) for i in range(30)]
+    west = stack.worker_url("demo-chat-west")
+    assert await athread(wait_for, lambda: _http(west + "/sim/stats")[1]["hanging"] > 0, 20), \
+        "no request reached the hanging worker"
+    fault(stack, "demo-chat-west", unhealthy=True)     # the next active check sees it down
+    results = await asyncio.gather(*tasks)
+    assert all(r.choices[0].message.content for r in results)
+    # far below the 120 s total timeout: the health interval (2 s) plus the watch period
+    assert time.monotonic() - started < 60
