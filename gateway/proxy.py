@@ -73,7 +73,9 @@ class Call:
                     gw.metrics.fallbacks.labels(adm.model, fallback, tier.name).inc()
                     exclude = set()
                     continue
-                raise self._exhausted(last_class)
+                ep = gw.router.pick_panic(model, exclude) if not attempts else None
+                if ep is None:
+                    raise self._exhausted(last_class)
             if attempts >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
                 raise self._exhausted(last_class or "timeout")
             if attempts:

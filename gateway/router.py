@@ -81,6 +81,7 @@ class Endpoint:
     outstanding: int = 0
     healthy: bool = True              # active checks: down on an answer that says so, or 2 timeouts in a row
     check_timeouts: int = 0
+    refused: bool = False             # the last check was refused or answered non-200: really down
     checked_at: float = 0.0           # monotonic time of the last passing check
     failures: int = 0                 # consecutive passive failures
     ejections: int = 0
@@ -201,6 +202,18 @@ class Router:
                 return other
         return ep
 
+    def pick_panic(self, model: str, exclude: set[Endpoint] | frozenset = frozenset()) -> Endpoint | None:
+        """The last resort when no endpoint of the model is available (Envoy's panic mode):
+        endpoints taken out by ejection or by check *timeouts* may be an overloaded gateway's own
+        lag, not a dead worker, so try them rather than refuse everyone. Endpoints that refused
+        or answered their check with an error stay out."""
+        route = self.models.get(model)
+        if route is None:
+            return None
+        eps = [ep for pool in route.pools if pool.role != "drained" and pool.weight > 0
+               for ep in pool.endpoints if ep not in exclude and not ep.refused]
+        return self._p2c(eps) if eps else None
+
     def _draw(self, groups: list[tuple[Pool, list[Endpoint]]]) -> tuple[Pool, list[Endpoint]]:
         if len(groups) == 1:
             return groups[0]
@@ -275,11 +288,12 @@ class Router:
             if ok:
                 await self._read_load(session, ep, to)
             ep.check_timeouts = 0
+            ep.refused = not ok
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             ep.check_timeouts += 1
             ok = ep.check_timeouts < 2 and ep.healthy
         except (aiohttp.ClientError, OSError):
-            ok = False
+            ok, ep.refused = False, True
         if ok != ep.healthy:
             log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")
         ep.healthy = ok

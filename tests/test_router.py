@@ -96,3 +96,16 @@ def test_slow_is_an_outlier_test():
     for name in ("east/0", "east/1"):
         e[name].ttft_at -= 60
     assert r.observe_ttft(e["west/0"], 1.5)
+
+
+def test_panic_mode_tries_ejected_endpoints_but_never_refused_ones():
+    r = Router(config(), rng=random.Random(3))
+    e = eps(r)
+    now = time.monotonic()
+    for ep in e.values():                         # every endpoint ejected by passive detection
+        ep.ejections, ep.ejected_until = 1, now + 60
+    e["reserve/0"].healthy, e["reserve/0"].refused = False, True   # this one refused its check
+    assert r.pick("m") is None
+    picked = {r.pick_panic("m").id for _ in range(200)}
+    assert picked == {"east/0", "east/1", "west/0"}
+    assert r.pick_panic("m", exclude={e["east/0"], e["east/1"], e["west/0"]}) is None

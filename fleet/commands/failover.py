@@ -19,7 +19,6 @@ is verified by parsing the result before it replaces the file (atomically: temp 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from fleet import plan as plan_mod
 from fleet import policy
 from fleet import spec as spec_mod
 from fleet.cli import UserError
+from fleet.stackfile import write_atomically
 
 MARK_COMMENT = "# infermesh failover drain; undo with `infermesh failover restore`"
 
@@ -183,21 +183,3 @@ def _verify(new_text: str, stack: str, path: Path, provider: str, drained: bool)
     if after.provider(provider).drained is not drained:
         raise UserError("the edit did not take (unexpected layout); file left untouched")
     return after
-
-
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
