@@ -31,7 +31,7 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 lint: install
-	$(BIN)/python -m ruff check fleet gateway engines tests
+	$(BIN)/python -m ruff check fleet gateway engines tests bench policies __main__.py
 
 clean:
 	rm -rf $(VENV) .infermesh .pytest_cache

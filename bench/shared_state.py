@@ -18,7 +18,6 @@ import copy
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from fleet.spec import Tier
-from gateway.errors import ApiError, bad_request
+from gateway.errors import bad_request
 from gateway.keys import Principal
 
 
