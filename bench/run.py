@@ -54,6 +54,7 @@ TARGETS = {
 }
 
 sys.path.insert(0, str(REPO))
+from bench.load import cores  # noqa: E402  (after the path is set)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -255,12 +256,12 @@ def wrk_load(url: str, key: str, body: dict, concurrency: int, duration: float, 
     if warmup:
         subprocess.run(base + [f"-d{max(1, int(warmup))}s", "-s", str(lua), url], capture_output=True, timeout=120)
     cpu0 = proc_cpu_s(watch) if watch else 0.0
-    cores0 = core_jiffies()
+    cores0 = cores()
     t0 = time.monotonic()
     r = subprocess.run(base + [f"-d{int(duration)}s", "--latency", "--timeout", "10s", "-s", str(lua), url],
                        capture_output=True, text=True, timeout=duration + 120)
     wall = time.monotonic() - t0
-    cores1 = core_jiffies()
+    cores1 = cores()
     out = r.stdout
     res: dict = {"client": "wrk", "concurrency": concurrency, "duration_s": duration, "latency_ms": {},
                  "errors": {}}
@@ -287,17 +288,6 @@ def wrk_load(url: str, key: str, body: dict, concurrency: int, duration: float, 
         res["procs"] = {str(watch): {"cpu_pct": round(100 * (proc_cpu_s(watch) - cpu0) / wall, 1),
                                      "rss_mb_end": proc_rss_mb(watch)}}
     return res
-
-
-def core_jiffies() -> dict[str, tuple[int, int]]:
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *vals = line.split()
-                v = [int(x) for x in vals[:8]]
-                out[name] = (sum(v) - v[3] - v[4], sum(v))
-    return out
 
 
 def _wrk_ms(v: str) -> float:

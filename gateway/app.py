@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -440,17 +441,19 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def admin(request: Request) -> None:
-        token = admission.bearer(request.headers.get("authorization")) or ""
-        if not secrets.compare_digest(token.encode(), gw.admin_token.encode()):
-            raise ApiError(401, "Admin token required.", code="invalid_admin_token")
+    def admin(handler):
+        """Operator-only routes: the admin bearer token, compared in constant time."""
+        @functools.wraps(handler)
+        async def guarded(request: Request) -> Response:
+            token = admission.bearer(request.headers.get("authorization")) or ""
+            if not secrets.compare_digest(token.encode(), gw.admin_token.encode()):
+                return ApiError(401, "Admin token required.", code="invalid_admin_token").response()
+            return await handler(request)
+        return guarded
 
     @app.get("/admin/endpoints")
+    @admin
     async def admin_endpoints(request: Request) -> Response:
-        try:
-            admin(request)
-        except ApiError as e:
-            return e.response()
         pools = gw.router.status()
         probes = gw.prober.status()
         for p in pools:
@@ -458,40 +461,31 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(orjson.dumps({"version": gw.router.version, "pools": pools}), media_type=_JSON)
 
     @app.get("/admin/slo")
+    @admin
     async def admin_slo(request: Request) -> Response:
-        try:
-            admin(request)
-        except ApiError as e:
-            return e.response()
         hours = float(request.query_params.get("hours", 24 * 30))
         rows = await gw.state.usage_rows(since=time.time() - hours * 3600)
         return Response(orjson.dumps(slo.report(rows, gw.spec)), media_type=_JSON)
 
     @app.get("/admin/sli")
+    @admin
     async def admin_sli(request: Request) -> Response:
         try:
-            admin(request)
-            try:
-                since = request.query_params.get("since")       # epoch seconds: from then on
-                window = time.time() - float(since) if since else float(request.query_params.get("window", 600))
-            except ValueError:
-                window = -1.0
-            if not 0 < window <= 31 * 86400:
-                raise ApiError(400, "window: seconds, more than 0 and at most 2678400; since: a past epoch time.",
-                               code="invalid_window", param="window")
-        except ApiError as e:
-            return e.response()
+            since = request.query_params.get("since")       # epoch seconds: from then on
+            window = time.time() - float(since) if since else float(request.query_params.get("window", 600))
+        except ValueError:
+            window = -1.0
+        if not 0 < window <= 31 * 86400:
+            return ApiError(400, "window: seconds, more than 0 and at most 2678400; since: a past epoch time.",
+                            code="invalid_window", param="window").response()
         now = time.time()
         rows = await gw.state.usage_rows(since=now - window)
-        return Response(orjson.dumps(sli.report(rows, gw.attempts, window, now, getattr(gw, "probe_log", None))),
+        return Response(orjson.dumps(sli.report(rows, gw.attempts, window, now, gw.probe_log)),
                         media_type=_JSON)
 
     @app.post("/admin/reload")
+    @admin
     async def admin_reload(request: Request) -> Response:
-        try:
-            admin(request)
-        except ApiError as e:
-            return e.response()
         if not gw.reload_routing():
             return ApiError(400, "The routing config could not be applied; the running one is kept.",
                             code="bad_routing_config").response()

@@ -62,6 +62,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def new_key() -> tuple[str, str]:
+    """A fresh (key, key id). The id is the key's public part: it finds the record."""
+    ident = secrets.token_hex(6)
+    return f"{KEY_PREFIX}{ident}.{secrets.token_urlsafe(32)}", "key_" + ident
+
+
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -89,9 +95,7 @@ class KeyAdmin:
                                   (tenant, tier, now))
             elif tier is not None and tier != row[0]:
                 self.conn.execute("UPDATE tenants SET tier = ? WHERE name = ?", (tier, tenant))
-            ident = secrets.token_hex(6)
-            key = f"{KEY_PREFIX}{ident}.{secrets.token_urlsafe(32)}"
-            key_id = "key_" + ident
+            key, key_id = new_key()
             self.conn.execute(
                 "INSERT INTO keys(id, tenant, hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
                 (key_id, tenant, hash_key(key), key[:10], now))

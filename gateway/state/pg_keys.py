@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import secrets
 import time
 
 import psycopg
 
-from gateway.keys import KEY_PREFIX, KeyInfo, Principal, hash_key
+from gateway.keys import KEY_PREFIX, KeyInfo, Principal, hash_key, new_key
 from gateway.state.health import Health
 
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
@@ -35,9 +34,7 @@ class PgKeyAdmin:
 
     def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
         now = time.time()
-        ident = secrets.token_hex(6)
-        key = f"{KEY_PREFIX}{ident}.{secrets.token_urlsafe(32)}"
-        key_id = "key_" + ident
+        key, key_id = new_key()
         with self.conn.transaction():
             row = self.conn.execute("SELECT tier FROM tenants WHERE name = %s FOR UPDATE", (tenant,)).fetchone()
             if row is None:
