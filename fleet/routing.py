@@ -69,6 +69,11 @@ def local_rule(spec: Spec, host: str = "127.0.0.1") -> EndpointRule:
     return lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}"
 
 
+def secret_env_name(secret: str) -> str:
+    """The environment variable a gateway reads a stack secret from (set from the Kubernetes Secret)."""
+    return "INFERMESH_SECRET_" + "".join(c if c.isalnum() else "_" for c in secret).upper()
+
+
 def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
     """Models -> pools -> endpoints. A canary block adds a canary pool beside its base pool."""
     models: dict[str, dict[str, Any]] = {
@@ -83,11 +88,14 @@ def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
         role = pool.role
         if prov.role == "overflow" and role == "primary":
             role = "standby"
-        models[pool.model]["pools"].append({
+        entry = {
             "name": pool.name, "provider": prov.name, "region": pool.region,
             "role": role, "weight": 0.0 if role == "drained" else pool.weight,
             "endpoints": endpoints,
-        })
+        }
+        if pool.upstream_model:
+            entry["upstream_model"] = pool.upstream_model
+        models[pool.model]["pools"].append(entry)
     canary = canary_pool(spec)
     if spec.canary is not None and canary is not None:
         base = spec.pool(spec.canary.pool)

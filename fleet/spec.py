@@ -146,6 +146,7 @@ class Pool(_Strict):
     connection: Literal["container", "ssh"] = "container"
     sim: SimKnobs | None = None                # only for sim providers
     gguf: str | None = None                    # only for llamacpp providers
+    upstream_model: str | None = None          # only for openai-kind providers: the model's id there
 
 
 class Timeouts(_Strict):

@@ -157,9 +157,6 @@ class Gateway:
         self.metrics.ejections.labels(p.model, p.name, p.provider, p.region).inc()
         self._update_health_gauges()
 
-    def upstream_headers(self, ep) -> dict[str, str]:
-        return {"content-type": _JSON}
-
     # ---- metering -----------------------------------------------------------------------------
     def finish(self, call: Call) -> None:
         rec = call.rec

@@ -102,7 +102,7 @@ class ProbeLog:
 async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimits,
                 headers: dict[str, str]) -> ProbeResult:
     """One probe of one endpoint."""
-    body = orjson.dumps({"model": ep.pool.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
+    body = orjson.dumps({"model": ep.pool.send_model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
                          "max_tokens": PROBE_MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}})
     started = time.perf_counter()
     ttft = ttlt = None
@@ -118,7 +118,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimit
         # Waits no longer than the TTFT limit for the first token (a hung worker must not hold
         # the round up), then up to the TTLT limit for the rest.
         async with asyncio.timeout(limits.ttft_s) as deadline:
-            async with session.post(ep.url + "/v1/chat/completions", data=body, headers=headers,
+            async with session.post(ep.api + "/chat/completions", data=body, headers=headers,
                                     timeout=timeout) as resp:
                 if resp.status != 200:
                     return done("status")
@@ -178,7 +178,7 @@ class Prober:
         gw = self.gw
         targets = [self._target(p) for m in gw.router.models.values() for p in m.pools
                    if p.role != "drained" and p.endpoints]
-        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), gw.upstream_headers(ep))
+        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers)
                                          for ep in targets))
         for ep, r in zip(targets, results):
             self.log.record(r)

@@ -84,7 +84,7 @@ class Call:
             attempts += 1
             self.rec.served_model = model
             self._at(ep)
-            adm.payload["model"] = model
+            adm.payload["model"] = ep.pool.send_model
             try:
                 return await self._attempt(ep, deadline)
             except UpstreamFailure as f:
@@ -115,7 +115,7 @@ class Call:
         to = adm.tier.timeouts
         left = max(0.05, deadline - time.perf_counter())
         body = orjson.dumps(adm.payload)
-        url = ep.url + ("/v1/chat/completions" if self.route == "chat" else "/v1/completions")
+        url = ep.api + ("/chat/completions" if self.route == "chat" else "/completions")
         ep.outstanding += 1
         released = False
         resp = None
@@ -127,7 +127,7 @@ class Call:
                 else:
                     timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
                 async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left):
-                    post = gw.session.post(url, data=body, headers=gw.upstream_headers(ep), timeout=timeout)
+                    post = gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
                     # A non-stream answer arrives whole, after the generation: no TTFT timeout can
                     # tell a long answer from a lost worker, so the wait follows the worker's health.
                     resp = await (post if adm.stream else _while_healthy(ep, post))

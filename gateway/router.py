@@ -51,6 +51,7 @@ Health:
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
 import logging
 import random
@@ -60,6 +61,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from fleet.routing import secret_env_name
 
 log = logging.getLogger("infermesh.router")
 
@@ -92,6 +95,10 @@ class Endpoint:
     ttft_last: float = 0.0
     ttft_at: float = float("-inf")    # monotonic time of the last TTFT sample
     slow: int = 0                     # slow answers seen (outlier detection)
+    api: str = ""                     # OpenAI base URL (…/v1) the requests go to
+    health_url: str = ""
+    external: bool = False            # an OpenAI-compatible upstream (no vLLM /health or /metrics)
+    headers: dict[str, str] = field(default_factory=dict)
 
     def available(self, now: float) -> bool:
         if not self.healthy:
@@ -117,7 +124,7 @@ class Pool:
     weight: float
     model: str
     endpoints: list[Endpoint] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
+    send_model: str = ""              # the model id the upstream knows (an external upstream's may differ)
 
     @property
     def endpoint_weight(self) -> float:
@@ -149,12 +156,13 @@ class Router:
             pools = []
             for p in m.get("pools", []):
                 pool = Pool(p["name"], p.get("provider", ""), p.get("region", ""), p.get("role", "primary"),
-                            float(p.get("weight", 1.0)), m["id"])
+                            float(p.get("weight", 1.0)), m["id"], send_model=p.get("upstream_model") or m["id"])
                 for e in p.get("endpoints", []):
                     ep = old.get(e["id"])
                     if ep is None or ep.url != e["url"].rstrip("/"):
                         ep = Endpoint(e["id"], e["url"].rstrip("/"), pool)
                     ep.pool = pool
+                    _configure(ep, e)
                     pool.endpoints.append(ep)
                 pools.append(pool)
             models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools)
@@ -283,9 +291,9 @@ class Router:
         check's timeout, and a single late answer must not take the last endpoint of a model out."""
         to = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with session.get(ep.url + "/health", timeout=to) as r:
+            async with session.get(ep.health_url, headers=ep.headers, timeout=to) as r:
                 ok = r.status == 200
-            if ok:
+            if ok and not ep.external:
                 await self._read_load(session, ep, to)
             ep.check_timeouts = 0
             ep.refused = not ok
@@ -341,3 +349,18 @@ class Router:
                     } for ep in p.endpoints],
                 })
         return out
+
+
+def _configure(ep: Endpoint, entry: dict[str, Any]) -> None:
+    """Workers (vLLM or sim) are addressed by their root URL; an external OpenAI-compatible
+    upstream (an entry with `credentials`) by its API base URL, with its key from the environment
+    (INFERMESH_SECRET_<NAME>, set from the stack's secret) and `/models` as its health check."""
+    ep.headers = {"content-type": "application/json"}
+    secret = entry.get("credentials")
+    if secret:
+        ep.external, ep.api, ep.health_url = True, ep.url, ep.url + "/models"
+        key = os.environ.get(secret_env_name(secret))
+        if key:
+            ep.headers["authorization"] = f"Bearer {key}"
+    else:
+        ep.external, ep.api, ep.health_url = False, ep.url + "/v1", ep.url + "/health"

@@ -15,6 +15,7 @@ class Recorder:
     def __init__(self, model: str = "demo-chat") -> None:
         self.model = model
         self.bodies: list[dict] = []
+        self.auth: list[str | None] = []        # the Authorization header of each completion request
         self.release = threading.Event()      # streams pause after their first chunk until set
         self.release.set()
         self._loop = asyncio.new_event_loop()
@@ -34,6 +35,7 @@ class Recorder:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -46,9 +48,14 @@ class Recorder:
     async def _health(request: web.Request) -> web.Response:
         return web.Response(text="")
 
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model",
+                                                               "created": 0, "owned_by": "recorder"}]})
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.auth.append(request.headers.get("authorization"))
         base = {"id": "chatcmpl-rec", "created": int(time.time()), "model": body["model"]}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         if not body.get("stream"):

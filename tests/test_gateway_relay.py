@@ -114,3 +114,32 @@ def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
 def _ledger_rows(stack) -> list[dict]:
     from gateway import ledger
     return ledger.query(stack.state / "ledger.db")
+
+
+def test_external_openai_upstream_gets_its_key_and_its_model_name(tmp_path, monkeypatch, recorder):
+    """An overflow pool on an OpenAI-compatible upstream (kind `openai`): requests go to its API
+    base URL with the key from the stack's secret (INFERMESH_SECRET_<NAME> in the gateway's
+    environment) and the model id the upstream knows; its health check is GET /models."""
+    from tests.conftest import start_stack
+
+    monkeypatch.setenv("INFERMESH_SECRET_OVERFLOW_KEY", "ext-s3cret-value")
+    stack = start_stack(tmp_path)
+    try:
+        routing = json.loads((stack.state / "routing.json").read_text())
+        for m in routing["models"]:
+            if m["id"] == "demo-chat":
+                m["pools"] = [{"name": "overflow", "provider": "gonka", "region": "local", "role": "primary",
+                               "weight": 1, "upstream_model": "Org/Model-X",
+                               "endpoints": [{"id": "overflow/0", "url": recorder.url + "/v1",
+                                              "credentials": "overflow-key"}]}]
+        (stack.state / "routing.json").write_text(json.dumps(routing))
+        admin_post(stack, "/admin/reload")
+        c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+        r = c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "ok ok"
+        assert recorder.auth[-1] == "Bearer ext-s3cret-value"
+        assert recorder.bodies[-1]["model"] == "Org/Model-X"
+        logs = "\n".join(p.read_text() for p in (stack.state / "logs").glob("*.log"))
+        assert "ext-s3cret-value" not in logs
+    finally:
+        stack.stack.stop()

@@ -21,6 +21,8 @@ from typing import Any, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
+from fleet.routing import secret_env_name
+
 ROUTING_KEY = "routing.json"
 PEERS_KEY = "mesh-peers.json"
 
@@ -28,10 +30,6 @@ PEERS_KEY = "mesh-peers.json"
 def routing_json(routing: Mapping[str, Any]) -> str:
     """The ConfigMap's text: ``json.loads`` of it equals the plan's routing exactly."""
     return json.dumps(routing, indent=1, sort_keys=True)
-
-
-def secret_env_name(secret: str) -> str:
-    return "INFERMESH_SECRET_" + "".join(c if c.isalnum() else "_" for c in secret).upper()
 
 
 class GatewayFleetArgs(TypedDict):
