@@ -64,7 +64,6 @@ class Gateway:
         self.keys: KeyStore = self.state.keys
         self.ledger: Ledger = self.state.ledger
         self.limiter = self.state.limiter
-        self._settling: set[asyncio.Task] = set()
         self.metrics = Metrics()
         self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
@@ -165,12 +164,10 @@ class Gateway:
         self._count(rec)
 
     def settle(self, call: Call, actual: int) -> None:
-        """Correct the limiter's up-front token charge, off the response's path."""
+        """Correct the limiter's up-front token charge (never waits: Redis settles are batched)."""
         adm = call.adm
-        task = asyncio.ensure_future(self.limiter.settle(adm.principal.tenant, adm.principal.key_id,
-                                                         adm.prompt_tokens_estimate + adm.max_output, actual))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self.limiter.settle(adm.principal.tenant, adm.principal.key_id,
+                            adm.prompt_tokens_estimate + adm.max_output, actual)
 
     def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
                 headers: dict[str, str]) -> int:

@@ -6,7 +6,7 @@ the upstream's ``usage`` is known, so long completions count what they really pr
 The headers follow OpenAI's: x-ratelimit-{limit,remaining,reset}-{requests,tokens}; where a
 key has its own limits (Tier.key_rpm / key_tpm) the headers show the tighter of key and tenant.
 
-Two implementations with one async interface (``admit``, ``settle``): :class:`LocalLimiter`
+Two implementations with one interface (``await admit``, plain ``settle``): :class:`LocalLimiter`
 (in-process, one replica) and ``gateway.state.redis_limits.RedisLimiter`` (shared by replicas,
 one atomic Lua round trip per request). Both take every bucket of a request or none.
 """
@@ -141,8 +141,9 @@ class LocalLimiter:
     async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
         return self.admit_now(tenant, key_id, tier, tokens)
 
-    async def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
-        """Correct the up-front token charge with what the request really used."""
+    def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
+        """Correct the up-front token charge with what the request really used. Synchronous and
+        non-blocking in both limiters (Redis queues it), so the request path needs no task for it."""
         self.settle_now(tenant, key_id, charged, actual)
 
     async def start(self, metrics=None) -> None:

@@ -135,7 +135,7 @@ class RedisLimiter:
             return self.local.admit_now(tenant, key_id, tier, tokens)
         return Decision(False, {"retry-after": "1"}, 1.0, "shared limits unavailable", unavailable=True)
 
-    async def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
+    def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
         """Queue the correction; corrections of the next settle_delay go to Redis together
         (one round trip per tenant, pipelined), so under load settling costs far less than one
         round trip per request. Buckets are corrected within ~settle_delay of a response."""
