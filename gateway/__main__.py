@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or spec.gateway.port
     signal.signal(signal.SIGTERM, _drained)     # uvicorn's own handler replaces it while serving
     options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
-                   loop="uvloop", http="httptools", server_header=False)
+                   loop="uvloop", http="httptools", server_header=False,
+                   proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
     if args.shared_port is None:
         uvicorn.run(app, host=args.host, port=port, **options)
         return 0

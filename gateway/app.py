@@ -36,6 +36,7 @@ from gateway.probes import Prober, limits_for
 from gateway.risk import RiskWindow
 from gateway.router import Router
 from gateway.state import State
+from gateway.wire import ClientGone, Incoming, Reply, send_reply
 
 log = logging.getLogger("infermesh.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -157,9 +158,17 @@ class Gateway:
         self._update_health_gauges()
 
     # ---- metering -----------------------------------------------------------------------------
-    def finish(self, call: Call) -> None:
+    async def finish(self, call: Call) -> None:
+        """Meter a request: its ledger row is committed when this returns (group commit)."""
         rec = call.rec
-        self.ledger.record(rec)
+        await self.ledger.commit(rec)
+        self.settle(call, rec.prompt_tokens + rec.completion_tokens)
+        self._count(rec)
+
+    def finish_soon(self, call: Call) -> None:
+        """Meter a request whose client is gone or whose stream broke: nobody waits for the row."""
+        rec = call.rec
+        self.ledger.commit_soon(rec)
         self.settle(call, rec.prompt_tokens + rec.completion_tokens)
         self._count(rec)
 
@@ -206,7 +215,7 @@ class Gateway:
         self.ledger.debug_log(call.request_id, call.rec.tenant, orjson.dumps(prompt).decode(), completion, until)
 
     # ---- the request path -----------------------------------------------------------------------
-    def authenticate(self, request: Request) -> Principal:
+    def authenticate(self, request: Request | Incoming) -> Principal:
         token = admission.bearer(request.headers.get("authorization"))
         if token is None:
             raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
@@ -216,7 +225,7 @@ class Gateway:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return principal
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Incoming) -> bytes:
         """The body, up to the stack's limit. A larger body is read to its end (up to
         DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
         limit = self.spec.gateway.max_body_bytes
@@ -227,7 +236,7 @@ class Gateway:
         if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
+        async for chunk in request.chunks():
             size += len(chunk)
             if size > DRAIN_LIMIT:
                 raise too_large
@@ -263,7 +272,7 @@ class Gateway:
             raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
                            headers={"retry-after": "2"})
 
-    async def handle(self, request: Request, route: str) -> Response:
+    async def handle(self, request: Incoming, route: str) -> Reply:
         started = time.perf_counter()
         rid = request.headers.get("x-request-id")
         if rid is None or not _REQUEST_ID.match(rid):
@@ -271,7 +280,7 @@ class Gateway:
         try:
             principal = self.authenticate(request)
         except ApiError as e:
-            return e.response(rid)
+            return e.reply(rid)
         tier = self.tiers.get(principal.tier)
         rec = UsageRecord(rid, principal.tenant, principal.key_id, principal.tier, route, "")
         headers = {"x-request-id": rid}
@@ -312,12 +321,12 @@ class Gateway:
         except ApiError as e:
             rec.status, rec.error = e.status, e.code
             rec.ttlt_ms = (time.perf_counter() - started) * 1000
-            self.ledger.record(rec)
+            await self.ledger.commit(rec)
             if call is not None:
                 self.settle(call, 0)
             self._count(rec)
             e.headers = headers | e.headers
-            return e.response(rid)
+            return e.reply(rid)
         finally:
             if call is None or not call.streaming:
                 self.end_request()
@@ -346,29 +355,37 @@ def _admin_token(state_dir: Path) -> str:
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the two hot routes answered before the middleware stack.
+    """FastAPI, with the two hot routes served on raw ASGI before anything else (gateway/wire.py).
 
-    Starlette's exception and exit-stack middleware around every request cost about a fifth of
-    the gateway's CPU in bench/ S1; the completion routes need neither (Gateway.handle turns
-    every failure into an OpenAI-shaped response itself). Everything else goes through FastAPI.
+    Starlette's middleware, Request and Response objects around every request cost about half
+    of the gateway's CPU in bench/ S1; the completion routes need none of them (Gateway.handle
+    turns every failure into an OpenAI-shaped reply itself). Everything else goes through FastAPI.
     """
 
     HOT = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            route = self.HOT.get(scope["path"])
+            path = scope["path"]
+            root = scope.get("root_path")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            route = self.HOT.get(path)
             if route is not None:
-                request = Request(scope, receive, send)
-                try:
-                    response = await self.state.gateway.handle(request, route)
-                except Exception as exc:   # a bug: the customer still gets OpenAI's shape, never a traceback
-                    log.error("unexpected %s on %s", type(exc).__name__, scope["path"], exc_info=exc)
-                    response = ApiError(500, "The server had an error while processing your request.",
-                                        code="internal_error").response()
-                await response(scope, receive, send)
+                await self.serve(scope, receive, send, route)
                 return
         await super().__call__(scope, receive, send)
+
+    async def serve(self, scope, receive, send, route: str) -> None:
+        try:
+            reply = await self.state.gateway.handle(Incoming(scope, receive), route)
+        except ClientGone:
+            return                          # nobody to answer
+        except Exception as exc:   # a bug: the customer still gets OpenAI's shape, never a traceback
+            log.error("unexpected %s on %s", type(exc).__name__, scope["path"], exc_info=exc)
+            reply = ApiError(500, "The server had an error while processing your request.",
+                             code="internal_error").reply()
+        await send_reply(reply, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -397,17 +414,6 @@ def create_app(settings: Settings) -> FastAPI:
         log.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
         return ApiError(500, "The server had an error while processing your request.",
                         code="internal_error").response(request.headers.get("x-request-id"))
-
-    # The hot routes are served by GatewayApp.__call__ before routing; these plain Starlette
-    # routes (no dependency solving) only catch what reaches the router, e.g. under a root path.
-    async def chat(request: Request) -> Response:
-        return await gw.handle(request, "chat")
-
-    async def completions(request: Request) -> Response:
-        return await gw.handle(request, "completions")
-
-    app.add_route("/v1/chat/completions", chat, methods=["POST"])
-    app.add_route("/v1/completions", completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
+from gateway.wire import Reply
+
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -26,6 +28,13 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def reply(self, request_id: str | None = None) -> Reply:
+        """For the hot routes (gateway/wire.py)."""
+        headers = dict(self.headers)
+        if request_id:
+            headers["x-request-id"] = request_id
+        return Reply(self.status, headers, orjson.dumps(self.body()))
 
     def response(self, request_id: str | None = None) -> Response:
         headers = dict(self.headers)

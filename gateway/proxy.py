@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import ApiError, stream_error_event
 from gateway.ledger import UsageRecord
 from gateway.router import Endpoint
+from gateway.wire import Reply
 
 if TYPE_CHECKING:
     from gateway.admission import Admitted
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS = 4
 DONE = b"data: [DONE]\n\n"
-_JSON = {"content-type": "application/json"}
 
 
 class UpstreamFailure(Exception):
@@ -54,7 +53,7 @@ class Call:
     streaming: bool = False     # the response outlives handle(): the relay ends the request
 
     # ---- the public entry ------------------------------------------------------------------
-    async def run(self) -> Response:
+    async def run(self) -> Reply:
         gw, adm = self.gw, self.adm
         tier = adm.tier
         deadline = self.started + tier.timeouts.total_s
@@ -110,7 +109,7 @@ class Call:
         return ApiError(502, "The model failed to answer. Please retry.", code="upstream_error", headers=retry)
 
     # ---- one endpoint ------------------------------------------------------------------------
-    async def _attempt(self, ep: Endpoint, deadline: float) -> Response:
+    async def _attempt(self, ep: Endpoint, deadline: float) -> Reply:
         gw, adm = self.gw, self.adm
         to = adm.tier.timeouts
         left = max(0.05, deadline - time.perf_counter())
@@ -126,11 +125,17 @@ class Call:
                     timeout = aiohttp.ClientTimeout(total=None, sock_connect=to.connect_s, sock_read=to.idle_s)
                 else:
                     timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
-                async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left):
-                    post = gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
-                    # A non-stream answer arrives whole, after the generation: no TTFT timeout can
-                    # tell a long answer from a lost worker, so the wait follows the worker's health.
-                    resp = await (post if adm.stream else _while_healthy(ep, post))
+                async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left) as expiry:
+                    if adm.stream:
+                        resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
+                    else:
+                        # the answer arrives whole, after the generation: the wait follows the
+                        # worker's health (Endpoint.abandon_waiting expires it)
+                        ep.waiting_calls.add(expiry)
+                        try:
+                            resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
+                        finally:
+                            ep.waiting_calls.discard(expiry)
                     if resp.status >= 500 or resp.status == 429:
                         resp.release()
                         raise UpstreamFailure("status_429" if resp.status == 429 else "status_5xx")
@@ -143,7 +148,7 @@ class Call:
                         raise UpstreamFailure("reset")
                     slow = gw.router.observe_ttft(ep, time.perf_counter() - sent)
             except TimeoutError:
-                raise UpstreamFailure("timeout") from None
+                raise UpstreamFailure("timeout" if ep.healthy else "unhealthy") from None
             except aiohttp.ClientConnectorError:
                 raise UpstreamFailure("connect") from None
             except (aiohttp.ClientError, ConnectionError, OSError):
@@ -156,7 +161,7 @@ class Call:
                 if resp is not None:
                     resp.close() if adm.stream else resp.release()
 
-    async def _client_error(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Response:
+    async def _client_error(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Reply:
         """A 4xx from the worker (e.g. context too long): the client's fault, passed on without
         anything that names the worker."""
         raw = await resp.read()
@@ -171,7 +176,7 @@ class Call:
         status = resp.status if resp.status in (400, 404, 413, 422) else 400
         raise ApiError(400 if status == 422 else status, message, code="upstream_rejected")
 
-    async def _whole(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Response:
+    async def _whole(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Reply:
         raw = await resp.read()
         now = time.perf_counter()
         try:
@@ -187,14 +192,13 @@ class Call:
         rec.ttft_ms = rec.ttlt_ms = (now - self.started) * 1000
         if self.gw.debug_logging(self.adm.principal):
             self.gw.keep_debug_log(self, _completion_text(doc))
-        self.gw.finish(self)             # ledger commit before the client sees the body
-        return Response(raw, status_code=200, headers=self.headers | _JSON)
+        await self.gw.finish(self)       # ledger commit before the client sees the body
+        return Reply(200, self.headers, raw)
 
-    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes, slow: bool) -> Response:
+    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes, slow: bool) -> Reply:
         self.headers["cache-control"] = "no-cache"
         self.streaming = True
-        return StreamingResponse(self._relay(ep, resp, first, slow), status_code=200, headers=self.headers,
-                                 media_type="text/event-stream")
+        return Reply(200, self.headers, stream=self._relay(ep, resp, first, slow))
 
     async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes,
                      slow: bool = False) -> AsyncIterator[bytes]:
@@ -220,7 +224,7 @@ class Call:
                         gw.router.success(ep)
                     if keep:
                         gw.keep_debug_log(self, _stream_text(text))
-                    gw.finish(self)            # ledger commit before [DONE] reaches the client
+                    await gw.finish(self)      # ledger commit before [DONE] reaches the client
                     yield DONE
                     return
                 if b'"usage"' in event and _has_usage(event):
@@ -257,27 +261,8 @@ class Call:
             if rec.ttlt_ms is None:
                 rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
             if rec.status != 200:
-                gw.finish(self)                # client gone (499) or upstream broke: still one record
+                gw.finish_soon(self)           # client gone (499) or upstream broke: still one record
             gw.end_request()
-
-
-WATCH_S = 0.5
-
-
-async def _while_healthy(ep: Endpoint, awaitable):
-    """Await `awaitable` unless the endpoint fails an active health check first (then it is
-    an UpstreamFailure, retried elsewhere: no byte has reached the client yet)."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait((task,), timeout=WATCH_S)
-            if done:
-                return task.result()
-            if not ep.healthy:
-                raise UpstreamFailure("unhealthy")
-    finally:
-        if not task.done():
-            task.cancel()
 
 
 async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:

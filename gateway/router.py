@@ -99,6 +99,14 @@ class Endpoint:
     health_url: str = ""
     external: bool = False            # an OpenAI-compatible upstream (no vLLM /health or /metrics)
     headers: dict[str, str] = field(default_factory=dict)
+    # deadlines (asyncio.Timeout) of non-stream requests waiting on this endpoint: an answer
+    # arrives whole, after the generation, so only a failed active check can tell a lost worker
+    # from a long answer; it expires them at once (proxy.Call._attempt retries elsewhere)
+    waiting_calls: set = field(default_factory=set)
+
+    def abandon_waiting(self) -> None:
+        for deadline in self.waiting_calls:
+            deadline.reschedule(0)         # in the past: TimeoutError in that request at once
 
     def available(self, now: float) -> bool:
         if not self.healthy:
@@ -305,6 +313,8 @@ class Router:
         if ok != ep.healthy:
             log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")
         ep.healthy = ok
+        if not ok:
+            ep.abandon_waiting()
         if ok:
             ep.checked_at = time.monotonic()
         return ok

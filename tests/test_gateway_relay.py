@@ -143,3 +143,34 @@ def test_external_openai_upstream_gets_its_key_and_its_model_name(tmp_path, monk
         assert "ext-s3cret-value" not in logs
     finally:
         stack.stack.stop()
+
+
+def test_client_leaving_mid_stream_is_metered_499_and_frees_the_worker(stack_factory):
+    """The hot routes run on raw ASGI (gateway/wire.py): a client that disconnects mid-stream
+    closes the relay, which meters what was produced as a 499 and drops the upstream stream."""
+    import http.client
+
+    from tests.test_drills import _http, fault, wait_for
+
+    stack = stack_factory()
+    for pool in ("demo-chat-east", "demo-chat-west"):
+        fault(stack, pool, itl_ms=50)
+    host, port = stack.base_url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = json.dumps({"model": "demo-chat", "stream": True, "max_tokens": 400,
+                       "messages": [{"role": "user", "content": "a long one"}]})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={
+        "authorization": f"Bearer {stack.key('leaver', 'pro')}", "content-type": "application/json",
+        "x-request-id": "leaves-early"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")            # the stream has started
+    conn.sock.shutdown(2)
+    conn.close()
+    running = lambda: sum(_http(stack.worker_url(p) + "/sim/stats")[1]["running"]  # noqa: E731
+                          for p in ("demo-chat-east", "demo-chat-west"))
+    assert wait_for(lambda: running() == 0, 10) is not None, "the worker kept generating for a client that left"
+    assert wait_for(lambda: any(r["request_id"] == "leaves-early" for r in _ledger_rows(stack)), 10) is not None
+    row = next(r for r in _ledger_rows(stack) if r["request_id"] == "leaves-early")
+    assert row["status"] == 499 and row["tenant"] == "leaver"
+    assert row["completion_tokens"] < 400

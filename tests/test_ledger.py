@@ -115,3 +115,59 @@ def test_debug_log_only_on_opt_in_and_expires(stack_factory):
     led = ledger.Ledger(stack.state / "ledger.db")
     assert led.purge_expired(now=time.time() + 3700) == 1
     assert db.execute("SELECT count(*) FROM debug_log").fetchone()[0] == 0
+
+
+# ---- the writer itself: group commit, a failed commit, a log that starts over under load ----------
+def _rec(i: int) -> ledger.UsageRecord:
+    return ledger.UsageRecord(f"g-{i}", "group", "k1", "business", "chat", "demo-chat", status=200,
+                              prompt_tokens=i, completion_tokens=2 * i)
+
+
+async def test_group_commit_shares_transactions_and_loses_nothing(tmp_path):
+    led = ledger.Ledger(tmp_path / "ledger.db")
+    commits = []
+    led.committed = lambda: commits.append(1)
+    try:
+        await asyncio.gather(*(led.commit(_rec(i)) for i in range(200)))
+        # every awaited row is readable from another connection once commit() returned
+        rows = ledger.query(tmp_path / "ledger.db", tenant="group")
+        assert sorted(r["prompt_tokens"] for r in rows) == list(range(200))
+        assert all(r["completion_tokens"] == 2 * r["prompt_tokens"] for r in rows)
+        assert 1 <= len(commits) < 200, "rows queued in one pass of the loop share a transaction"
+    finally:
+        led.close()
+
+
+async def test_failed_commit_raises_to_every_waiter_and_the_next_one_works(tmp_path):
+    led = ledger.Ledger(tmp_path / "ledger.db")
+    try:
+        led.conn.execute("PRAGMA query_only=1")            # every write now fails
+        results = await asyncio.gather(*(led.commit(_rec(i)) for i in range(5)), return_exceptions=True)
+        assert all(isinstance(r, ledger.sqlite3.Error) for r in results)
+        assert not led.conn.in_transaction
+        led.conn.execute("PRAGMA query_only=0")
+        await led.commit(_rec(99))
+        assert [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")] == ["g-99"]
+    finally:
+        led.close()
+
+
+async def test_write_ahead_log_starts_over_under_sustained_writes(tmp_path):
+    """Passive checkpoints alone never let SQLite start the log over while writes keep coming
+    (it grew to hundreds of MB in bench/); the writer restarts it once it passes RESTART_FRAMES."""
+    led = ledger.Ledger(tmp_path / "ledger.db")
+    led.RESTART_FRAMES = 64
+    wal = tmp_path / "ledger.db-wal"
+    try:
+        for i in range(20_000):
+            await led.commit(_rec(i))
+            if led.restarts >= 3:
+                break
+            if i % 50 == 0:
+                await asyncio.sleep(0.001)
+        assert led.restarts >= 3, "the log was never started over"
+        await led.commit(_rec(-1))          # the first commit after a restart cuts the file back
+        assert wal.stat().st_size <= 8 << 20
+        assert len(ledger.query(tmp_path / "ledger.db", tenant="group")) == i + 2
+    finally:
+        led.close()

@@ -61,14 +61,13 @@ def spool_instance_id(path: Path, name: str | None = None) -> str:
 
 
 class SpoolLedger(Ledger):
-    """The SQLite ledger, waking the shipper after each committed record."""
+    """The SQLite ledger, waking the shipper after each commit."""
 
     def __init__(self, path: Path, wake) -> None:
         super().__init__(path)
         self._wake = wake
 
-    def record(self, rec: UsageRecord) -> None:
-        super().record(rec)
+    def committed(self) -> None:
         self._wake()
 
 
