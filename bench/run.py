@@ -483,10 +483,37 @@ class Bench:
             if name == "direct":
                 url, pid = self.direct_paced, self.paced.pid
             self.log(f"S3 {name}: {conc} streams x 64 tokens, itl {self.args.s3_itl_ms} ms")
-            res["runs"][f"{name}/streams{conc}"] = load(
-                url, key, model=STREAM_MODEL, stream=True, tokens=64, concurrency=conc, duration=dur, warmup=warm,
-                ramp=64 * self.args.s3_itl_ms / 1000, watch=[pid], timeout=30, grace=15)
+            spy = None
+            if name == "gateway" and self.args.profile_s3:
+                spy = self.spy("s3", int(warm + dur))
+                res["profile"] = {"note": "py-spy ran on the harness core during this run"}
+            try:
+                res["runs"][f"{name}/streams{conc}"] = load(
+                    url, key, model=STREAM_MODEL, stream=True, tokens=64, concurrency=conc, duration=dur,
+                    warmup=warm, ramp=64 * self.args.s3_itl_ms / 1000, watch=[pid], timeout=30, grace=15)
+            finally:
+                if spy is not None:
+                    res["profile"].update(self.spy_done(spy, "s3"))
         return res
+
+    def spy(self, name: str, secs: int) -> subprocess.Popen:
+        """py-spy (raw stacks) on the gateway for `secs`, on the harness core."""
+        ok, why = ensure_bench_venv(self.log)
+        if not ok:
+            raise RuntimeError(why)
+        argv = (["taskset", "-c", HARNESS_CORE] if shutil.which("taskset") else []) + [
+            str(BENCH_VENV / "bin" / "py-spy"), "record", "--pid", str(self.gw.pid), "--duration", str(secs),
+            "--rate", "100", "--nonblocking", "--format", "raw", "-o", str(self.tmp / f"profile-{name}.txt")]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def spy_done(self, p: subprocess.Popen, name: str) -> dict:
+        try:
+            p.wait(60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        return {"top": top_costs(self.tmp / f"profile-{name}.txt", 25)}
 
     def s4(self) -> dict:
         secs = self.args.soak_seconds if not self.args.quick else min(self.args.soak_seconds, 40)
@@ -692,11 +719,6 @@ def render(scenario: str, res: dict) -> str:
             row(label, "errors", ("error_count",), "none")
             procs(label)
             contention(label)
-        if res.get("profile", {}).get("top"):
-            lines += ["", "py-spy, gateway under S1 c64 (own time, top 12):", "",
-                      "| function | own % | inclusive % |", "|---|---|---|"]
-            for t in res["profile"]["top"][:12]:
-                lines.append(f"| `{t['function']}` | {t.get('own_pct', '')} | {t['inclusive_pct']} |")
     elif scenario == "S2":
         for label in ("nonstream-c1", "stream32-c1"):
             row(label, "req/s", ("rps",))
@@ -735,6 +757,12 @@ def render(scenario: str, res: dict) -> str:
             pr = next(iter(r.get("procs", {}).values()), {})
             lines.append(f"| {k} | {r['rps']} req/s, p50 {r['latency_ms']['p50']} ms, p99 "
                          f"{r['latency_ms']['p99']} ms, errors {r['error_count']}, gateway CPU {pr.get('cpu_pct')}% |")
+    if res.get("profile", {}).get("top"):
+        what = "under S1 c64" if scenario == "S1" else "during " + scenario
+        lines += ["", f"py-spy, gateway {what} (own time, top 12):", "",
+                  "| function | own % | inclusive % |", "|---|---|---|"]
+        for t in res["profile"]["top"][:12]:
+            lines.append(f"| `{t['function']}` | {t.get('own_pct', '')} | {t['inclusive_pct']} |")
     return "\n".join(lines)
 
 
@@ -748,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--litellm-s3", action="store_true", help="also run S3 through LiteLLM (slow)")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway under S1 c64")
+    p.add_argument("--profile-s3", action="store_true", help="py-spy the gateway during S3 (perturbs S3's figures)")
     p.add_argument("--no-wrk", action="store_true", help="use the Python client for S1 even if wrk is installed")
     p.add_argument("--keep-tmp", action="store_true")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
 from gateway.metrics import Metrics
-from gateway.proxy import Call
+from gateway.proxy import Call, SSEReader
 from gateway.probes import Prober, limits_for
 from gateway.risk import RiskWindow
 from gateway.router import Router
@@ -42,6 +42,7 @@ log = logging.getLogger("infermesh.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
 DRAIN_LIMIT = 16 * 1024 * 1024  # bodies above the limit but below this are read before the 413
+IDLE_SWEEP_S = 0.25
 MODELS_CREATED = 1_700_000_000   # a fixed `created` for /v1/models: the catalogue is declared, not trained
 
 
@@ -77,6 +78,7 @@ class Gateway:
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
         self.in_flight = 0
+        self.streams: set[SSEReader] = set()     # started streams being relayed (idle timeouts)
         self.max_priority = max((t.priority for t in self.spec.tiers), default=0)
         self.admin_token = settings.admin_token or _admin_token(settings.state_dir)
         self._tasks: list[asyncio.Task] = []
@@ -90,7 +92,8 @@ class Gateway:
         await self.router.check_all(self.session)
         self._update_health_gauges()
         self._tasks = [asyncio.create_task(c) for c in
-                       (self._health_loop(), self._watch_routing(), self._purge_loop(), self.prober.run())]
+                       (self._health_loop(), self._watch_routing(), self._purge_loop(), self._idle_loop(),
+                        self.prober.run())]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -138,6 +141,18 @@ class Gateway:
             await asyncio.sleep(interval)
             await self.router.check_all(self.session)
             self._update_health_gauges()
+
+    async def _idle_loop(self) -> None:
+        """End started streams whose upstream has been quiet for longer than their tier's idle_s:
+        one sweep every IDLE_SWEEP_S instead of a timer reset on every chunk (bench/ S3). Closing
+        the upstream response makes the relay's pending read fail; it ends the client's stream
+        with an error event and meters it as 504 idle_timeout."""
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            now = time.monotonic()
+            for events in [e for e in self.streams if now - e.last > e.idle_s]:
+                events.expired = True
+                events.resp.close()
 
     async def _purge_loop(self) -> None:
         while True:

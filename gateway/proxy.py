@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 MAX_ATTEMPTS = 4
+DRAIN_S = 1.0                  # at most this long for a stream's body to end after its [DONE]
 DONE = b"data: [DONE]\n\n"
 
 
@@ -121,8 +122,8 @@ class Call:
         sent = time.perf_counter()
         try:
             try:
-                if adm.stream:
-                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=to.connect_s, sock_read=to.idle_s)
+                if adm.stream:     # idle gaps are policed by Gateway._idle_loop, not a timer per chunk
+                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=to.connect_s)
                 else:
                     timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
                 async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left) as expiry:
@@ -143,7 +144,8 @@ class Call:
                         return await self._client_error(ep, resp)
                     if not adm.stream:
                         return await self._whole(ep, resp)
-                    first = await _next_event(resp)
+                    events = SSEReader(resp, to.idle_s)
+                    first = await events.next()
                     if first is None:
                         raise UpstreamFailure("reset")
                     slow = gw.router.observe_ttft(ep, time.perf_counter() - sent)
@@ -154,7 +156,7 @@ class Call:
             except (aiohttp.ClientError, ConnectionError, OSError):
                 raise UpstreamFailure("reset") from None
             released = True     # the stream owns the endpoint's slot from here on
-            return self._stream(ep, resp, first, slow)
+            return self._stream(ep, resp, events, first, slow)
         finally:
             if not released:
                 ep.outstanding -= 1
@@ -195,12 +197,13 @@ class Call:
         await self.gw.finish(self)       # ledger commit before the client sees the body
         return Reply(200, self.headers, raw)
 
-    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes, slow: bool) -> Reply:
+    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
+                slow: bool) -> Reply:
         self.headers["cache-control"] = "no-cache"
         self.streaming = True
-        return Reply(200, self.headers, stream=self._relay(ep, resp, first, slow))
+        return Reply(200, self.headers, stream=self._relay(ep, resp, events, first, slow))
 
-    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, first: bytes,
+    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
                      slow: bool = False) -> AsyncIterator[bytes]:
         """Relay a started stream. ``slow``: its TTFT made it an outlier (router.observe_ttft), so
         the endpoint gets a failure instead of a success at the end, though the client is served."""
@@ -210,6 +213,7 @@ class Call:
         text: list[bytes] = [] if keep else None  # type: ignore[assignment]
         rec.status = 499                       # until the stream ends one way or another
         event: bytes | None = first
+        gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
         try:
             while event is not None:
                 if event == DONE:
@@ -226,6 +230,7 @@ class Call:
                         gw.keep_debug_log(self, _stream_text(text))
                     await gw.finish(self)      # ledger commit before [DONE] reaches the client
                     yield DONE
+                    await events.drain()       # the body's end: the connection can be reused
                     return
                 if b'"usage"' in event and _has_usage(event):
                     usage = orjson.loads(event[6:]).get("usage") or {}
@@ -242,11 +247,11 @@ class Call:
                     if keep:
                         text.append(event)
                     yield event
-                event = await _next_event(resp)
+                event = await events.next()
             raise ConnectionResetError("stream ended without [DONE]")
         except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
             # Started streams are never retried: end cleanly with an error event.
-            timed_out = isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
+            timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
             rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
             gw.router.failure(ep)
             pool = ep.pool
@@ -256,6 +261,7 @@ class Call:
                                      "upstream_timeout" if timed_out else "upstream_error")
             yield DONE
         finally:
+            gw.streams.discard(events)
             ep.outstanding -= 1
             resp.release() if rec.status == 200 else resp.close()
             if rec.ttlt_ms is None:
@@ -265,18 +271,64 @@ class Call:
             gw.end_request()
 
 
-async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The next complete SSE event (`data: ...\\n\\n`), or None at the end of the body."""
-    content = resp.content
-    while True:
-        line = await content.readline()
-        if not line:
-            return None
-        if line.startswith(b"data:"):
-            if line.endswith(b"\r\n"):
-                line = line[:-2] + b"\n"
-            # the blank line that ends the event follows; emit the event whole
-            return line + b"\n"
+class SSEReader:
+    """Complete SSE events (``data: ...\n\n``) from an upstream body, read in whatever chunks
+    arrive. The common chunk is exactly one event and is passed on as it came (no copy, no line
+    scanning in Python); anything else is split into events, CRLF normalised, and lines other
+    than ``data:`` (comments, ``event:``) dropped.
+
+    ``last`` is when bytes last arrived: Gateway._idle_loop closes a stream quiet for longer
+    than its tier's ``idle_s`` (``expired`` then tells the relay it was a timeout)."""
+
+    __slots__ = ("resp", "content", "buf", "pending", "last", "idle_s", "expired")
+
+    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float = 0.0) -> None:
+        self.resp, self.content = resp, resp.content
+        self.buf = b""
+        self.pending: list[bytes] = []
+        self.last = time.monotonic()
+        self.idle_s = idle_s
+        self.expired = False
+
+    async def drain(self, limit: int = 65536) -> None:
+        """Read what is left of the body after [DONE] (normally just the chunked terminator,
+        already buffered): aiohttp only puts a connection back in its pool when the body was
+        read to its end; otherwise it closes it and the next stream pays for a new one."""
+        content, seen = self.content, 0
+        if content.at_eof():
+            return
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                while seen < limit and not content.at_eof():
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    seen += len(chunk)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError):
+            pass                       # the relay's finally closes the response instead
+
+    async def next(self) -> bytes | None:
+        """The next event, or None at the end of the body."""
+        if self.pending:
+            return self.pending.pop(0)
+        while True:
+            chunk = await self.content.readany()
+            if not chunk:
+                return None
+            self.last = time.monotonic()
+            if (not self.buf and chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
+                    and chunk.find(b"\n\n") == len(chunk) - 2 and b"\r" not in chunk):
+                return chunk
+            buf = (self.buf + chunk).replace(b"\r\n", b"\n")
+            blocks = buf.split(b"\n\n")
+            self.buf = blocks.pop()            # an unfinished event waits for the rest
+            for block in blocks:
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        data = line[5:].lstrip(b" ")
+                        self.pending.append(b"data: " + data + b"\n\n")
+            if self.pending:
+                return self.pending.pop(0)
 
 
 def _has_usage(event: bytes) -> bool:

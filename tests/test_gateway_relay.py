@@ -111,6 +111,9 @@ def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
     assert recorder.bodies, "the changed routing file was not applied"
 
 
+DEMO_CHAT_WORKERS = (("demo-chat-east", 0), ("demo-chat-east", 1), ("demo-chat-west", 0))
+
+
 def _ledger_rows(stack) -> list[dict]:
     from gateway import ledger
     return ledger.query(stack.state / "ledger.db")
@@ -153,8 +156,8 @@ def test_client_leaving_mid_stream_is_metered_499_and_frees_the_worker(stack_fac
     from tests.test_drills import _http, fault, wait_for
 
     stack = stack_factory()
-    for pool in ("demo-chat-east", "demo-chat-west"):
-        fault(stack, pool, itl_ms=50)
+    for pool, replica in DEMO_CHAT_WORKERS:
+        fault(stack, pool, replica, itl_ms=50)
     host, port = stack.base_url.split("//")[1].split("/")[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     body = json.dumps({"model": "demo-chat", "stream": True, "max_tokens": 400,
@@ -167,10 +170,70 @@ def test_client_leaving_mid_stream_is_metered_499_and_frees_the_worker(stack_fac
     assert resp.readline().startswith(b"data: ")            # the stream has started
     conn.sock.shutdown(2)
     conn.close()
-    running = lambda: sum(_http(stack.worker_url(p) + "/sim/stats")[1]["running"]  # noqa: E731
-                          for p in ("demo-chat-east", "demo-chat-west"))
+    running = lambda: sum(_http(stack.worker_url(p, r) + "/sim/stats")[1]["running"]  # noqa: E731
+                          for p, r in DEMO_CHAT_WORKERS)
     assert wait_for(lambda: running() == 0, 10) is not None, "the worker kept generating for a client that left"
     assert wait_for(lambda: any(r["request_id"] == "leaves-early" for r in _ledger_rows(stack)), 10) is not None
     row = next(r for r in _ledger_rows(stack) if r["request_id"] == "leaves-early")
     assert row["status"] == 499 and row["tenant"] == "leaver"
     assert row["completion_tokens"] < 400
+
+
+def test_stream_silent_past_the_tiers_idle_timeout_ends_with_an_error_event(stack_factory):
+    """A started stream whose worker goes quiet for longer than the tier's idle_s ends with an
+    OpenAI-style error event (the SDK raises it), is metered 504 idle_timeout, and the worker's
+    stream is dropped."""
+    import openai
+
+    from tests.test_drills import _http, fault, mutate_with, tier_cfg, wait_for
+
+    stack = stack_factory(mutate_with(lambda c: tier_cfg(c, "pro").setdefault("timeouts", {}).update(idle_s=1)))
+    for pool, replica in DEMO_CHAT_WORKERS:
+        fault(stack, pool, replica, ttft_ms=1, itl_ms=4000)
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key("quiet", "pro"), max_retries=0, timeout=30)
+    got, started = [], time.monotonic()
+    with pytest.raises(openai.APIError) as err:
+        for chunk in c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                               stream=True, max_tokens=5, extra_headers={"x-request-id": "quiet-1"}):
+            got.append(chunk)
+    assert got, "the stream had started"
+    assert "interrupted" in str(err.value)
+    assert time.monotonic() - started < 3.5, "the idle timeout (1 s) did not end the stream"
+    assert wait_for(lambda: any(r["request_id"] == "quiet-1" for r in _ledger_rows(stack)), 10) is not None
+    row = next(r for r in _ledger_rows(stack) if r["request_id"] == "quiet-1")
+    assert (row["status"], row["error"]) == (504, "idle_timeout")
+    running = lambda: sum(_http(stack.worker_url(p, r) + "/sim/stats")[1]["running"]  # noqa: E731
+                          for p, r in DEMO_CHAT_WORKERS)
+    assert wait_for(lambda: running() == 0, 10) is not None
+
+
+async def test_sse_reader_frames_events_from_any_chunking():
+    """Upstream bytes arrive in arbitrary pieces: events split across reads, several in one read,
+    CRLF line ends, comments and `event:` lines, `data:` without a space."""
+    from gateway.proxy import SSEReader
+
+    class Body:
+        def __init__(self, chunks):
+            self.chunks = list(chunks)
+
+        async def readany(self):
+            return self.chunks.pop(0) if self.chunks else b""
+
+    class Resp:
+        def __init__(self, chunks):
+            self.content = Body(chunks)
+
+    async def events(chunks):
+        r, out = SSEReader(Resp(chunks)), []
+        while (e := await r.next()) is not None:
+            out.append(e)
+        return out
+
+    one = b'data: {"a":1}\n\n'
+    assert await events([one]) == [one]
+    assert await events([b'data: {"a"', b':1}\n', b'\n']) == [one]
+    assert await events([one + b'data: {"b":2}\n\ndata: [DO', b'NE]\n\n']) == [one, b'data: {"b":2}\n\n',
+                                                                              b"data: [DONE]\n\n"]
+    assert await events([b': ping\r\n\r\nevent: x\r\ndata:{"a":1}\r', b'\n\r\n']) == [one]
+    assert await events([b'data: {"a":1}\n\ndata: {"cut']) == [one]     # an unfinished event at EOF is dropped
+
