@@ -430,6 +430,14 @@ def create_app(settings: Settings) -> FastAPI:
         return ApiError(500, "The server had an error while processing your request.",
                         code="internal_error").response(request.headers.get("x-request-id"))
 
+    # POSTs to the hot routes never reach the router (GatewayApp.serve answers them); these
+    # routes make any other method a 405 in OpenAI's error shape instead of a 404.
+    async def hot_route(request: Request) -> Response:
+        raise StarletteHTTPException(405)
+
+    for path in GatewayApp.HOT:
+        app.add_route(path, hot_route, methods=["POST"])
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:

@@ -148,7 +148,8 @@ class Call:
                     first = await events.next()
                     if first is None:
                         raise UpstreamFailure("reset")
-                    slow = gw.router.observe_ttft(ep, time.perf_counter() - sent)
+                    ttft = time.perf_counter() - sent
+                    slow = ttft if gw.router.observe_ttft(ep, ttft) else 0.0
             except TimeoutError:
                 raise UpstreamFailure("timeout" if ep.healthy else "unhealthy") from None
             except aiohttp.ClientConnectorError:
@@ -198,15 +199,16 @@ class Call:
         return Reply(200, self.headers, raw)
 
     def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
-                slow: bool) -> Reply:
+                slow: float) -> Reply:
         self.headers["cache-control"] = "no-cache"
         self.streaming = True
         return Reply(200, self.headers, stream=self._relay(ep, resp, events, first, slow))
 
     async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
-                     slow: bool = False) -> AsyncIterator[bytes]:
-        """Relay a started stream. ``slow``: its TTFT made it an outlier (router.observe_ttft), so
-        the endpoint gets a failure instead of a success at the end, though the client is served."""
+                     slow: float = 0.0) -> AsyncIterator[bytes]:
+        """Relay a started stream. ``slow``: its TTFT (seconds) if that made it an outlier
+        (router.observe_ttft). If it still is one against its peers when the stream ends, the
+        endpoint gets a failure instead of a success, though the client is served."""
         gw, rec, adm = self.gw, self.rec, self.adm
         rec.ttft_ms = (time.perf_counter() - self.started) * 1000
         keep = gw.debug_logging(adm.principal)
@@ -219,7 +221,7 @@ class Call:
                 if event == DONE:
                     rec.status = 200
                     rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-                    if slow:
+                    if slow and gw.router.outlier(ep, slow):
                         gw.router.failure(ep)
                         pool = ep.pool
                         gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,

@@ -265,6 +265,17 @@ class Router:
         ep.ttft_ewma = seconds if prev == 0.0 else prev + TTFT_EWMA_ALPHA * (seconds - prev)
         now = ep.ttft_at = time.monotonic()
         ep.ttft_last = seconds
+        if not self.outlier(ep, seconds, now):
+            return False
+        ep.slow += 1
+        return True
+
+    def outlier(self, ep: Endpoint, seconds: float, now: float | None = None) -> bool:
+        """Is this TTFT over the model's slow limit and twice its fresh peers' median? The relay
+        asks again when a slow stream ends: when every endpoint slows at once (an overload),
+        the first slow answers are compared with peers' fast figures from before, and only by
+        the stream's end have the peers' own slow answers come in."""
+        now = time.monotonic() if now is None else now
         limit = self.slow_s.get(ep.pool.model)
         route = self.models.get(ep.pool.model)
         if limit is None or seconds <= limit or route is None:
@@ -272,10 +283,7 @@ class Router:
         roles = ("primary", "canary", "standby") if ep.pool.role == "standby" else ("primary", "canary")
         peers = sorted(max(e.ttft_ewma, e.ttft_last) for p in route.pools if p.role in roles
                        for e in p.endpoints if e is not ep and now - e.ttft_at < PEER_FRESH_S)
-        if peers and seconds <= SLOW_RELATIVE * peers[len(peers) // 2]:
-            return False
-        ep.slow += 1
-        return True
+        return not (peers and seconds <= SLOW_RELATIVE * peers[len(peers) // 2])
 
     def failure(self, ep: Endpoint) -> None:
         ep.failures += 1

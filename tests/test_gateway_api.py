@@ -162,6 +162,17 @@ def test_unknown_route_is_openai_shaped_404(local_stack):
     validate(body, "ErrorResponse")
 
 
+def test_wrong_method_on_a_completion_route_is_openai_shaped_405(local_stack):
+    import urllib.error
+    req = urllib.request.Request(local_stack.base_url + "/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+    body = json.loads(e.value.read())
+    validate(body, "ErrorResponse")
+    assert "GET /v1/chat/completions" in body["error"]["message"]
+
+
 def test_caps_limits_and_passthrough(stack_factory):
     """A tier with a small output cap and rpm: max_tokens above the cap is capped (not passed
     through), the request over the rpm gets 429 with Retry-After and x-ratelimit-* headers."""

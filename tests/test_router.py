@@ -98,6 +98,26 @@ def test_slow_is_an_outlier_test():
     assert r.observe_ttft(e["west/0"], 1.5)
 
 
+def test_a_slow_verdict_is_judged_again_when_the_stream_ends():
+    """Everything slows at once: the first slow answer is compared with the peers' fast figures
+    from before the change. By the time that stream ends the peers' own slow answers are in,
+    and the relay's second look (Router.outlier) clears it, so no endpoint is ejected for it."""
+    r = Router(config(), rng=random.Random(5))
+    r.slow_s = {"m": 1.0}
+    e = eps(r)
+    for name in ("east/0", "east/1"):
+        r.observe_ttft(e[name], 0.05)
+    assert r.observe_ttft(e["west/0"], 1.5)             # first look: 30x the peers' old figures
+    for name in ("east/0", "east/1"):
+        r.observe_ttft(e[name], 1.4)                     # the peers slow down too
+    assert not r.outlier(e["west/0"], 1.5)               # second look at the stream's end
+    r.observe_ttft(e["east/1"], 0.05)
+    r.observe_ttft(e["east/0"], 0.05)
+    for name in ("east/0", "east/1"):
+        e[name].ttft_ewma = e[name].ttft_last = 0.05
+    assert r.outlier(e["west/0"], 1.5)                   # a real outlier stays one
+
+
 def test_panic_mode_tries_ejected_endpoints_but_never_refused_ones():
     r = Router(config(), rng=random.Random(3))
     e = eps(r)
