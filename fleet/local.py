@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.routing import canary_pool, local_endpoints, routing_config
+from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
 from fleet.spec import ROOT, Spec
 
 LOCAL_KINDS = ("sim", "llamacpp")
@@ -75,9 +75,11 @@ class LocalStack:
         out = []
         ports = local_endpoints(self.spec)
         canary = canary_pool(self.spec)        # a canary block runs one more worker, like its base pool
-        for pool in [*self.spec.pools, *([canary] if canary is not None else [])]:
+        # drained providers applied (fleet.plan.effective_spec): their pools run nothing, and the
+        # replacement capacity the plan adds runs instead
+        for pool in [*local_spec(self.spec).pools, *([canary] if canary is not None else [])]:
             kind = self.spec.provider(pool.provider).kind
-            if kind not in LOCAL_KINDS:
+            if kind not in LOCAL_KINDS or pool.role == "drained":
                 continue
             for i in range(pool.replicas):
                 port = ports[(pool.name, i)]
@@ -99,7 +101,7 @@ class LocalStack:
     def write_routing(self) -> Path:
         host = self.host
         ports = local_endpoints(self.spec)
-        config = routing_config(self.spec, lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}")
+        config = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}")
         path = self.state / "routing.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))

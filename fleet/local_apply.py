@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet.routing import routing_config
+from fleet.routing import local_endpoints, local_spec, routing_config
 from fleet.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -100,7 +100,9 @@ def _admin(stack: LocalStack, port: int, path: str, method: str = "GET", timeout
 def switch_routing(stack: LocalStack, spec: Spec, ports: dict[tuple[str, int], int], timeout: float = 10.0) -> None:
     """Write routing.json for `spec` with endpoints on `ports`, and wait until every gateway runs it."""
     host = stack.host
-    config = routing_config(spec, lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}")
+    declared = local_endpoints(spec)       # a drained pool runs no worker but keeps its (idle) endpoints
+    config = routing_config(local_spec(spec), lambda pool, i:
+                            f"http://{host}:{ports.get((pool.name, i), declared[(pool.name, i)])}")
     before = {}
     for port in _gateway_ports(stack):
         try:

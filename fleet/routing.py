@@ -51,17 +51,29 @@ def canary_share(spec: Spec) -> tuple[float, float]:
 
 def local_endpoints(spec: Spec) -> dict[tuple[str, int], int]:
     """Loopback ports of local (sim / llamacpp) workers, in declaration order from local_port_base.
-    A canary's worker comes after all pools, so starting or ending one moves no other port."""
+    A canary's worker comes after all pools, so starting or ending one moves no other port.
+    Capacity that a drained provider's failover adds (fleet.plan.effective_spec: more replicas
+    on the survivors, a pool on the reserved provider) comes after that, for the same reason;
+    a drained pool keeps its ports for when it is restored."""
     ports: dict[tuple[str, int], int] = {}
     port = spec.local_port_base
     canary = canary_pool(spec)
-    for pool in [*spec.pools, *([canary] if canary is not None else [])]:
+    for pool in [*spec.pools, *([canary] if canary is not None else []), *local_spec(spec).pools]:
         if spec.provider(pool.provider).kind not in ("sim", "llamacpp"):
             continue
         for i in range(pool.replicas):
-            ports[(pool.name, i)] = port
-            port += 1
+            if (pool.name, i) not in ports:
+                ports[(pool.name, i)] = port
+                port += 1
     return ports
+
+
+def local_spec(spec: Spec) -> Spec:
+    """What a local stack runs: the spec with its drained providers applied, as `pulumi up` would
+    lease it (the plan's effective spec)."""
+    from fleet.plan import effective_spec     # fleet.plan builds on this module
+
+    return effective_spec(spec)
 
 
 def local_rule(spec: Spec, host: str = "127.0.0.1") -> EndpointRule:

@@ -86,7 +86,7 @@ def start_stack(tmp: Path, mutate: Callable[[dict], None] | None = None, name: s
     config = copy.deepcopy(local_config())
     if mutate:
         mutate(config)
-    n_ports = sum(p.get("replicas", 1) for p in config["pools"]) + 2
+    n_ports = sum(p.get("replicas", 1) for p in config["pools"]) + 6   # a canary, failover capacity
     config["local_port_base"] = free_port_range(n_ports)
     config["gateway"] = {**config.get("gateway", {}), "port": free_port()}
     stacks_dir = tmp / "stacks"

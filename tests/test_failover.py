@@ -188,3 +188,64 @@ def test_drain_preserves_crlf_and_explicit_false(stacks, capsys):
     assert b"\r\n      drained: true  #" in raw and raw.count(b"\n") == raw.count(b"\r\n")
     assert b"drained: false" not in raw
     assert spec_mod.load("prod", stacks).provider("akash").drained
+
+
+def test_drain_and_restore_on_a_running_local_stack(stack_factory):
+    """The local stack runs what the plan would lease (fleet.routing.local_spec): after `failover
+    drain`, the stack-file follower stops the drained provider's workers, starts the replacement
+    capacity the plan adds, and the gateway routes around the provider; `restore` undoes it.
+    Every request in between is answered."""
+    import json
+    import urllib.request
+
+    from openai import OpenAI
+
+    from fleet.local_apply import apply
+    from fleet.routing import local_endpoints, local_spec
+
+    stack = stack_factory()
+    running = stack.stack
+
+    def endpoints() -> dict[str, dict]:
+        req = urllib.request.Request(stack.root_url + "/admin/endpoints",
+                                     headers={"authorization": f"Bearer {stack.admin_token()}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return {p["pool"]: p for p in json.loads(r.read())["pools"]}
+
+    def served(n: int) -> None:
+        c = OpenAI(base_url=stack.base_url, api_key=key, max_retries=0)
+        for i in range(n):
+            assert c.chat.completions.create(model="demo-chat", max_tokens=2,
+                                             messages=[{"role": "user", "content": f"q{i}"}]).choices
+
+    def worker_requests(pool: str, replica: int) -> int:
+        port = local_endpoints(running.spec)[(pool, replica)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
+            return json.loads(r.read())["requests"]
+
+    key = stack.key("failover", "pro")
+    west = next(p for n, p in running.procs if n == "demo-chat-west-0")
+    assert fo("drain", "sim-west", stack.stacks_dir, "test") == 0
+    apply(running, spec_mod.load("test", stack.stacks_dir), log=lambda line: None)
+
+    pools = endpoints()
+    assert pools["demo-chat-west"]["role"] == "drained" and pools["demo-chat-west"]["weight"] == 0
+    assert west.poll() is not None, "the drained provider's worker still runs"
+    # the replacement capacity the plan adds (one for one here: the reserve pool 1 -> 2) runs and is healthy
+    plan = {p.name: p.replicas for p in local_spec(running.spec).pools if p.role != "drained"}
+    assert plan["demo-chat-reserve"] == 2
+    for name, replicas in plan.items():
+        assert [e["healthy"] for e in pools[name]["endpoints"]] == [True] * replicas, name
+    east = sum(worker_requests("demo-chat-east", i) for i in (0, 1))
+    served(30)
+    assert sum(worker_requests("demo-chat-east", i) for i in (0, 1)) == east + 30
+
+    assert fo("restore", "sim-west", stack.stacks_dir, "test") == 0
+    apply(running, spec_mod.load("test", stack.stacks_dir), log=lambda line: None)
+    pools = endpoints()
+    assert pools["demo-chat-west"]["role"] == "primary" and pools["demo-chat-west"]["weight"] == 1
+    assert len(pools["demo-chat-reserve"]["endpoints"]) == 1
+    assert not any(n == "demo-chat-reserve-1" and p.poll() is None for n, p in running.procs)
+    before = worker_requests("demo-chat-west", 0)
+    served(30)
+    assert worker_requests("demo-chat-west", 0) > before, "the restored provider takes no traffic"
