@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from gateway.ledger import _COLUMNS, Ledger, UsageRecord
+from gateway.ledger import _COLUMNS, Ledger
 from gateway.ledger import connect as sqlite_connect
 from gateway.state.health import Health
 
