@@ -161,7 +161,10 @@ class Ledger:
         self._rows.append(_row(rec))
         self._waiters.append(fut)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            try:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:       # no loop (a relay closed while the process shuts down): write now
+                self._flush()
 
     def _flush(self) -> None:
         self._flush_handle = None

@@ -171,3 +171,13 @@ async def test_write_ahead_log_starts_over_under_sustained_writes(tmp_path):
         assert len(ledger.query(tmp_path / "ledger.db", tenant="group")) == i + 2
     finally:
         led.close()
+
+
+def test_commit_soon_without_an_event_loop_writes_at_once(tmp_path):
+    """A relay closed after the loop stopped (shutdown) still leaves its row."""
+    led = ledger.Ledger(tmp_path / "ledger.db")
+    try:
+        led.commit_soon(_rec(7))
+        assert [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")] == ["g-7"]
+    finally:
+        led.close()
