@@ -118,9 +118,9 @@ class Ledger:
     automatic checkpoint there stalled single inserts for tens of milliseconds (bench/). Under
     sustained writes a passive checkpoint rarely finishes between two commits, so SQLite never
     gets to start the log over and it grows without bound (bench/ledger_wal.py: 70 MB in 8 s
-    at 3,000 rows/s, still growing). So once the log passes RESTART_FRAMES, the writer itself restarts it right after
-    its next commit, when the passive checkpoints have already copied nearly all of it: a stall
-    of one or two milliseconds, and a log that stays under 6 MB (bench/ledger_wal.py).
+    at 3,000 rows/s, still growing). So once the log passes RESTART_FRAMES, the writer itself
+    restarts it right after its next commit, when the passive checkpoints have already copied
+    nearly all of it: a stall of one or two milliseconds, and a log that stays under 6 MB.
     """
 
     CHECKPOINT_EVERY_S = 0.1
