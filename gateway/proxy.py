@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 MAX_ATTEMPTS = 4
-DRAIN_S = 1.0                  # at most this long for a stream's body to end after its [DONE]
+DRAIN_S = 0.25                 # at most this long for a stream's body to end after its [DONE] (the client has it)
 DONE = b"data: [DONE]\n\n"
 
 
