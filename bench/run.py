@@ -11,7 +11,8 @@ Scenarios (see bench/README.md):
       stream at concurrency 16 (the issue's LiteLLM reference figures)
   S2  concurrency 1: latency added over calling the upstream directly (p50, p99)
   S3  1,000 concurrent streams of 64 tokens at 50 tokens/s: added TTFT, inter-token gaps,
-      stalls, gateway CPU and RSS
+      stalls, gateway CPU and RSS; also through bench/passthru.py, the floor: what any Python
+      byte relay on this event loop costs per event (skip with --no-floor)
   S4  soak at moderate load: RSS growth after warm-up, errors
 
 Results: printed as one table per scenario and written to bench/results/<date>-<scenario>.md
@@ -479,7 +480,7 @@ class Bench:
         conc = self.args.s3_streams
         dur, warm = (8, 3) if q else (30, 5)
         res: dict = {"target": TARGETS["S3"], "runs": {}, "itl_ms": self.args.s3_itl_ms, "streams": conc}
-        for name, url, key, pid in self.paths(litellm=self.args.litellm_s3):
+        for name, url, key, pid in self.s3_paths():
             if name == "direct":
                 url, pid = self.direct_paced, self.paced.pid
             self.log(f"S3 {name}: {conc} streams x 64 tokens, itl {self.args.s3_itl_ms} ms")
@@ -495,6 +496,22 @@ class Bench:
                 if spy is not None:
                     res["profile"].update(self.spy_done(spy, "s3"))
         return res
+
+    def s3_paths(self):
+        """direct, then the floor (bench/passthru.py: a Python byte relay on the gateway's core,
+        no HTTP), then the gateway (and LiteLLM with --litellm-s3)."""
+        for path in self.paths(litellm=self.args.litellm_s3):
+            yield path
+            if path[0] == "direct" and not self.args.no_floor:
+                port = free_port()
+                floor = self.procs.start("passthru", [str(PY), str(BENCH / "passthru.py"), "--port", str(port),
+                                                      "--upstream-port", str(self.paced_port)],
+                                         GATEWAY_CORE, self.tmp / "passthru.log", cwd=REPO)
+                try:
+                    wait_http(f"http://127.0.0.1:{port}/health", 30, floor)
+                    yield "floor", f"http://127.0.0.1:{port}/v1/chat/completions", "", floor.pid
+                finally:
+                    self.procs.stop(floor)
 
     def spy(self, name: str, secs: int) -> subprocess.Popen:
         """py-spy (raw stacks) on the gateway for `secs`, on the harness core."""
@@ -656,6 +673,15 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _us_per_token(r: dict | None) -> float | None:
+    """The watched process's CPU per token delivered, in microseconds (the SSE events per
+    stream are the 64 tokens plus 4: role, finish, usage, [DONE])."""
+    pr = next(iter((r or {}).get("procs", {}).values()), None)
+    if not pr or not r.get("tokens_per_s"):
+        return None
+    return round(pr["cpu_pct"] / 100 / r["tokens_per_s"] * 1e6, 1)
+
+
 def _ratio(a, b) -> str:
     if a is None or b is None or not b:
         return "—"
@@ -674,14 +700,14 @@ def render(scenario: str, res: dict) -> str:
              "|---|---|---|---|---|---|---|"]
 
     def row(label: str, metric: str, path: tuple, kind: str = "ratio", unit: str = "") -> None:
-        d, g, l = (_g(runs.get(f"{p}/{label}"), *path) for p in ("direct", "gateway", "litellm"))
+        d, g, ll = (_g(runs.get(f"{p}/{label}"), *path) for p in ("direct", "gateway", "litellm"))
         if kind == "ratio":
-            r1, r2 = _ratio(g, d), _ratio(g, l)
+            r1, r2 = _ratio(g, d), _ratio(g, ll)
         elif kind == "delta":
-            r1, r2 = _delta(g, d), _delta(g, l)
+            r1, r2 = _delta(g, d), _delta(g, ll)
         else:
             r1 = r2 = ""
-        lines.append(f"| {label} | {metric} | {_fmt(d, unit)} | {_fmt(g, unit)} | {_fmt(l, unit)} | {r1} | {r2} |")
+        lines.append(f"| {label} | {metric} | {_fmt(d, unit)} | {_fmt(g, unit)} | {_fmt(ll, unit)} | {r1} | {r2} |")
 
     def procs(label: str) -> None:
         vals = []
@@ -745,6 +771,20 @@ def render(scenario: str, res: dict) -> str:
         row(label, "harness core busy %", ("core_busy_pct", "cpu" + HARNESS_CORE), "none")
         row(label, "gateway core busy %", ("core_busy_pct", "cpu" + GATEWAY_CORE), "none")
         procs(label)
+        lines += ["", "Cost per relayed token on the relay's core, against the floor (bench/passthru.py: a Python "
+                  "byte relay with no HTTP; direct: the fake upstream's own cost):", "",
+                  "| path | tokens/s | TTFT p99 | gap p99 | process CPU | CPU µs per token | / floor |",
+                  "|---|---|---|---|---|---|---|"]
+        floor_us = _us_per_token(runs.get(f"floor/{label}"))
+        for p in ("direct", "floor", "gateway", "litellm"):
+            r = runs.get(f"{p}/{label}")
+            if r is None:
+                continue
+            pr = next(iter(r.get("procs", {}).values()), {})
+            us = _us_per_token(r)
+            lines.append(f"| {p} | {_fmt(r.get('tokens_per_s'))} | {_fmt(_g(r, 'ttft_ms', 'p99'), ' ms')} | "
+                         f"{_fmt(_g(r, 'gap_ms', 'p99'), ' ms')} | {_fmt(pr.get('cpu_pct'), '%')} | {_fmt(us)} | "
+                         f"{_ratio(us, floor_us) if p not in ('direct', 'floor') else ''} |")
     elif scenario == "S4":
         lines = ["| metric | gateway |", "|---|---|",
                  f"| duration | {res['seconds']} s (warm-up {res['warmup_s']:.0f} s) |",
@@ -775,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s3-itl-ms", type=float, default=20.0)
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--litellm-s3", action="store_true", help="also run S3 through LiteLLM (slow)")
+    p.add_argument("--no-floor", action="store_true", help="skip S3's pass-through floor (bench/passthru.py)")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway under S1 c64")
     p.add_argument("--profile-s3", action="store_true", help="py-spy the gateway during S3 (perturbs S3's figures)")
     p.add_argument("--no-wrk", action="store_true", help="use the Python client for S1 even if wrk is installed")
