@@ -238,16 +238,29 @@ def proc_cpu(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cores() -> dict[str, tuple[int, int]]:
-    """(busy, total) jiffies per core from /proc/stat; busy excludes idle and iowait."""
+def cores() -> dict[str, tuple[int, int, int]]:
+    """(busy, total, steal) jiffies per core from /proc/stat. Busy excludes idle, iowait and
+    steal: steal is time the hypervisor gave this VM's core to someone else (a shared machine),
+    reported on its own so that a noisy run shows as one."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith("cpu") and line[3].isdigit():
                 name, *vals = line.split()
                 v = [int(x) for x in vals[:8]]
-                out[name] = (sum(v) - v[3] - v[4], sum(v))
+                out[name] = (sum(v) - v[3] - v[4] - v[7], sum(v), v[7])
     return out
+
+
+def core_pcts(c0: dict, c1: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Busy % and steal % per core between two cores() readings."""
+    busy, steal = {}, {}
+    for k in c1:
+        if k in c0:
+            total = max(1, c1[k][1] - c0[k][1])
+            busy[k] = round(100 * (c1[k][0] - c0[k][0]) / total, 1)
+            steal[k] = round(100 * (c1[k][2] - c0[k][2]) / total, 1)
+    return busy, steal
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -392,7 +405,7 @@ async def run(args) -> dict:
                                 / (watch_client["t1"] - watch_client["t0"]), 1),
     }
     c0, c1 = watch_client["cores0"], watch_client["cores1"]
-    out["core_busy_pct"] = {k: round(100 * (c1[k][0] - c0[k][0]) / max(1, c1[k][1] - c0[k][1]), 1) for k in c1 if k in c0}
+    out["core_busy_pct"], out["core_steal_pct"] = core_pcts(c0, c1)
     if args.stream:
         out["ttft_ms"] = {"p50": ms(pct(ttft_s, 50)), "p90": ms(pct(ttft_s, 90)), "p99": ms(pct(ttft_s, 99)),
                           "max": ms(ttft_s[-1] if ttft_s else None)}

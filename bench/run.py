@@ -55,7 +55,7 @@ TARGETS = {
 }
 
 sys.path.insert(0, str(REPO))
-from bench.load import cores  # noqa: E402  (after the path is set)
+from bench.load import core_pcts, cores  # noqa: E402  (after the path is set)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -283,8 +283,7 @@ def wrk_load(url: str, key: str, body: dict, concurrency: int, duration: float, 
         elif "requests in" in s:
             res["ok"] = int(s.split()[0])
     res["error_count"] = sum(res["errors"].values())
-    res["core_busy_pct"] = {k: round(100 * (cores1[k][0] - cores0[k][0]) / max(1, cores1[k][1] - cores0[k][1]), 1)
-                            for k in cores1 if k in cores0}
+    res["core_busy_pct"], res["core_steal_pct"] = core_pcts(cores0, cores1)
     if watch:
         res["procs"] = {str(watch): {"cpu_pct": round(100 * (proc_cpu_s(watch) - cpu0) / wall, 1),
                                      "rss_mb_end": proc_rss_mb(watch)}}
@@ -770,6 +769,8 @@ def render(scenario: str, res: dict) -> str:
         row(label, "load client CPU %", ("client_cpu_pct",), "none")
         row(label, "harness core busy %", ("core_busy_pct", "cpu" + HARNESS_CORE), "none")
         row(label, "gateway core busy %", ("core_busy_pct", "cpu" + GATEWAY_CORE), "none")
+        row(label, "gateway core steal % (hypervisor)", ("core_steal_pct", "cpu" + GATEWAY_CORE), "none")
+        row(label, "harness core steal %", ("core_steal_pct", "cpu" + HARNESS_CORE), "none")
         procs(label)
         lines += ["", "Cost per relayed token on the relay's core, against the floor (bench/passthru.py: a Python "
                   "byte relay with no HTTP; direct: the fake upstream's own cost):", "",

@@ -125,6 +125,8 @@ class Ledger:
 
     CHECKPOINT_EVERY_S = 0.1
     RESTART_FRAMES = 1024          # 4 MB of 4 KB pages
+    RETRY_S = 1.0                  # after a failed commit, rows nobody waits for are tried again this often
+    MAX_KEPT = 100_000             # ... and at most this many are kept (the oldest go first, counted in `lost`)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -136,6 +138,8 @@ class Ledger:
         self._rows: list[tuple] = []                      # queued for the next group commit
         self._waiters: list[asyncio.Future | None] = []   # one per row; None: nobody waits
         self._flush_handle: asyncio.Handle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self.lost = 0                  # rows dropped after failed commits (only past MAX_KEPT)
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="ledger-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -168,13 +172,30 @@ class Ledger:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
         try:
             self._write()
-        except sqlite3.Error as e:     # the waiters have the error; rows nobody waited for are lost
-            log.error("ledger commit failed: %s", type(e).__name__)
+        except sqlite3.Error as e:     # the waiters have the error; the other rows wait for a retry
+            log.error("ledger commit failed: %s; %d row(s) kept for a retry", type(e).__name__, len(self._rows))
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        if not self._rows or self._retry_handle is not None or self._flush_handle is not None:
+            return
+        try:
+            self._retry_handle = asyncio.get_running_loop().call_later(self.RETRY_S, self._flush)
+        except RuntimeError:           # no loop: the next commit, or close(), tries them again
+            pass
 
     def _write(self) -> None:
-        """Commit every queued row in one transaction, then wake their waiters."""
+        """Commit every queued row in one transaction, then wake their waiters.
+
+        If the commit fails, each waiter gets the error (its request fails, a 500 or a stream
+        cut before ``[DONE]``, and is not billed) and the rows nobody waits for (a stream whose client left, or that broke) are
+        queued again, ahead of newer rows: they are tried with the next commit, or after
+        RETRY_S, so a full disk or a locked file for a while loses no usage."""
         rows, waiters = self._rows, self._waiters
         if not rows:
             return
@@ -187,9 +208,20 @@ class Ledger:
         except sqlite3.Error as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for w in waiters:
-                if w is not None and not w.done():
+            kept = []
+            for row, w in zip(rows, waiters, strict=True):
+                if w is None:
+                    kept.append(row)
+                elif not w.done():
                     w.set_exception(e)
+            over = len(kept) + len(self._rows) - self.MAX_KEPT
+            if over > 0:
+                self.lost += min(over, len(kept))
+                log.error("ledger: %d unwritten row(s) dropped (more than %d kept)", min(over, len(kept)),
+                          self.MAX_KEPT)
+                kept = kept[over:]
+            self._rows[:0] = kept
+            self._waiters[:0] = [None] * len(kept)
             raise
         for w in waiters:
             if w is not None and not w.done():
@@ -238,8 +270,10 @@ class Ledger:
         return self.conn.execute("DELETE FROM debug_log WHERE expires_at <= ?", (now or time.time(),)).rowcount
 
     def close(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        for handle in (self._flush_handle, self._retry_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._rows:
             self._flush()
         self._stop.set()
         self._checkpointer.join(5)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from openai import AsyncOpenAI
 
 from gateway import ledger
@@ -148,6 +149,37 @@ async def test_failed_commit_raises_to_every_waiter_and_the_next_one_works(tmp_p
         led.conn.execute("PRAGMA query_only=0")
         await led.commit(_rec(99))
         assert [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")] == ["g-99"]
+    finally:
+        led.close()
+
+
+async def test_rows_nobody_waits_for_survive_a_failed_commit(tmp_path):
+    """A stream whose client left (499) or that broke is metered with commit_soon: if that
+    commit fails, the row is kept and written by a later commit, not lost."""
+    led = ledger.Ledger(tmp_path / "ledger.db")
+    led.RETRY_S = 0.05
+    try:
+        led.conn.execute("PRAGMA query_only=1")            # every write now fails
+        for i in range(3):
+            led.commit_soon(_rec(i))
+        with pytest.raises(ledger.sqlite3.Error):
+            await led.commit(_rec(50))                     # shares the failed transaction
+        assert ledger.query(tmp_path / "ledger.db") == []
+        await asyncio.sleep(0.2)                           # retried (and failing) meanwhile
+        assert led._rows and led.lost == 0
+        led.conn.execute("PRAGMA query_only=0")
+        await asyncio.sleep(0.2)                           # the retry timer writes them
+        assert [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")] == ["g-0", "g-1", "g-2"]
+
+        led.conn.execute("PRAGMA query_only=1")
+        led.MAX_KEPT = 2                                   # bounded: the oldest go first, counted
+        for i in range(3, 7):
+            led.commit_soon(_rec(i))
+        await asyncio.sleep(0)
+        led.conn.execute("PRAGMA query_only=0")
+        await led.commit(_rec(7))                          # kept rows go first, with the next commit
+        ids = [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")]
+        assert ids == ["g-0", "g-1", "g-2", "g-5", "g-6", "g-7"] and led.lost == 2
     finally:
         led.close()
 
