@@ -586,7 +586,8 @@ class Bench:
     def write(self, scenario: str, res: dict) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = dt.date.today().isoformat()
-        name = f"{stamp}-{scenario}{'-quick' if self.args.quick else ''}"
+        streams = f"-{self.args.s3_streams}streams" if scenario == "S3" and self.args.s3_streams != 1000 else ""
+        name = f"{stamp}-{scenario}{streams}{'-quick' if self.args.quick else ''}"
         meta = {"scenario": scenario, "date": stamp, "command": " ".join(["bench/run.py"] + sys.argv[1:]),
                 "quick": self.args.quick, "cores": {"gateway": GATEWAY_CORE, "harness": HARNESS_CORE},
                 "litellm": LITELLM_PIN if self.litellm_ok else None, "client_s1": "wrk" if self.use_wrk else "python",

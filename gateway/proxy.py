@@ -3,8 +3,10 @@
 A request that has not sent a byte to the client may be retried on another endpoint (and
 another pool) within its deadline. Once a stream has started it is never retried: if the
 upstream breaks, the client gets an OpenAI-style error event and the stream ends cleanly.
-Streams are relayed event by event as they arrive; only events that mention ``usage`` are
-parsed (to meter), everything else passes through as bytes.
+Streams are relayed as events arrive; only events that mention ``usage`` are parsed (to
+meter), everything else passes through as bytes. Events that arrived together (one upstream
+read) leave together (one write to the client): a gateway that falls behind catches up with
+fewer, larger writes instead of one write per event.
 """
 
 from __future__ import annotations
@@ -214,42 +216,47 @@ class Call:
         keep = gw.debug_logging(adm.principal)
         text: list[bytes] = [] if keep else None  # type: ignore[assignment]
         rec.status = 499                       # until the stream ends one way or another
-        event: bytes | None = first
+        batch: list[bytes] | None = [first]
         gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
         try:
-            while event is not None:
-                if event == DONE:
-                    rec.status = 200
-                    rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-                    if slow and gw.router.outlier(ep, slow):
-                        gw.router.failure(ep)
-                        pool = ep.pool
-                        gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
-                                                          "slow_ttft").inc()
+            while batch is not None:
+                out: list[bytes] = []          # what goes to the client in one write
+                for event in batch:
+                    if event == DONE:
+                        rec.status = 200
+                        rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
+                        if slow and gw.router.outlier(ep, slow):
+                            gw.router.failure(ep)
+                            pool = ep.pool
+                            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                                              "slow_ttft").inc()
+                        else:
+                            gw.router.success(ep)
+                        if keep:
+                            gw.keep_debug_log(self, _stream_text(text))
+                        await gw.finish(self)  # ledger commit before [DONE] reaches the client
+                        out.append(DONE)
+                        yield b"".join(out)
+                        await events.drain()   # the body's end: the connection can be reused
+                        return
+                    if b'"usage"' in event and _has_usage(event):
+                        usage = orjson.loads(event[6:]).get("usage") or {}
+                        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+                        if adm.include_usage:
+                            out.append(event)
+                    elif event.startswith(b'data: {"error"'):
+                        rec.status, rec.error = 502, "upstream_error_event"
+                        out += (stream_error_event("The model failed while streaming.", "upstream_error"), DONE)
+                        yield b"".join(out)
+                        return
                     else:
-                        gw.router.success(ep)
-                    if keep:
-                        gw.keep_debug_log(self, _stream_text(text))
-                    await gw.finish(self)      # ledger commit before [DONE] reaches the client
-                    yield DONE
-                    await events.drain()       # the body's end: the connection can be reused
-                    return
-                if b'"usage"' in event and _has_usage(event):
-                    usage = orjson.loads(event[6:]).get("usage") or {}
-                    rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    rec.completion_tokens = int(usage.get("completion_tokens") or 0)
-                    if adm.include_usage:
-                        yield event
-                elif event.startswith(b'data: {"error"'):
-                    rec.status, rec.error = 502, "upstream_error_event"
-                    yield stream_error_event("The model failed while streaming.", "upstream_error")
-                    yield DONE
-                    return
-                else:
-                    if keep:
-                        text.append(event)
-                    yield event
-                event = await events.next()
+                        if keep:
+                            text.append(event)
+                        out.append(event)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                batch = await events.batch()
             raise ConnectionResetError("stream ended without [DONE]")
         except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
             # Started streams are never retried: end cleanly with an error event.
@@ -311,8 +318,18 @@ class SSEReader:
 
     async def next(self) -> bytes | None:
         """The next event, or None at the end of the body."""
+        if not self.pending:
+            batch = await self.batch()
+            if batch is None:
+                return None
+            self.pending = batch
+        return self.pending.pop(0)
+
+    async def batch(self) -> list[bytes] | None:
+        """Every complete event that has arrived (at least one), or None at the end of the body."""
         if self.pending:
-            return self.pending.pop(0)
+            out, self.pending = self.pending, []
+            return out
         while True:
             chunk = await self.content.readany()
             if not chunk:
@@ -320,17 +337,18 @@ class SSEReader:
             self.last = time.monotonic()
             if (not self.buf and chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
                     and chunk.find(b"\n\n") == len(chunk) - 2 and b"\r" not in chunk):
-                return chunk
+                return [chunk]                 # the common case: exactly one event, passed on as it came
             buf = (self.buf + chunk).replace(b"\r\n", b"\n")
             blocks = buf.split(b"\n\n")
             self.buf = blocks.pop()            # an unfinished event waits for the rest
+            out = []
             for block in blocks:
                 for line in block.split(b"\n"):
                     if line.startswith(b"data:"):
                         data = line[5:].lstrip(b" ")
-                        self.pending.append(b"data: " + data + b"\n\n")
-            if self.pending:
-                return self.pending.pop(0)
+                        out.append(b"data: " + data + b"\n\n")
+            if out:
+                return out
 
 
 def _has_usage(event: bytes) -> bool:

@@ -18,6 +18,7 @@ class Recorder:
         self.auth: list[str | None] = []        # the Authorization header of each completion request
         self.release = threading.Event()      # streams pause after their first chunk until set
         self.release.set()
+        self.together = False                 # streams send everything after the first chunk in one write
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -72,11 +73,13 @@ class Recorder:
         await resp.write(chunk({"role": "assistant", "content": "ok"}))
         while not self.release.is_set():
             await asyncio.sleep(0.01)
-        await resp.write(chunk({"content": " ok"}, "stop"))
+        rest = [chunk({"content": " ok"}, "stop")]
         if (body.get("stream_options") or {}).get("include_usage"):
             u = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-            await resp.write(b"data: " + json.dumps(u).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            rest.append(b"data: " + json.dumps(u).encode() + b"\n\n")
+        rest.append(b"data: [DONE]\n\n")
+        for piece in [b"".join(rest)] if self.together else rest:
+            await resp.write(piece)
         return resp
 
     def close(self) -> None:

@@ -91,6 +91,48 @@ def test_stream_chunks_are_relayed_before_the_upstream_finishes(stack_factory, r
     assert rest[-1].choices[0].finish_reason == "stop"
 
 
+def _chunked_pieces(host: str, port: int, path: str, key: str, body: dict) -> list[bytes]:
+    """POST over a raw socket; the response body's HTTP chunks, as the gateway framed them."""
+    import socket
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: Bearer %s\r\ncontent-type: application/json"
+                     b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (path.encode(), host.encode(), key.encode(), len(data), data))
+        raw = b""
+        while piece := sock.recv(65536):
+            raw += piece
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    pieces = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return pieces
+        pieces.append(rest[:size])
+        rest = rest[size + 2:]
+
+
+def test_events_that_arrive_together_leave_in_one_write(stack_factory, recorder):
+    """An upstream read that holds several events is relayed as one write (one HTTP chunk), not
+    one write per event: a gateway that falls behind catches up instead of doubling its syscalls.
+    The usage event the client did not ask for is still dropped from it."""
+    from urllib.parse import urlsplit
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    recorder.together = True
+    u = urlsplit(stack.base_url)
+    pieces = _chunked_pieces(u.hostname, u.port, u.path + "/chat/completions", stack.key(),
+                             {"model": "demo-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert len(pieces) == 2, pieces
+    assert b'"content": "ok"' in pieces[0] and pieces[0].count(b"\n\n") == 1
+    assert pieces[1].count(b"\n\n") == 2                      # the finish event and [DONE], together
+    assert b'"finish_reason": "stop"' in pieces[1] and pieces[1].endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' not in pieces[1]
+    assert _ledger_rows(stack)[-1]["completion_tokens"] == 2    # ... and still metered
+
+
 def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
     stack = stack_factory()
     c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
@@ -236,4 +278,7 @@ async def test_sse_reader_frames_events_from_any_chunking():
                                                                               b"data: [DONE]\n\n"]
     assert await events([b': ping\r\n\r\nevent: x\r\ndata:{"a":1}\r', b'\n\r\n']) == [one]
     assert await events([b'data: {"a":1}\n\ndata: {"cut']) == [one]     # an unfinished event at EOF is dropped
+    two = b'data: {"b":2}\n\n'
+    r = SSEReader(Resp([one + two, one, b'data: {"c"', b':3}\n\n']))     # batch(): what one read brought
+    assert [await r.batch() for _ in range(4)] == [[one, two], [one], [b'data: {"c":3}\n\n'], None]
 
