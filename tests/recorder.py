@@ -16,9 +16,11 @@ class Recorder:
         self.model = model
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []        # the Authorization header of each completion request
+        self.peers: list[int] = []              # the caller's port for each completion request (its connection)
         self.release = threading.Event()      # streams pause after their first chunk until set
         self.release.set()
         self.together = False                 # streams send everything after the first chunk in one write
+        self.tail_s = 0.0                     # streams end their body this long after [DONE]
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -57,6 +59,7 @@ class Recorder:
         body = await request.json()
         self.bodies.append(body)
         self.auth.append(request.headers.get("authorization"))
+        self.peers.append(request.transport.get_extra_info("peername")[1])
         base = {"id": "chatcmpl-rec", "created": int(time.time()), "model": body["model"]}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         if not body.get("stream"):
@@ -80,6 +83,8 @@ class Recorder:
         rest.append(b"data: [DONE]\n\n")
         for piece in [b"".join(rest)] if self.together else rest:
             await resp.write(piece)
+        if self.tail_s:
+            await asyncio.sleep(self.tail_s)    # the chunked terminator comes later (write_eof on return)
         return resp
 
     def close(self) -> None:

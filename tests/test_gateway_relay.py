@@ -133,6 +133,24 @@ def test_events_that_arrive_together_leave_in_one_write(stack_factory, recorder)
     assert _ledger_rows(stack)[-1]["completion_tokens"] == 2    # ... and still metered
 
 
+def test_finished_streams_give_their_upstream_connection_back(stack_factory, recorder):
+    """After [DONE] the relay reads the upstream body to its end, so aiohttp pools the
+    connection: streams one after another reuse one upstream connection instead of paying for
+    a new one each (connect, and the worker's accept) and leaving sockets in TIME-WAIT. The
+    worker here ends its body 50 ms after [DONE], as servers that flush the terminator later do."""
+    from urllib.parse import urlsplit
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    recorder.tail_s = 0.05
+    u = urlsplit(stack.base_url)
+    for _ in range(4):
+        pieces = _chunked_pieces(u.hostname, u.port, u.path + "/chat/completions", stack.key(),
+                                 {"model": "demo-chat", "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]})
+        assert pieces[-1].endswith(b"data: [DONE]\n\n")
+    assert len(recorder.peers) == 4 and len(set(recorder.peers)) == 1, recorder.peers
+
+
 def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
     stack = stack_factory()
     c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
