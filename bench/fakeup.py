@@ -123,7 +123,8 @@ class Conn(asyncio.Protocol):
             self._plain(200, doc)
             return
         self.busy = True
-        events = [b"data: " + head + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n']
+        events = [b"data: " + head
+                  + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n']
         for i in range(n):
             word = WORDS[i % len(WORDS)]
             events.append(b"data: " + head + b'"delta":{"content":"' + (b" " + word if i else word)

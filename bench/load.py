@@ -388,7 +388,8 @@ async def run(args) -> dict:
     await wt
     for t in done:
         if t.exception() is not None:
-            errors["client:" + type(t.exception()).__name__] = errors.get("client:" + type(t.exception()).__name__, 0) + 1
+            errors["client:" + type(t.exception()).__name__] = (
+                errors.get("client:" + type(t.exception()).__name__, 0) + 1)
 
     window = args.duration
     lat_s, ttft_s = sorted(lat), sorted(ttft)

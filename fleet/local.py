@@ -196,7 +196,7 @@ class LocalStack:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for name, proc in self.procs:
+        for _, proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -320,7 +320,7 @@ def effective_spec(spec: Spec) -> Spec:
     for (model, region), gone in groups.items():
         fc = forecasts.get((model, region))
 
-        def survivors() -> list[int]:
+        def survivors(model: str = model, region: str = region) -> list[int]:
             return [i for i, p in enumerate(pools)
                     if p.model == model and p.region == region and _counts_for_capacity(spec, p)]
 
@@ -523,7 +523,7 @@ def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
             weights = [volume.get(m, 0.0) for m, _ in vals]
             if sum(weights) <= 0:
                 weights = [1.0] * len(vals)
-            cogs = sum(w * c for w, (_, c) in zip(weights, vals)) / sum(weights)
+            cogs = sum(w * c for w, (_, c) in zip(weights, vals, strict=True)) / sum(weights)
             margin = t.price_per_1m_tokens - cogs
             pct = margin / t.price_per_1m_tokens * 100 if t.price_per_1m_tokens > 0 else None
             tiers.append(TierMargin(t.name, t.price_per_1m_tokens, round(cogs, 4), round(margin, 4),

@@ -3,7 +3,8 @@
 A key is shown once, at creation; only its SHA-256 is stored. A key reads
 ``im-<id>.<secret>``: the id (not secret) finds the record, then the SHA-256 of the whole key is
 compared with the stored one in constant time. The secret is 256 random bits, so a fast
-unsalted hash is the right tool (a password KDF buys nothing here and would cost every request). The gateway keeps an in-memory map hash -> key and refreshes it
+unsalted hash is the right tool (a password KDF buys nothing here and would cost every request).
+The gateway keeps an in-memory map hash -> key and refreshes it
 whenever another connection committed to the file (SQLite's ``PRAGMA data_version``), so a
 key created or revoked by ``infermesh keys`` takes effect on the next request.
 """

@@ -122,15 +122,15 @@ class LocalLimiter:
         # a request larger than a minute's allowance waits a full minute
         req_waits = [b.seconds_until(1) for b in reqs]
         tok_takes = [min(tokens, b.capacity) for b in toks]
-        tok_waits = [b.seconds_until(t) for b, t in zip(toks, tok_takes)]
+        tok_waits = [b.seconds_until(t) for b, t in zip(toks, tok_takes, strict=True)]
         allowed = not any(req_waits) and not any(tok_waits)
         if allowed:
             for b in reqs:
                 b.level -= 1
-            for b, t in zip(toks, tok_takes):
+            for b, t in zip(toks, tok_takes, strict=True):
                 b.level -= t
-        return decide(p, [(b.level, w) for b, w in zip(reqs, req_waits)],
-                      [(b.level, w) for b, w in zip(toks, tok_waits)], allowed)
+        return decide(p, [(b.level, w) for b, w in zip(reqs, req_waits, strict=True)],
+                      [(b.level, w) for b, w in zip(toks, tok_waits, strict=True)], allowed)
 
     def settle_now(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
         for k in ("t:" + tenant, "k:" + key_id):

@@ -180,7 +180,7 @@ class Prober:
                    if p.role != "drained" and p.endpoints]
         results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers)
                                          for ep in targets))
-        for ep, r in zip(targets, results):
+        for ep, r in zip(targets, results, strict=True):
             self.log.record(r)
             pool = ep.pool
             gw.metrics.probes.labels(pool.model, pool.name, r.result).inc()

@@ -414,13 +414,13 @@ async def test_drill4_standby_then_fallback_or_503(stack_factory):
 
     await athread(kill9, stack, "demo-chat-reserve-0")
     for phase in ("at once", "after the health checks"):
-        fb = await run_load(6, 3, lambda i: stream_chat(pro, f"d4c-{phase[:2]}-{i}"))
+        fb = await run_load(6, 3, lambda i, phase=phase: stream_chat(pro, f"d4c-{phase[:2]}-{i}"))
         assert all(o.done for o in fb)
         assert all(o.model == "demo-mini" and o.headers.get("x-infermesh-fallback") == "demo-mini" for o in fb)
         raw = await pro.chat.completions.with_raw_response.create(
             model="demo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert raw.parse().model == "demo-mini" and raw.headers["x-infermesh-fallback"] == "demo-mini"
-        refused = await run_load(4, 2, lambda i: stream_chat(basic, f"d4d-{phase[:2]}-{i}"))
+        refused = await run_load(4, 2, lambda i, phase=phase: stream_chat(basic, f"d4d-{phase[:2]}-{i}"))
         for o in refused:
             assert o.status == 503 and int(o.headers["retry-after"]) > 0
             assert o.error.code == "no_capacity"

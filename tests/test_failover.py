@@ -55,7 +55,7 @@ def test_drain_then_restore_prod(stacks, capsys):
     old_lines = before_files["Pulumi.prod.yaml"].decode().splitlines()
     new_lines = after_files["Pulumi.prod.yaml"].decode().splitlines()
     assert len(new_lines) == len(old_lines) + 1
-    i = next(i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b)
+    i = next(i for i, (a, b) in enumerate(zip(old_lines, new_lines, strict=False)) if a != b)
     assert new_lines[i].startswith("      drained: true")
     assert new_lines[:i] + new_lines[i + 1:] == old_lines
     assert old_lines[i - 1] == "      credentials: vastai-api-key"     # inside vast's entry

@@ -21,7 +21,8 @@ async def _one(client: AsyncOpenAI, i: int) -> tuple[str, int, int]:
     h = {"x-request-id": rid}
     kind = i % 4
     if kind == 0:
-        r = await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": f"q{i} " * (i % 7 + 1)}],
+        r = await client.chat.completions.create(model="demo-chat",
+                                                 messages=[{"role": "user", "content": f"q{i} " * (i % 7 + 1)}],
                                                  max_tokens=i % 9 + 1, extra_headers=h)
         return rid, r.usage.prompt_tokens, r.usage.completion_tokens
     if kind == 1:

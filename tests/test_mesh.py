@@ -98,7 +98,8 @@ class Mesh:
 
     def admin_endpoints(self) -> dict[str, dict]:
         token = (self.gateway_state / "admin.token").read_text().strip()
-        req = urllib.request.Request(f"{self.gateway_url}/admin/endpoints", headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(f"{self.gateway_url}/admin/endpoints",
+                                     headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             view = json.load(r)
         return {ep["id"]: ep for pool in view["pools"] for ep in pool["endpoints"]}
@@ -254,7 +255,8 @@ class Load:
             n += 1
             try:
                 if (i + n) % 2:
-                    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q {i} {n}"}])
+                    r = client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": f"q {i} {n}"}])
                     assert r.choices[0].message.content
                 else:
                     chunks = list(client.chat.completions.create(
@@ -343,7 +345,8 @@ def test_wireguard_handshakes_and_traffic_cross_the_mesh(mesh: Mesh) -> None:
 
 def test_gateway_serves_openai_sdk_requests_through_the_mesh(mesh: Mesh) -> None:
     wait_until("the gateway sees both workers available",
-               lambda: all(ep["available"] for ep in mesh.admin_endpoints().values()) and len(mesh.admin_endpoints()) == 2)
+               lambda: all(ep["available"] for ep in mesh.admin_endpoints().values())
+               and len(mesh.admin_endpoints()) == 2)
     before = {w: mesh.worker_served(w) for w in ("w1", "w2")}
     client = mesh.client()
     for i in range(12):

@@ -187,6 +187,6 @@ def test_playbooks_pass_ansible_lint_production_profile() -> None:
     lint = Path(sys.executable).parent / "ansible-lint"
     if not lint.exists():
         pytest.skip("ansible-lint is not installed (pip install -e .[test])")
-    r = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor", "playbooks/"], capture_output=True,
-                       text=True, cwd=REPO, timeout=300)
+    r = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor", "playbooks/"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -237,7 +237,8 @@ def test_configmap_is_the_plans_routing(runs, stack):
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_network_policies(runs, stack):
     run = runs[stack]
-    policies = {r.inputs["metadata"]["name"]: r.inputs["spec"] for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
+    policies = {r.inputs["metadata"]["name"]: r.inputs["spec"]
+                for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
     deny = policies["deny-all-ingress"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and deny.get("ingress", []) == []
     allow = policies["gateway-ingress"]
@@ -246,10 +247,12 @@ def test_network_policies(runs, stack):
     port = run.spec.gateway.port
     # Only three doors: the ingress controller to the gateway port, WireGuard, and the mesh to the gateway port.
     assert len(rules) == 3
-    assert rules[0]["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert rules[0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
     assert rules[0]["ports"] == [{"protocol": "TCP", "port": port}]
     assert rules[1] == {"ports": [{"protocol": "UDP", "port": run.spec.mesh.port}]}
-    assert rules[2] == {"from": [{"ipBlock": {"cidr": run.spec.mesh.cidr}}], "ports": [{"protocol": "TCP", "port": port}]}
+    assert rules[2] == {"from": [{"ipBlock": {"cidr": run.spec.mesh.cidr}}],
+                        "ports": [{"protocol": "TCP", "port": port}]}
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])

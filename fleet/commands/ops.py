@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "logs":
         return logs(fleet, node, lines=args.lines, follow=args.follow)
     if node not in nodes_of(fleet.inventory, WORKERS):
-        raise UserError(f"--host {node}: only workers are drained; workers: {', '.join(nodes_of(fleet.inventory, WORKERS))}")
+        raise UserError(f"--host {node}: only workers are drained; "
+                        f"workers: {', '.join(nodes_of(fleet.inventory, WORKERS))}")
     return drain(fleet, node, timeout=args.timeout)
 
 
@@ -256,7 +257,8 @@ def _gateway_lists(c, hv: dict[str, Any], endpoint_id: str) -> bool | None:
     url = var(hv, "gateway_url") + "/admin/endpoints"
     probe = ("import json,sys,urllib.request\n"
              f"t=open({token_file!r}).read().strip()\n"
-             f"r=urllib.request.urlopen(urllib.request.Request({url!r},headers={{'Authorization':'Bearer '+t}}),timeout=5)\n"
+             f"r=urllib.request.urlopen(urllib.request.Request({url!r},headers={{'Authorization':'Bearer '+t}}),"
+             "timeout=5)\n"
              "print(json.dumps([e['id'] for p in json.load(r)['pools'] for e in p['endpoints']]))\n")
     r = c.run(f"python3 -c {shlex.quote(probe)}", hide=True, warn=True, in_stream=False)
     if not r.ok:

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run a local stack (gateway + simulated workers) in the foreground")
     p.add_argument("--stack", default="local")
     p.add_argument("--port", type=int, help="gateway port (default: the stack's gateway.port)")
-    p.add_argument("--port-base", type=int, help="first port of the local workers (default: the stack's local_port_base)")
+    p.add_argument("--port-base", type=int,
+                   help="first port of the local workers (default: the stack's local_port_base)")
     p.add_argument("--tier", default="pro", help="tier of the demo tenant's key")
     p.add_argument("--stacks-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -43,7 +44,8 @@ infermesh local stack is up.
 
   python -c 'from openai import OpenAI
 c = OpenAI(base_url="{base_url}", api_key="{key}")
-print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+print(c.chat.completions.create(model="{model}", \
+messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
 
 Workers are the `sim` engine (a simulator, not a model). Ctrl-C stops everything.
 """
@@ -71,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tier not in {t.name for t in spec.tiers}:
         raise UserError(f"--tier {args.tier!r} is not a tier of stack {args.stack}")
     stack = LocalStack(spec, state_dir(args.stack), gateway_port=args.port, stacks_dir=args.stacks_dir)
-    replicas = "" if stack.replicas == 1 else \
-        f"  ({stack.replicas} gateway replicas on ports {', '.join(str(stack.replica_port(i)) for i in range(stack.replicas))})"
+    replicas = "" if stack.replicas == 1 else (
+        f"  ({stack.replicas} gateway replicas on ports "
+        f"{', '.join(str(stack.replica_port(i)) for i in range(stack.replicas))})")
     stopping = False
 
     def on_signal(signum, frame):

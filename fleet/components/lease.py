@@ -43,8 +43,8 @@ REPLACE_ON = ("provider_kind", "name", "gpu_type", "gpu_count", "region", "count
               "ports", "disk_gb", "connection", "base_url")
 # Inputs that only change how we judge the lease: updated in place.
 UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version")
-DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60, "connection": "container",
-                            "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
+DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60,
+                            "connection": "container", "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
                             "provider_version": PROVIDER_VERSION}
 OUTPUTS = ("lease_id", "status", "raw_status", "price_per_hour", "endpoint_host", "endpoint_port", "ssh_host",
            "ssh_port", "ssh_user")

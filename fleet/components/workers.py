@@ -114,7 +114,7 @@ class WorkerFleet(pulumi.ComponentResource):
 def inventory(leases: Sequence[Lease], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
     """The hosts file ``infermesh bootstrap --hosts`` reads (``hosts``), with what each node is (``nodes``)."""
     hosts, nodes = {}, {}
-    for lease, (ssh_host, ssh_port, ssh_user, mesh_host) in zip(leases, rows):
+    for lease, (ssh_host, ssh_port, ssh_user, mesh_host) in zip(leases, rows, strict=False):
         entry: dict[str, Any] = {"ssh_host": ssh_host, "ssh_port": int(ssh_port or 22), "ssh_user": ssh_user or "root"}
         if mesh_host:
             entry["mesh_endpoint"] = mesh_host

@@ -271,7 +271,8 @@ class Akash(Marketplace):
         endpoints: dict[str, Endpoint] = {}
         price = None
         raw_status, status = str(dep.get("state")), "pending"
-        if dep.get("state") == "closed" or (lease is not None and lease.get("state") in ("closed", "insufficient_funds")):
+        if (dep.get("state") == "closed"
+                or (lease is not None and lease.get("state") in ("closed", "insufficient_funds"))):
             status = "dead"
             raw_status = f"deployment {dep.get('state')}, lease {lease.get('state') if lease else 'none'}"
         elif lease is not None:

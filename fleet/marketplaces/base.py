@@ -373,8 +373,9 @@ class HttpClient:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
                 if hint is not None:
                     if hint > self.retry.max_retry_after_s:
-                        raise RateLimited(f"{err} (Retry-After {hint:g}s is beyond the {self.retry.max_retry_after_s:g}s "
-                                          "we wait)", provider=self.provider, status=resp.status, retry_after=hint)
+                        raise RateLimited(f"{err} (Retry-After {hint:g}s is beyond the "
+                                          f"{self.retry.max_retry_after_s:g}s we wait)",
+                                          provider=self.provider, status=resp.status, retry_after=hint)
                     wait = hint
             if attempt + 1 >= self.retry.attempts:
                 break

@@ -91,7 +91,8 @@ class FakeServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name=f"fake-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name=f"fake-{self.name}",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -190,6 +191,15 @@ def _only_keys(body: dict[str, Any], allowed: set[str], where: str, status: int 
 
 VAST_OPS = {"eq", "neq", "gt", "lt", "gte", "lte", "in", "notin"}
 VAST_PLAIN = {"order", "type", "limit", "allocated_storage"}
+# How each filter op compares an offer's value with the wanted one.
+VAST_TESTS = {
+    "eq": lambda value, want: value == want, "neq": lambda value, want: value != want,
+    "gt": lambda value, want: value is not None and value > want,
+    "lt": lambda value, want: value is not None and value < want,
+    "gte": lambda value, want: value is not None and value >= want,
+    "lte": lambda value, want: value is not None and value <= want,
+    "in": lambda value, want: value in want, "notin": lambda value, want: value not in want,
+}
 VAST_FIELDS = {"verified", "external", "rentable", "rented", "gpu_name", "num_gpus", "gpu_ram", "gpu_total_ram",
                "dph_total", "min_bid", "reliability", "reliability2", "verification", "datacenter", "static_ip",
                "direct_port_count", "geolocation", "cuda_max_good", "driver_version", "disk_space", "inet_up",
@@ -295,12 +305,7 @@ class FakeVastAi(FakeServer):
         if key == "geolocation" and isinstance(value, str):
             value = value.rsplit(",", 1)[-1].strip()
         for op, want in cond.items():
-            ok = {
-                "eq": lambda: value == want, "neq": lambda: value != want,
-                "gt": lambda: value is not None and value > want, "lt": lambda: value is not None and value < want,
-                "gte": lambda: value is not None and value >= want, "lte": lambda: value is not None and value <= want,
-                "in": lambda: value in want, "notin": lambda: value not in want,
-            }[op]()
+            ok = VAST_TESTS[op](value, want)
             if not ok:
                 return False
         return True
@@ -333,13 +338,15 @@ class FakeVastAi(FakeServer):
         for flag in flags:
             if (m := re.fullmatch(r"-p (\d+):(\d+)(/udp)?", flag)):
                 proto = "udp" if m.group(3) else "tcp"
-                ports[f"{m.group(2)}/{proto}"] = [{"HostIp": "0.0.0.0", "HostPort": str(40000 + int(m.group(2)) % 1000)}]
+                ports[f"{m.group(2)}/{proto}"] = [{"HostIp": "0.0.0.0",
+                                                   "HostPort": str(40000 + int(m.group(2)) % 1000)}]
         self.instances[iid] = {
             "id": iid, "actual_status": None, "intended_status": "running", "cur_state": "running",
             "status_msg": None, "label": body.get("label"), "num_gpus": offer["num_gpus"],
             "gpu_name": offer["gpu_name"], "dph_total": offer["dph_total"], "public_ipaddr": offer["public_ipaddr"],
             "ssh_host": "ssh4.fake-vast.invalid", "ssh_port": 10000 + iid % 1000, "ports": ports,
-            "image_runtype": body.get("runtype"), "extra_env": [[k, v] for k, v in (env.items() if isinstance(env, dict) else [])],
+            "image_runtype": body.get("runtype"),
+            "extra_env": [[k, v] for k, v in (env.items() if isinstance(env, dict) else [])],
             "geolocation": offer["geolocation"], "image": body["image"], "args": body.get("args"),
         }
         self.offers = [o for o in self.offers if o["id"] != ask_id]     # rented: off the market

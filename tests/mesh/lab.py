@@ -95,7 +95,7 @@ class Lab:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     f.close()
-                    raise TimeoutError(f"another mesh lab holds {LOCK_FILE}")
+                    raise TimeoutError(f"another mesh lab holds {LOCK_FILE}") from None
                 time.sleep(1)
         self._lock = f
 
