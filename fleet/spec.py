@@ -212,6 +212,8 @@ class Gateway(_Strict):
     health_interval_s: PosFloat = 5
     drain_timeout_s: PosFloat = 30
     max_in_flight: PosInt = 2048               # admission sheds the lowest tier above this
+    # ... and when the event loop runs this late on average (ms; 0: off): the core is saturated (gateway/overload.py)
+    max_loop_lag_ms: NonNegFloat = 100
     state: StateBackends = StateBackends()
     privacy: Privacy = Privacy()
 

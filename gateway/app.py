@@ -31,6 +31,7 @@ from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
 from gateway.metrics import Metrics
+from gateway.overload import LoopLag
 from gateway.proxy import Call, SSEReader
 from gateway.probes import Prober, limits_for
 from gateway.risk import RiskWindow
@@ -78,6 +79,7 @@ class Gateway:
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
         self.in_flight = 0
+        self.lag = LoopLag()                 # the event loop's lateness: overload shedding (gateway/overload.py)
         self.streams: set[SSEReader] = set()     # started streams being relayed (idle timeouts)
         self.max_priority = max((t.priority for t in self.spec.tiers), default=0)
         self.admin_token = settings.admin_token or _admin_token(settings.state_dir)
@@ -93,7 +95,7 @@ class Gateway:
         self._update_health_gauges()
         self._tasks = [asyncio.create_task(c) for c in
                        (self._health_loop(), self._watch_routing(), self._purge_loop(), self._idle_loop(),
-                        self.prober.run())]
+                        self.prober.run(), self.lag.run(self.metrics.loop_lag))]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -279,10 +281,12 @@ class Gateway:
 
     def shed(self, tier: Tier) -> None:
         """Under overload the lowest tiers are refused first: each priority level gets a
-        larger share of the in-flight budget, the top tier all of it."""
-        limit = self.spec.gateway.max_in_flight
+        larger share of the in-flight budget and of the event loop's lateness budget
+        (gateway/overload.py), the top tier all of it."""
+        g = self.spec.gateway
         share = 0.7 + 0.3 * (tier.priority / self.max_priority if self.max_priority else 1.0)
-        if self.in_flight >= limit * share:
+        if self.in_flight >= g.max_in_flight * share or (
+                g.max_loop_lag_ms and self.lag.mean * 1000 >= g.max_loop_lag_ms * share):
             self.metrics.shed.labels(tier.name).inc()
             raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
                            headers={"retry-after": "2"})

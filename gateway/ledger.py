@@ -193,9 +193,10 @@ class Ledger:
         """Commit every queued row in one transaction, then wake their waiters.
 
         If the commit fails, each waiter gets the error (its request fails, a 500 or a stream
-        cut before ``[DONE]``, and is not billed) and the rows nobody waits for (a stream whose client left, or that broke) are
-        queued again, ahead of newer rows: they are tried with the next commit, or after
-        RETRY_S, so a full disk or a locked file for a while loses no usage."""
+        cut before ``[DONE]``, and is not billed). The rows nobody waits for (a stream whose
+        client left, or that broke) are queued again, ahead of newer rows: they are tried with
+        the next commit, or after RETRY_S, so a full disk or a locked file for a while loses
+        no usage."""
         rows, waiters = self._rows, self._waiters
         if not rows:
             return

@@ -30,6 +30,8 @@ class Metrics:
         self.healthy = Gauge("infermesh_pool_healthy_endpoints", "Available endpoints per pool", _UP + ("role",),
                              registry=r)
         self.in_flight = Gauge("infermesh_in_flight", "Requests in flight", registry=r)
+        self.loop_lag = Gauge("infermesh_event_loop_lag_seconds", "How late the event loop runs (smoothed); "
+                              "admission sheds above gateway.max_loop_lag_ms", registry=r)
         self.probes = Counter("infermesh_probes", "Synthetic probes by result", ("model", "pool", "result"),
                               registry=r)
         self.probe_ttft = Histogram("infermesh_probe_ttft_seconds", "Synthetic probes' time to first token",

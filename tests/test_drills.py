@@ -590,6 +590,38 @@ async def test_overload_sheds_lowest_tier_first_and_caps_max_tokens_under_slo_ri
         await c.close()
 
 
+async def test_a_saturated_event_loop_sheds_new_requests_then_recovers(stack_factory):
+    """An in-flight count cannot tell when one core is out of time; the event loop's lateness
+    can (gateway/overload.py). The gateway process is stopped for 1.5 s (SIGSTOP): a loop as
+    late as a saturated core's. The requests that arrive meanwhile are refused at once with
+    429 `overloaded` (and metered), not left to queue; within a second the loop is on time
+    and the gateway serves again."""
+    stack = stack_factory()
+    gw = stack.gateway_proc()
+    hobby, biz = client(stack, "small", "hobby"), client(stack, "big", "business")
+    assert (await stream_chat(biz, "before")).done
+    assert await athread(metric, stack, "infermesh_event_loop_lag_seconds") < 0.07
+    os.kill(gw.pid, signal.SIGSTOP)
+    try:
+        waiting = [asyncio.create_task(stream_chat(c, f"stalled-{i}", model=m))
+                   for i, (c, m) in enumerate([(hobby, "demo-mini"), (biz, "demo-chat")] * 2)]
+        await asyncio.sleep(1.5)
+    finally:
+        os.kill(gw.pid, signal.SIGCONT)
+    stalled = await asyncio.gather(*waiting)
+    assert [o.status for o in stalled] == [429] * 4, [(o.status, o.error) for o in stalled]
+    assert {o.error.code for o in stalled} == {"overloaded"}
+    assert await athread(metric, stack, "infermesh_shed", tier="hobby") == 2
+    assert await athread(metric, stack, "infermesh_shed", tier="business") == 2
+    after = await athread(wait_for, lambda: metric(stack, "infermesh_event_loop_lag_seconds") < 0.02, 10.0)
+    assert after is not None
+    assert (await stream_chat(hobby, "after", model="demo-mini")).done
+    by = await athread(wait_rows, stack, {f"stalled-{i}" for i in range(4)})
+    assert {r[0]["error"] for r in by.values()} == {"overloaded"}
+    for c in (hobby, biz):
+        await c.close()
+
+
 async def test_non_stream_request_on_a_worker_that_goes_dark_is_retried(stack_factory):
     """A non-stream answer arrives whole, so no TTFT timeout applies: a request waiting on a
     worker that stops answering (a partition) is moved to another endpoint as soon as an
