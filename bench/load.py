@@ -332,11 +332,15 @@ async def run(args) -> dict:
                 conn.transport.close()
                 conn = None
                 continue
-            if res.t_end < warm_end or res.t_end > deadline:
-                continue
+            measured = warm_end <= res.t_end <= deadline
             if res.status != 200 or res.error:
-                k = res.error or f"status_{res.status}"
-                errors[k] = errors.get(k, 0) + 1
+                if measured:
+                    k = res.error or f"status_{res.status}"
+                    errors[k] = errors.get(k, 0) + 1
+                if res.status == 429:          # shed or limited: wait before the next, as the SDK does
+                    await asyncio.sleep(args.retry_after_429)
+                continue
+            if not measured:
                 continue
             counts["ok"] += 1
             lat.append(res.t_end - start)
@@ -442,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--retry-after-429", type=float, default=2.0,
+                   help="a worker answered 429 waits this long before its next request (the gateway's Retry-After)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--rate", type=float, default=0.0, help="total requests/s (0: closed loop, as fast as answered)")
     p.add_argument("--ramp", type=float, default=0.0)

@@ -23,6 +23,7 @@ from fleet import spec as spec_mod
 from fleet.paths import state_dir
 from gateway import logsafe
 from gateway.app import Settings, create_app
+from gateway.listener import Server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
                    loop="uvloop", http="httptools", server_header=False,
                    proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
-    if args.shared_port is None:
-        uvicorn.run(app, host=args.host, port=port, **options)
-        return 0
-    sockets = [_listen(args.host, port, reuse_port=False), _listen(args.host, args.shared_port, reuse_port=True)]
-    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=sockets)
+    sockets = [_listen(args.host, port, reuse_port=False)]
+    if args.shared_port is not None:
+        sockets.append(_listen(args.host, args.shared_port, reuse_port=True))
+    Server(uvicorn.Config(app, **options), listeners=sockets).run()   # gateway/listener.py: why its own listener
     return 0
 
 

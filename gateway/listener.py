@@ -1,0 +1,84 @@
+"""uvicorn's server, with a listener that takes every waiting connection each time it looks.
+
+libuv (under uvloop) accepts one connection per turn of the event loop since libuv 1.45
+(libuv/libuv#3696: "don't accept() connections in a loop"), relying on the listening socket
+staying readable. On an idle loop a turn takes microseconds and nobody notices. On a busy
+gateway a turn takes tens of milliseconds (every ready stream is relayed in it), so it accepts
+a few dozen connections a second: in bench/ S3, 1,000 clients connecting at once waited up to
+22 s for their first token, and a health check on a new connection timed out, while requests
+on open connections were served in 0.2 s. (`strace -e accept4,epoll_pwait` on the gateway
+shows exactly one accept4 per epoll_pwait.)
+
+So the gateway listens itself: when a listening socket is readable it accepts up to
+ACCEPT_BURST waiting connections at once (as Python's own event loop does, and nginx with
+``multi_accept on``), and hands each to uvicorn's HTTP protocol through
+``loop.connect_accepted_socket``. Everything else is uvicorn's: the protocol, keep-alive,
+lifespan, signals and the graceful shutdown, which first stops this listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+log = logging.getLogger("infermesh.gateway")
+
+
+class Server(uvicorn.Server):
+    ACCEPT_BURST = 512
+    RETRY_S = 1.0                  # after EMFILE and the like: listen again this much later
+
+    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
+        super().__init__(config)
+        self.listeners = listeners
+        self.accepted = 0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])      # lifespan and state; no listener of uvicorn's own
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:             # stop accepting first, as uvicorn does
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        config = self.config
+        return config.http_protocol_class(config=config, server_state=self.server_state,
+                                          app_state=self.lifespan.state)
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self.ACCEPT_BURST):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:                # out of file descriptors or buffers: let them free up
+                log.warning("accept failed (%s); listening again in %.0f s", type(e).__name__, self.RETRY_S)
+                loop.remove_reader(sock.fileno())
+                loop.call_later(self.RETRY_S, self._listen_again, sock)
+                return
+            self.accepted += 1
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.create_task(self._connect(loop, conn))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(self._protocol, conn)
+        except OSError:                         # the client left before the handshake finished
+            conn.close()
+
+    def _listen_again(self, sock: socket.socket) -> None:
+        if sock.fileno() != -1 and not self.should_exit:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
