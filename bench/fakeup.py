@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gateway.listener import BurstListener  # noqa: E402  (after the path is set)
 
 try:
     import uvloop
@@ -182,7 +187,9 @@ class Conn(asyncio.Protocol):
 async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     srv = Server(args.model, args.ttft_ms / 1000, args.itl_ms / 1000, args.output_tokens)
-    server = await loop.create_server(lambda: Conn(srv), args.host, args.port, backlog=4096)
+    sock = socket.create_server((args.host, args.port), backlog=4096)
+    server = BurstListener(sock, lambda: Conn(srv))    # libuv alone accepts one connection per loop turn
+    server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

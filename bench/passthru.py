@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
+import sys
+from pathlib import Path
 
 import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gateway.listener import BurstListener  # noqa: E402  (after the path is set)
 
 
 class Upstream(asyncio.Protocol):
@@ -77,9 +83,9 @@ class Client(asyncio.Protocol):
 
 
 async def serve(port: int) -> None:
-    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port, backlog=4096)
-    async with server:
-        await server.serve_forever()
+    server = BurstListener(socket.create_server(("127.0.0.1", port), backlog=4096), Client)   # as the gateway
+    server.start()
+    await asyncio.Event().wait()               # until SIGTERM
 
 
 def main() -> None:

@@ -123,8 +123,9 @@ def post_json(url: str, body: dict, key: str) -> tuple[int, bytes]:
 
 
 # ---------------------------------------------------------------------------- setup
-def write_stack(tmp: Path) -> tuple[str, Path]:
-    """The local stack's shape with limits that never bite: the benchmark measures the path, not the limiter."""
+def write_stack(tmp: Path, max_loop_lag_ms: float | None = None) -> tuple[str, Path]:
+    """The local stack's shape with limits that never bite: the benchmark measures the path, not the
+    limiter. The event-loop shedding (gateway.max_loop_lag_ms) stays at the shipped default unless given."""
     import yaml
     from fleet import spec as spec_mod
 
@@ -132,6 +133,8 @@ def write_stack(tmp: Path) -> tuple[str, Path]:
     for t in config["tiers"]:
         t.update(rpm=10_000_000, tpm=10_000_000_000, max_output_tokens=max(int(t.get("max_output_tokens", 0)), 256))
     config["gateway"] = {**config.get("gateway", {}), "max_in_flight": 8192, "health_interval_s": 5}
+    if max_loop_lag_ms is not None:
+        config["gateway"]["max_loop_lag_ms"] = max_loop_lag_ms
     stacks = tmp / "stacks"
     stacks.mkdir(parents=True, exist_ok=True)
     (stacks / "Pulumi.bench.yaml").write_text(
@@ -331,7 +334,7 @@ class Bench:
 
     def start_gateway(self) -> None:
         from gateway.keys import KeyAdmin
-        stack, stacks = write_stack(self.tmp)
+        stack, stacks = write_stack(self.tmp, self.args.max_loop_lag_ms)
         routing = write_routing(self.tmp, self.fast_port, self.paced_port)
         state = self.tmp / "state"
         state.mkdir()
@@ -587,6 +590,8 @@ class Bench:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = dt.date.today().isoformat()
         streams = f"-{self.args.s3_streams}streams" if scenario == "S3" and self.args.s3_streams != 1000 else ""
+        if self.args.max_loop_lag_ms is not None:
+            streams += f"-lag{self.args.max_loop_lag_ms:g}ms"
         name = f"{stamp}-{scenario}{streams}{'-quick' if self.args.quick else ''}"
         meta = {"scenario": scenario, "date": stamp, "command": " ".join(["bench/run.py"] + sys.argv[1:]),
                 "quick": self.args.quick, "cores": {"gateway": GATEWAY_CORE, "harness": HARNESS_CORE},
@@ -767,6 +772,7 @@ def render(scenario: str, res: dict) -> str:
         row(label, "inter-token gap max", ("gap_ms", "max"), "delta", " ms")
         row(label, "stalled streams (gap > 1 s)", ("stalled",), "none")
         row(label, "errors", ("error_count",), "none")
+        row(label, "of which 429 (shed; the client waits 2 s)", ("errors", "status_429"), "none")
         row(label, "load client CPU %", ("client_cpu_pct",), "none")
         row(label, "harness core busy %", ("core_busy_pct", "cpu" + HARNESS_CORE), "none")
         row(label, "gateway core busy %", ("core_busy_pct", "cpu" + GATEWAY_CORE), "none")
@@ -818,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-litellm", action="store_true")
     p.add_argument("--litellm-s3", action="store_true", help="also run S3 through LiteLLM (slow)")
     p.add_argument("--no-floor", action="store_true", help="skip S3's pass-through floor (bench/passthru.py)")
+    p.add_argument("--max-loop-lag-ms", type=float, default=None,
+                   help="the gateway's event-loop shedding limit (default: the stack's, 100 ms; 0: off)")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway under S1 c64")
     p.add_argument("--profile-s3", action="store_true", help="py-spy the gateway during S3 (perturbs S3's figures)")
     p.add_argument("--no-wrk", action="store_true", help="use the Python client for S1 even if wrk is installed")

@@ -27,45 +27,41 @@ import uvicorn
 log = logging.getLogger("infermesh.gateway")
 
 
-class Server(uvicorn.Server):
-    ACCEPT_BURST = 512
+class BurstListener:
+    """Accepts every waiting connection (up to BURST) each time the listening socket is
+    readable, and hands each to ``loop.connect_accepted_socket`` with ``protocol_factory``.
+    Also used by the benchmark's fake upstream and relay (bench/), which have the same need."""
+
+    BURST = 512
     RETRY_S = 1.0                  # after EMFILE and the like: listen again this much later
 
-    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
-        super().__init__(config)
-        self.listeners = listeners
+    def __init__(self, sock: socket.socket, protocol_factory) -> None:
+        self.sock = sock
+        self.protocol_factory = protocol_factory
         self.accepted = 0
+        self.closed = False
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=[])      # lifespan and state; no listener of uvicorn's own
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        for sock in self.listeners:
-            sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._accept, sock)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in self.listeners:             # stop accepting first, as uvicorn does
-            loop.remove_reader(sock.fileno())
-            sock.close()
-        await super().shutdown(sockets)
-
-    def _protocol(self) -> asyncio.Protocol:
-        config = self.config
-        return config.http_protocol_class(config=config, server_state=self.server_state,
-                                          app_state=self.lifespan.state)
-
-    def _accept(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        for _ in range(self.ACCEPT_BURST):
+        for _ in range(self.BURST):
             try:
-                conn, _ = sock.accept()
+                conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:                # out of file descriptors or buffers: let them free up
                 log.warning("accept failed (%s); listening again in %.0f s", type(e).__name__, self.RETRY_S)
-                loop.remove_reader(sock.fileno())
-                loop.call_later(self.RETRY_S, self._listen_again, sock)
+                loop.remove_reader(self.sock.fileno())
+                loop.call_later(self.RETRY_S, self._listen_again)
                 return
             self.accepted += 1
             conn.setblocking(False)
@@ -75,10 +71,37 @@ class Server(uvicorn.Server):
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         try:
-            await loop.connect_accepted_socket(self._protocol, conn)
+            await loop.connect_accepted_socket(self.protocol_factory, conn)
         except OSError:                         # the client left before the handshake finished
             conn.close()
 
-    def _listen_again(self, sock: socket.socket) -> None:
-        if sock.fileno() != -1 and not self.should_exit:
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+    def _listen_again(self) -> None:
+        if not self.closed:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server on BurstListeners instead of its own listener."""
+
+    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
+        super().__init__(config)
+        self.listeners = [BurstListener(sock, self._protocol) for sock in listeners]
+
+    @property
+    def accepted(self) -> int:
+        return sum(li.accepted for li in self.listeners)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])      # lifespan and state; no listener of uvicorn's own
+        for li in self.listeners:
+            li.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for li in self.listeners:              # stop accepting first, as uvicorn does
+            li.close()
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        config = self.config
+        return config.http_protocol_class(config=config, server_state=self.server_state,
+                                          app_state=self.lifespan.state)
