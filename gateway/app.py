@@ -286,7 +286,7 @@ class Gateway:
         g = self.spec.gateway
         share = 0.7 + 0.3 * (tier.priority / self.max_priority if self.max_priority else 1.0)
         if self.in_flight >= g.max_in_flight * share or (
-                g.max_loop_lag_ms and self.lag.mean * 1000 >= g.max_loop_lag_ms * share):
+                g.max_loop_lag_ms and self.lag.level() * 1000 >= g.max_loop_lag_ms * share):
             self.metrics.shed.labels(tier.name).inc()
             raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
                            headers={"retry-after": "2"})

@@ -11,13 +11,16 @@ own resource monitors).
 A probe sleeps PROBE_S and records how much later than asked it woke. The shedder reads an
 exponentially weighted mean of those samples (``ALPHA`` per sample: about a quarter of a second
 of memory at 50 ms probes), so one slow moment (a GC pass, a slow disk flush) does not refuse
-anyone, while a loop that stays late does. ``Gateway.shed`` refuses the lowest tiers first,
-at the same shares of the limit as for the in-flight budget.
+anyone, while a loop that stays late does. A probe that is overdue right now counts as if it
+had just woken (``level``): after a long stall the requests that waited through it can run
+before the probe's own wake-up does. ``Gateway.shed`` refuses the lowest tiers first, at the
+same shares of the limit as for the in-flight budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 
 class LoopLag:
@@ -25,18 +28,24 @@ class LoopLag:
     ALPHA = 0.2
 
     def __init__(self) -> None:
-        self.mean = 0.0            # seconds late, smoothed: what shedding reads
+        self.mean = 0.0            # seconds late, smoothed
         self.last = 0.0            # the latest sample
+        self.due = float("inf")    # when the sleeping probe should wake (time.monotonic)
 
     def observe(self, late: float) -> None:
         self.last = late
         self.mean += self.ALPHA * (late - self.mean)
 
+    def level(self) -> float:
+        """What shedding reads: the smoothed lateness, with the probe's own delay counted as a
+        sample if it is overdue now."""
+        overdue = time.monotonic() - self.due
+        return self.mean + self.ALPHA * (overdue - self.mean) if overdue > self.mean else self.mean
+
     async def run(self, gauge=None) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            asked = loop.time()
+            self.due = time.monotonic() + self.PROBE_S
             await asyncio.sleep(self.PROBE_S)
-            self.observe(max(0.0, loop.time() - asked - self.PROBE_S))
+            self.observe(max(0.0, time.monotonic() - self.due))
             if gauge is not None:
                 gauge.set(self.mean)
