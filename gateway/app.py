@@ -88,8 +88,9 @@ class Gateway:
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # workers set no cookies: DummyCookieJar skips aiohttp's cookie filtering on every request
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",))
+                                             skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
         await self.state.start(self.metrics.registry)
         await self.router.check_all(self.session)
         self._update_health_gauges()

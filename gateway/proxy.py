@@ -12,6 +12,7 @@ fewer, larger writes instead of one write per event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -117,17 +118,17 @@ class Call:
         to = adm.tier.timeouts
         left = max(0.05, deadline - time.perf_counter())
         body = orjson.dumps(adm.payload)
-        url = ep.api + ("/chat/completions" if self.route == "chat" else "/completions")
+        url = ep.routes[self.route]
         ep.outstanding += 1
         released = False
         resp = None
         sent = time.perf_counter()
         try:
             try:
-                if adm.stream:     # idle gaps are policed by Gateway._idle_loop, not a timer per chunk
-                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=to.connect_s)
-                else:
-                    timeout = aiohttp.ClientTimeout(total=left, sock_connect=to.connect_s)
+                # The whole attempt runs under this one deadline (a non-stream body is read inside
+                # it, too): aiohttp gets no total timer of its own, and idle gaps in a stream are
+                # policed by Gateway._idle_loop, not by a timer per chunk.
+                timeout = _connect_timeout(to.connect_s)
                 async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left) as expiry:
                     if adm.stream:
                         resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
@@ -349,6 +350,11 @@ class SSEReader:
                         out.append(b"data: " + data + b"\n\n")
             if out:
                 return out
+
+
+@functools.cache
+def _connect_timeout(connect_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
 
 
 def _has_usage(event: bytes) -> bool:

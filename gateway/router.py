@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from fleet.routing import secret_env_name
 
@@ -96,6 +97,7 @@ class Endpoint:
     ttft_at: float = float("-inf")    # monotonic time of the last TTFT sample
     slow: int = 0                     # slow answers seen (outlier detection)
     api: str = ""                     # OpenAI base URL (…/v1) the requests go to
+    routes: dict = field(default_factory=dict)   # "chat" / "completions" -> parsed URL (yarl), built once
     health_url: str = ""
     external: bool = False            # an OpenAI-compatible upstream (no vLLM /health or /metrics)
     headers: dict[str, str] = field(default_factory=dict)
@@ -382,3 +384,5 @@ def _configure(ep: Endpoint, entry: dict[str, Any]) -> None:
             ep.headers["authorization"] = f"Bearer {key}"
     else:
         ep.external, ep.api, ep.health_url = False, ep.url + "/v1", ep.url + "/health"
+    # parsed once: aiohttp would parse a string URL on every request
+    ep.routes = {"chat": URL(ep.api + "/chat/completions"), "completions": URL(ep.api + "/completions")}

@@ -21,6 +21,7 @@ class Recorder:
         self.release.set()
         self.together = False                 # streams send everything after the first chunk in one write
         self.tail_s = 0.0                     # streams end their body this long after [DONE]
+        self.hold_whole = False               # non-stream answers also wait for `release`
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -63,6 +64,8 @@ class Recorder:
         base = {"id": "chatcmpl-rec", "created": int(time.time()), "model": body["model"]}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         if not body.get("stream"):
+            while self.hold_whole and not self.release.is_set():
+                await asyncio.sleep(0.01)
             return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "ok ok"}, "finish_reason": "stop"}]})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})

@@ -151,6 +151,35 @@ def test_finished_streams_give_their_upstream_connection_back(stack_factory, rec
     assert len(recorder.peers) == 4 and len(set(recorder.peers)) == 1, recorder.peers
 
 
+def test_a_whole_answer_that_never_comes_ends_at_the_tiers_total_timeout(stack_factory, recorder):
+    """A non-stream request whose worker takes the request and stays healthy but never answers
+    is ended by the tier's total deadline (one asyncio deadline over the whole attempt, the body
+    included; aiohttp has no timer of its own): 504 upstream_timeout, metered, no endless wait."""
+    import openai
+
+    def short_total(cfg):
+        for t in cfg["tiers"]:
+            if t["name"] == "pro":
+                t.setdefault("timeouts", {}).update(total_s=1.5)
+    stack = stack_factory(short_total)
+    point_model_at(stack, "demo-chat", recorder.url)
+    recorder.hold_whole = True
+    recorder.release.clear()
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0, timeout=30)
+    started = time.monotonic()
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                      extra_headers={"x-request-id": "held-1"})
+    finally:
+        recorder.release.set()
+    took = time.monotonic() - started
+    assert err.value.status_code == 504 and err.value.code == "upstream_timeout"
+    assert 1.4 <= took < 5, took
+    row = [r for r in _ledger_rows(stack) if r["request_id"] == "held-1"]
+    assert row and (row[0]["status"], row[0]["error"]) == (504, "upstream_timeout")
+
+
 def test_routing_reload_takes_effect_without_restart(stack_factory, recorder):
     stack = stack_factory()
     c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
