@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
                    loop="uvloop", http="httptools", server_header=False,
                    proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
-    sockets = [_listen(args.host, port, reuse_port=False)]
-    if args.shared_port is not None:
-        sockets.append(_listen(args.host, args.shared_port, reuse_port=True))
+    try:
+        sockets = [_listen(args.host, port, reuse_port=False)]
+        if args.shared_port is not None:
+            sockets.append(_listen(args.host, args.shared_port, reuse_port=True))
+    except OSError as e:
+        print(f"gateway: cannot listen on {e.strerror}", file=sys.stderr)
+        return 2
     Server(uvicorn.Config(app, **options), listeners=sockets).run()   # gateway/listener.py: why its own listener
     return 0
 
@@ -73,7 +77,11 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"{host}:{port}: {e.strerror}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -70,3 +70,15 @@ def test_up_refuses_a_stack_that_leases_gpus(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "pulumi up" in r.stderr
+
+
+def test_a_gateway_whose_port_is_taken_says_so_in_one_line(local_stack):
+    """The gateway binds its own listening sockets (gateway/listener.py): a port in use is one
+    clear line and exit status 2, not a traceback."""
+    port = local_stack.spec.gateway.port                 # the running stack's gateway holds it
+    r = subprocess.run([sys.executable, "-m", "gateway", "--stack", "test", "--stacks-dir",
+                        str(local_stack.stacks_dir), "--routing", str(local_stack.state / "routing.json"),
+                        "--state-dir", str(local_stack.state), "--port", str(port)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"gateway: cannot listen on 127.0.0.1:{port}: Address already in use", r.stderr
