@@ -40,6 +40,7 @@ class BurstListener:
         self.protocol_factory = protocol_factory
         self.accepted = 0
         self.closed = False
+        self._connecting: set[asyncio.Task] = set()   # the loop keeps only weak references to tasks
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -67,7 +68,9 @@ class BurstListener:
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            loop.create_task(self._connect(loop, conn))
+            task = loop.create_task(self._connect(loop, conn))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         try:

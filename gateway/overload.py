@@ -29,11 +29,9 @@ class LoopLag:
 
     def __init__(self) -> None:
         self.mean = 0.0            # seconds late, smoothed
-        self.last = 0.0            # the latest sample
         self.due = float("inf")    # when the sleeping probe should wake (time.monotonic)
 
     def observe(self, late: float) -> None:
-        self.last = late
         self.mean += self.ALPHA * (late - self.mean)
 
     def level(self) -> float:

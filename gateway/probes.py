@@ -118,7 +118,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimit
         # Waits no longer than the TTFT limit for the first token (a hung worker must not hold
         # the round up), then up to the TTLT limit for the rest.
         async with asyncio.timeout(limits.ttft_s) as deadline:
-            async with session.post(ep.api + "/chat/completions", data=body, headers=headers,
+            async with session.post(ep.routes["chat"], data=body, headers=headers,
                                     timeout=timeout) as resp:
                 if resp.status != 200:
                     return done("status")
