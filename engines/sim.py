@@ -1,10 +1,13 @@
 """The `sim` engine: a SIMULATOR of vLLM's OpenAI-compatible server. It runs no model.
 
 It answers the same HTTP API a vLLM worker does (chat and text completions, streaming with
-an optional usage chunk, /v1/models, /health, /version, and a /metrics page with vLLM's metric
-names), with knobs for time to first token, inter-token latency, output length and errors, and
-faults that drills switch on at run time. It is what the local stack, the drills and the
-benchmarks run on machines without a GPU, and it says that it is a simulator wherever it shows:
+an optional usage chunk, the stateless Responses API, embeddings with --embedding-dim, tool
+calls and JSON answers to a schema, cached prompt tokens with --enable-prompt-tokens-details,
+/v1/models, /health, /version, and a /metrics page with vLLM's metric names; the bodies beyond
+plain text are built in engines/sim_surface.py), with knobs for time to first token,
+inter-token latency, output length and errors, and faults that drills switch on at run time.
+It is what the local stack, the drills and the benchmarks run on machines without a GPU, and
+it says that it is a simulator wherever it shows:
 `owned_by: "infermesh-simulator"` in /v1/models, the start line, `--help`, /version, /metrics.
 
     python -m engines.sim --host 127.0.0.1 --port 9101 --model demo-chat \
@@ -60,6 +63,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from engines import sim_surface as surface
 
 ENGINE = "infermesh-simulator"
 FAULT_MODES = ("none", "hang", "reset", "error500", "slow")
@@ -171,6 +176,8 @@ class SimConfig:
     seed: int | None = None
     max_concurrency: int = 64
     max_model_len: int = 8192
+    embedding_dim: int = 0             # > 0: an embedding model (vLLM --runner pooling): /v1/embeddings only
+    prompt_tokens_details: bool = False    # vLLM --enable-prompt-tokens-details: usage reports cached_tokens
     fault: Fault = field(default_factory=Fault)
 
 
@@ -216,6 +223,7 @@ class _Sim:
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
         self._label = f'model_name="{_escape_label(cfg.model)}"'
+        self.cache = surface.PrefixCache()
         self.model_json = orjson.dumps(cfg.model)
 
     # -- helpers -------------------------------------------------------------------------
@@ -301,10 +309,21 @@ class _Sim:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, chat: bool, api: str = "") -> web.StreamResponse:
+        """chat and completions (and, with `api`, responses and embeddings): faults, queue, answer."""
         raw = await request.read()
+        api = api or ("chat" if chat else "completions")
         try:
-            body, seed_text, prompt_tokens, n, truncated = self._parse(raw, chat)
+            if (api == "embeddings") != (self.cfg.embedding_dim > 0):
+                raise _Refused(400, f"The model `{self.cfg.model}` does not support the "
+                               f"{'Embeddings' if api == 'embeddings' else 'generation'} API.",
+                               "invalid_request_error", "model")
+            if api == "responses":
+                body, seed_text, prompt_tokens, n, truncated = self._parse_responses(raw)
+            elif api == "embeddings":
+                body, seed_text, prompt_tokens, n, truncated = self._parse_embeddings(raw)
+            else:
+                body, seed_text, prompt_tokens, n, truncated = self._parse(raw, chat)
         except _Refused as r:
             self._count(str(r.status))
             return _error_response(r.status, r.message, r.type, r.param, r.code)
@@ -329,11 +348,18 @@ class _Sim:
             self.waiting -= 1
         self.running += 1
         try:
+            if api == "embeddings":
+                return await self._embed(body, prompt_tokens)
+            if api == "responses":
+                return await self._respond(request, body, seed_text, prompt_tokens, n, truncated, stream)
+            if chat and (surface.wants_tool_call(body, _last_role(body)) or surface.json_schema_of(body)):
+                return await self._chat_structured(request, body, seed_text, prompt_tokens, n, stream)
             if stream:
                 opts = body.get("stream_options")
                 include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-                return await self._stream(request, chat, seed_text, prompt_tokens, n, truncated, include_usage)
-            return await self._complete(chat, seed_text, prompt_tokens, n, truncated)
+                return await self._stream(request, chat, seed_text, prompt_tokens, n, truncated, include_usage,
+                                          self._cached(body, chat))
+            return await self._complete(chat, seed_text, prompt_tokens, n, truncated, self._cached(body, chat))
         finally:
             self.running -= 1
             self.sem.release()
@@ -359,7 +385,7 @@ class _Sim:
         return web.Response(status=499)  # the client is gone; nothing is sent
 
     async def _complete(self, chat: bool, seed_text: str, prompt_tokens: int, n: int,
-                        truncated: bool) -> web.Response:
+                        truncated: bool, cached: int | None = None) -> web.Response:
         delay = self.ttft_s() + max(n - 1, 0) * self.itl_s()
         if delay > 0:
             try:
@@ -369,7 +395,7 @@ class _Sim:
                 raise
         text = completion_text(seed_text, n)
         finish = "length" if truncated else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        usage = self._usage(prompt_tokens, n, cached)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": finish}
@@ -384,7 +410,7 @@ class _Sim:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _stream(self, request: web.Request, chat: bool, seed_text: str, prompt_tokens: int, n: int,
-                      truncated: bool, include_usage: bool) -> web.StreamResponse:
+                      truncated: bool, include_usage: bool, cached: int | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         reset_after = self.fault.reset_after if self.fault.mode == "reset" else -1
         sent_tokens = 0
@@ -418,8 +444,7 @@ class _Sim:
                 chunks.append(
                     b'data: {"id":"' + cid + b'","object":"' + obj + b'","created":' + created
                     + b',"model":' + self.model_json + b',"choices":[],"usage":'
-                    + orjson.dumps({"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                    "total_tokens": prompt_tokens + n}) + b"}\n\n")
+                    + orjson.dumps(self._usage(prompt_tokens, n, cached)) + b"}\n\n")
             chunks.append(b"data: [DONE]\n\n")
             first_token = 1 if chat else 0  # chunks[first_token:first_token + n] are the tokens
 
@@ -459,6 +484,238 @@ class _Sim:
         self._finished(prompt_tokens, n, "length" if truncated else "stop")
         self._count("200")
         return resp
+
+    # -- responses, tool calls, JSON, embeddings (engines/sim_surface.py builds the bodies) -------
+
+    def _usage(self, prompt_tokens: int, n: int, cached: int | None) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                 "total_tokens": prompt_tokens + n}
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
+
+    def _cached(self, body: dict[str, Any], chat: bool) -> int | None:
+        """Prompt tokens served from the prefix cache; None unless --enable-prompt-tokens-details
+        (vLLM reports no details without it). Chat: earlier messages seen before."""
+        if not self.cfg.prompt_tokens_details:
+            return None
+        if not chat:
+            return 0
+        msgs = body["messages"]
+        return self.cache.lookup(msgs, [_chat_prompt([m])[1] for m in msgs])
+
+    def _parse_responses(self, raw: bytes) -> tuple[dict[str, Any], str, int, int, bool]:
+        body = self._json(raw)
+        self._check_model(body)
+        if body.get("previous_response_id") is not None:
+            raise _Refused(400, "previous_response_id is not supported by this simulator (it stores nothing)",
+                           "invalid_request_error", "previous_response_id")
+        items, texts, _ = surface.responses_prompt(body)
+        if not items:
+            raise _Refused(400, "`input` must be a string or a non-empty list of items", "invalid_request_error",
+                           "input")
+        prompt_tokens = sum(len(t.split()) + 3 for t in texts)
+        max_tokens = body.get("max_output_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise _Refused(400, "max_output_tokens must be an integer >= 1", "invalid_request_error",
+                           "max_output_tokens")
+        n = min(self.cfg.output_tokens, max_tokens or self.cfg.output_tokens)
+        return body, "\n".join(texts), prompt_tokens, n, n < self.cfg.output_tokens
+
+    def _parse_embeddings(self, raw: bytes) -> tuple[dict[str, Any], str, int, int, bool]:
+        body = self._json(raw)
+        self._check_model(body)
+        inp = body.get("input")
+        texts = [inp] if isinstance(inp, str) else inp if isinstance(inp, list) else None
+        if not texts:
+            raise _Refused(400, "`input` must be a string or a non-empty list", "invalid_request_error", "input")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in texts):
+            texts = [" ".join(map(str, texts))]
+        texts = [" ".join(map(str, t)) if isinstance(t, list) else t for t in texts]
+        if not all(isinstance(t, str) for t in texts):
+            raise _Refused(400, "`input` items must be strings or token id lists", "invalid_request_error", "input")
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)
+                                 or not 1 <= dims <= self.cfg.embedding_dim):
+            raise _Refused(400, f"dimensions must be an integer from 1 to {self.cfg.embedding_dim}",
+                           "invalid_request_error", "dimensions")
+        if body.get("encoding_format", "float") not in ("float", "base64", None):
+            raise _Refused(400, "encoding_format must be float or base64", "invalid_request_error",
+                           "encoding_format")
+        tokens = sum(max(1, len(t.split())) for t in texts)
+        if any(len(t.split()) > self.cfg.max_model_len for t in texts):
+            raise _Refused(400, f"This model's maximum context length is {self.cfg.max_model_len} tokens.",
+                           "invalid_request_error", "input")
+        body["input"] = texts
+        return body, "", tokens, 0, False
+
+    def _json(self, raw: bytes) -> dict[str, Any]:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _Refused(400, f"Request body is not valid JSON: {exc}", "invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "Request body must be a JSON object", "invalid_request_error")
+        return body
+
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != self.cfg.model:
+            raise _Refused(404, f"The model `{model}` does not exist.", "invalid_request_error",
+                           "model", "model_not_found")
+
+    async def _embed(self, body: dict[str, Any], prompt_tokens: int) -> web.Response:
+        delay = self.ttft_s()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        dims = body.get("dimensions")
+        base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(body["input"]):
+            v = surface.embedding(text, self.cfg.embedding_dim)
+            if dims:
+                v = surface.truncate(v, dims)
+            data.append({"object": "embedding", "index": i, "embedding": surface.encode_base64(v) if base64 else v})
+        out = {"object": "list", "model": self.cfg.model, "data": data,
+               "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+        self.prompt_tokens += prompt_tokens
+        self.success["stop"] += 1
+        self._count("200")
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+    def _structured(self, body: dict[str, Any], seed_text: str, n: int,
+                    last_role: str | None) -> tuple[dict[str, Any] | None, str, list[str]]:
+        """(the function called or None, the answer text, its pieces as streamed) of a request with
+        tools or a JSON schema; a plain request gets its usual words."""
+        call = surface.wants_tool_call(body, last_role)
+        rng = surface.seeded(seed_text)
+        if call is not None:
+            text = orjson.dumps(surface.value_for(call["parameters"], rng)).decode()
+            return call, text, surface.split_pieces(text, n)
+        schema = surface.json_schema_of(body)
+        if schema is not None:
+            text = orjson.dumps(surface.value_for(schema, rng)).decode()
+            return None, text, surface.split_pieces(text, n)
+        words = completion_text(seed_text, n).split(" ")
+        return None, " ".join(words), [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    async def _chat_structured(self, request: web.Request, body: dict[str, Any], seed_text: str,
+                               prompt_tokens: int, n: int, stream: bool) -> web.StreamResponse:
+        """Chat with tools or a response_format: a tool call (finish_reason tool_calls) or JSON text."""
+        call, text, pieces = self._structured(body, seed_text, n, _last_role(body))
+        cached = self._cached(body, True)
+        n = len(pieces)
+        finish = "tool_calls" if call else "stop"
+        cid, created = self._next_id("chatcmpl"), int(time.time())
+        tool_id = "call_" + hashlib_hex(seed_text)
+        if not stream:
+            await asyncio.sleep(self.ttft_s() + max(n - 1, 0) * self.itl_s())
+            msg: dict[str, Any] = {"role": "assistant", "content": None if call else text, "refusal": None}
+            if call:
+                msg["tool_calls"] = [{"id": tool_id, "type": "function",
+                                      "function": {"name": call["name"], "arguments": text}}]
+            out = {"id": cid, "object": "chat.completion", "created": created, "model": self.cfg.model,
+                   "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+                   "usage": self._usage(prompt_tokens, n, cached)}
+            self._finished(prompt_tokens, n, "stop")
+            self._count("200")
+            return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.cfg.model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                   **extra}
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        chunks = [chunk({"role": "assistant", "content": None if call else ""})]
+        for i, piece in enumerate(pieces):
+            if call:
+                tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+                if i == 0:
+                    tc.update(id=tool_id, type="function")
+                    tc["function"]["name"] = call["name"]
+                chunks.append(chunk({"tool_calls": [tc]}))
+            else:
+                chunks.append(chunk({"content": piece}))
+        chunks.append(chunk({}, finish))
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.cfg.model,
+                   "choices": [], "usage": self._usage(prompt_tokens, n, cached)}
+            chunks.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+        chunks.append(b"data: [DONE]\n\n")
+        return await self._send(request, chunks, 1, n, prompt_tokens)
+
+    async def _respond(self, request: web.Request, body: dict[str, Any], seed_text: str, prompt_tokens: int,
+                       n: int, truncated: bool, stream: bool) -> web.StreamResponse:
+        """POST /v1/responses, stateless (store: false), as vLLM serves it."""
+        items, texts, last_role = surface.responses_prompt(body)
+        call, text, pieces = self._structured(body, seed_text, n, last_role)
+        n = len(pieces)
+        cached = (self.cache.lookup(items, [len(t.split()) + 3 for t in texts])
+                  if self.cfg.prompt_tokens_details else 0)
+        usage = surface.response_usage(prompt_tokens, cached, n)
+        rid, item_id = self._next_id("resp"), self._next_id("fc" if call else "msg")
+        call_ref = {"name": call["name"], "call_id": "call_" + hashlib_hex(seed_text)} if call else None
+        base = surface.response_object(rid, self.cfg.model, body, "in_progress", [], None, int(time.time()))
+        if not stream:
+            await asyncio.sleep(self.ttft_s() + max(n - 1, 0) * self.itl_s())
+            if call_ref:
+                item = surface.call_item(item_id, call_ref["call_id"], call_ref["name"], text, "completed")
+            else:
+                item = surface.message_item(item_id, text, "completed")
+            out = {**base, "status": "completed", "output": [item], "usage": usage,
+                   "completed_at": int(time.time())}
+            self._finished(prompt_tokens, n, "length" if truncated else "stop")
+            self._count("200")
+            return web.Response(body=orjson.dumps(out), content_type="application/json")
+        events = surface.sse(surface.response_events(base, item_id, pieces, call_ref, usage))
+        # created, in_progress, item added (and its content part) go out at once; the first delta at TTFT
+        head = 3 if call_ref else 4
+        return await self._send(request, events, head, n, prompt_tokens)
+
+    async def _send(self, request: web.Request, chunks: list[bytes], first_token: int, n: int,
+                    prompt_tokens: int) -> web.StreamResponse:
+        """Stream prepared chunks: chunks[:first_token] at once, chunks[first_token:first_token + n]
+        are tokens (the first at TTFT, then one per ITL), the rest after the last. The reset fault
+        aborts the connection after `reset_after` chunks."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        reset_after = self.fault.reset_after if self.fault.mode == "reset" else -1
+        sent_tokens = 0
+        try:
+            await resp.prepare(request)
+            ttft, itl = self.ttft_s(), self.itl_s()
+            for i, chunk in enumerate(chunks):
+                if i == reset_after:
+                    self.generation_tokens += sent_tokens
+                    self._count("reset")
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return resp
+                if i == first_token and ttft > 0:
+                    await asyncio.sleep(ttft)
+                elif first_token < i < first_token + n and itl > 0:
+                    await asyncio.sleep(itl)
+                if first_token <= i < first_token + n:
+                    sent_tokens += 1
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            self.generation_tokens += sent_tokens
+            self._count("disconnected")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return resp
+        self._finished(prompt_tokens, n, "stop")
+        self._count("200")
+        return resp
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False, api="responses")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False, api="embeddings")
 
     def _finished(self, prompt_tokens: int, n: int, finish: str) -> None:
         self.prompt_tokens += prompt_tokens
@@ -538,6 +795,15 @@ class _Sim:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+def _last_role(body: dict[str, Any]) -> str | None:
+    msgs = body.get("messages")
+    return msgs[-1].get("role") if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) else None
+
+
+def hashlib_hex(text: str) -> str:
+    return format(zlib.crc32(text.encode("utf-8", "surrogatepass")), "08x")
+
+
 def _abort(request: web.Request) -> web.Response:
     """Drop the connection without a response (the client sees a reset, not an answer)."""
     transport = request.transport
@@ -600,6 +866,8 @@ def make_app(cfg: SimConfig) -> web.Application:
     app["sim"] = sim
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_post("/v1/completions", sim.completions)
+    app.router.add_post("/v1/responses", sim.responses)
+    app.router.add_post("/v1/embeddings", sim.embeddings)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/health", sim.health)
     app.router.add_get("/version", sim.version)
@@ -670,6 +938,10 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     p.add_argument("--max-concurrency", type=_positive_int, default=64,
                    help="requests generated at once; more wait in a queue (default: %(default)s)")
     p.add_argument("--max-model-len", type=_positive_int, default=8192, help="context length (default: %(default)s)")
+    p.add_argument("--embedding-dim", type=int, default=0,
+                   help="serve an embedding model: vectors of this size, /v1/embeddings only (default: chat)")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="report usage.prompt_tokens_details.cached_tokens (as vLLM's flag of that name)")
     p.add_argument("--fault", choices=FAULT_MODES, default="none", help="fault mode at start (default: none)")
     p.add_argument("--unhealthy", action="store_true", help="start with /health answering 503")
     p.add_argument("--slow-factor", type=float, default=10.0, help="TTFT multiplier of the slow fault (default: 10)")
@@ -683,7 +955,9 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         p.error(str(exc))
     return SimConfig(model=a.model, host=a.host, port=a.port, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
                      output_tokens=a.output_tokens, error_rate=a.error_rate, seed=a.seed,
-                     max_concurrency=a.max_concurrency, max_model_len=a.max_model_len, fault=fault)
+                     max_concurrency=a.max_concurrency, max_model_len=a.max_model_len,
+                     embedding_dim=max(0, a.embedding_dim), prompt_tokens_details=a.enable_prompt_tokens_details,
+                     fault=fault)
 
 
 def main(argv: list[str] | None = None) -> None:

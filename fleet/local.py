@@ -88,7 +88,11 @@ class LocalStack:
                     cmd = [sys.executable, "-m", "engines.sim", "--host", self.host, "--port", str(port),
                            "--model", pool.model, "--ttft-ms", str(knobs.ttft_ms), "--itl-ms", str(knobs.itl_ms),
                            "--output-tokens", str(knobs.output_tokens), "--error-rate", str(knobs.error_rate),
-                           "--max-concurrency", str(pool.max_concurrency)]
+                           "--max-concurrency", str(pool.max_concurrency),
+                           "--max-model-len", str(pool.max_model_len or self.spec.model(pool.model).context_length),
+                           "--enable-prompt-tokens-details"]
+                    if self.spec.model(pool.model).kind == "embedding":
+                        cmd += ["--embedding-dim", str(knobs.embedding_dim)]
                     if knobs.seed is not None:
                         cmd += ["--seed", str(knobs.seed)]
                 else:

@@ -89,7 +89,8 @@ def secret_env_name(secret: str) -> str:
 def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
     """Models -> pools -> endpoints. A canary block adds a canary pool beside its base pool."""
     models: dict[str, dict[str, Any]] = {
-        m.id: {"id": m.id, "fallback": m.fallback, "pools": []} for m in spec.models
+        m.id: {"id": m.id, "kind": m.kind, "context_length": m.context_length, "fallback": m.fallback, "pools": []}
+        for m in spec.models
     }
     for pool in spec.pools:
         prov = spec.provider(pool.provider)

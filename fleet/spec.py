@@ -103,6 +103,8 @@ class ModelArch(_Strict):
 
 class Model(_Strict):
     id: Name                                   # the name customers send as `model`
+    # chat: chat, completions and responses; embedding: /v1/embeddings only (vLLM `--runner pooling`)
+    kind: Literal["chat", "embedding"] = "chat"
     weights: str                               # e.g. "Qwen/Qwen2.5-7B-Instruct" or a GGUF path
     revision: str = "main"
     sha256: str | None = None                  # checksum of the weights the worker verifies
@@ -121,6 +123,7 @@ class SimKnobs(_Strict):
     output_tokens: PosInt = 16
     error_rate: Annotated[float, Field(ge=0, le=1)] = 0
     seed: int | None = None
+    embedding_dim: Annotated[int, Field(ge=1, le=8192)] = 64     # vector size when the model is an embedding one
 
 
 class Gpu(_Strict):
@@ -162,6 +165,14 @@ class Slo(_Strict):
     ttlt_p95_ms: PosFloat = 30000
 
 
+class EmbeddingLimits(_Strict):
+    """A tier's own limits for /v1/embeddings (buckets apart from chat's, per tenant)."""
+
+    rpm: PosInt
+    tpm: PosInt
+    max_inputs: Annotated[int, Field(ge=1, le=2048)] = 2048   # items in one request's `input` (OpenAI: 2048)
+
+
 class Tier(_Strict):
     name: Name
     models: list[Name] = Field(min_length=1)
@@ -176,6 +187,8 @@ class Tier(_Strict):
     allow_fallback: bool = False
     limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
     price_per_1m_tokens: NonNegFloat = 0
+    price_per_1m_cached_tokens: NonNegFloat | None = None   # cached prompt tokens (None: price_per_1m_tokens)
+    embeddings: EmbeddingLimits | None = None  # /v1/embeddings limits (None: rpm and tpm, in buckets of their own)
     monthly_fee: NonNegFloat = 0
     slo: Slo = Slo()
     timeouts: Timeouts = Timeouts()
@@ -329,6 +342,8 @@ class Spec(_Strict):
                 raise _At(f"models[{i}].fallback", f"unknown model {m.fallback!r}")
             if m.fallback == m.id:
                 raise _At(f"models[{i}].fallback", "a model cannot be its own fallback")
+            if m.fallback is not None and self.model(m.fallback).kind != m.kind:
+                raise _At(f"models[{i}].fallback", f"{m.fallback!r} is not a {m.kind} model like {m.id!r}")
         for i, pool in enumerate(self.pools):
             where = f"pools[{i}] ({pool.name})"
             if pool.model not in models:

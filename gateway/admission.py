@@ -28,6 +28,7 @@ class Admitted:
     prompt_tokens_estimate: int
     max_output: int
     affinity: str | None
+    scope: str = ""             # limiter bucket suffix: "" (chat's buckets) or "/embeddings"
 
 
 def bearer(header: str | None) -> str | None:
@@ -61,6 +62,9 @@ def _content_len(content: Any) -> int:
     return 0
 
 
+ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))   # OpenAI's, no others
+
+
 def check_chat(payload: dict[str, Any]) -> tuple[int, str | None]:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -69,6 +73,10 @@ def check_chat(payload: dict[str, Any]) -> tuple[int, str | None]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a 'role'.", param=f"messages[{i}]")
+        if m["role"] not in ROLES:
+            raise bad_request(f"Invalid value for 'messages[{i}].role': {m['role'][:40]!r}. Supported values are: "
+                              f"'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
+                              param=f"messages[{i}].role", code="invalid_value")
         chars += _content_len(m.get("content")) + 4
     affinity = None
     if len(messages) >= 2:
@@ -92,8 +100,91 @@ def check_completion(payload: dict[str, Any]) -> tuple[int, str | None]:
     raise bad_request("'prompt' must be a string, an array of strings or an array of token ids.", param="prompt")
 
 
-def check_common(payload: dict[str, Any], tier: Tier) -> tuple[bool, bool, int]:
-    """stream flag, include_usage, and the capped output limit (written back into the payload)."""
+# Responses API parameters that need state kept between requests; this service keeps none.
+STATEFUL = (("previous_response_id", "send the earlier turns in 'input' instead"),
+            ("conversation", "send the earlier turns in 'input' instead"),
+            ("background", "background responses need stored state"))
+
+
+def check_responses(payload: dict[str, Any]) -> tuple[int, str | None]:
+    """POST /v1/responses, stateless: `store` true, `previous_response_id`, `conversation` and
+    `background` are refused with the param named; `store: false` is sent to the worker.
+    `input` is a string or a list of items; `instructions` counts toward the prompt."""
+    for name, why in STATEFUL:
+        if payload.get(name) not in (None, False):
+            raise bad_request(f"'{name}' is not supported: this service is stateless and stores no "
+                              f"responses ({why}).", param=name, code="unsupported_parameter")
+    if payload.get("store") is True:
+        raise bad_request("'store': true is not supported: this service is stateless and stores no responses. "
+                          "Send 'store': false or leave it out.", param="store", code="unsupported_parameter")
+    payload["store"] = False
+    inp = payload.get("input")
+    if isinstance(inp, str):
+        chars, items = len(inp), [inp]
+    elif isinstance(inp, list) and inp:
+        chars, items = 0, inp
+        for i, item in enumerate(inp):
+            if not isinstance(item, dict):
+                raise bad_request(f"input[{i}] must be an object.", param=f"input[{i}]")
+            role = item.get("role")
+            if role is not None and role not in ROLES:
+                raise bad_request(f"Invalid value for 'input[{i}].role': {str(role)[:40]!r}.",
+                                  param=f"input[{i}].role", code="invalid_value")
+            for field in ("content", "output", "arguments"):
+                chars += _content_len(item.get(field))
+            chars += 4
+    else:
+        raise bad_request("'input' must be a string or a non-empty array of input items.", param="input")
+    instructions = payload.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("'instructions' must be a string.", param="instructions")
+    chars += len(instructions or "")
+    affinity = None
+    if len(items) >= 2:
+        affinity = (instructions or "")[:512] + "|" + orjson.dumps(items[0])[:512].decode("utf-8", "replace")
+    return estimate_tokens(chars), affinity
+
+
+def check_embeddings(payload: dict[str, Any], max_inputs: int) -> int:
+    """POST /v1/embeddings: `input` as a string, strings, token ids or lists of token ids (as
+    OpenAI takes it); `encoding_format` float or base64; `dimensions` a positive integer (the
+    worker refuses more than its model has). Returns the token estimate."""
+    fmt = payload.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    dims = payload.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise bad_request("'dimensions' must be a positive integer.", param="dimensions")
+    inp = payload.get("input")
+    if isinstance(inp, str):
+        if not inp:
+            raise bad_request("'input' cannot be an empty string.", param="input")
+        return estimate_tokens(len(inp))
+    if not isinstance(inp, list) or not inp:
+        raise bad_request("'input' must be a string or a non-empty array of strings or token arrays.",
+                          param="input")
+    if len(inp) > max_inputs:
+        raise bad_request(f"'input' has {len(inp)} items; at most {max_inputs} are allowed per request.",
+                          param="input")
+    if all(isinstance(t, str) and t for t in inp):
+        est = sum(estimate_tokens(len(t)) for t in inp)
+    elif all(isinstance(t, int) and not isinstance(t, bool) for t in inp):
+        est = len(inp)
+    elif all(isinstance(t, list) and t and all(isinstance(x, int) and not isinstance(x, bool) for x in t)
+             for t in inp):
+        est = sum(len(t) for t in inp)
+    else:
+        raise bad_request("'input' must be a string or a non-empty array of non-empty strings, of token ids, "
+                          "or of token id arrays.", param="input")
+    return est
+
+
+def check_common(payload: dict[str, Any], tier: Tier, responses: bool = False,
+                 room: int | None = None) -> tuple[bool, bool, int]:
+    """stream flag, include_usage, and the capped output limit (written back into the payload).
+    The Responses API names its limit `max_output_tokens` and has no `n`. When the client sets
+    no limit, the tier's cap is sent, but never more than `room` (the model's context length less
+    the prompt estimate): vLLM refuses a request whose prompt plus limit exceed its context."""
     stream = payload.get("stream", False)
     if stream is None:
         stream = False
@@ -112,10 +203,15 @@ def check_common(payload: dict[str, Any], tier: Tier) -> tuple[bool, bool, int]:
     n = payload.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 16):
         raise bad_request("'n' must be an integer between 1 and 16.", param="n")
-    field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+    if responses:
+        field = "max_output_tokens"
+    else:
+        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     requested = payload.get(field)
     if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
         raise bad_request(f"'{field}' must be a positive integer.", param=field)
     cap = tier.max_output_tokens
+    if requested is None and room is not None:
+        cap = max(1, min(cap, room))
     payload[field] = cap if requested is None else min(requested, cap)
     return stream, include_usage, payload[field] * (n or 1)

@@ -63,6 +63,8 @@ class Gateway:
         self.settings = settings
         self.spec = settings.spec
         self.tiers: dict[str, Tier] = {t.name: t for t in self.spec.tiers}
+        # /v1/embeddings: limits of their own per tier, in buckets apart from chat's (admission.scope)
+        self.embedding_tiers: dict[str, Tier] = {t.name: _embedding_tier(t) for t in self.spec.tiers}
         self.state = State(self.spec, settings.state_dir, settings.instance)   # embedded or shared (gateway/state)
         self.keys: KeyStore = self.state.keys
         self.ledger: Ledger = self.state.ledger
@@ -180,26 +182,26 @@ class Gateway:
         """Meter a request: its ledger row is committed when this returns (group commit)."""
         rec = call.rec
         await self.ledger.commit(rec)
-        self.settle(call, rec.prompt_tokens + rec.completion_tokens)
+        self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
         self._count(rec)
 
     def finish_soon(self, call: Call) -> None:
         """Meter a request whose client is gone or whose stream broke: nobody waits for the row."""
         rec = call.rec
         self.ledger.commit_soon(rec)
-        self.settle(call, rec.prompt_tokens + rec.completion_tokens)
+        self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
         self._count(rec)
 
     def settle(self, call: Call, actual: int) -> None:
         """Correct the limiter's up-front token charge (never waits: Redis settles are batched)."""
         adm = call.adm
-        self.limiter.settle(adm.principal.tenant, adm.principal.key_id,
+        self.limiter.settle(adm.principal.tenant + adm.scope, adm.principal.key_id + adm.scope,
                             adm.prompt_tokens_estimate + adm.max_output, actual)
 
     def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
                 headers: dict[str, str]) -> int:
         """Cap max_tokens at the tier's degraded limit while its SLO is at risk (gateway/risk.py)."""
-        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+        field = next((f for f in ("max_output_tokens", "max_completion_tokens") if f in payload), "max_tokens")
         cap = tier.degraded_max_output_tokens
         if payload[field] <= cap:
             return max_output
@@ -221,6 +223,8 @@ class Gateway:
             if rec.ttlt_ms is not None:
                 m.ttlt.labels(model, pool, rec.tier).observe(rec.ttlt_ms / 1000)
             m.tokens.labels("in", model, rec.tier).inc(rec.prompt_tokens)
+            if rec.cached_tokens:
+                m.tokens.labels("cached_in", model, rec.tier).inc(rec.cached_tokens)
             m.tokens.labels("out", model, rec.tier).inc(rec.completion_tokens)
 
     def debug_logging(self, p: Principal) -> bool:
@@ -229,7 +233,8 @@ class Gateway:
     def keep_debug_log(self, call: Call, completion: str) -> None:
         ttl = self.spec.gateway.privacy.debug_log_ttl_hours * 3600
         until = min(time.time() + ttl, call.adm.principal.debug_log_until or float("inf"))
-        prompt = call.adm.payload.get("messages", call.adm.payload.get("prompt"))
+        payload = call.adm.payload
+        prompt = next((payload[f] for f in ("messages", "prompt", "input") if f in payload), None)
         self.ledger.debug_log(call.request_id, call.rec.tenant, orjson.dumps(prompt).decode(), completion, until)
 
     # ---- the request path -----------------------------------------------------------------------
@@ -294,9 +299,7 @@ class Gateway:
 
     async def handle(self, request: Incoming, route: str) -> Reply:
         started = time.perf_counter()
-        rid = request.headers.get("x-request-id")
-        if rid is None or not _REQUEST_ID.match(rid):
-            rid = "req_" + secrets.token_hex(12)
+        rid = request_id(request.headers.get("x-request-id"))
         try:
             principal = self.authenticate(request)
         except ApiError as e:
@@ -313,19 +316,35 @@ class Gateway:
             payload = admission.parse_json(body)
             rec.requested_model = str(payload.get("model", ""))[:200]
             model = self.check_model(tier, payload.get("model"))
-            est, affinity = (admission.check_chat if route == "chat" else admission.check_completion)(payload)
-            if est > tier.max_prompt_tokens:
-                raise admission.bad_request(
-                    f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
-                    param="messages" if route == "chat" else "prompt", code="context_length_exceeded")
-            stream, include_usage, max_output = admission.check_common(payload, tier)
-            if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
-                max_output = self.degrade(payload, tier, model, max_output, headers)
-            if stream:
-                payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            kind = self.router.models[model].kind
+            scope, limits = "", tier
+            if route == "embeddings":
+                if kind != "embedding":
+                    raise admission.bad_request(f"The model '{model}' does not create embeddings.", param="model",
+                                                code="model_not_supported")
+                limits, scope = self.embedding_tiers[tier.name], "/embeddings"
+                est = admission.check_embeddings(payload, tier.embeddings.max_inputs if tier.embeddings else 2048)
+                stream, include_usage, max_output, affinity = False, False, 0, None
+            else:
+                if kind != "chat":
+                    raise admission.bad_request(f"The model '{model}' is an embedding model: call /v1/embeddings.",
+                                                param="model", code="model_not_supported")
+                est, affinity = _CHECKS[route](payload)
+                if est > tier.max_prompt_tokens:
+                    raise admission.bad_request(
+                        f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
+                        param=_PROMPT_PARAM[route], code="context_length_exceeded")
+                context = self.router.models[model].context_length
+                stream, include_usage, max_output = admission.check_common(
+                    payload, tier, route == "responses", context - est if context else None)
+                if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
+                    max_output = self.degrade(payload, tier, model, max_output, headers)
+                if stream and route != "responses":     # a response stream's usage is in response.completed
+                    payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             rec.stream = stream
             self.shed(tier)
-            decision = await self.limiter.admit(principal.tenant, principal.key_id, tier, est + max_output)
+            decision = await self.limiter.admit(principal.tenant + scope, principal.key_id + scope, limits,
+                                                est + max_output)
             headers.update(decision.headers)
             if decision.unavailable:
                 raise ApiError(503, "Rate limits for your plan are briefly unavailable. Please retry shortly.",
@@ -335,7 +354,8 @@ class Gateway:
                 raise ApiError(429, f"Rate limit reached for {decision.reason} on your plan. "
                                     f"Please retry after {decision.headers['retry-after']}s.",
                                code="rate_limit_exceeded", headers=decision.headers)
-            adm = admission.Admitted(principal, tier, payload, model, stream, include_usage, est, max_output, affinity)
+            adm = admission.Admitted(principal, tier, payload, model, stream, include_usage, est, max_output, affinity,
+                                     scope)
             call = Call(self, adm, route, rid, started, rec, headers)
             return await call.run()
         except ApiError as e:
@@ -357,7 +377,33 @@ class Gateway:
 
     # ---- models -------------------------------------------------------------------------------
     def model_object(self, model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "infermesh"}
+        """OpenAI's model object, plus what clients of open models read: its kind (chat or
+        embedding) and context length as vLLM names it (`max_model_len`)."""
+        route = self.router.models.get(model_id)
+        return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "infermesh",
+                "kind": route.kind if route else "chat",
+                "max_model_len": route.context_length if route else None}
+
+
+_CHECKS = {"chat": admission.check_chat, "completions": admission.check_completion,
+           "responses": admission.check_responses}
+_PROMPT_PARAM = {"chat": "messages", "completions": "prompt", "responses": "input"}
+
+
+def _embedding_tier(tier: Tier) -> Tier:
+    """The limits /v1/embeddings requests are charged against: the tier's `embeddings` block,
+    or without one the tier's own rpm and tpm (in buckets apart from chat's)."""
+    e = tier.embeddings
+    if e is None:
+        return tier
+    return tier.model_copy(update={"rpm": e.rpm, "tpm": e.tpm, "key_rpm": None, "key_tpm": None})
+
+
+def request_id(raw: str | None) -> str:
+    """The client's x-request-id when it is a sane token, else one of ours."""
+    if raw is None or not _REQUEST_ID.match(raw):
+        return "req_" + secrets.token_hex(12)
+    return raw
 
 
 def _admin_token(state_dir: Path) -> str:
@@ -382,10 +428,14 @@ class GatewayApp(FastAPI):
     turns every failure into an OpenAI-shaped reply itself). Everything else goes through FastAPI.
     """
 
-    HOT = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    HOT = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+           "/v1/embeddings": "embeddings"}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if scope["method"] == "POST":
             path = scope["path"]
             root = scope.get("root_path")
             if root and path.startswith(root):
@@ -394,7 +444,17 @@ class GatewayApp(FastAPI):
             if route is not None:
                 await self.serve(scope, receive, send, route)
                 return
-        await super().__call__(scope, receive, send)
+        # every other route echoes x-request-id too (the hot routes set it in Gateway.handle)
+        raw = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = request_id(raw.decode("latin-1") if raw is not None else None).encode()
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message["headers"] = [*headers, (b"x-request-id", rid)]
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_id)
 
     async def serve(self, scope, receive, send, route: str) -> None:
         try:

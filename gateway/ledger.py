@@ -11,7 +11,9 @@ loop share one transaction on the next pass, so under load a commit costs a frac
 request (it was a quarter of the gateway's CPU in bench/ S1 with one commit per request),
 while at concurrency 1 it adds one loop pass.
 
-Token counts are the upstream's ``usage``, the same numbers the client is shown.
+Token counts are the upstream's ``usage``, the same numbers the client is shown, in classes that
+never overlap: ``prompt_tokens`` (uncached input), ``cached_tokens`` (input the worker's prefix
+cache served: the client's ``prompt_tokens_details.cached_tokens``) and ``completion_tokens``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS usage (
     stream            INTEGER NOT NULL,
     prompt_tokens     INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL DEFAULT 0,
     status            INTEGER NOT NULL,
     error             TEXT,
     ttft_ms           REAL,
@@ -77,8 +80,9 @@ class UsageRecord:
     provider: str | None = None
     region: str | None = None
     stream: bool = False
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0             # input tokens not served from the worker's prefix cache
     completion_tokens: int = 0
+    cached_tokens: int = 0             # input tokens served from the prefix cache (never also in prompt_tokens)
     status: int = 0
     error: str | None = None
     ttft_ms: float | None = None
@@ -107,6 +111,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
+    if "cached_tokens" not in columns:       # a ledger written before cached tokens were metered
+        conn.execute("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0")
     return conn
 
 

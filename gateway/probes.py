@@ -99,9 +99,37 @@ class ProbeLog:
         return {pool: c["passed"] / c["total"] for pool, c in self.window(since).items() if c["total"]}
 
 
+async def probe_embedding(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimits,
+                          headers: dict[str, str]) -> ProbeResult:
+    """One probe of an embedding model's endpoint: a vector for the probe text within the TTFT limit."""
+    body = orjson.dumps({"model": ep.pool.send_model, "input": PROBE_PROMPT})
+    started = time.perf_counter()
+    result, took = "pass", None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(2.0, limits.ttft_s))
+    try:
+        async with asyncio.timeout(limits.ttft_s):
+            async with session.post(ep.routes["embeddings"], data=body, headers=headers, timeout=timeout) as r:
+                if r.status != 200:
+                    result = "status"
+                else:
+                    data = orjson.loads(await r.read()).get("data") or [{}]
+                    vector = data[0].get("embedding") if isinstance(data[0], dict) else None
+                    result = "pass" if isinstance(vector, (list, str)) and vector else "content"
+                took = round((time.perf_counter() - started) * 1000, 1)
+    except TimeoutError:
+        result = "ttft"
+    except aiohttp.ClientConnectorError:
+        result = "connect"
+    except (aiohttp.ClientError, OSError, orjson.JSONDecodeError, AttributeError):
+        result = "reset"
+    return ProbeResult(ep.pool.name, ep.id, result == "pass", result, took, took, time.time())
+
+
 async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimits,
-                headers: dict[str, str]) -> ProbeResult:
+                headers: dict[str, str], kind: str = "chat") -> ProbeResult:
     """One probe of one endpoint."""
+    if kind == "embedding":
+        return await probe_embedding(session, ep, limits, headers)
     body = orjson.dumps({"model": ep.pool.send_model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
                          "max_tokens": PROBE_MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}})
     started = time.perf_counter()
@@ -176,10 +204,11 @@ class Prober:
 
     async def round(self) -> list[ProbeResult]:
         gw = self.gw
-        targets = [self._target(p) for m in gw.router.models.values() for p in m.pools
+        targets = [(self._target(p), m.kind) for m in gw.router.models.values() for p in m.pools
                    if p.role != "drained" and p.endpoints]
-        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers)
-                                         for ep in targets))
+        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers, kind)
+                                         for ep, kind in targets))
+        targets = [ep for ep, _ in targets]
         for ep, r in zip(targets, results, strict=True):
             self.log.record(r)
             pool = ep.pool

@@ -7,6 +7,12 @@ Streams are relayed as events arrive; only events that mention ``usage`` are par
 meter), everything else passes through as bytes. Events that arrived together (one upstream
 read) leave together (one write to the client): a gateway that falls behind catches up with
 fewer, larger writes instead of one write per event.
+
+The Responses API streams typed events (``event: response.created`` ...) and ends with
+``response.completed`` instead of ``[DONE]``. Its first events (created, in_progress, the output
+item and content part added) say nothing yet: they are held back until the first content event,
+so a worker that fails after ``response.created`` is still retried elsewhere, and the client
+sees one clean stream from the endpoint that answered.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 4
 DRAIN_S = 0.25                 # at most this long for a stream's body to end after its [DONE] (the client has it)
 DONE = b"data: [DONE]\n\n"
+# Responses API stream events before any content, held back (and dropped on a retry)
+PREAMBLE = frozenset((b"response.created", b"response.in_progress", b"response.output_item.added",
+                      b"response.content_part.added"))
+RESPONSE_END = frozenset((b"response.completed", b"response.incomplete"))
+RESPONSE_FAILED = frozenset((b"response.failed", b"error"))
 
 
 class UpstreamFailure(Exception):
@@ -49,7 +60,7 @@ class Call:
 
     gw: Gateway
     adm: Admitted
-    route: str                  # "chat" | "completions"
+    route: str                  # "chat" | "completions" | "responses" | "embeddings"
     request_id: str
     started: float
     rec: UsageRecord
@@ -147,10 +158,17 @@ class Call:
                         return await self._client_error(ep, resp)
                     if not adm.stream:
                         return await self._whole(ep, resp)
-                    events = SSEReader(resp, to.idle_s)
+                    responses = self.route == "responses"
+                    events = SSEReader(resp, to.idle_s, keep_event=responses)
                     first = await events.next()
+                    head = [first]
+                    while responses and first is not None and event_type(first) in PREAMBLE:
+                        first = await events.next()      # held back until content arrives
+                        head.append(first)
                     if first is None:
                         raise UpstreamFailure("reset")
+                    if responses and event_type(first) in RESPONSE_FAILED:
+                        raise UpstreamFailure("status_5xx")   # failed before any output: worth a retry
                     ttft = time.perf_counter() - sent
                     slow = ttft if gw.router.observe_ttft(ep, ttft) else 0.0
             except TimeoutError:
@@ -160,7 +178,7 @@ class Call:
             except (aiohttp.ClientError, ConnectionError, OSError):
                 raise UpstreamFailure("reset") from None
             released = True     # the stream owns the endpoint's slot from here on
-            return self._stream(ep, resp, events, first, slow)
+            return self._stream(ep, resp, events, head, slow)
         finally:
             if not released:
                 ep.outstanding -= 1
@@ -172,15 +190,17 @@ class Call:
         anything that names the worker."""
         raw = await resp.read()
         self.gw.router.success(ep)
-        message = "The model rejected the request."
+        message, param = "The model rejected the request.", None
         try:
             err = orjson.loads(raw).get("error") or {}
             if isinstance(err, dict) and isinstance(err.get("message"), str):
                 message = err["message"][:1000]
+            if isinstance(err, dict) and isinstance(err.get("param"), str):
+                param = err["param"][:200]
         except (orjson.JSONDecodeError, AttributeError):
             pass
         status = resp.status if resp.status in (400, 404, 413, 422) else 400
-        raise ApiError(400 if status == 422 else status, message, code="upstream_rejected")
+        raise ApiError(400 if status == 422 else status, message, code="upstream_rejected", param=param)
 
     async def _whole(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Reply:
         raw = await resp.read()
@@ -192,8 +212,7 @@ class Call:
             raise UpstreamFailure("status_5xx") from None
         self.gw.router.success(ep)
         rec = self.rec
-        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+        meter_usage(rec, usage)
         rec.status = 200
         rec.ttft_ms = rec.ttlt_ms = (now - self.started) * 1000
         if self.gw.debug_logging(self.adm.principal):
@@ -201,13 +220,54 @@ class Call:
         await self.gw.finish(self)       # ledger commit before the client sees the body
         return Reply(200, self.headers, raw)
 
-    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
+    def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
                 slow: float) -> Reply:
         self.headers["cache-control"] = "no-cache"
         self.streaming = True
-        return Reply(200, self.headers, stream=self._relay(ep, resp, events, first, slow))
+        relay = self._relay_responses if self.route == "responses" else self._relay
+        return Reply(200, self.headers, stream=relay(ep, resp, events, head, slow))
 
-    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, first: bytes,
+    async def _completed(self, ep: Endpoint, slow: float, text: str | None) -> None:
+        """A stream that ended well: the endpoint's health, the debug log, the ledger row
+        (committed before the stream's last event reaches the client)."""
+        gw, rec = self.gw, self.rec
+        rec.status = 200
+        rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
+        if slow and gw.router.outlier(ep, slow):
+            gw.router.failure(ep)
+            pool = ep.pool
+            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region, "slow_ttft").inc()
+        else:
+            gw.router.success(ep)
+        if text is not None:
+            gw.keep_debug_log(self, text)
+        await gw.finish(self)
+
+    def _broken(self, ep: Endpoint, events: SSEReader, e: BaseException) -> tuple[str, str]:
+        """A started stream that broke (it is never retried): meter it; (message, code) for the
+        error event that ends the client's stream."""
+        gw, rec = self.gw, self.rec
+        timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
+        rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
+        gw.router.failure(ep)
+        pool = ep.pool
+        gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                          "stream_" + ("timeout" if timed_out else "reset")).inc()
+        return "The model stream was interrupted. Please retry.", "upstream_timeout" if timed_out else "upstream_error"
+
+    def _closed(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader) -> None:
+        """Every stream's end, however it ended."""
+        gw, rec = self.gw, self.rec
+        gw.streams.discard(events)
+        ep.outstanding -= 1
+        resp.release() if rec.status == 200 else resp.close()
+        if rec.ttlt_ms is None:
+            rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
+        if rec.status != 200:
+            gw.finish_soon(self)           # client gone (499) or upstream broke: still one record
+        gw.end_request()
+
+    async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
                      slow: float = 0.0) -> AsyncIterator[bytes]:
         """Relay a started stream. ``slow``: its TTFT (seconds) if that made it an outlier
         (router.observe_ttft). If it still is one against its peers when the stream ends, the
@@ -217,33 +277,20 @@ class Call:
         keep = gw.debug_logging(adm.principal)
         text: list[bytes] = [] if keep else None  # type: ignore[assignment]
         rec.status = 499                       # until the stream ends one way or another
-        batch: list[bytes] | None = [first]
+        batch: list[bytes] | None = head
         gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
         try:
             while batch is not None:
                 out: list[bytes] = []          # what goes to the client in one write
                 for event in batch:
                     if event == DONE:
-                        rec.status = 200
-                        rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-                        if slow and gw.router.outlier(ep, slow):
-                            gw.router.failure(ep)
-                            pool = ep.pool
-                            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
-                                                              "slow_ttft").inc()
-                        else:
-                            gw.router.success(ep)
-                        if keep:
-                            gw.keep_debug_log(self, _stream_text(text))
-                        await gw.finish(self)  # ledger commit before [DONE] reaches the client
-                        out.append(DONE)
+                        await self._completed(ep, slow, _stream_text(text) if keep else None)
+                        out.append(DONE)       # the ledger row is committed: [DONE] may go
                         yield b"".join(out)
                         await events.drain()   # the body's end: the connection can be reused
                         return
                     if b'"usage"' in event and _has_usage(event):
-                        usage = orjson.loads(event[6:]).get("usage") or {}
-                        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                        rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+                        meter_usage(rec, orjson.loads(event[6:]).get("usage") or {})
                         if adm.include_usage:
                             out.append(event)
                     elif event.startswith(b'data: {"error"'):
@@ -261,24 +308,57 @@ class Call:
             raise ConnectionResetError("stream ended without [DONE]")
         except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
             # Started streams are never retried: end cleanly with an error event.
-            timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
-            rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
-            gw.router.failure(ep)
-            pool = ep.pool
-            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
-                                              "stream_" + ("timeout" if timed_out else "reset")).inc()
-            yield stream_error_event("The model stream was interrupted. Please retry.",
-                                     "upstream_timeout" if timed_out else "upstream_error")
+            yield stream_error_event(*self._broken(ep, events, e))
             yield DONE
         finally:
-            gw.streams.discard(events)
-            ep.outstanding -= 1
-            resp.release() if rec.status == 200 else resp.close()
-            if rec.ttlt_ms is None:
-                rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-            if rec.status != 200:
-                gw.finish_soon(self)           # client gone (499) or upstream broke: still one record
-            gw.end_request()
+            self._closed(ep, resp, events)
+
+    async def _relay_responses(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader,
+                               head: list[bytes], slow: float = 0.0) -> AsyncIterator[bytes]:
+        """Relay a started Responses API stream: typed events pass through as they came; usage
+        is read from ``response.completed`` (or ``response.incomplete``), whose ledger row is
+        committed before that last event leaves. A worker's ``response.failed`` or ``error``,
+        or a body that ends or breaks before the end, ends the client's stream with one
+        ``error`` event of our own (OpenAI's ResponseErrorEvent; nothing names the worker)."""
+        gw, rec, adm = self.gw, self.rec, self.adm
+        rec.ttft_ms = (time.perf_counter() - self.started) * 1000
+        keep = gw.debug_logging(adm.principal)
+        text: list[bytes] = []
+        rec.status = 499
+        batch: list[bytes] | None = head
+        last = head[-1]
+        gw.streams.add(events)
+        try:
+            while batch is not None:
+                out: list[bytes] = []
+                for event in batch:
+                    kind = event_type(event)
+                    if kind in RESPONSE_END:
+                        meter_usage(rec, (_data(event).get("response") or {}).get("usage") or {})
+                        await self._completed(ep, slow, _response_stream_text(text) if keep else None)
+                        out.append(event)
+                        yield b"".join(out)
+                        await events.drain()
+                        return
+                    if kind in RESPONSE_FAILED:
+                        rec.status, rec.error = 502, "upstream_error_event"
+                        out.append(response_error_event("The model failed while streaming.", "upstream_error",
+                                                        last))
+                        yield b"".join(out)
+                        return
+                    if keep and kind == b"response.output_text.delta":
+                        text.append(event)
+                    out.append(event)
+                    last = event
+                if out:
+                    yield b"".join(out)
+                batch = await events.batch()
+            raise ConnectionResetError("stream ended without response.completed")
+        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
+            message, code = self._broken(ep, events, e)
+            yield response_error_event(message, code, last)
+        finally:
+            self._closed(ep, resp, events)
 
 
 class SSEReader:
@@ -290,15 +370,16 @@ class SSEReader:
     ``last`` is when bytes last arrived: Gateway._idle_loop closes a stream quiet for longer
     than its tier's ``idle_s`` (``expired`` then tells the relay it was a timeout)."""
 
-    __slots__ = ("resp", "content", "buf", "pending", "last", "idle_s", "expired")
+    __slots__ = ("resp", "content", "buf", "pending", "last", "idle_s", "expired", "keep_event")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float = 0.0) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float = 0.0, keep_event: bool = False) -> None:
         self.resp, self.content = resp, resp.content
         self.buf = b""
         self.pending: list[bytes] = []
         self.last = time.monotonic()
         self.idle_s = idle_s
         self.expired = False
+        self.keep_event = keep_event   # the Responses API: events keep their `event:` line
 
     async def drain(self, limit: int = 65536) -> None:
         """Read what is left of the body after [DONE] (normally just the chunked terminator,
@@ -344,6 +425,10 @@ class SSEReader:
             self.buf = blocks.pop()            # an unfinished event waits for the rest
             out = []
             for block in blocks:
+                if self.keep_event:
+                    if b"data:" in block:
+                        out.append(block + b"\n\n")
+                    continue
                 for line in block.split(b"\n"):
                     if line.startswith(b"data:"):
                         data = line[5:].lstrip(b" ")
@@ -357,6 +442,54 @@ def _connect_timeout(connect_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
 
 
+def event_type(event: bytes) -> bytes:
+    """A Responses API event's type: its `event:` line, else the `type` in its data."""
+    if event.startswith(b"event:"):
+        return event[6:event.find(b"\n")].strip()
+    t = _data(event).get("type")
+    return t.encode() if isinstance(t, str) else b""
+
+
+def _data(event: bytes) -> dict:
+    """The JSON of an event's `data:` line ({} when it has none or it is not an object)."""
+    at = event.find(b"data:")
+    try:
+        doc = orjson.loads(event[at + 5:]) if at >= 0 else None
+    except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def response_error_event(message: str, code: str, last: bytes | None) -> bytes:
+    """The event that ends a broken Responses API stream (OpenAI's ResponseErrorEvent), numbered
+    after the last event the client got."""
+    seq = _data(last).get("sequence_number") if last else None
+    seq = seq + 1 if isinstance(seq, int) and not isinstance(seq, bool) else 0
+    data = orjson.dumps({"type": "error", "code": code, "message": message, "param": None, "sequence_number": seq})
+    return b"event: error\ndata: " + data + b"\n\n"
+
+
+def meter_usage(rec: UsageRecord, usage: dict) -> None:
+    """Token counts from an upstream's `usage` into the ledger's classes: chat and completions
+    name them prompt/completion tokens, the Responses API input/output tokens; cached input
+    (`*_tokens_details.cached_tokens`) is its own class, taken out of the uncached count."""
+    if not isinstance(usage, dict):
+        return
+    if "input_tokens" in usage:
+        total_in, out = usage.get("input_tokens"), usage.get("output_tokens")
+        details = usage.get("input_tokens_details")
+    else:
+        total_in, out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details")
+    total_in = _count(total_in)
+    cached = min(_count(details.get("cached_tokens")), total_in) if isinstance(details, dict) else 0
+    rec.prompt_tokens, rec.cached_tokens, rec.completion_tokens = total_in - cached, cached, _count(out)
+
+
+def _count(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
 def _has_usage(event: bytes) -> bool:
     return b'"usage":null' not in event and b'"usage": null' not in event
 
@@ -366,7 +499,14 @@ def _completion_text(doc: dict) -> str:
     for c in doc.get("choices") or []:
         msg = c.get("message") or {}
         parts.append(msg.get("content") or c.get("text") or "")
+    for item in doc.get("output") or []:                # the Responses API
+        for c in (item.get("content") or []) if isinstance(item, dict) else []:
+            parts.append(c.get("text") if isinstance(c, dict) else "")
     return "".join(p for p in parts if isinstance(p, str))
+
+
+def _response_stream_text(events: list[bytes]) -> str:
+    return "".join(d for d in (_data(ev).get("delta") for ev in events) if isinstance(d, str))
 
 
 def _stream_text(events: list[bytes]) -> str:

@@ -97,7 +97,7 @@ class Endpoint:
     ttft_at: float = float("-inf")    # monotonic time of the last TTFT sample
     slow: int = 0                     # slow answers seen (outlier detection)
     api: str = ""                     # OpenAI base URL (…/v1) the requests go to
-    routes: dict = field(default_factory=dict)   # "chat" / "completions" -> parsed URL (yarl), built once
+    routes: dict = field(default_factory=dict)   # route name (chat, completions, ...) -> parsed URL (yarl), once
     health_url: str = ""
     external: bool = False            # an OpenAI-compatible upstream (no vLLM /health or /metrics)
     headers: dict[str, str] = field(default_factory=dict)
@@ -146,6 +146,8 @@ class ModelRoute:
     id: str
     fallback: str | None
     pools: list[Pool]
+    kind: str = "chat"                # chat | embedding (fleet.spec.Model.kind)
+    context_length: int | None = None
 
 
 class Router:
@@ -175,7 +177,8 @@ class Router:
                     _configure(ep, e)
                     pool.endpoints.append(ep)
                 pools.append(pool)
-            models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools)
+            models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools, m.get("kind", "chat"),
+                                         m.get("context_length"))
         self.models = models
         self.version += 1
 
@@ -385,4 +388,5 @@ def _configure(ep: Endpoint, entry: dict[str, Any]) -> None:
     else:
         ep.external, ep.api, ep.health_url = False, ep.url + "/v1", ep.url + "/health"
     # parsed once: aiohttp would parse a string URL on every request
-    ep.routes = {"chat": URL(ep.api + "/chat/completions"), "completions": URL(ep.api + "/completions")}
+    ep.routes = {"chat": URL(ep.api + "/chat/completions"), "completions": URL(ep.api + "/completions"),
+                 "responses": URL(ep.api + "/responses"), "embeddings": URL(ep.api + "/embeddings")}

@@ -1,9 +1,11 @@
-"""Validate objects against OpenAI's published OpenAPI spec (../shared/openai-openapi.json).
+"""Validate objects against OpenAI's published OpenAPI spec (the extract in tests/openai_spec/schemas.json:
+the schemas the tests use and what they reference, with the spec's version and source; refresh it
+with scripts/refresh-openai-schemas.py).
 
     from tests.openapi import validate
     validate(response_json, "CreateChatCompletionResponse")   # raises jsonschema.ValidationError
 
-The 3.4 MB document is read once per process (then cached, with one validator per schema name).
+The document is read once per process (then cached, with one validator per schema name).
 It says `openapi: 3.1.0`, whose schemas are JSON Schema 2020-12, but some of it is still written
 in OpenAPI 3.0 terms, which 2020-12 would read wrongly. At load, in every schema:
 - `nullable: true` becomes `anyOf: [<the schema without nullable>, {"type": "null"}]` (2020-12
@@ -36,7 +38,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "openai_spec" / "schemas.json"
 _BASE_URI = "urn:infermesh:openai-openapi"
 
 

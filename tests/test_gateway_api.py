@@ -85,9 +85,9 @@ def test_completions_stream_and_not(client):
 def test_models_list_and_retrieve_follow_the_tier(local_stack, client):
     listed = client.models.with_raw_response.list()
     validate(json.loads(listed.text), "ListModelsResponse")
-    assert sorted(m.id for m in listed.parse().data) == ["demo-chat", "demo-mini"]
+    assert sorted(m.id for m in listed.parse().data) == ["demo-chat", "demo-embed", "demo-mini"]
     hobby = OpenAI(base_url=local_stack.base_url, api_key=local_stack.key("tiny", "hobby"), max_retries=0)
-    assert [m.id for m in hobby.models.list().data] == ["demo-mini"]
+    assert [m.id for m in hobby.models.list().data] == ["demo-mini", "demo-embed"]
     assert client.models.retrieve("demo-chat").id == "demo-chat"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")

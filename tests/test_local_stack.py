@@ -51,7 +51,7 @@ def test_up_serves_prints_a_key_and_stops_everything(tmp_path):
         r = client.chat.completions.create(model=info["model"], messages=[{"role": "user", "content": "hi"}])
         assert r.choices[0].message.content
         children = _children(proc.pid)
-        assert len(children) == 6          # 5 sim workers + the gateway of stacks/Pulumi.local.yaml
+        assert len(children) == 7          # 6 sim workers + the gateway of stacks/Pulumi.local.yaml
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not [c for c in children if _alive(c)]

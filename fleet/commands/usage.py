@@ -42,16 +42,34 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def totals(rows: list[dict]) -> list[dict]:
+def price_micro_usd(row: dict, spec: spec_mod.Spec) -> int:
+    """What a request (or a sum of them, of one tier) costs the customer at its tier's prices, in
+    micro-dollars: uncached input and output at price_per_1m_tokens, cached input at
+    price_per_1m_cached_tokens (the tier's price when it sets none). A tier no longer in the
+    stack prices at 0."""
+    tier = next((t for t in spec.tiers if t.name == row["tier"]), None)
+    if tier is None:
+        return 0
+    cached_price = tier.price_per_1m_cached_tokens
+    if cached_price is None:
+        cached_price = tier.price_per_1m_tokens
+    return round((row["prompt_tokens"] + row["completion_tokens"]) * tier.price_per_1m_tokens
+                 + row.get("cached_tokens", 0) * cached_price)
+
+
+def totals(rows: list[dict], spec: spec_mod.Spec) -> list[dict]:
     acc: dict[tuple, dict] = defaultdict(lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0,
-                                                  "completion_tokens": 0})
+                                                  "cached_tokens": 0, "completion_tokens": 0, "price_usd": 0})
     for r in rows:
         a = acc[(r["tenant"], r["served_model"] or r["requested_model"])]
         a["requests"] += 1
         a["errors"] += r["status"] != 200
         a["prompt_tokens"] += r["prompt_tokens"]
+        a["cached_tokens"] += r.get("cached_tokens", 0)
         a["completion_tokens"] += r["completion_tokens"]
-    return [{"tenant": t, "model": m, **v, "total_tokens": v["prompt_tokens"] + v["completion_tokens"]}
+        a["price_usd"] += price_micro_usd(r, spec)
+    return [{"tenant": t, "model": m, **v, "price_usd": round(v["price_usd"] / 1e6, 6),
+             "total_tokens": v["prompt_tokens"] + v["cached_tokens"] + v["completion_tokens"]}
             for (t, m), v in sorted(acc.items())]
 
 
@@ -61,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not uses_postgres(spec) and not path.exists():
         raise UserError(f"no ledger yet for stack {args.stack} ({path})")
     rows = usage_rows(spec, state_dir(args.stack), args.tenant, parse_since(args.since))
-    out = rows if args.records else totals(rows)
+    out = rows if args.records else totals(rows, spec)
     if args.format == "json":
         print(json.dumps(out, indent=None))
     elif args.format == "csv":

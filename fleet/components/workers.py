@@ -44,7 +44,10 @@ def worker_launch(spec: Spec, lease: Lease) -> WorkerLaunch:
             "--host", lease.mesh_address, "--port", str(WORKER_PORT),
             "--max-num-seqs", str(pool.max_concurrency),
             "--max-model-len", str(pool.max_model_len or model.context_length),
-            "--tensor-parallel-size", str(lease.gpu_count)]
+            "--tensor-parallel-size", str(lease.gpu_count),
+            "--enable-prompt-tokens-details"]       # usage.prompt_tokens_details.cached_tokens (metered)
+    if model.kind == "embedding":
+        args += ["--runner", "pooling"]             # serves /v1/embeddings instead of generation
     if model.quantization:
         args += ["--quantization", model.quantization]
     env = {"INFERMESH_LEASE": lease.name, "INFERMESH_MODEL": model.id, "INFERMESH_MESH_ADDRESS": lease.mesh_address}
