@@ -49,7 +49,8 @@ async def test_ledger_tokens_equal_what_clients_were_told(local_stack):
     assert len(rows) == 60
     for rid, prompt, completion in told:
         row = rows[rid]
-        assert (row["prompt_tokens"], row["completion_tokens"], row["status"]) == (prompt, completion, 200), rid
+        assert (row["prompt_tokens"] + row["cached_tokens"], row["completion_tokens"], row["status"]) == \
+            (prompt, completion, 200), rid
         assert row["ttft_ms"] is not None and row["ttlt_ms"] >= row["ttft_ms"]
     assert sum(r["completion_tokens"] for r in rows.values()) == sum(t[2] for t in told)
 
@@ -214,3 +215,30 @@ def test_commit_soon_without_an_event_loop_writes_at_once(tmp_path):
         assert [r["request_id"] for r in ledger.query(tmp_path / "ledger.db")] == ["g-7"]
     finally:
         led.close()
+
+
+def test_a_ledger_written_before_cached_tokens_gains_the_column(tmp_path):
+    """An existing ledger.db without `cached_tokens`: opened by this version, its rows stay and
+    read 0 cached tokens; new rows carry theirs."""
+    import sqlite3
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE usage (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, tenant TEXT NOT NULL, "
+                "key_id TEXT NOT NULL, tier TEXT NOT NULL, route TEXT NOT NULL, requested_model TEXT NOT NULL, "
+                "served_model TEXT, pool TEXT, provider TEXT, region TEXT, stream INTEGER NOT NULL, "
+                "prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, status INTEGER NOT NULL, "
+                "error TEXT, ttft_ms REAL, ttlt_ms REAL, retries INTEGER NOT NULL, fallback INTEGER NOT NULL, "
+                "created_at REAL NOT NULL)")
+    old.execute("INSERT INTO usage VALUES (1, 'old', 't', 'k', 'pro', 'chat', 'm', 'm', 'p', 'x', 'r', 0, 7, 3, 200, "
+                "NULL, 1.0, 2.0, 0, 0, 1.0)")
+    old.commit()
+    old.close()
+    led = ledger.Ledger(path)
+    try:
+        led.record(ledger.UsageRecord("new", "t", "k", "pro", "responses", "m", prompt_tokens=5, cached_tokens=20,
+                                      completion_tokens=2, status=200))
+    finally:
+        led.close()
+    rows = {r["request_id"]: r for r in ledger.query(path)}
+    assert (rows["old"]["prompt_tokens"], rows["old"]["cached_tokens"]) == (7, 0)
+    assert (rows["new"]["prompt_tokens"], rows["new"]["cached_tokens"], rows["new"]["route"]) == (5, 20, "responses")

@@ -422,7 +422,9 @@ async def test_mixed_traffic_ledger_equals_what_clients_were_told(ha):
     await wait_ledger(ha, dict(ha.completed))
     ours = list(ha.completed)
     told = [sum(t[0] for t in ha.completed.values()), sum(t[1] for t in ha.completed.values())]
-    ledger = ha.pg("SELECT sum(prompt_tokens), sum(completion_tokens), count(*), count(DISTINCT request_id), "
+    # the client's prompt_tokens is the ledger's uncached plus cached input (classes that never overlap)
+    ledger = ha.pg("SELECT sum(prompt_tokens + cached_tokens), sum(completion_tokens), count(*), "
+                   "count(DISTINCT request_id), "
                    "count(DISTINCT instance_id) FROM usage WHERE request_id = ANY(%s)", ours)[0]
     print(f"\n[ledger] {len(ours)} requests, tokens told {told}, ledger {list(ledger[:2])}")
     assert list(ledger[:2]) == told and ledger[2] == ledger[3] == len(ours) and ledger[4] == 3
@@ -431,7 +433,7 @@ async def test_mixed_traffic_ledger_equals_what_clients_were_told(ha):
     await wait_for(both, 5, "both requests with one client id recorded")
     # `infermesh usage` reads the same rows
     rows = [r for r in usage_rows(ha.spec, ha.stack.state) if r["request_id"] in ha.completed]
-    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) == sum(told)
+    assert sum(r["prompt_tokens"] + r["cached_tokens"] + r["completion_tokens"] for r in rows) == sum(told)
     assert_spools_are_prefixes(ha)
 
 
