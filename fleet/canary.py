@@ -27,6 +27,26 @@ The rules, in order (defaults in ``Thresholds``):
 5. Otherwise **promote**.
 
 Exit codes of `infermesh canary evaluate`: 0 promote, 3 wait, 4 rollback (2: bad input).
+
+**Fleet-wide SLIs.** With several gateway replicas each one knows only the attempts it made, so the
+inputs come from every replica's ``/metrics`` (or from a Prometheus that scrapes them all), summed
+before any rate or quantile is taken (``fleet_sides``). Per pool, from the gateway's counters:
+
+- ``failed``: ``infermesh_upstream_errors_total`` except ``slow_ttft`` (a served request that was
+  slow) and ``stream_*`` (a stream broken after its first byte): attempts that failed before the first
+  byte, each of them retried elsewhere or the request's last attempt;
+- ``stream``: ``infermesh_upstream_errors_total{error_class=~"stream_.*"}``;
+- ``served``: ``infermesh_requests_total`` (requests the pool finally answered), ``served_5xx`` of them
+  with a 5xx. A 5xx that is not a broken stream is a request whose retries ran out: its last failed
+  attempt is already in ``failed``;
+- ``attempts = served - max(0, served_5xx - stream) + failed``; ``errors = failed + stream``: the same
+  definitions as gateway/sli.py's per-pool SLIs, which read the ledger and one process's attempt log;
+- p95 TTFT and TTLT from the summed ``infermesh_ttft_seconds`` / ``infermesh_ttlt_seconds`` buckets
+  (linear within a bucket, as Prometheus' ``histogram_quantile``); ``latency_samples`` their count.
+
+Two differences from /admin/sli, both small: the latency histograms also hold requests that were
+retried (their TTFT includes the failed attempt), and a stream that ends in an upstream error event
+counts as answered, not as an error (no counter names it apart from a retried-out 5xx).
 """
 
 from __future__ import annotations
@@ -239,3 +259,120 @@ def decide(sli: dict[str, Any], pool: str, t: Thresholds = Thresholds()) -> Deci
     pools = sli.get("pools") or {}
     name = f"{pool}-canary"
     return evaluate(Side.from_sli(name, pools.get(name)), Side.from_sli(pool, pools.get(pool)), t)
+
+
+# ---- fleet-wide SLIs from the gateways' /metrics ------------------------------------------------------
+
+Series = tuple[str, tuple[tuple[str, str], ...]]     # sample name, sorted labels
+_METRICS = ("infermesh_requests_total", "infermesh_upstream_errors_total", "infermesh_ttft_seconds_bucket",
+            "infermesh_ttlt_seconds_bucket")
+NOT_ATTEMPT_FAILURES = {"slow_ttft"}
+
+
+def parse_metrics(text: str) -> dict[Series, float]:
+    """The samples a canary decision needs from one gateway's ``/metrics`` (Prometheus text format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[Series, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in _METRICS:
+                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def increase(now: dict[Series, float], before: dict[Series, float] | None) -> dict[Series, float]:
+    """Per-series increase of one replica's counters since ``before`` (a restart resets a counter:
+    then the whole current value counts, as Prometheus' ``increase`` does)."""
+    if before is None:
+        return dict(now)
+    out = {}
+    for k, v in now.items():
+        b = before.get(k, 0.0)
+        out[k] = v - b if v >= b else v
+    return out
+
+
+def add(into: dict[Series, float], samples: dict[Series, float]) -> dict[Series, float]:
+    for k, v in samples.items():
+        into[k] = into.get(k, 0.0) + v
+    return into
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative bucket counts (upper bound -> count)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    total = buckets[bounds[-1]]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for ub in bounds:
+        count = buckets[ub]
+        if count >= rank:
+            if math.isinf(ub):
+                return lower                              # in the +Inf bucket: the highest finite bound
+            if count == below:
+                return ub
+            return lower + (ub - lower) * (rank - below) / (count - below)
+        lower, below = ub, count
+    return lower
+
+
+def pool_totals(samples: dict[Series, float]) -> dict[str, dict[str, Any]]:
+    acc: dict[str, dict[str, Any]] = {}
+
+    def pool(name: str) -> dict[str, Any]:
+        return acc.setdefault(name, {"served": 0.0, "served_5xx": 0.0, "failed": 0.0, "stream": 0.0,
+                                     "ttft": {}, "ttlt": {}})
+
+    for (name, labels), v in samples.items():
+        lab = dict(labels)
+        p = lab.get("pool")
+        if not p:
+            continue
+        t = pool(p)
+        if name == "infermesh_requests_total":
+            t["served"] += v
+            if lab.get("status_class") == "5xx":
+                t["served_5xx"] += v
+        elif name == "infermesh_upstream_errors_total":
+            cls = lab.get("error_class", "")
+            if cls.startswith("stream_"):
+                t["stream"] += v
+            elif cls not in NOT_ATTEMPT_FAILURES:
+                t["failed"] += v
+        else:
+            key = "ttft" if name.startswith("infermesh_ttft") else "ttlt"
+            le = float(lab.get("le", "inf").replace("+Inf", "inf"))
+            t[key][le] = t[key].get(le, 0.0) + v
+    return acc
+
+
+def side_from_totals(pool: str, t: dict[str, Any] | None) -> Side:
+    if not t:
+        return Side(pool)
+    attempts = t["served"] - max(0.0, t["served_5xx"] - t["stream"]) + t["failed"]
+    errors = t["failed"] + t["stream"]
+
+    def p95(key: str) -> float | None:
+        q = histogram_quantile(0.95, t[key])
+        return None if q is None else round(q * 1000, 3)
+
+    samples = max(t["ttft"].values(), default=0.0)
+    return Side(pool, attempts=round(attempts), errors=round(errors), latency_samples=round(samples),
+                ttft_p95_ms=p95("ttft"), ttlt_p95_ms=p95("ttlt"))
+
+
+def fleet_sides(samples: dict[Series, float], pool: str) -> tuple[Side, Side]:
+    """(canary, baseline) for base pool ``pool`` from samples summed over every gateway replica."""
+    totals = pool_totals(samples)
+    name = f"{pool}-canary"
+    return side_from_totals(name, totals.get(name)), side_from_totals(pool, totals.get(pool))
+
+
+def unreachable(pool: str, detail: str) -> Decision:
+    """Evaluation that cannot read the SLIs ends the canary: nobody can tell it is healthy."""
+    reason = f"cannot read the canary's SLIs ({detail}); a canary nobody can measure is rolled back"
+    return Decision("rollback", reason, Side(f"{pool}-canary"), Side(pool),
+                    [{"check": "slis", "result": "fail", "detail": detail}])

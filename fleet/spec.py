@@ -273,6 +273,30 @@ class Canary(_Strict):
     sim: SimKnobs | None = None                # sim pools: how the new build behaves (default: the pool's knobs)
 
 
+class Delivery(_Strict):
+    """How CI/CD reaches this stack (docs/ci.md): where images go, where canary SLIs come from, the
+    gateway's admin token and how the canary bot changes main."""
+
+    registry: str | None = None                # image registry and path, e.g. ghcr.io/acme/infermesh
+    prometheus_url: str | None = None          # Prometheus scraping every gateway pod (else: the pods themselves)
+    admin_token: Name | None = None            # stack secret with the gateway's admin token (every pod gets it)
+    canary_commits: Literal["pull-request", "direct"] = "pull-request"   # how canary start/promote reach main
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+", v):
+            raise ValueError(f"{v!r} is not a registry and path like ghcr.io/acme/infermesh")
+        return v
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _prometheus(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
 class Planning(_Strict):
     headroom: Annotated[float, Field(ge=1.0, le=2.0)] = 1.3
     overhead_per_1m_tokens: NonNegFloat = 0.0
@@ -292,6 +316,7 @@ class Spec(_Strict):
     gpus: dict[str, PosFloat] = {}             # extra GPU types: name -> VRAM GiB
     planning: Planning = Planning()
     canary: Canary | None = None
+    delivery: Delivery = Delivery()
     allow_sim_workers: bool = False            # bootstrap may accept hosts without a GPU
     local_port_base: Annotated[int, Field(ge=1024, le=65000)] = 9100  # local workers' first port
     secrets: dict[str, str] = Field(default={}, repr=False)  # resolved `infermesh:<name>` secrets
@@ -381,6 +406,10 @@ class Spec(_Strict):
                 raise _At(f"forecast[{i}].region", f"unknown region {f.region!r}")
         if self.canary is not None and self.canary.pool not in {p.name for p in self.pools}:
             raise _At("canary.pool", f"unknown pool {self.canary.pool!r}")
+        token = self.delivery.admin_token
+        if token is not None and token not in self.secrets:
+            raise _At("delivery.admin_token", f"secret {NAMESPACE}:{token} is not set in the stack file "
+                                              f"(pulumi config set --secret {NAMESPACE}:{token} ...)")
         return self
 
 

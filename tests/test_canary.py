@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,13 @@ import yaml
 from fleet import canary as rules
 from fleet import cli
 from fleet import spec as spec_mod
+from fleet.local import LocalStack
 from fleet.local_apply import StackWatcher
 from fleet.routing import canary_share, local_endpoints, routing_config
 from gateway import ledger
 from gateway.sli import AttemptLog, pool_slis
 
-from .conftest import local_config
+from .conftest import free_port_range, local_config
 
 IMAGE = "registry.example/infermesh/worker@sha256:" + "ab" * 32
 POOL = "demo-chat-east"
@@ -605,3 +608,294 @@ def test_promoting_new_knobs_replaces_the_pools_workers_without_a_failed_request
             assert json.loads(r.read())["effective"]["itl_ms"] == 3
     eps = {p["pool"]: p for p in admin_get(running, "/admin/endpoints")["pools"]}
     assert [e["url"] for e in eps[POOL]["endpoints"]] == [running.worker_url(POOL, i) for i in (0, 1)]
+
+
+# ---- fleet-wide SLIs: every replica's /metrics ---------------------------------------------------------
+
+METRICS_TEXT = """\
+# TYPE infermesh_requests counter
+infermesh_requests_total{model="m",pool="p",provider="x",route="chat",status_class="2xx",tier="pro"} 90
+infermesh_requests_total{model="m",pool="p",provider="x",route="chat",status_class="5xx",tier="pro"} 4
+infermesh_requests_total{model="m",pool="p-canary",provider="x",route="chat",status_class="2xx",tier="pro"} 20
+# TYPE infermesh_upstream_errors counter
+infermesh_upstream_errors_total{error_class="http_500",model="m",pool="p-canary",provider="x",region="r"} 9
+infermesh_upstream_errors_total{error_class="connect",model="m",pool="p",provider="x",region="r"} 3
+infermesh_upstream_errors_total{error_class="stream_reset",model="m",pool="p",provider="x",region="r"} 1
+infermesh_upstream_errors_total{error_class="slow_ttft",model="m",pool="p",provider="x",region="r"} 7
+# TYPE infermesh_ttft_seconds histogram
+infermesh_ttft_seconds_bucket{le="0.1",model="m",pool="p",tier="pro"} 0
+infermesh_ttft_seconds_bucket{le="0.25",model="m",pool="p",tier="pro"} 90
+infermesh_ttft_seconds_bucket{le="+Inf",model="m",pool="p",tier="pro"} 90
+infermesh_ttft_seconds_count{model="m",pool="p",tier="pro"} 90
+"""
+
+
+def test_fleet_sides_follow_the_sli_definitions():
+    samples = rules.parse_metrics(METRICS_TEXT)
+    canary, base = rules.fleet_sides(samples, "p")
+    # baseline: 94 served, 4 of them 5xx of which 1 a broken stream -> 3 retried-out requests whose last
+    # attempt is among the 3 connect failures: attempts 94 - 3 + 3 = 94, errors 3 + 1; slow_ttft is no error
+    assert (base.attempts, base.errors) == (94, 4)
+    assert (canary.attempts, canary.errors) == (29, 9)
+    assert base.latency_samples == 90 and base.ttft_p95_ms == pytest.approx(100 + 150 * 0.95)
+    # two replicas' counters add up before any rate is taken; a restarted replica's counter counts whole
+    twice = rules.add(rules.add({}, samples), samples)
+    assert rules.fleet_sides(twice, "p")[0].attempts == 58
+    later = {k: v * 3 for k, v in samples.items()}
+    assert rules.increase(later, samples) == {k: v * 2 for k, v in samples.items()}
+    assert rules.increase(samples, later) == samples
+
+
+def test_histogram_quantile_matches_prometheus():
+    assert rules.histogram_quantile(0.95, {0.1: 0, 0.25: 100, math.inf: 100}) == pytest.approx(0.2425)
+    assert rules.histogram_quantile(0.5, {0.1: 50, 0.25: 100, math.inf: 100}) == pytest.approx(0.1)
+    assert rules.histogram_quantile(0.95, {0.1: 0, math.inf: 10}) == 0.1          # +Inf: the last finite bound
+    assert rules.histogram_quantile(0.95, {0.1: 0, math.inf: 0}) is None
+
+
+def test_evaluate_that_cannot_reach_its_slis_rolls_the_canary_back(capsys, stack_file):
+    run_cli(capsys, *canary_cli(stack_file, "start", "--pool", POOL, "--image", IMAGE))
+    for source in (["--gateway", "http://127.0.0.1:9", "--admin-token", "x"],
+                   ["--replica", "http://127.0.0.1:9"]):
+        rc, out, err = run_cli(capsys, *canary_cli(stack_file, "evaluate", *source, "--json"))
+        decision = json.loads(out)
+        assert rc == 4 and decision["decision"] == "rollback" and "cannot read the canary's SLIs" in decision["reason"]
+        assert "127.0.0.1:9" in decision["reason"] and decision["applied"] is None and "Traceback" not in err
+    rc, out, _ = run_cli(capsys, *canary_cli(stack_file, "evaluate", "--replica", "http://127.0.0.1:9", "--apply"))
+    assert rc == 4 and out.startswith("rollback: cannot read the canary's SLIs") and "[rollback written" in out
+    assert spec_mod.load("local", stack_file.parent).canary is None
+
+
+def test_a_cluster_stack_without_an_sli_source_is_one_line(capsys, tmp_path):
+    d = tmp_path / "stacks"
+    d.mkdir()
+    text = spec_mod.stack_path("staging").read_text()
+    (d / "Pulumi.staging.yaml").write_text(text)
+    rc = cli.main(["canary", "start", "--stack", "staging", "--stacks-dir", str(d), "--pool",
+                   spec_mod.load("staging").pools[0].name, "--image", IMAGE])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rc, _, err = run_cli(capsys, "canary", "evaluate", "--stack", "staging", "--stacks-dir", str(d))
+    assert rc == 2 and err.count("\n") == 1 and "--kube-api" in err and "docs/ci.md#canary" in err
+
+
+def test_prometheus_answers_become_the_same_sides(monkeypatch):
+    """The four PromQL queries' answers (the documented /api/v1/query vector shape) feed the same sums."""
+    from fleet.commands import canary as cmd
+
+    samples = rules.parse_metrics(METRICS_TEXT)
+    asked: list[str] = []
+
+    def fake_get(url, headers=None, timeout=10.0):
+        import urllib.parse as up
+        query = up.parse_qs(up.urlparse(url).query)["query"][0]
+        asked.append(query)
+        assert headers == {"authorization": "Bearer tok"}
+        name = next(n for n in cmd.Prometheus.QUERIES if f"({n}{{" in query)
+        by = query.split("sum by (")[1].split(")")[0].split(", ")
+        agg: dict = {}
+        for (n, labels), v in samples.items():
+            if n == name:
+                key = tuple((k, val) for k, val in labels if k in by)
+                agg[key] = agg.get(key, 0.0) + v
+        return json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": dict(k), "value": [1.0, str(v)]} for k, v in agg.items()]}}).encode()
+
+    monkeypatch.setattr(cmd, "_get", fake_get)
+    prom = cmd.Prometheus("http://prom.example", "infermesh", 600, "tok")
+    assert rules.fleet_sides(prom.samples(), "p") == rules.fleet_sides(samples, "p")
+    assert all('namespace="infermesh"' in q and "[600s]" in q for q in asked) and len(asked) == 4
+
+
+# ---- end to end on a local-ha stack: three gateway replicas on shared state -----------------------------
+
+HA = "ha-canary"
+
+
+@dataclass
+class HaStack:
+    stack: LocalStack
+    stacks_dir: Path
+    key: str
+
+    def replica_root(self, i: int) -> str:
+        return self.stack.replica_url(i).removesuffix("/v1")
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory):
+    """stacks/Pulumi.local-ha.yaml's shape: three gateway processes on a redis-server of the test's own
+    and a database of its own on the machine's PostgreSQL (as tests/test_shared_state.py runs them)."""
+    shared = pytest.importorskip("tests.test_shared_state")
+    import shutil as _shutil
+    if _shutil.which("redis-server") is None or not shared._pg_available():
+        pytest.skip("needs redis-server and PostgreSQL on 127.0.0.1:5432")
+    import secrets as _secrets
+
+    from gateway.state import key_admin
+
+    tmp = tmp_path_factory.mktemp("ha-canary")
+    db = f"im_test_{_secrets.token_hex(4)}"
+    redis = shared.RedisServer(tmp)
+    redis.start()
+    config = spec_mod.read_config(spec_mod.stack_path("local-ha"))
+    for t in config["tiers"]:
+        t["rpm"], t["tpm"] = 1_000_000, 1_000_000_000
+    for p in config["pools"]:
+        p["sim"] = {"ttft_ms": 60, "itl_ms": 4, "output_tokens": 6}
+    workers = sum(p.get("replicas", 1) for p in config["pools"])
+    base = free_port_range(workers + 8)
+    config["local_port_base"] = base
+    config["gateway"] = {**config["gateway"], "port": base + workers + 3, "health_interval_s": 1,
+                         "drain_timeout_s": 10,
+                         "state": {"limits": "redis", "ledger": "postgres",
+                                   "redis_url": f"redis://127.0.0.1:{redis.port}/0",
+                                   "postgres_dsn": f"postgresql://postgres@127.0.0.1:5432/{db}"}}
+    stacks_dir = tmp / "stacks"
+    stacks_dir.mkdir()
+    (stacks_dir / f"Pulumi.{HA}.yaml").write_text(
+        yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
+    spec = spec_mod.load(HA, stacks_dir)
+    stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir)    # replicas on the gateway port + 1 + i
+    try:
+        stack.start()
+        admin = key_admin(spec, stack.state)
+        try:
+            key = admin.create("acme", "business")[0]
+        finally:
+            admin.close()
+        running = HaStack(stack, stacks_dir, key)
+        wait_for(lambda: all(key_works(running, i) for i in range(3)), what="every replica to know the key")
+        yield running
+    finally:
+        stack.stop()
+        redis.stop()
+        psycopg = pytest.importorskip("psycopg")
+        with psycopg.connect(shared.PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def key_works(ha: HaStack, i: int) -> bool:
+    """Replicas read new keys from PostgreSQL within about a second (docs/shared-state.md)."""
+    req = urllib.request.Request(ha.stack.replica_url(i) + "/models", headers={"authorization": f"Bearer {ha.key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class SpreadLoad(Load):
+    """Load sent to each replica's own port in turn, so every replica makes attempts of its own."""
+
+    def __init__(self, urls: list[str], key: str, threads: int = 12) -> None:
+        super().__init__(urls[0], key, threads)
+        self.urls = urls
+        self.turn = 0
+
+    def _one(self) -> tuple[int, str]:
+        with self.lock:
+            self.turn += 1
+            url = self.urls[self.turn % len(self.urls)]
+        self.base_url = url
+        return super()._one()
+
+
+def ha_cli(ha: HaStack, action: str, *extra: str) -> list[str]:
+    return ["canary", action, "--stack", HA, "--stacks-dir", str(ha.stacks_dir), *extra]
+
+
+@contextlib.contextmanager
+def ha_following(ha: HaStack):
+    path = spec_mod.stack_path(HA, ha.stacks_dir)
+    lines: list[str] = []
+    watcher = StackWatcher(ha.stack, path, lambda: spec_mod.load(HA, ha.stacks_dir), lines.append)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            watcher.poll()
+            time.sleep(0.2)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield watcher, lines
+    finally:
+        stop.set()
+        t.join(60)
+
+
+def replica_pools(ha: HaStack, i: int) -> set[str]:
+    token = (ha.stack.state / "admin.token").read_text().strip()
+    req = urllib.request.Request(ha.replica_root(i) + "/admin/endpoints", headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {p["pool"] for p in json.loads(r.read())["pools"]}
+
+
+def test_bad_canary_on_three_replicas_is_judged_on_all_their_counters_and_rolled_back(capsys, ha):
+    urls = [ha.stack.replica_url(i) for i in range(3)]
+    with ha_following(ha) as (watcher, lines), SpreadLoad(urls, ha.key) as load:
+        wait_for(lambda: len(load.results) > 30, what="traffic before the canary")
+        rc = cli.main(ha_cli(ha, "start", "--pool", POOL, "--image", IMAGE, "--weight", "40",
+                             "--sim", "error_rate=0.3"))
+        assert rc == 0, capsys.readouterr().err
+        wait_for(lambda: all(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary in every replica's routing")
+        # one gateway's /admin/sli cannot judge a three-replica canary: refused in one line
+        rc = cli.main(ha_cli(ha, "evaluate", "--gateway", ha.replica_root(0), "--admin-token", "x"))
+        err = capsys.readouterr().err
+        assert rc == 2 and "runs 3 gateway replicas" in err and err.count("\n") == 1
+        deadline = time.monotonic() + 120
+        while True:
+            # no source named: a local stack's SLIs come from every one of its gateway processes
+            rc = cli.main(ha_cli(ha, "evaluate", "--min-samples", "60", "--json", "--apply"))
+            out, err = capsys.readouterr()
+            assert rc in (3, 4), err
+            decision = json.loads(out)
+            if rc == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        assert (rc, decision["decision"]) == (4, "rollback"), decision
+        print(f"decision: {decision['reason']}; per replica: {decision['source']['replicas']}")
+        assert decision["reason"].startswith("error rate") and decision["applied"] == "rollback"
+        replicas = decision["source"]["replicas"]
+        assert decision["source"]["kind"] == "replicas" and len(replicas) == 3
+        assert [r["replica"] for r in replicas] == [ha.replica_root(i) for i in range(3)]
+        # every replica made canary attempts of its own, and the decision counted all of them
+        assert all(r["canary_attempts"] > 0 and r["baseline_attempts"] > 0 for r in replicas), replicas
+        assert sum(r["canary_attempts"] for r in replicas) == decision["canary"]["attempts"]
+        assert sum(r["canary_errors"] for r in replicas) == decision["canary"]["errors"]
+        assert sum(r["baseline_attempts"] for r in replicas) == decision["baseline"]["attempts"]
+        assert max(r["canary_attempts"] for r in replicas) < decision["canary"]["attempts"]
+        wait_for(lambda: not any(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary out of every replica's routing")
+    assert watcher.last_error is None, lines
+    assert spec_mod.load(HA, ha.stacks_dir).canary is None
+    assert load.failures() == [], load.failures()[:5]      # the canary's failures were retried before a byte
+
+
+def test_a_replica_that_cannot_be_read_rolls_the_canary_back(capsys, ha):
+    with ha_following(ha) as (watcher, lines):
+        rc = cli.main(ha_cli(ha, "start", "--pool", POOL, "--image", IMAGE, "--weight", "10"))
+        assert rc == 0, capsys.readouterr().err
+        wait_for(lambda: all(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary in every replica's routing")
+        capsys.readouterr()
+        # one replica stops answering (SIGSTOP: alive, its port open, nothing answers) while the others are fine
+        proc = next(p for n, p in ha.stack.procs if n == "gateway-2")
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            rc = cli.main(ha_cli(ha, "evaluate", "--json", "--apply", "--follow", "--interval", "0.2",
+                                 "--timeout", "30"))
+            out, err = capsys.readouterr()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        decision = json.loads(out)
+        assert rc == 4 and decision["decision"] == "rollback" and decision["applied"] == "rollback", decision
+        assert "cannot read the canary's SLIs" in decision["reason"]
+        assert str(ha.stack.replica_port(2)) in decision["reason"]
+        assert err.count("trying again") == 2                 # three readings in a row, then the rollback
+        wait_for(lambda: not any(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary out of every replica's routing")
+    assert spec_mod.load(HA, ha.stacks_dir).canary is None

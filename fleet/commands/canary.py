@@ -8,12 +8,25 @@ nothing else; `pulumi up` (or a running `infermesh up`, which follows its stack 
     promote   sets POOL's image (and sim knobs) to the canary's and removes the block
     rollback  removes the block
 
-`status` and `evaluate` read the gateway's per-pool SLIs (``GET /admin/sli``) and compare the
-canary with its base pool (fleet/canary.py has the rules). Both print one line, or JSON with
-``--json``, and exit 0 promote, 3 wait, 4 rollback (2: bad input, unreachable gateway).
+`status` and `evaluate` compare the canary with its base pool (fleet/canary.py has the rules) on
+SLIs that cover every gateway replica, read from one of:
+
+    --replica URL ...  each replica's /metrics (default for a local stack: its gateway processes)
+    --kube-api URL     every running gateway pod of the stack's namespace, through the Kubernetes API
+                       (`kubectl proxy` gives such a URL)
+    --prometheus URL   a Prometheus scraping every pod (default for a cluster stack: its
+                       delivery.prometheus_url; bearer token from $PROMETHEUS_TOKEN if set)
+    --gateway URL      one gateway's ``GET /admin/sli`` (ledger and attempt log): a one-replica stack only
+
+Both print one line, or JSON with ``--json``, and exit 0 promote, 3 wait, 4 rollback (2: bad input).
+`evaluate` that cannot read the SLIs decides rollback (a canary nobody can measure is not left
+live); with ``--follow`` it tries three times in a row first. `status` says so and exits 2.
 `evaluate --apply` also makes the promote or rollback edit; `--follow` evaluates every
-``--interval`` seconds until the decision is not wait or ``--timeout`` passes.
-The admin token comes from ``--admin-token``, ``INFERMESH_ADMIN_TOKEN``, or the stack's state dir.
+``--interval`` seconds until the decision is not wait or ``--timeout`` passes (then: 3).
+With ``--replica``/``--kube-api``, a one-shot evaluation counts everything the replicas saw since
+they started; ``--follow`` counts from its first reading on, for canary and baseline alike.
+The admin token (``--gateway`` only) comes from ``--admin-token``, ``INFERMESH_ADMIN_TOKEN``, or
+the stack's state dir.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from fleet import canary as rules
 from fleet import spec as spec_mod
 from fleet import stackfile
 from fleet.cli import UserError
+from fleet.local import LOCAL_KINDS
 from fleet.paths import state_dir
 from fleet.spec import SimKnobs
 
@@ -61,9 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                          ("evaluate", "decide promote / rollback / wait (exit 0 / 4 / 3)")):
         a = csub.add_parser(action, help=text)
         common(a)
-        a.add_argument("--gateway", required=True, help="the gateway's base URL (http://host:port)")
-        a.add_argument("--admin-token", default=None, help="default: $INFERMESH_ADMIN_TOKEN or the state dir's")
-        a.add_argument("--window", type=float, default=600.0, help="seconds of SLIs (default 600)")
+        src = a.add_mutually_exclusive_group()
+        src.add_argument("--replica", action="append", default=None, metavar="URL",
+                         help="a gateway replica's base URL (repeat for each; its /metrics is read)")
+        src.add_argument("--kube-api", default=None, metavar="URL",
+                         help="Kubernetes API (e.g. `kubectl proxy`'s http://127.0.0.1:8001): every gateway pod")
+        src.add_argument("--prometheus", default=None, metavar="URL", help="default: the stack's "
+                         "delivery.prometheus_url")
+        src.add_argument("--gateway", default=None, help="one gateway's base URL (/admin/sli; one-replica stacks)")
+        a.add_argument("--admin-token", default=None, help="--gateway only; default: $INFERMESH_ADMIN_TOKEN "
+                       "or the state dir's")
+        a.add_argument("--window", type=float, default=600.0, help="seconds of SLIs (default 600; --gateway "
+                       "and --prometheus)")
         a.add_argument("--json", action="store_true", help="print the decision as JSON")
         a.add_argument("--min-samples", type=int, default=rules.Thresholds.min_samples)
         a.add_argument("--alpha", type=float, default=rules.Thresholds.alpha)
@@ -256,18 +279,186 @@ def thresholds(args: argparse.Namespace) -> rules.Thresholds:
                             ttft_ratio=args.ttft_ratio, ttlt_ratio=args.ttlt_ratio)
 
 
+UNREACHABLE_TRIES = 3          # --follow: consecutive failed readings before the canary is rolled back
+
+
+class SliUnavailable(Exception):
+    """The SLIs could not be read (a replica, the Kubernetes API or Prometheus did not answer)."""
+
+
+def _get(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> bytes:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        raise SliUnavailable(f"{url} answered {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise SliUnavailable(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+class AdminSli:
+    """One gateway's ``GET /admin/sli``: exact for a one-replica stack, blind to other replicas."""
+
+    def __init__(self, gateway: str, token: str, window: float) -> None:
+        self.gateway, self.token, self.window = gateway, token, window
+        self.info: dict = {"kind": "admin-sli", "gateway": gateway}
+
+    def decide(self, pool: str, t: rules.Thresholds) -> rules.Decision:
+        try:
+            sli = canary_slis(self.gateway, self.token, self.window, pool)
+        except UserError as e:
+            raise SliUnavailable(str(e)) from None
+        return rules.decide(sli, pool, t)
+
+
+class Replicas:
+    """Every gateway replica's /metrics, summed (fleet/canary.py: fleet_sides)."""
+
+    kind = "replicas"
+
+    def __init__(self, urls: list[str], follow: bool) -> None:
+        self.urls = urls
+        self.follow = follow
+        self.first: dict[str, dict] = {}       # --follow: each replica's first reading
+        self.info: dict = {"kind": self.kind, "replicas": []}
+
+    def targets(self) -> list[tuple[str, str]]:
+        """(name, metrics URL) of every replica."""
+        return [(u, u.rstrip("/").removesuffix("/v1") + "/metrics") for u in self.urls]
+
+    def decide(self, pool: str, t: rules.Thresholds) -> rules.Decision:
+        total: dict = {}
+        per: list[dict] = []
+        targets = self.targets()
+        if not targets:
+            raise SliUnavailable("no gateway replica found")
+        for name, url in targets:
+            now = rules.parse_metrics(_get(url).decode("utf-8", "replace"))
+            if self.follow:
+                self.first.setdefault(name, now)
+            inc = rules.increase(now, self.first.get(name) if self.follow else None)
+            rules.add(total, inc)
+            c, b = rules.fleet_sides(inc, pool)
+            per.append({"replica": name, "canary_attempts": c.attempts, "canary_errors": c.errors,
+                        "baseline_attempts": b.attempts, "baseline_errors": b.errors})
+        self.info = {"kind": self.kind, "replicas": per}
+        return rules.evaluate(*rules.fleet_sides(total, pool), t)
+
+
+class KubePods(Replicas):
+    """Every running, ready gateway pod of the stack's namespace, read through the Kubernetes API's
+    pod proxy (`kubectl proxy` serves it on loopback with the job's credentials)."""
+
+    kind = "kubernetes-pods"
+
+    def __init__(self, api: str, namespace: str, port: int, follow: bool) -> None:
+        super().__init__([], follow)
+        self.api, self.namespace, self.port = api.rstrip("/"), namespace, port
+
+    def targets(self) -> list[tuple[str, str]]:
+        base = f"{self.api}/api/v1/namespaces/{urllib.parse.quote(self.namespace)}/pods"
+        selector = urllib.parse.urlencode({"labelSelector": "app.kubernetes.io/name=infermesh-gateway"})
+        try:
+            pods = json.loads(_get(f"{base}?{selector}")).get("items") or []
+        except ValueError:
+            raise SliUnavailable(f"{base}: not a pod list") from None
+        out = []
+        for pod in pods:
+            status = pod.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+            if status.get("phase") == "Running" and ready:
+                name = pod["metadata"]["name"]
+                out.append((name, f"{base}/{name}:{self.port}/proxy/metrics"))
+        return out
+
+
+class Prometheus:
+    """Per-pool increases over the window from a Prometheus that scrapes every gateway pod."""
+
+    QUERIES = {
+        "infermesh_requests_total": "sum by (pool, status_class) (increase(infermesh_requests_total{{{m}}}[{w}s]))",
+        "infermesh_upstream_errors_total":
+            "sum by (pool, error_class) (increase(infermesh_upstream_errors_total{{{m}}}[{w}s]))",
+        "infermesh_ttft_seconds_bucket": "sum by (pool, le) (increase(infermesh_ttft_seconds_bucket{{{m}}}[{w}s]))",
+        "infermesh_ttlt_seconds_bucket": "sum by (pool, le) (increase(infermesh_ttlt_seconds_bucket{{{m}}}[{w}s]))",
+    }
+
+    def __init__(self, url: str, namespace: str | None, window: float, token: str | None) -> None:
+        self.url, self.window, self.token = url.rstrip("/"), window, token
+        self.matcher = f'namespace="{namespace}"' if namespace else ""
+        self.info: dict = {"kind": "prometheus", "url": self.url, "window_s": window}
+
+    def samples(self) -> dict:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        out: dict = {}
+        for name, q in self.QUERIES.items():
+            query = q.format(m=self.matcher, w=int(self.window))
+            body = _get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": query}), headers)
+            try:
+                data = json.loads(body)
+                result = data["data"]["result"] if data.get("status") == "success" else None
+            except (ValueError, KeyError, TypeError):
+                result = None
+            if result is None:
+                raise SliUnavailable(f"{self.url}: no answer to {query}")
+            for r in result:
+                labels = tuple(sorted((k, v) for k, v in r.get("metric", {}).items() if k != "__name__"))
+                out[(name, labels)] = float(r["value"][1])
+        return out
+
+    def decide(self, pool: str, t: rules.Thresholds) -> rules.Decision:
+        return rules.evaluate(*rules.fleet_sides(self.samples(), pool), t)
+
+
+def sli_source(args: argparse.Namespace, spec: spec_mod.Spec, follow: bool):
+    if args.gateway:
+        if spec.gateway.replicas > 1:
+            raise UserError(f"stack {spec.stack} runs {spec.gateway.replicas} gateway replicas: one gateway's "
+                            "/admin/sli sees only its own attempts; use --replica for each, --kube-api or "
+                            "--prometheus")
+        return AdminSli(args.gateway, admin_token(args), args.window)
+    if args.replica:
+        return Replicas(args.replica, follow)
+    if args.kube_api:
+        return KubePods(args.kube_api, spec.gateway.namespace, spec.gateway.port, follow)
+    prometheus = args.prometheus or spec.delivery.prometheus_url
+    if prometheus:
+        return Prometheus(prometheus, spec.gateway.namespace, args.window, os.environ.get("PROMETHEUS_TOKEN"))
+    if all(spec.provider(p.provider).kind in LOCAL_KINDS for p in spec.pools):
+        port = spec.gateway.port
+        ports = [port] if spec.gateway.replicas == 1 else [port + 1 + i for i in range(spec.gateway.replicas)]
+        return Replicas([f"http://127.0.0.1:{p}" for p in ports], follow)
+    raise UserError(f"stack {spec.stack}: say where its SLIs are: --kube-api (with `kubectl proxy`), --prometheus "
+                    "or delivery.prometheus_url in the stack file (docs/ci.md#canary)")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.stack, args.stacks_dir)
     if spec.canary is None:
         raise UserError(f"no canary is running in stack {args.stack}")
     if args.window <= 0:
         raise UserError("--window must be positive (seconds)")
-    token = admin_token(args)
     t = thresholds(args)
+    deciding = args.action == "evaluate"
     follow = getattr(args, "follow", False)
+    source = sli_source(args, spec, follow)
+    pool = spec.canary.pool
     deadline = time.monotonic() + getattr(args, "timeout", 0)
+    misses = 0
     while True:
-        decision = rules.decide(canary_slis(args.gateway, token, args.window, spec.canary.pool), spec.canary.pool, t)
+        try:
+            decision = source.decide(pool, t)
+            misses = 0
+        except SliUnavailable as e:
+            if not deciding:
+                raise UserError(f"cannot read the canary's SLIs: {e}") from None
+            misses += 1
+            decision = rules.unreachable(pool, str(e))
+            if follow and misses < UNREACHABLE_TRIES and time.monotonic() + args.interval <= deadline:
+                print(f"cannot read the canary's SLIs ({e}); trying again", file=sys.stderr, flush=True)
+                time.sleep(args.interval)
+                continue
         if not follow or decision.action != "wait" or time.monotonic() + args.interval > deadline:
             break
         if not args.json:
@@ -283,7 +474,7 @@ def evaluate(args: argparse.Namespace) -> int:
         applied = decision.action
     if args.json:
         print(json.dumps({**decision.to_json(), "pool": spec.canary.pool, "image": spec.canary.image,
-                          "applied": applied}, indent=2))
+                          "applied": applied, "source": source.info}, indent=2))
     else:
         print(decision.line() + (f" [{applied} written to the stack file]" if applied else ""))
     return decision.exit_code
