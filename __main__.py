@@ -28,8 +28,10 @@ def read_spec(stack: str, cfg: pulumi.Config) -> tuple[spec_mod.Spec, dict[str, 
     the providers name, as secret Outputs. The spec only learns *that* a secret is set."""
     data = {name: value for name in SPEC_FIELDS if (value := cfg.get_object(name)) is not None}
     secrets: dict[str, pulumi.Output[str]] = {}
-    for provider in data.get("providers") or []:
-        name = provider.get("credentials") if isinstance(provider, dict) else None
+    names = [p.get("credentials") if isinstance(p, dict) else None for p in data.get("providers") or []]
+    delivery = data.get("delivery")
+    names.append(delivery.get("admin_token") if isinstance(delivery, dict) else None)   # the gateway's
+    for name in names:
         if name and (value := cfg.get_secret(name)) is not None:
             secrets[name] = value
     try:
@@ -40,7 +42,10 @@ def read_spec(stack: str, cfg: pulumi.Config) -> tuple[spec_mod.Spec, dict[str, 
 
 
 def image_repository(cfg: pulumi.Config, spec: spec_mod.Spec) -> str:
-    """Where images are pushed: ``infermesh:image-registry``, else beside the pools' pinned worker image."""
+    """Where images are pushed: the stack's ``delivery.registry`` (CI logs in to it, docs/ci.md#registry),
+    else ``infermesh:image-registry``, else beside the pools' pinned worker image."""
+    if spec.delivery.registry:
+        return spec.delivery.registry
     explicit = cfg.get("image-registry")
     if explicit:
         return explicit.rstrip("/")
@@ -48,6 +53,14 @@ def image_repository(cfg: pulumi.Config, spec: spec_mod.Spec) -> str:
     if not pinned:
         raise pulumi.RunError("set infermesh:image-registry (no pool pins a worker image to infer it from)")
     return pinned[0].split("@", 1)[0].rsplit("/", 1)[0]
+
+
+def admin_token(spec: spec_mod.Spec, secrets: dict[str, pulumi.Output[str]]) -> pulumi.Output[str]:
+    name = spec.delivery.admin_token
+    if not name or name not in secrets:
+        raise pulumi.RunError(f"stack {spec.stack}: delivery.admin_token names no stack secret; every gateway pod "
+                              "needs the same admin token (docs/ci.md#admin-token)")
+    return secrets[name]
 
 
 stack = pulumi.get_stack()
@@ -84,6 +97,8 @@ else:
         # The gateway calls external upstreams itself: it needs their keys (and only theirs).
         "secrets": {p.credentials: secrets[p.credentials] for p in spec.providers
                     if p.kind == "openai" and p.credentials in secrets},
+        # One admin token for every pod (a stack secret), so /admin/* answers the same on each replica.
+        "admin_token": admin_token(spec, secrets),
         "mesh_interfaces": mesh.interfaces.apply(lambda i: {g: i[g] for g in gateway_names}),
         "mesh_peers": mesh.gateway_peers, "mesh_cidr": spec.mesh.cidr, "mesh_port": spec.mesh.port,
     })

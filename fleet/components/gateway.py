@@ -25,6 +25,7 @@ from fleet.routing import secret_env_name
 
 ROUTING_KEY = "routing.json"
 PEERS_KEY = "mesh-peers.json"
+ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
 
 
 def routing_json(routing: Mapping[str, Any]) -> str:
@@ -51,6 +52,9 @@ class GatewayFleetArgs(TypedDict):
     """Minimum replicas (the HPA may add up to three times as many)."""
     secrets: NotRequired[pulumi.Input[Mapping[str, str]]]
     """Upstream credentials by stack-secret name (secret values)."""
+    admin_token: NotRequired[pulumi.Input[str]]
+    """The admin token for /admin/* (a stack secret): every pod gets the same one, as
+    ``INFERMESH_ADMIN_TOKEN`` from the Secret ``infermesh-admin``. Without it each pod makes its own."""
     mesh_interfaces: NotRequired[pulumi.Input[Mapping[str, str]]]
     """Per gateway node, its WireGuard [Interface] (secret)."""
     mesh_peers: NotRequired[pulumi.Input[list[Any]]]
@@ -99,6 +103,11 @@ class GatewayFleet(pulumi.ComponentResource):
             f"{name}-mesh", metadata=meta("infermesh-mesh"), type="Opaque",
             string_data=pulumi.Output.secret(pulumi.Output.from_input(args.get("mesh_interfaces", {})).apply(
                 lambda m: {f"wg-{n}.conf": c for n, c in sorted(m.items())})), opts=in_ns)
+        admin = None
+        if args.get("admin_token") is not None:
+            admin = k8s.core.v1.Secret(
+                f"{name}-admin", metadata=meta("infermesh-admin"), type="Opaque",
+                string_data={ADMIN_TOKEN_KEY: pulumi.Output.secret(args["admin_token"])}, opts=in_ns)
         config = k8s.core.v1.ConfigMap(
             f"{name}-routing", metadata=meta("infermesh-routing"),
             data=pulumi.Output.from_input(args.get("mesh_peers", [])).apply(
@@ -113,6 +122,8 @@ class GatewayFleet(pulumi.ComponentResource):
                      "--host", "0.0.0.0", "--port", str(port), "--state-dir", "/var/lib/infermesh"],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
+            "env": [{"name": ADMIN_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
+                "name": "infermesh-admin", "key": ADMIN_TOKEN_KEY}}}] if admin is not None else [],
             "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
             "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
                               "failureThreshold": 6},
@@ -145,7 +156,8 @@ class GatewayFleet(pulumi.ComponentResource):
                     },
                 },
             },
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config]))
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config,
+                                                                 *([admin] if admin is not None else [])]))
         service = k8s.core.v1.Service(
             f"{name}-service", metadata=meta("infermesh-gateway"),
             spec={"type": "ClusterIP", "selector": {"app.kubernetes.io/name": "infermesh-gateway"},

@@ -74,6 +74,16 @@ class Images(pulumi.ComponentResource):
                     dockerfile=docker_build.DockerfileArgs(location=str(dockerfile)),
                     platforms=list(args.get("platforms", [docker_build.Platform.LINUX_AMD64])),
                     push=args.get("push", True),
+                    # A preview never builds (the worker's vLLM base is ~9 GB): `up` builds when the
+                    # content tag changed, from and into a registry cache beside the image, so an image
+                    # is built once per tag (the worker: once per vLLM pin) and the next stack's `up`
+                    # of the same tag finds every layer cached (docs/ci.md#images).
+                    build_on_preview=False,
+                    cache_from=[docker_build.CacheFromArgs(registry=docker_build.CacheFromRegistryArgs(
+                        ref=pulumi.Output.concat(args["repository"], f"/{image}:buildcache")))],
+                    cache_to=[docker_build.CacheToArgs(registry=docker_build.CacheToRegistryArgs(
+                        ref=pulumi.Output.concat(args["repository"], f"/{image}:buildcache"),
+                        mode=docker_build.CacheMode.MAX, image_manifest=True, oci_media_types=True))],
                 ),
                 opts=pulumi.ResourceOptions(parent=self),
             )
