@@ -30,7 +30,7 @@ from fleet.marketplaces import (
     VastAi,
     adapter_class,
 )
-from fleet.marketplaces.base import HttpClient, parse_retry_after
+from fleet.marketplaces.base import HttpClient, forget_listings, parse_retry_after
 from tests.fakes.marketplaces import FakeAkash, FakeOpenAIUpstream, FakeRunPod, FakeVastAi
 
 KEY = "test-key"
@@ -47,6 +47,14 @@ class Sleeps(list):
 @pytest.fixture
 def sleeps() -> Sleeps:
     return Sleeps()
+
+
+@pytest.fixture(autouse=True)
+def fresh_process():
+    """Each test starts as a new provider process would: no cached listing."""
+    forget_listings()
+    yield
+    forget_listings()
 
 
 def _fake(cls):
@@ -408,7 +416,8 @@ def test_akash_happy_path_with_delayed_bids(akash, sleeps):
     running = a.wait_running(state.lease_id)
     assert running.status == "running" and running.price_per_hour == pytest.approx(0.30)
     ep = running.endpoint(51820, "udp")
-    assert ep is not None and ep.host == "provider.fake-akash.invalid" and ep.port == 31820
+    # UDP comes from the lease's IP entry (forwarded ports are TCP only and carry no protocol).
+    assert ep is not None and ep.host == "198.51.100.77" and ep.port == 31820 and ep.scheme == "udp"
     a.destroy(state.lease_id)
     assert a.status(state.lease_id).status == "dead"
 

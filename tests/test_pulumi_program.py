@@ -24,13 +24,13 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
 from fleet.commands import failover
 from fleet.components.gateway import PEERS_KEY, ROUTING_KEY
-from fleet.components.lease import LEASE_PROVIDERS, VastAiLeaseProvider
 from fleet.components.mesh import WireGuardKeyProvider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,51 +374,165 @@ def test_wireguard_key_provider_makes_a_real_stable_pair():
     assert WireGuardKeyProvider().diff(res.id, res.outs, {"node": "gateway-0", "rotation": 1}).replaces == ["rotation"]
 
 
-def test_lease_provider_check_and_diff():
-    p = VastAiLeaseProvider("vastai-api-key")
-    good = {"name": "qwen-vast-0", "provider_kind": "vastai", "gpu_type": "RTX4090", "gpu_count": 1,
-            "region": "eu-west", "image": "r/w@sha256:" + "b" * 64, "price_cap": 1.1}
-    res = p.check({}, good)
-    assert res.failures == [] and res.inputs["disk_gb"] == 60 and res.inputs["wait_s"] == 900
-    bad = p.check({}, {**good, "provider_kind": "runpod", "price_cap": None, "gpu_count": 0})
-    assert sorted(f.property for f in bad.failures) == ["gpu_count", "price_cap", "provider_kind"]
-    d = p.diff("1", {**res.inputs, "lease_id": "1"}, {**res.inputs, "price_cap": 1.0})
-    assert d.changes and d.replaces == []
-    d = p.diff("1", res.inputs, {**res.inputs, "image": "r/w@sha256:" + "c" * 64})
-    assert d.replaces == ["image"] and d.delete_before_replace
-    assert set(LEASE_PROVIDERS) == {"vastai", "runpod", "akash"}
+# ---- the lease providers as the engine drives them (tests/engine.py) --------------------------------------------
+
+def recorded_leases(run: Run) -> list[dict[str, Any]]:
+    """Each GpuLease registration's inputs as the program sent them (secrets still marked, the provider
+    serialized in ``__provider``), without the output slots the resource registers as None."""
+    return [{k: v for k, v in r.inputs.items() if v is not None} for r in run.mocks.of_type(LEASE_TYPE)]
 
 
-def test_lease_provider_against_the_fake(monkeypatch):
-    """create/read/update/delete through the adapter, the key read in configure from the stack config."""
-    from pulumi.dynamic import ConfigureRequest
-    from pulumi.dynamic.config import Config
+@pytest.fixture
+def fakes(monkeypatch):
+    """One FAKE of each leasing marketplace, stocked for every lease of the shipped stacks, with the keys
+    the stack config holds (tests/test_pulumi_program.stack_config's stand-ins)."""
+    from fleet.marketplaces.base import forget_listings
+    from tests.fakes.marketplaces import FakeAkash, FakeRunPod, FakeVastAi, vast_offer
 
-    from tests.fakes.marketplaces import FakeVastAi
-
-    fake = FakeVastAi("vast-key").start()
-    try:
-        monkeypatch.setenv("INFERMESH_VASTAI_BASE_URL", fake.url + "/api/v0")
-        monkeypatch.delenv("VASTAI_API_KEY", raising=False)
-        p = VastAiLeaseProvider("vastai-api-key")
-        p.configure(ConfigureRequest(Config({"infermesh:vastai-api-key": "vast-key"}, "infermesh")))
-        props = p.check({}, {"name": "qwen-vast-0", "provider_kind": "vastai", "gpu_type": "RTX4090",
-                             "gpu_count": 1, "region": "eu-west", "countries": ["NL"],
-                             "image": "r/w@sha256:" + "b" * 64, "price_cap": 0.5, "ports": ["51820/udp"],
-                             "env": {"WG_CONFIG": "[Interface]"}, "wait_s": 0}).inputs
-        created = p.create(props)
-        assert created.outs["status"] == "pending" and created.outs["lease_id"] == created.id
-        again = p.create(props)                                 # a retried `pulumi up`: the same lease
-        assert again.id == created.id and len(fake.instances) == 1
-        read = p.read(created.id, created.outs)
-        assert read.outs["status"] == "running" and read.outs["endpoint_port"] == 40820
-        with pytest.raises(Exception, match="above the new cap"):
-            p.update(created.id, created.outs, {**created.outs, "price_cap": 0.1})
-        p.delete(created.id, created.outs)
-        assert fake.instances == {} and p.read(created.id, created.outs).id is None
-        assert "vast-key" not in json.dumps(created.outs)
-    finally:
+    forget_listings()
+    vast = FakeVastAi("test-secret-vastai-api-key")
+    vast.offers = [vast_offer(200 + i, gpu_name=gpu, dph_total=0.5, geolocation=geo)
+                   for i, (gpu, geo) in enumerate((g, c) for g in ("RTX 4090", "L40S")
+                                                  for c in ("Amsterdam, NL", "Texas, US"))]
+    vast.keep_offers = True
+    runpod = FakeRunPod("test-secret-runpod-api-key")
+    akash = FakeAkash("test-secret-akash-api-key")
+    for m in akash.gpu_models:
+        m["availability"]["available"] = 10
+    started = {"vastai": vast.start(), "runpod": runpod.start(), "akash": akash.start()}
+    for fake in started.values():
+        fake.boot_polls = 0                 # running at the first read: no wall-clock polling in these tests
+    monkeypatch.setenv("INFERMESH_VASTAI_BASE_URL", vast.url + "/api/v0")
+    monkeypatch.setenv("INFERMESH_RUNPOD_BASE_URL", runpod.url)
+    monkeypatch.setenv("INFERMESH_AKASH_BASE_URL", akash.url)
+    for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    yield started
+    for fake in started.values():
         fake.stop()
+    forget_listings()
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_every_lease_passes_check_as_the_engine_sends_it(runs, stack):
+    """Check receives numbers as floats (gpu_count 1.0) and, in preview, unknowns as rpc.UNKNOWN."""
+    from tests.engine import EngineHost
+
+    run = runs[stack]
+    leases = recorded_leases(run)
+    assert len(leases) == len(run.plan.leases) == {"staging": 4, "prod": 16}[stack]
+    host = EngineHost(stack_config(stack)[0])
+    for props in leases:
+        inputs, failures = host.check({}, props)
+        assert failures == [], (props["name"], failures)
+        assert inputs["gpu_count"] == 1 and inputs["label"].startswith(f"infermesh--{stack}--{props['name']}--")
+        # Preview of a new lease: the mesh key (env) and a built image are not known yet.
+        inputs, failures = host.check({}, {**props, "env": rpc.UNKNOWN, "image": rpc.UNKNOWN})
+        assert failures == [] and isinstance(inputs["label"], Unknown)
+        # A real mistake is still caught with engine-shaped numbers.
+        _, failures = host.check({}, {**props, "gpu_count": 1.5})
+        assert failures == [("gpu_count", "must be a whole number >= 1, got 1.5")]
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_every_lease_diff_against_stored_state(runs, stack):
+    """Olds are what the engine stored (floats); an unchanged lease has no diff, a new image replaces it
+    create-before-delete (a new label), a new cap updates it in place, an unknown image may replace."""
+    from tests.engine import EngineHost, engine_view
+
+    host = EngineHost(stack_config(stack)[0])
+    for props in recorded_leases(runs[stack]):
+        inputs, _ = host.check({}, props)
+        stored = engine_view({**inputs, "lease_id": "L1", "status": "running", "price_per_hour": 0.4},
+                             keep_unknowns=False)
+        d = host.diff("L1", stored, inputs)
+        assert d.changes is False and d.replaces == [], (props["name"], d)
+        new_image = host.check(stored, {**props, "image": "r/w@sha256:" + "c" * 64})[0]
+        d = host.diff("L1", stored, new_image)
+        assert d.replaces == ["image"] and d.delete_before_replace is False
+        assert new_image["label"] != inputs["label"] and new_image["label"].rsplit("--", 1)[0] == \
+            inputs["label"].rsplit("--", 1)[0]
+        d = host.diff("L1", stored, host.check(stored, {**props, "price_cap": 0.9})[0])
+        assert d.changes is True and d.replaces == []
+        d = host.diff("L1", stored, host.check(stored, {**props, "image": rpc.UNKNOWN})[0])
+        assert d.replaces == ["image"]
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_every_lease_lifecycle_against_the_fakes(runs, stack, fakes):
+    """check -> create -> read -> update -> delete for every lease of the stack, each call through the SDK's
+    provider host with engine-shaped properties, against the FAKE marketplaces."""
+    from tests.engine import EngineHost
+
+    host = EngineHost(stack_config(stack)[0])
+    made = []
+    for props in recorded_leases(runs[stack]):
+        inputs, failures = host.check({}, {**props, "wait_s": 60})
+        assert failures == []
+        lease_id, outs = host.create(inputs)
+        kind = props["provider_kind"]
+        assert outs["status"] == "running" and outs["lease_id"] == lease_id and outs["label"] == inputs["label"]
+        assert fakes[kind].live()[lease_id] == inputs["label"]
+        again_id, _ = host.create(inputs)                 # a retried create adopts, never rents twice
+        assert again_id == lease_id and list(fakes[kind].live().values()).count(inputs["label"]) == 1
+        read_id, read = host.read(lease_id, outs, inputs)
+        assert read_id == lease_id and read["status"] == "running"
+        news = host.check(inputs, {**props, "wait_s": 60, "price_cap": float(props["price_cap"]) + 0.1})[0]
+        updated = host.update(lease_id, outs, news)
+        assert updated["price_cap"] == pytest.approx(float(props["price_cap"]) + 0.1)
+        assert updated["lease_id"] == lease_id
+        made.append((lease_id, outs))
+    assert sum(len(f.live()) for f in fakes.values()) == len(made)
+    for lease_id, outs in made:
+        host.delete(lease_id, outs)
+    assert all(f.live() == {} for f in fakes.values())
+    for lease_id, outs in made:                            # refresh after the marketplace forgot them: gone
+        assert host.read(lease_id, outs, outs)[0] == ""
+
+
+def test_refresh_drops_a_dead_lease_and_gives_it_back(runs, fakes):
+    from tests.engine import EngineHost
+
+    host = EngineHost(stack_config("staging")[0])
+    props = next(p for p in recorded_leases(runs["staging"]) if p["provider_kind"] == "vastai")
+    inputs, _ = host.check({}, props)
+    lease_id, outs = host.create(inputs)
+    fakes["vastai"].kill(lease_id, "exited")
+    assert host.read(lease_id, outs, inputs)[0] == ""        # gone: the next `up` rents a replacement
+    assert fakes["vastai"].live() == {}                      # and the dead one bills nothing
+
+
+def test_lease_errors_reach_the_operator_as_one_line(runs, fakes, monkeypatch):
+    """In the provider host the SDK reports a failed call with traceback.format_exc(): ours is one line
+    naming the marketplace, the lease and its pool, and what to do."""
+    import sys
+
+    from fleet.components import lease as lease_mod
+    from tests.engine import EngineError, EngineHost
+
+    monkeypatch.setattr(lease_mod, "_in_provider_host", lambda: True)
+    monkeypatch.setattr(sys, "tracebacklimit", 1000, raising=False)    # restored (removed) after the test
+    host = EngineHost(stack_config("staging")[0])
+    props = next(p for p in recorded_leases(runs["staging"]) if p["provider_kind"] == "runpod")
+    inputs, _ = host.check({}, props)
+    fakes["runpod"].gpus = []
+    with pytest.raises(EngineError) as e:
+        host.create(inputs)
+    assert "Traceback" not in e.value.details and len(e.value.details.strip().splitlines()) == 1
+    assert e.value.details.startswith("fleet.components.lease.LeaseError: runpod: lease qwen-runpod-0 "
+                                      "(pool qwen-runpod), create: ")
+    assert "What to do:" in e.value.details and fakes["runpod"].live() == {}
+
+
+def test_lease_without_a_key_says_which_secret(runs, fakes):
+    from tests.engine import EngineError, EngineHost
+
+    host = EngineHost({})          # the stack config lacks the marketplace key
+    props = next(p for p in recorded_leases(runs["staging"]) if p["provider_kind"] == "vastai")
+    inputs, _ = host.check({}, props)
+    with pytest.raises(EngineError, match=r"vastai: no API key\. What to do: set a valid key: pulumi config set "
+                                          r"--secret infermesh:<credentials>"):
+        host.create(inputs)
 
 
 # ---- the Dockerfiles (they cannot be built here; they must be pinned and sane) -----------------------------

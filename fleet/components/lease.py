@@ -3,25 +3,44 @@
 The dynamic provider carries out the plan's ``Lease`` through the marketplace adapters
 (fleet/marketplaces). One provider class per marketplace (``VastAiLeaseProvider``,
 ``RunPodLeaseProvider``, ``AkashLeaseProvider``) so each lease's provider code is the one
-marketplace's, and a change to one marketplace does not touch the others' state.
+marketplace's, and a change to one marketplace does not touch the others' state. The classes are
+pickled by reference, so this module's path is part of every stack's state: do not move it.
 
-Following Pulumi's dynamic-provider guide:
+What the engine hands the provider (pulumi/dynamic/__main__.py, pulumi/runtime/rpc.py): every
+property crosses gRPC as a protobuf Struct, so **every number arrives as a float** (``gpu_count``
+is ``1.0``) and a value not known yet during preview crosses as ``pulumi.runtime.rpc.UNKNOWN`` (a
+sentinel string) and reaches check/diff as a ``pulumi.output.Unknown`` instance (see ``_known``).
+``check`` accepts whole floats and returns ints; every method compares numbers by value.
+tests/engine.py feeds the methods exactly that.
 
-- ``check`` validates and fills defaults; ``diff`` names the exact properties that force a new
-  lease; ``delete_before_replace`` is set because the lease's label is its idempotency key:
-  create-before-delete would *find* the old lease under the same label and adopt it.
+- Labels (docs/leases.md): ``<project>--<stack>--<lease>--<generation>``. The generation is a short
+  hash of the inputs that force a new lease, so a replacement carries a new label: create-before-
+  delete is safe (the new lease never adopts the old one), two stacks or projects with the same
+  pool names never see each other's leases, and ``infermesh leases audit`` finds a stack's leases
+  by the label prefix. ``check`` computes the label, so it is an input like the others.
+- Create is idempotent and leaves nothing outside state: the adapter looks the label up first and
+  adopts a live lease it finds; a failure after renting (the wait for running times out, the
+  status call fails, the billed price is above the cap) terminates what was rented before the
+  error is raised, and the error says whether that worked (``Marketplace.rent``).
+- Errors reach the operator as one line naming the marketplace, the lease (and its pool) and what
+  to do (``LeaseError``); in the provider host tracebacks are switched off for them.
+- ``read`` returns gone for a lease the marketplace no longer knows *or* reports dead (and gives a
+  dead one back first), so ``pulumi refresh`` drops it and the next ``up`` replaces it.
 - Credentials never travel as inputs or outputs: the provider holds only the *name* of the stack
   secret (``credentials``) and reads the key in ``configure`` from the stack config, or from the
-  adapter's env var (``VASTAI_API_KEY``, ...) inside each method. Clients are built in each method,
-  because the provider is serialized and runs in another process.
-- ``provider_version`` is an input, so a change to this code shows up as an update.
-- ``read`` reports the live lease (refresh); a lease the marketplace no longer knows is gone.
+  adapter's env var (``VASTAI_API_KEY``, ...). Clients are built in each method, because the
+  provider is serialized and runs in another process.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
 import pulumi
@@ -36,23 +55,146 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
+from pulumi.output import Unknown
+from pulumi.runtime import rpc
 
-PROVIDER_VERSION = "1"
-# Inputs that change what is rented or how it starts: a new lease (delete first, see above).
-REPLACE_ON = ("provider_kind", "name", "gpu_type", "gpu_count", "region", "countries", "image", "args", "env",
-              "ports", "disk_gb", "connection", "base_url")
-# Inputs that only change how we judge the lease: updated in place.
-UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version")
+PROVIDER_VERSION = "2"
+# Inputs that change what is rented or how it starts: a new lease (created before the old one goes).
+REPLACE_ON = ("provider_kind", "project", "stack", "name", "gpu_type", "gpu_count", "region", "image", "args",
+              "env", "ports", "connection")
+# Inputs that only change how we judge or reach the lease, or how the next one is rented: updated in place.
+UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version", "base_url",
+             "countries", "disk_gb")
 DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60,
                             "connection": "container", "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
                             "provider_version": PROVIDER_VERSION}
+WHOLE = {"gpu_count": 1, "disk_gb": 1, "wait_s": 0}          # integer inputs and their minimum
 OUTPUTS = ("lease_id", "status", "raw_status", "price_per_hour", "endpoint_host", "endpoint_port", "ssh_host",
            "ssh_port", "ssh_user")
+LABEL_SEP = "--"
 
 
 def _known(value: Any) -> bool:
-    """During preview an input may still be unknown (the engine's sentinel string)."""
-    return not (isinstance(value, str) and value == pulumi.UNKNOWN)
+    """During preview an input may still be unknown. On the wire it is ``rpc.UNKNOWN`` (a string); the
+    provider host's ``deserialize_properties(..., keep_unknowns=True)`` hands it over as a *new*
+    ``pulumi.output.Unknown`` instance (SDK 3.2xx), so both are recognised, by type."""
+    if isinstance(value, Unknown):
+        return False
+    if isinstance(value, str):
+        return value != rpc.UNKNOWN
+    if isinstance(value, (list, tuple)):
+        return all(_known(v) for v in value)
+    if isinstance(value, dict):
+        return all(_known(v) for v in value.values())
+    return True
+
+
+def whole(value: Any) -> int | None:
+    """An integer as the engine sends it (``1.0``) or as Python has it (``1``); None if not whole."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _norm(key: str, value: Any) -> Any:
+    """One value as compared and hashed: whole numbers as ints, sequences as lists."""
+    if key in WHOLE and whole(value) is not None:
+        return whole(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def label_prefix(project: str, stack: str) -> str:
+    """What every lease label of one stack of one project starts with."""
+    return f"{project}{LABEL_SEP}{stack}{LABEL_SEP}"
+
+
+def lease_label(props: Mapping[str, Any]) -> str:
+    """``<project>--<stack>--<lease>--<generation>``: the generation hashes the replace-inputs."""
+    identity = {k: _norm(k, props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{label_prefix(str(props['project']), str(props['stack']))}{props['name']}{LABEL_SEP}{digest}"
+
+
+def parse_label(label: str) -> dict[str, str] | None:
+    """The parts of a label this module made, or None for a label that is not ours."""
+    parts = label.split(LABEL_SEP)
+    if len(parts) != 4 or not all(parts) or len(parts[3]) != 8:
+        return None
+    return dict(zip(("project", "stack", "lease", "generation"), parts, strict=True))
+
+
+def pool_of(lease_name: str) -> str:
+    return lease_name.rsplit("-", 1)[0] if lease_name.rsplit("-", 1)[-1].isdigit() else lease_name
+
+
+class LeaseError(Exception):
+    """What the operator reads when a lease operation fails: one line, with what to do."""
+
+
+def _in_provider_host() -> bool:
+    """True inside the dynamic provider host (``python -m pulumi.dynamic``), where the SDK reports a
+    failed call with ``traceback.format_exc()``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return bool(spec and str(getattr(spec, "name", "")).startswith("pulumi.dynamic"))
+
+
+def _what_to_do(err: Exception, props: Mapping[str, Any]) -> str:
+    from fleet.marketplaces import AuthFailed, LeaseAbandoned, NotFound, ProviderError, RateLimited
+
+    if isinstance(err, AuthFailed):
+        return err.fix or (f"set a valid key: pulumi config set --secret infermesh:{props.get('credentials')} ...")
+    if isinstance(err, RateLimited):
+        wait = f" (it asked for {err.retry_after:g}s)" if err.retry_after else ""
+        return f"the marketplace is limiting our calls{wait}; run `pulumi up` again in a few minutes"
+    if isinstance(err, LeaseAbandoned):
+        return err.fix
+    if getattr(err, "fix", ""):
+        return str(err.fix)
+    if isinstance(err, NotFound):
+        return "run `pulumi refresh` so the stack forgets it, then `pulumi up`"
+    if isinstance(err, ProviderError) and err.retryable:
+        return ("the marketplace did not answer properly; run `pulumi up` again later (a lease it already rented "
+                "is adopted, not rented twice)")
+    return "check the lease's inputs against the marketplace, then run `pulumi up` again"
+
+
+def _operator_errors(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every marketplace error leaves a provider method as one LeaseError line; anything else (a bug)
+    as a LeaseError that carries its traceback, so nothing is lost."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def method(self: LeaseProvider, *args: Any) -> Any:
+            from fleet.marketplaces import MarketplaceError
+
+            props = next((a for a in reversed(args) if isinstance(a, Mapping)), {})
+            name = props.get("name") or "?"
+            where = f"{self.kind}: lease {name} (pool {pool_of(str(name))}), {op}"
+            try:
+                return fn(self, *args)
+            except LeaseError:
+                raise
+            except MarketplaceError as e:
+                err = LeaseError(f"{where}: {e}. What to do: {_what_to_do(e, props)}")
+            except Exception:
+                err = LeaseError(f"{where}: unexpected error (a bug in infermesh; please report it):\n"
+                                 f"{traceback.format_exc()}")
+            if _in_provider_host():
+                sys.tracebacklimit = 0          # the SDK prints format_exc(): the message alone
+            raise err from None
+
+        return method
+
+    return wrap
 
 
 class LeaseProvider(ResourceProvider):
@@ -87,12 +229,14 @@ class LeaseProvider(ResourceProvider):
         for spec in props.get("ports") or []:
             port, _, proto = str(spec).partition("/")
             ports.append(Port(int(port), proto or "tcp"))        # type: ignore[arg-type]
+        cap = props.get("price_cap")
         return LeaseRequest(
-            label=str(props["name"]), gpu_type=str(props["gpu_type"]), gpu_count=int(props["gpu_count"]),
-            image=str(props["image"]), price_cap_per_gpu_hour=props.get("price_cap"),
+            label=str(props.get("label") or lease_label(props)), gpu_type=str(props["gpu_type"]),
+            gpu_count=int(float(props["gpu_count"])), image=str(props["image"]),
+            price_cap_per_gpu_hour=None if cap is None else float(cap),
             region=str(props.get("region") or ""), countries=tuple(props.get("countries") or ()),
             args=tuple(props.get("args") or ()), env=dict(props.get("env") or {}), ports=tuple(ports),
-            disk_gb=int(props.get("disk_gb") or 60), ssh=props.get("connection") == "ssh",
+            disk_gb=int(float(props.get("disk_gb") or 60)), ssh=props.get("connection") == "ssh",
         )
 
     @staticmethod
@@ -107,6 +251,7 @@ class LeaseProvider(ResourceProvider):
         }
 
     # -- the provider protocol --
+    @_operator_errors("check")
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         props = {**DEFAULTS, **{k: v for k, v in news.items() if v is not None or k not in DEFAULTS}}
         failures = []
@@ -116,68 +261,97 @@ class LeaseProvider(ResourceProvider):
 
         if _known(props.get("provider_kind")) and props.get("provider_kind") != self.kind:
             fail("provider_kind", f"this provider rents on {self.kind!r}, not {props.get('provider_kind')!r}")
-        for prop in ("name", "gpu_type", "image"):
+        for prop in ("name", "gpu_type", "image", "project", "stack"):
             if _known(props.get(prop)) and not props.get(prop):
                 fail(prop, "is required")
-        count = props.get("gpu_count")
-        if _known(count) and (not isinstance(count, int) or count < 1):
-            fail("gpu_count", f"must be a whole number >= 1, got {count!r}")
+        for prop in ("name", "project", "stack"):
+            if _known(props.get(prop)) and LABEL_SEP in str(props.get(prop) or ""):
+                fail(prop, f"must not contain {LABEL_SEP!r} (it separates the parts of the lease's label)")
+        for prop, least in WHOLE.items():
+            value = props.get(prop)
+            if not _known(value):
+                continue
+            n = whole(value)
+            if n is None or n < least:
+                fail(prop, f"must be a whole number >= {least}, got {value!r}")
+            else:
+                props[prop] = n
         cap = props.get("price_cap")
-        if _known(cap) and (not isinstance(cap, (int, float)) or cap <= 0):
-            fail("price_cap", "a lease needs a positive price cap per GPU-hour (set the provider's "
-                              "price_cap_per_gpu_hour); nothing is rented without one")
+        if _known(cap):
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0:
+                fail("price_cap", "a lease needs a positive price cap per GPU-hour (set the provider's "
+                                  "price_cap_per_gpu_hour); nothing is rented without one")
+            else:
+                props["price_cap"] = float(cap)
         if _known(props.get("connection")) and props.get("connection") not in ("container", "ssh"):
             fail("connection", "must be 'container' or 'ssh'")
-        for spec in props.get("ports") or []:
-            if _known(spec) and not (isinstance(spec, str) and spec.partition("/")[0].isdigit()
-                                     and spec.partition("/")[2] in ("tcp", "udp", "http")):
-                fail("ports", f"{spec!r} is not PORT/tcp|udp|http")
+        ports = props.get("ports")
+        if _known(ports):
+            for spec in ports or []:
+                if not (isinstance(spec, str) and spec.partition("/")[0].isdigit()
+                        and spec.partition("/")[2] in ("tcp", "udp", "http")):
+                    fail("ports", f"{spec!r} is not PORT/tcp|udp|http")
+        known = all(_known(props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON)
+        if not failures:
+            props["label"] = lease_label(props) if known else rpc.UNKNOWN
         return CheckResult(props, failures)
 
+    @_operator_errors("diff")
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         def differs(key: str) -> bool:
-            return olds.get(key, DEFAULTS.get(key)) != news.get(key, DEFAULTS.get(key))
+            new = news.get(key, DEFAULTS.get(key))
+            if not _known(new):
+                return True         # not known until the update: it may change
+            return _norm(key, olds.get(key, DEFAULTS.get(key))) != _norm(key, new)
 
         replaces = [k for k in REPLACE_ON if differs(k)]
         updates = [k for k in UPDATE_ON if differs(k)]
+        # The new lease has a new label (its generation), so it is rented before the old one goes.
         return DiffResult(changes=bool(replaces or updates), replaces=replaces,
-                          stables=[k for k in REPLACE_ON if k not in replaces], delete_before_replace=True)
+                          stables=[k for k in REPLACE_ON if k not in replaces], delete_before_replace=False)
 
+    @_operator_errors("create")
     def create(self, props: dict[str, Any]) -> CreateResult:
-        from fleet.marketplaces import LeaseDied
+        adapter = self.adapter(props)
+        state = adapter.rent(self.request(props), wait_s=float(props.get("wait_s") or 0),
+                             audit_hint=f"infermesh leases audit --stack {props.get('stack')}")
+        return CreateResult(id_=state.lease_id, outs={**props, "label": state.label or props.get("label"),
+                                                      **self.outputs(state)})
+
+    @_operator_errors("read")
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        from fleet.marketplaces import MarketplaceError, NotFound
 
         adapter = self.adapter(props)
-        state = adapter.create(self.request(props))
-        wait = float(props.get("wait_s") or 0)
-        if wait > 0 and state.status != "running":
-            try:
-                state = adapter.wait_running(state.lease_id, wait)
-            except LeaseDied:
-                adapter.destroy(state.lease_id)       # it serves nothing; don't pay for it
-                raise
-        return CreateResult(id_=state.lease_id, outs={**props, **self.outputs(state)})
-
-    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        from fleet.marketplaces import NotFound
-
         try:
-            state = self.adapter(props).status(id_)
+            state = adapter.status(id_)
         except NotFound:
+            return ReadResult(None, {})
+        if state.status == "dead":
+            # It serves nothing and may still bill (storage): give it back, then let the stack forget it,
+            # so the next `pulumi up` rents a replacement.
+            try:
+                adapter.destroy(id_)
+            except MarketplaceError:
+                pass        # still labelled: the next create under this label or `leases audit` ends it
             return ReadResult(None, {})
         return ReadResult(id_, {**props, **self.outputs(state)})
 
+    @_operator_errors("update")
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         from fleet.marketplaces import PriceAboveCap
 
         state = self.adapter(news).status(id_)
         cap, price = news.get("price_cap"), state.price_per_hour
-        count = int(news.get("gpu_count") or 1)
-        if cap is not None and price is not None and price / count > cap + 1e-9:
-            raise PriceAboveCap(f"{self.kind}: lease {news.get('name')} bills {price / count:.4f}/GPU-hour, above the "
-                                f"new cap {cap:.4f}; replace it (pulumi up --replace) or drain the provider",
-                                provider=self.kind)
-        return UpdateResult({**olds, **news, **self.outputs(state)})
+        count = whole(news.get("gpu_count")) or 1
+        if cap is not None and price is not None and price / count > float(cap) + 1e-9:
+            raise PriceAboveCap(f"lease {state.lease_id} bills {price / count:.4f}/GPU-hour, above the new cap "
+                                f"{float(cap):.4f}", provider=self.kind)
+        # The lease keeps the label it was rented under (a lease from provider_version 1 has the bare name).
+        label = state.label or olds.get("label") or olds.get("name")
+        return UpdateResult({**olds, **news, "label": label, **self.outputs(state)})
 
+    @_operator_errors("delete")
     def delete(self, id_: str, props: dict[str, Any]) -> None:
         self.adapter(props).destroy(id_)
 
@@ -210,10 +384,11 @@ class GpuLeaseResource(Resource, module="infermesh", name="GpuLease"):
     ssh_host: pulumi.Output[str | None]
     ssh_port: pulumi.Output[int | None]
     ssh_user: pulumi.Output[str]
+    label: pulumi.Output[str]
 
     def __init__(self, name: str, provider: LeaseProvider, props: dict[str, Any],
                  opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__(provider, name, {**props, **{k: None for k in OUTPUTS}}, opts)
+        super().__init__(provider, name, {**props, "label": None, **{k: None for k in OUTPUTS}}, opts)
 
 
 class GpuLeaseArgs(TypedDict):
@@ -249,10 +424,17 @@ class GpuLeaseArgs(TypedDict):
     """The marketplace API's base URL (default: the adapter's)."""
     wait_s: NotRequired[pulumi.Input[int]]
     """How long create waits for the lease to run (0: return once rented)."""
+    project: NotRequired[str]
+    """The Pulumi project, for the label (default: the running program's)."""
+    stack: NotRequired[str]
+    """The Pulumi stack, for the label (default: the running program's)."""
 
 
 class GpuLease(pulumi.ComponentResource):
-    """One plan lease, rented idempotently under its name, with its endpoint and SSH address as outputs."""
+    """One plan lease, rented idempotently under its stack-scoped label, with its endpoint and SSH address as outputs.
+
+    A replacement is created before the old lease is deleted (the new one has a new label); ``opts``
+    may carry ``depends_on`` to pace a pool's replacements (WorkerFleet's surge)."""
 
     lease_id: pulumi.Output[str]
     status: pulumi.Output[str]
@@ -261,6 +443,7 @@ class GpuLease(pulumi.ComponentResource):
     ssh_host: pulumi.Output[str | None]
     ssh_port: pulumi.Output[int | None]
     ssh_user: pulumi.Output[str]
+    label: pulumi.Output[str]
 
     def __init__(self, name: str, args: GpuLeaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:GpuLease", name, None, opts)
@@ -275,6 +458,7 @@ class GpuLease(pulumi.ComponentResource):
             "name": name, "provider_kind": kind, "gpu_type": args["gpu_type"], "gpu_count": args["gpu_count"],
             "region": args["region"], "image": args["image"], "price_cap": args["price_cap"],
             "credentials": args["credentials"],
+            "project": args.get("project") or pulumi.get_project(), "stack": args.get("stack") or pulumi.get_stack(),
             **{k: args.get(k, DEFAULTS[k]) for k in ("countries", "args", "ports", "disk_gb", "connection",
                                                      "price_per_gpu_hour", "base_url", "wait_s")},
             "env": pulumi.Output.secret(args.get("env", {})),
@@ -282,7 +466,8 @@ class GpuLease(pulumi.ComponentResource):
         }
         self.resource = GpuLeaseResource(
             f"{name}-lease", provider, props,
-            pulumi.ResourceOptions(parent=self, delete_before_replace=True, additional_secret_outputs=["env"]))
+            pulumi.ResourceOptions(parent=self, delete_before_replace=False, additional_secret_outputs=["env"]))
+        self.label = self.resource.label
         self.lease_id = self.resource.lease_id
         self.status = self.resource.status
         self.endpoint_host = self.resource.endpoint_host
@@ -293,5 +478,5 @@ class GpuLease(pulumi.ComponentResource):
         self.register_outputs({
             "lease_id": self.lease_id, "status": self.status, "endpoint_host": self.endpoint_host,
             "endpoint_port": self.endpoint_port, "ssh_host": self.ssh_host, "ssh_port": self.ssh_port,
-            "ssh_user": self.ssh_user,
+            "ssh_user": self.ssh_user, "label": self.label,
         })

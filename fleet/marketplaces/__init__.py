@@ -11,6 +11,7 @@ from fleet.marketplaces.akash import Akash
 from fleet.marketplaces.base import (
     AuthFailed,
     Endpoint,
+    LeaseAbandoned,
     LeaseDied,
     LeaseRequest,
     LeaseState,
@@ -46,8 +47,8 @@ def adapter_class(kind: str) -> type:
 
 
 __all__ = [
-    "ADAPTERS", "API_KEY_ENV", "LEASE_ADAPTERS", "Akash", "AuthFailed", "Endpoint", "LeaseDied", "LeaseRequest",
-    "LeaseState", "Marketplace", "MarketplaceError", "ModelUnavailable", "NoOffers", "NotFound", "Offer",
-    "OpenAIUpstream", "OutOfCapacity", "Port", "PriceAboveCap", "ProviderError", "RateLimited", "RetryPolicy",
-    "RunPod", "VastAi", "adapter_class",
+    "ADAPTERS", "API_KEY_ENV", "LEASE_ADAPTERS", "Akash", "AuthFailed", "Endpoint", "LeaseAbandoned", "LeaseDied",
+    "LeaseRequest", "LeaseState", "Marketplace", "MarketplaceError", "ModelUnavailable", "NoOffers", "NotFound",
+    "Offer", "OpenAIUpstream", "OutOfCapacity", "Port", "PriceAboveCap", "ProviderError", "RateLimited",
+    "RetryPolicy", "RunPod", "VastAi", "adapter_class",
 ]

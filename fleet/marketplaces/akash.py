@@ -4,18 +4,21 @@ Akash is a reverse auction: we publish an SDL manifest with a maximum price, pro
 we accept one bid as a lease and send the manifest. So ``create`` here is its own flow:
 
 1. market check  GET  /v1/gpu-prices (no auth): the GPU model exists and is not dearer than the cap
-2. deployment    POST /v1/deployments {"data": {"sdl", "deposit"}} -> 201 {"data": {"dseq", "manifest"}}
+2. deployment    POST /v1/deployments {"data": {"sdl"}} -> 201 {"data": {"dseq", "manifest"}} (no deposit:
+                 the Console ignores it and funds every deployment itself)
 3. bids          GET  /v1/bids?dseq=  polled until bids arrive (they take ~30 s on mainnet)
 4. lease         POST /v1/leases {"manifest", "leases": [{"dseq","gseq","oseq","provider"}]}
                  for the cheapest open bid under the cap (the next one if it was lost meanwhile)
 5. status        GET  /v1/deployments/{dseq}: ready when ``ready_replicas == total``;
-                 endpoints from ``forwarded_ports``; deployment or lease ``closed`` -> dead
+                 endpoints from ``forwarded_ports`` (TCP) and ``ips`` (TCP and UDP); closed -> dead
 
-If no acceptable bid arrives, the deployment is closed again (its deposit returns) and the
-error says why. Idempotency: Akash deployments carry no label, so the SDL's placement group is
-named after the lease (``profiles.placement.<label>``) and ``find`` matches the deployment's
-``groups[].group_spec.name`` (the chain's DeploymentInfo shape) **[U: whether the Console list
-returns groups; checked against its deployment-info type]**.
+If no acceptable bid arrives, the deployment is closed again and the error says why; a failure
+after a bid was taken closes it too (``Marketplace.abandon``). Idempotency: Akash deployments
+carry no label, so the SDL's placement group is named after the lease label
+(``profiles.placement.<label>``). The Console's deployment list returns neither groups nor a name,
+so ``leases`` reads each active deployment by dseq and takes the label from its stored SDL
+(``consoleSettings.sdl``) **[U: that field path is from the IaC review, not the API docs we hold]**.
+The placement requires providers audited by ``AUDITORS`` (``signedBy``).
 
 What the SDL exposes (a decision, see ``sdl``): the worker API (vLLM on 8000) is never exposed
 to the internet; workers reach the gateways over the WireGuard mesh. Only the ports in the
@@ -33,6 +36,7 @@ import yaml
 
 from fleet.marketplaces.base import (
     Endpoint,
+    MarketplaceError,
     LeaseRequest,
     LeaseState,
     Marketplace,
@@ -42,6 +46,7 @@ from fleet.marketplaces.base import (
     OutOfCapacity,
     PriceAboveCap,
     ProviderError,
+    maybe_rented,
     select_under_cap,
 )
 
@@ -53,6 +58,10 @@ USD_DENOMS = {"uact", "ibc/170C677610AC31DF0904FFE09CD3B5C657492170E7E52372E4875
 PRICING_DENOM = "uact"
 # Region values providers advertise as `location-region` [U: provider-chosen attribute values].
 AKASH_REGIONS = {"us-west", "us-east", "us-central", "eu-west", "eu-central", "eu-east", "eu-north", "asia-east"}
+
+# Providers must carry attributes signed by one of these auditors (the Akash auditor address as it
+# appears in console bid.service.spec.ts; the ``signedBy`` syntax is [U] in marketplace-apis.md 3.1).
+AUDITORS = ("akash1365yvmc4s7awdyj3n2sav7xfx76adc6dnmlx63",)
 
 # The plan's GPU types -> (Akash model attribute, VRAM) (lower-case model names, as the console templates).
 GPU_MODELS: dict[str, tuple[str, str]] = {
@@ -100,7 +109,8 @@ def sdl(request: LeaseRequest, *, cpu_per_gpu: int = 8, memory_gi_per_gpu: int =
              "to": [{"global": True}]}
             for p in ports
         ]
-    placement: dict[str, Any] = {"pricing": {SERVICE: {"denom": PRICING_DENOM, "amount": max_amount_per_block(cap)}}}
+    placement: dict[str, Any] = {"pricing": {SERVICE: {"denom": PRICING_DENOM, "amount": max_amount_per_block(cap)}},
+                                 "signedBy": {"anyOf": list(AUDITORS)}}
     if request.region in AKASH_REGIONS:
         placement["attributes"] = {"location-region": request.region}
     doc = {
@@ -125,7 +135,6 @@ class Akash(Marketplace):
     kind = "akash"
     default_base_url = "https://console-api.akash.network"
     bid_wait_s: float = 90.0
-    deposit_usd: float = 5.0
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.api_key}
@@ -169,18 +178,28 @@ class Akash(Marketplace):
         if existing is not None:
             self.destroy(existing.lease_id)
         self.search(request)
-        resp = self.http.request("POST", "/v1/deployments",
-                                 json_body={"data": {"sdl": sdl(request), "deposit": self.deposit_usd}}, ok=(201, 200))
+        try:
+            # No deposit: "Deprecated and ignored. The platform funds every deployment automatically."
+            resp = self.http.request("POST", "/v1/deployments", json_body={"data": {"sdl": sdl(request)}},
+                                     ok=(201, 200))
+        except MarketplaceError as e:
+            if maybe_rented(e):
+                self._reap(request.label, e)
+            raise
         data = _field(resp.body, "data", dict, "POST /v1/deployments")
         dseq, manifest = str(data.get("dseq") or ""), data.get("manifest")
         if not dseq or not isinstance(manifest, str):
             raise ProviderError(f"akash: POST /v1/deployments: no dseq/manifest in {str(data)[:200]}",
                                 provider=self.kind)
+        self._remember(LeaseState(self.kind, dseq, request.label, "pending", "deployment open"))
         try:
             return self._accept_bid(request, dseq, manifest)
-        except Exception:
-            self.destroy(dseq)       # no lease: close the deployment, the deposit comes back
-            raise
+        except MarketplaceError as e:
+            if isinstance(e, (NoOffers, OutOfCapacity)):
+                self.destroy(dseq)       # no lease: close the deployment (the platform funded it)
+                self._forget(dseq)
+                raise
+            raise self.abandon(dseq, request.label, "taking a bid failed", e) from None
 
     def bids(self, dseq: str) -> list[dict[str, Any]]:
         resp = self.http.request("GET", "/v1/bids", params={"dseq": dseq})
@@ -231,22 +250,28 @@ class Akash(Marketplace):
         raise NotImplementedError("akash leases are made by create(): deployment, bids, lease")
 
     # -- leases --
-    def find(self, label: str) -> LeaseState | None:
-        skip, found = 0, []
+    def leases(self) -> list[LeaseState]:
+        """Active deployments, each read by dseq for its stored SDL: the Console's list items carry
+        ``deployment``, ``leases`` and ``escrow_account`` but no groups and no name (console
+        ``deployment.schema.ts``), so the label (the SDL's placement name) is only in the stored SDL."""
+        skip, states = 0, []
         while True:
             resp = self.http.request("GET", "/v1/deployments", params={"skip": skip, "limit": 100})
             data = _field(resp.body, "data", dict, "GET /v1/deployments")
             items = data.get("deployments") or []
             for d in items:
-                names = {g.get("group_spec", {}).get("name") for g in d.get("groups") or []}
-                if label in names:
-                    found.append(self._state(d, label))
+                dep = d.get("deployment") or {} if isinstance(d, dict) else {}
+                dseq = str((dep.get("id") or {}).get("dseq") or "")
+                if dseq and dep.get("state") != "closed":
+                    try:
+                        states.append(self.status(dseq))
+                    except NotFound:
+                        continue
             page = data.get("pagination") or {}
             if not page.get("hasMore") or not items:
                 break
             skip += len(items)
-        live = [s for s in found if s.status != "dead"]
-        return (live or found or [None])[0]
+        return states
 
     def status(self, lease_id: str) -> LeaseState:
         resp = self.http.request("GET", f"/v1/deployments/{lease_id}")
@@ -263,9 +288,7 @@ class Akash(Marketplace):
         dseq = str((dep.get("id") or {}).get("dseq") or "")
         if not dseq:
             raise ProviderError(f"akash: deployment without id.dseq: {str(d)[:200]}", provider=self.kind)
-        if not label:
-            names = [g.get("group_spec", {}).get("name") for g in d.get("groups") or []]
-            label = str(names[0]) if names and names[0] else ""
+        label = label or label_of(d)
         leases = d.get("leases") or []
         lease = next((x for x in leases if x.get("state") == "active"), leases[0] if leases else None)
         endpoints: dict[str, Endpoint] = {}
@@ -280,9 +303,16 @@ class Akash(Marketplace):
             price = usd_per_hour(str(p.get("denom")), p.get("amount", "0"))
             st = lease.get("status") or {}
             svc = (st.get("services") or {}).get(SERVICE) or {}
+            # ForwardedPortSchema is {port, externalPort, host?, available?}: TCP only, host optional.
             for fp in (st.get("forwarded_ports") or {}).get(SERVICE) or []:
-                proto = str(fp.get("proto") or "tcp").lower()
-                endpoints[f"{fp['port']}/{proto}"] = Endpoint(str(fp["host"]), int(fp["externalPort"]), proto)
+                if fp.get("host") and fp.get("externalPort"):
+                    endpoints[f"{fp['port']}/tcp"] = Endpoint(str(fp["host"]), int(fp["externalPort"]), "tcp")
+            # IP leases ({IP, Port, ExternalPort, Protocol}) carry UDP as well as TCP.
+            for ip in (st.get("ips") or {}).get(SERVICE) or []:
+                if ip.get("IP") and ip.get("Port"):
+                    proto = str(ip.get("Protocol") or "tcp").lower()
+                    endpoints[f"{ip['Port']}/{proto}"] = Endpoint(str(ip["IP"]), int(ip.get("ExternalPort")
+                                                                                      or ip["Port"]), proto)
             total = int(svc.get("total") or 0)
             ready = int(svc.get("ready_replicas") or 0)
             if total and ready >= total:
@@ -301,3 +331,18 @@ def _field(body: Any, key: str, kind: type, where: str) -> Any:
         raise ProviderError(f"akash: {where}: expected {key!r} ({kind.__name__}) in {str(body)[:200]}",
                             provider="akash")
     return body[key]
+
+
+def label_of(d: Mapping[str, Any]) -> str:
+    """Our label: the placement name in the deployment's SDL as the Console stores it
+    (``consoleSettings.sdl`` on ``GET /v1/deployments/{dseq}``, per the IaC review; [U]: see
+    tests/fakes/marketplaces.py, GUESSES)."""
+    text = ((d.get("consoleSettings") or {}).get("sdl")) if isinstance(d.get("consoleSettings"), dict) else None
+    if not isinstance(text, str):
+        return ""
+    try:
+        doc = yaml.safe_load(text)
+        placement = doc["profiles"]["placement"]
+        return str(next(iter(placement))) if isinstance(placement, dict) and placement else ""
+    except (yaml.YAMLError, KeyError, TypeError):
+        return ""

@@ -29,6 +29,7 @@ import email.utils
 import json
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -121,6 +122,24 @@ class ProviderError(MarketplaceError):
 
 class NotFound(ProviderError):
     """404 on a lease we asked about: it is gone (destroy treats this as done)."""
+
+
+class LeaseAbandoned(MarketplaceError):
+    """A lease was rented, then something failed before it could be handed to the stack (the wait for
+    running timed out, the status call failed, it bills above the cap). ``terminated`` says whether
+    it was given back; when it was not, it keeps its label, so the next create adopts it and
+    ``infermesh leases audit --terminate`` finds it."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, lease_id: str, label: str, terminated: bool, cause: Exception,
+                 fix: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.lease_id = lease_id
+        self.label = label
+        self.terminated = terminated
+        self.cause = cause
+        self.fix = fix or getattr(cause, "fix", "") or "run `pulumi up` again"
 
 
 class ModelUnavailable(NoOffers):
@@ -337,7 +356,8 @@ class HttpClient:
         return Response(status, body, {k: v for k, v in (hdrs or {}).items()})
 
     def request(self, method: str, path: str, *, json_body: Any = _NO_BODY,
-                params: Mapping[str, Any] | None = None, ok: tuple[int, ...] = (200, 201, 202, 204)) -> Response:
+                params: Mapping[str, Any] | None = None, ok: tuple[int, ...] = (200, 201, 202, 204),
+                expect_json: bool = True) -> Response:
         """Send, retrying what is safe to retry; return the response or raise the mapped error.
 
         Non-idempotent calls (POST/PUT: create) are retried only when the marketplace says it
@@ -360,8 +380,19 @@ class HttpClient:
                 if not (idempotent or refused):
                     raise last from None
             else:
-                if resp.status in ok:
+                if resp.status in ok and not (expect_json and resp.status != 204 and isinstance(resp.body, str)):
                     return resp
+                if resp.status in ok:
+                    # 2xx with a body that is not JSON (cut off, an HTML error page): nothing to act on.
+                    last = ProviderError(f"{self.provider}: {method} {path}: malformed answer (HTTP {resp.status}, "
+                                         f"not JSON: {resp.body[:80]!r})", provider=self.provider,
+                                         status=resp.status, retryable=True)
+                    if not idempotent:
+                        raise last
+                    if attempt + 1 >= self.retry.attempts:
+                        break
+                    self.sleep(self.backoff(attempt))
+                    continue
                 err = (self.classify(resp.status, resp.body, resp.headers) if self.classify else None) \
                     or default_classify(self.provider, resp.status, resp.body, resp.headers)
                 if resp.status not in RETRYABLE_STATUS or not isinstance(err, (RateLimited, ProviderError)) \
@@ -387,6 +418,16 @@ class HttpClient:
                               status=last.status, retry_after=last.retry_after)
         raise ProviderError(f"{last} (gave up after {tries} tries)", provider=self.provider,
                             status=last.status, retryable=True)
+
+
+_LISTINGS: dict[tuple[str, str, str], dict[str, LeaseState]] = {}
+_LISTINGS_LOCK = threading.Lock()
+
+
+def forget_listings() -> None:
+    """Drop every cached listing (what a new process starts with)."""
+    with _LISTINGS_LOCK:
+        _LISTINGS.clear()
 
 
 # ---- the adapter interface ----------------------------------------------------------------------------
@@ -429,10 +470,6 @@ class Marketplace(ABC):
         """Offers that fit, cheapest first, none above the cap. Raises NoOffers / PriceAboveCap."""
 
     @abstractmethod
-    def find(self, label: str) -> LeaseState | None:
-        """The live lease carrying this label, if any (what makes create idempotent)."""
-
-    @abstractmethod
     def status(self, lease_id: str) -> LeaseState:
         """Raises NotFound when the marketplace no longer knows the lease."""
 
@@ -444,8 +481,61 @@ class Marketplace(ABC):
     def _launch(self, request: LeaseRequest, offer: Offer) -> str:
         """Rent this offer; return the lease id. Raises OutOfCapacity when the offer is gone."""
 
+    # -- one listing per marketplace account per process --
+    def _listing_key(self) -> tuple[str, str, str]:
+        import hashlib
+
+        return (self.kind, self.base_url, hashlib.sha256(self.api_key.encode()).hexdigest()[:16])
+
+    def listing(self, fresh: bool = False) -> list[LeaseState]:
+        """The account's leases, listed once per process (a ``pulumi up`` runs its provider in one
+        process, and Vast limits calls per endpoint): what this process rents or gives back is kept up
+        to date in it, and each lease found in it is read back before it is trusted."""
+        key = self._listing_key()
+        with _LISTINGS_LOCK:
+            cached = _LISTINGS.get(key)
+        if cached is not None and not fresh:
+            return list(cached.values())
+        states = self.leases()
+        with _LISTINGS_LOCK:
+            _LISTINGS[key] = {s.lease_id: s for s in states}
+        return states
+
+    def _remember(self, state: LeaseState) -> None:
+        with _LISTINGS_LOCK:
+            if self._listing_key() in _LISTINGS:
+                _LISTINGS[self._listing_key()][state.lease_id] = state
+
+    def _forget(self, lease_id: str) -> None:
+        with _LISTINGS_LOCK:
+            _LISTINGS.get(self._listing_key(), {}).pop(str(lease_id), None)
+
+    def find(self, label: str, fresh: bool = False) -> LeaseState | None:
+        """The lease under this label (a live one first), each candidate read back by id."""
+        found = []
+        for candidate in [s for s in self.listing(fresh) if s.label == label]:
+            try:
+                found.append(self.status(candidate.lease_id))
+            except NotFound:
+                self._forget(candidate.lease_id)
+        live = [s for s in found if s.status != "dead"]
+        return (live or found or [None])[0]
+
+    def leases(self) -> list[LeaseState]:
+        """Every lease of this account the marketplace lists (for ``find`` and ``infermesh leases audit``)."""
+        raise NotImplementedError(f"{self.kind}: listing leases is not implemented")
+
+    def leases_labelled(self, prefix: str) -> list[LeaseState]:
+        """The leases (dead ones too: they may still bill storage) whose label starts with ``prefix``."""
+        return [s for s in self.leases() if s.label.startswith(prefix)]
+
     # -- built on them, the same for every marketplace --
     def create(self, request: LeaseRequest) -> LeaseState:
+        """Rent one lease under ``request.label``, or adopt the live one already under it.
+
+        A create call whose outcome is unknown (no answer, a 5xx, a malformed answer: it may have
+        rented) is followed by a lookup of the label; what it finds is given back before the error is
+        raised, so a failed create never leaves a lease behind and a retried one never rents twice."""
         if not request.label:
             raise ValueError("a lease request needs a label (the plan's lease name)")
         existing = self.find(request.label)
@@ -454,6 +544,7 @@ class Marketplace(ABC):
         if existing is not None:
             # A dead lease under our label serves nothing and may still bill storage.
             self.destroy(existing.lease_id)
+            self._forget(existing.lease_id)
         offers = self.search(request)
         history: list[Exception] = []
         for offer in offers:
@@ -463,12 +554,69 @@ class Marketplace(ABC):
             except OutOfCapacity as e:
                 history.append(e)
                 continue
-            return self.status(lease_id)
+            except MarketplaceError as e:
+                if maybe_rented(e):
+                    self._reap(request.label, e)
+                raise
+            self._remember(LeaseState(self.kind, lease_id, request.label, "pending", "rented"))
+            try:
+                return self.status(lease_id)
+            except MarketplaceError as e:
+                raise self.abandon(lease_id, request.label, "reading the new lease back failed", e) from None
         raise OutOfCapacity(f"{self.kind}: all {len(offers)} offers for {request.label} were taken before we "
                             "could rent one", provider=self.kind, failover_history=history)
 
+    def rent(self, request: LeaseRequest, wait_s: float = 900.0, audit_hint: str = "") -> LeaseState:
+        """create, then wait until it runs and check what it bills; a lease that fails any of these after it
+        was rented is given back (``LeaseAbandoned`` says whether that worked)."""
+        state = self.create(request)
+        try:
+            if wait_s > 0 and state.status != "running":
+                state = self.wait_running(state.lease_id, wait_s)
+            cap = request.cap_total()
+            if cap is not None and state.price_per_hour is not None and state.price_per_hour > cap + 1e-9:
+                raise PriceAboveCap(f"{self.kind}: lease {state.lease_id} bills {state.price_per_hour:.4f}/h, above "
+                                    f"the cap {cap:.4f}/h for {request.gpu_count} GPU(s)", provider=self.kind,
+                                    cheapest_per_gpu_hour=state.price_per_hour / max(request.gpu_count, 1),
+                                    cap_per_gpu_hour=request.price_cap_per_gpu_hour)
+        except MarketplaceError as e:
+            what = "it did not start" if not isinstance(e, PriceAboveCap) else "it bills above the cap"
+            raise self.abandon(state.lease_id, request.label, what, e, audit_hint) from None
+        return state
+
+    def abandon(self, lease_id: str, label: str, what: str, cause: Exception, audit_hint: str = "") -> LeaseAbandoned:
+        """Give back a lease that was rented but cannot be handed over; the error says whether that worked."""
+        try:
+            self.destroy(lease_id)
+            self._forget(lease_id)
+        except MarketplaceError as e:
+            hint = audit_hint or "infermesh leases audit --stack <stack>"
+            return LeaseAbandoned(
+                f"{self.kind}: rented lease {lease_id} ({label}), then {what} ({cause}); terminating it ALSO "
+                f"failed ({e}), so it may still bill", lease_id=lease_id, label=label, terminated=False,
+                cause=cause, provider=self.kind,
+                fix=f"the next `pulumi up` adopts it by its label, or `{hint} --terminate` ends it")
+        return LeaseAbandoned(f"{self.kind}: rented lease {lease_id} ({label}), then {what} ({cause}); terminated "
+                              "it, nothing of it bills", lease_id=lease_id, label=label, terminated=True,
+                              cause=cause, provider=self.kind,
+                              fix=getattr(cause, "fix", "") or "run `pulumi up` again (it rents afresh)")
+
+    def _reap(self, label: str, cause: MarketplaceError) -> None:
+        """After a create call that may have rented: give back whatever now carries the label."""
+        try:
+            found = self.find(label, fresh=True)
+            if found is not None:
+                self.destroy(found.lease_id)
+                self._forget(found.lease_id)
+                cause.args = (f"{cause.args[0]}; a lease {found.lease_id} had been rented under {label} and was "
+                              "terminated",)
+        except MarketplaceError as e:
+            cause.args = (f"{cause.args[0]}; whether a lease was rented under {label} could not be checked ({e}): "
+                          "the next `pulumi up` adopts it, or `infermesh leases audit --terminate` ends it",)
+
     def wait_running(self, lease_id: str, timeout_s: float = 900.0) -> LeaseState:
         deadline = time.monotonic() + timeout_s
+        waited = 0.0
         while True:
             state = self.status(lease_id)
             if state.status == "running":
@@ -477,10 +625,18 @@ class Marketplace(ABC):
                 raise LeaseDied(f"{self.kind}: lease {state.label or lease_id} ({lease_id}) died: "
                                 f"{state.raw_status}{': ' + state.message if state.message else ''}",
                                 provider=self.kind, lease_id=lease_id, raw_status=state.raw_status)
-            if time.monotonic() >= deadline:
+            # Wall time, or the injected sleeps when they take none (tests).
+            if time.monotonic() >= deadline or waited >= timeout_s:
                 raise ProviderError(f"{self.kind}: lease {lease_id} still {state.raw_status} after {timeout_s:g}s",
                                     provider=self.kind, retryable=True)
             self.sleep(self.poll_s)
+            waited += self.poll_s
+
+
+def maybe_rented(err: MarketplaceError) -> bool:
+    """A create call that failed this way may still have rented (no answer, a 5xx, a malformed answer)."""
+    return (isinstance(err, ProviderError) and not isinstance(err, NotFound)
+            and (err.status is None or err.status >= 500 or 200 <= err.status < 300))
 
 
 def check_price(kind: str, request: LeaseRequest, offer: Offer) -> None:

@@ -6,7 +6,7 @@ would be dead on arrival; v2 is also the only REST surface with a catalog to sea
 
 search  GET  /v2/catalog/gpus?include=AVAILABILITY&product=POD&count=N&cloud=SECURE[&countryCodes=..]
 create  POST /v2/pods -> 201 Pod
-find    GET  /v2/pods -> {"pods": [...]}, matched on ``name`` (our label)
+list    GET  /v2/pods -> {"pods": [...]}; ``find`` matches ``name`` (our label) (base class)
 status  GET  /v2/pods/{id}: status PROVISIONING|STARTING -> pending, RUNNING -> running,
         EXITED|ERROR|TERMINATED -> dead; endpoint from ``runtime.ports``
 destroy DELETE /v2/pods/{id} -> 204
@@ -123,12 +123,10 @@ class RunPod(Marketplace):
                                 cap_per_gpu_hour=request.price_cap_per_gpu_hour)
         return str(pod["id"])
 
-    def find(self, label: str) -> LeaseState | None:
+    def leases(self) -> list[LeaseState]:
         resp = self.http.request("GET", "/v2/pods")
         pods = _field(resp.body, "pods", list, "GET /v2/pods")
-        mine = [self._state(p) for p in pods if p.get("name") == label and p.get("status") != "TERMINATED"]
-        live = [s for s in mine if s.status != "dead"]
-        return (live or mine or [None])[0]
+        return [self._state(p) for p in pods if isinstance(p, dict) and p.get("id") and p.get("status") != "TERMINATED"]
 
     def status(self, lease_id: str) -> LeaseState:
         resp = self.http.request("GET", f"/v2/pods/{lease_id}")

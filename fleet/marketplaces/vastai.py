@@ -2,8 +2,9 @@
 
 search  POST /api/v0/bundles/ with the filter grammar as the whole body -> {"offers": [...]}
 create  PUT  /api/v0/asks/{offer_id}/ -> {"success": true, "new_contract": <instance id>}
-find    GET  /api/v0/instances/?owner=me -> {"instances": [...]}, matched on ``label``
-status  GET  /api/v0/instances/{id}/?owner=me -> {"instances": {<one object>}}
+list    GET  /api/v0/instances/?owner=me -> {"instances": [...]}; ``find`` matches ``label`` (base class)
+status  GET  /api/v0/instances/{id}/?owner=me -> {"instances": {<one object>}}; ``{"instances": null}``
+        (HTTP 200) means no such instance (vast-cli ``show_instance``), as a 404 does
 destroy DELETE /api/v0/instances/{id}/
 
 Containers run the image's own ENTRYPOINT with ``runtype: "args"`` (vLLM's server); SSH leases
@@ -119,18 +120,17 @@ class VastAi(Marketplace):
             raise ProviderError(f"vastai: create on ask {offer.offer_id} answered {resp.body!r}", provider=self.kind)
         return str(resp.body["new_contract"])
 
-    def find(self, label: str) -> LeaseState | None:
+    def leases(self) -> list[LeaseState]:
         resp = self.http.request("GET", "/instances/", params={"owner": "me"})
         items = _field(resp.body, "instances", list, "GET /instances/")
-        mine = [self._state(i) for i in items if i.get("label") == label]
-        live = [s for s in mine if s.status != "dead"]
-        return (live or mine or [None])[0]
+        return [self._state(i) for i in items if isinstance(i, dict) and "id" in i]
 
     def status(self, lease_id: str) -> LeaseState:
         resp = self.http.request("GET", f"/instances/{lease_id}/", params={"owner": "me"})
-        inst = _field(resp.body, "instances", dict, f"GET /instances/{lease_id}/")
-        if not inst:
+        # vast-cli's show_instance: {"instances": null} (HTTP 200) is "no such instance", like a 404.
+        if isinstance(resp.body, dict) and resp.body.get("instances") in (None, {}) and "instances" in resp.body:
             raise NotFound(f"vastai: instance {lease_id} not found", provider=self.kind, status=404)
+        inst = _field(resp.body, "instances", dict, f"GET /instances/{lease_id}/")
         return self._state(inst)
 
     def destroy(self, lease_id: str) -> None:

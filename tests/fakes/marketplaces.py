@@ -17,6 +17,23 @@ Switchable behaviours (attributes and methods on every fake, see :class:`FakeSer
 - ``kill(lease_id)``                                        the lease dies (exited / ERROR / closed)
 - ``boot_polls = n``                                        status reads before a lease runs
 - Akash ``bids_after_polls = n``                            bids arrive only after n polls of /v1/bids
+- ``fail_on(method, path_re, n, status)``                   the next n matching calls get ``status``
+- ``malformed(n, method, path_re)``                         the next n matching calls get 200 with a cut-off body
+- ``drop(n, method, path_re)``                              the next n matching calls get no answer (closed)
+- ``timeline``                                              (seq, event, lease id, label): rented/running/destroyed
+- ``live()``                                                the leases the fake would bill for now
+
+GUESSES: where a fake's behaviour is not in marketplace-apis.md, it is a guess, and this is the one
+place that lists them (the adapters' docstrings point here):
+- Vast: ``GET /instances/{id}/`` of an instance that is gone answers 200 ``{"instances": null}``
+  (vast-cli's ``show_instance`` treats that as "not found"; whether the API also 404s is not documented).
+  The billed ``dph_total`` of an instance can differ from the offer's (``billed_markup``).
+- Akash: ``GET /v1/deployments/{dseq}`` returns the stored SDL as ``consoleSettings.sdl`` (from the IaC
+  review, not from the API docs we hold); the list items carry no ``groups`` and no SDL
+  (``ListDeploymentsResponseSchema``). ``signedBy`` in the placement is accepted as ``{anyOf: [...]}``.
+- RunPod: a capacity error at create is a 400 with only a human ``detail`` (the spec says so; its
+  wording is ours). Which data center has room is decided per call (``full_centers``).
+- Rate limits: a fixed count of 429s (``rate_limit``), not a time window.
 """
 
 from __future__ import annotations
@@ -53,6 +70,9 @@ class FakeServer:
         self._retry_after: str | None = None
         self._failing = 0
         self._fail_status = 503
+        self._faults: list[dict[str, Any]] = []
+        self.timeline: list[tuple[int, str, str, str]] = []
+        self._seq = itertools.count(1)
         self.lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._server: ThreadingHTTPServer | None = None
@@ -72,6 +92,9 @@ class FakeServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 status, body, headers = fake.dispatch(self.command, self.path, dict(self.headers.items()), raw)
+                if status == 0:                     # no answer: close the connection
+                    self.close_connection = True
+                    return
                 if body is None:
                     payload, ctype = b"", None
                 elif isinstance(body, (dict, list)):
@@ -122,6 +145,51 @@ class FakeServer:
         with self.lock:
             self._failing, self._fail_status = n, status
 
+    def fail_on(self, method: str, path_re: str, n: int = 1, status: int = 503) -> None:
+        """The next n calls matching method and path get ``status`` (the marketplace's error shape)."""
+        with self.lock:
+            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "status", "status": status})
+
+    def malformed(self, n: int = 1, method: str = "GET", path_re: str = ".") -> None:
+        with self.lock:
+            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "malformed"})
+
+    def drop(self, n: int = 1, method: str = "GET", path_re: str = ".") -> None:
+        with self.lock:
+            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "drop"})
+
+    def record(self, event: str, lease_id: Any, label: Any) -> None:
+        self.timeline.append((next(self._seq), event, str(lease_id), str(label or "")))
+
+    def running_at_each_step(self, label_prefix: str = "") -> list[int]:
+        """Leases running under the prefix after each timeline event (for replacement tests)."""
+        running: set[str] = set()
+        counts = []
+        for _seq, event, lease_id, label in self.timeline:
+            if not label.startswith(label_prefix):
+                continue
+            if event == "running":
+                running.add(lease_id)
+            elif event == "destroyed":
+                running.discard(lease_id)
+            counts.append(len(running))
+        return counts
+
+    def live(self) -> dict[str, str]:
+        """lease id -> label of every lease the marketplace would bill for now."""
+        raise NotImplementedError
+
+    def _fault(self, method: str, path: str) -> Reply | None:
+        for f in self._faults:
+            if f["n"] > 0 and f["method"] == method and re.search(f["path_re"], path):
+                f["n"] -= 1
+                if f["kind"] == "status":
+                    return self.error(f["status"], "upstream trouble")
+                if f["kind"] == "malformed":
+                    return 200, '{"instances": [{"id": 1, "lab', {"Content-Type": "application/json"}
+                return 0, None, {}
+        return None
+
     def calls(self, method: str | None = None, path_re: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.requests if (method is None or r["method"] == method)
                 and (path_re is None or re.search(path_re, r["path"]))]
@@ -150,6 +218,8 @@ class FakeServer:
             if self._failing > 0:
                 self._failing -= 1
                 return self.error(self._fail_status, "upstream trouble")
+            if (fault := self._fault(method, path)) is not None:
+                return fault
             if raw and method in ("POST", "PUT") and body is None:
                 return self.error(400, "empty JSON body")
             try:
@@ -234,6 +304,8 @@ class FakeVastAi(FakeServer):
         self.instances: dict[int, dict[str, Any]] = {}
         self.capacity = True
         self.boot_polls = 1
+        self.billed_markup = 0.0            # GUESSES: the instance bills more than its offer said
+        self.keep_offers = False            # a rented offer is replaced by a like one (many leases, one fake)
         self._vanish: set[int] = set()
         self._reads: dict[int, int] = {}
 
@@ -272,12 +344,15 @@ class FakeVastAi(FakeServer):
         if (m := re.fullmatch(r"/instances/(\d+)/", p)):
             iid = int(m.group(1))
             if iid not in self.instances:
+                if method == "GET":
+                    return 200, {"instances": None}, {}          # GUESSES: gone -> null, not 404
                 return self.error(404, f"error 404: no instance {iid}")
             if method == "GET":
                 return 200, {"instances": self.read(iid)}, {}
             if method == "DELETE":
                 _require(body in (None, {}), "destroy takes an empty body")
-                del self.instances[iid]
+                gone = self.instances.pop(iid)
+                self.record("destroyed", iid, gone.get("label"))
                 return 200, {"success": True, "msg": f"destroying instance {iid}."}, {}
         return self.error(404, f"no route {method} {path}")
 
@@ -343,13 +418,18 @@ class FakeVastAi(FakeServer):
         self.instances[iid] = {
             "id": iid, "actual_status": None, "intended_status": "running", "cur_state": "running",
             "status_msg": None, "label": body.get("label"), "num_gpus": offer["num_gpus"],
-            "gpu_name": offer["gpu_name"], "dph_total": offer["dph_total"], "public_ipaddr": offer["public_ipaddr"],
+            "gpu_name": offer["gpu_name"], "dph_total": round(offer["dph_total"] + self.billed_markup, 4),
+            "public_ipaddr": offer["public_ipaddr"],
             "ssh_host": "ssh4.fake-vast.invalid", "ssh_port": 10000 + iid % 1000, "ports": ports,
             "image_runtype": body.get("runtype"),
             "extra_env": [[k, v] for k, v in (env.items() if isinstance(env, dict) else [])],
             "geolocation": offer["geolocation"], "image": body["image"], "args": body.get("args"),
         }
-        self.offers = [o for o in self.offers if o["id"] != ask_id]     # rented: off the market
+        if self.keep_offers:
+            self.offers = [{**o, "id": self.new_id()} if o["id"] == ask_id else o for o in self.offers]
+        else:
+            self.offers = [o for o in self.offers if o["id"] != ask_id]     # rented: off the market
+        self.record("rented", iid, body.get("label"))
         return 200, {"success": True, "new_contract": iid}, {}
 
     def read(self, iid: int) -> dict[str, Any]:
@@ -357,7 +437,13 @@ class FakeVastAi(FakeServer):
         n = self._reads[iid] = self._reads.get(iid, 0) + 1
         if inst["actual_status"] in (None, "loading", "created"):
             inst["actual_status"] = "running" if n > self.boot_polls else "loading"
+            if inst["actual_status"] == "running":
+                self.record("running", iid, inst.get("label"))
         return dict(inst)
+
+    def live(self) -> dict[str, str]:
+        with self.lock:
+            return {str(i): str(x.get("label") or "") for i, x in self.instances.items()}
 
 
 # ==== RunPod REST v2 ======================================================================================
@@ -425,7 +511,8 @@ class FakeRunPod(FakeServer):
             if method == "GET":
                 return 200, self.read(pod_id), {}
             if method == "DELETE":
-                del self.pods[pod_id]
+                gone = self.pods.pop(pod_id)
+                self.record("destroyed", pod_id, gone.get("name"))
                 return 204, None, {}
         return self.error(404, "resource not found")
 
@@ -483,7 +570,12 @@ class FakeRunPod(FakeServer):
                               "command": f"ssh {pod_id}-64411eb2@ssh.runpod.io"}, "direct": None},
             "runtime": {}, "createdAt": "2026-06-01T12:00:00Z", "startedAt": None,
         }
+        self.record("rented", pod_id, body["name"])
         return 201, self.view(self.pods[pod_id]), {}
+
+    def live(self) -> dict[str, str]:
+        with self.lock:
+            return {i: str(p.get("name") or "") for i, p in self.pods.items() if p["status"] != "TERMINATED"}
 
     def read(self, pod_id: str) -> dict[str, Any]:
         pod = self.pods[pod_id]
@@ -500,6 +592,7 @@ class FakeRunPod(FakeServer):
                         rt_ports.append({"private": int(port), "public": None, "type": "http", "ip": None})
                 pod.update(status="RUNNING", startedAt="2026-06-01T12:01:00Z",
                            runtime={"uptime": 60, "gpus": [], "ports": rt_ports})
+                self.record("running", pod_id, pod["name"])
                 if "22/tcp" in pod["ports"]:
                     pod["ssh"]["direct"] = {"host": "195.26.233.3", "port": 30022, "username": "root",
                                             "command": "ssh root@195.26.233.3 -p 30022"}
@@ -543,9 +636,18 @@ class FakeAkash(FakeServer):
         ]
         self.deployments: dict[str, dict[str, Any]] = {}
         self.sdls: dict[str, dict[str, Any]] = {}
+        self.sdl_texts: dict[str, str] = {}
         self._bid_polls: dict[str, int] = {}
         self._reads: dict[str, int] = {}
         self.close_bids_on_lease: set[str] = set()    # providers whose bid closes just before we lease
+
+    def label(self, dseq: str) -> str:
+        return str(next(iter(self.sdls[dseq]["profiles"]["placement"])))
+
+    def live(self) -> dict[str, str]:
+        with self.lock:
+            return {dseq: self.label(dseq) for dseq, d in self.deployments.items()
+                    if d["deployment"]["state"] != "closed"}
 
     def kill(self, dseq: str) -> None:
         """The provider closes the lease (e.g. the host went away)."""
@@ -578,7 +680,9 @@ class FakeAkash(FakeServer):
             return self.create_deployment(body)
         if path == "/v1/deployments" and method == "GET":
             skip, limit = int(query.get("skip", 0)), int(query.get("limit", 10))
-            items = [self.view(d) for d in self.deployments.values()]
+            # ListDeploymentsResponseSchema: deployment, leases, escrow_account (no groups, no SDL).
+            items = [{k: v for k, v in self.view(d).items() if k in ("deployment", "leases", "escrow_account")}
+                     for d in self.deployments.values()]
             page = items[skip: skip + limit]
             return 200, {"data": {"deployments": page, "pagination": {
                 "total": len(items), "skip": skip, "limit": limit, "hasMore": skip + limit < len(items)}}}, {}
@@ -592,9 +696,11 @@ class FakeAkash(FakeServer):
             if dseq not in self.deployments:
                 return self.error(404, f"Deployment {dseq} not found")
             if method == "GET":
-                return 200, {"data": self.read(dseq)}, {}
+                return 200, {"data": {**self.read(dseq), "consoleSettings": {"sdl": self.sdl_texts[dseq]}}}, {}
             if method == "DELETE":
                 d = self.deployments[dseq]
+                if d["deployment"]["state"] != "closed":
+                    self.record("destroyed", dseq, self.label(dseq))
                 d["deployment"]["state"] = "closed"
                 for lease in d["leases"]:
                     lease.update(state="closed", status=None)
@@ -615,6 +721,8 @@ class FakeAkash(FakeServer):
         self.validate_sdl(sdl)
         dseq = str(123400 + self.new_id())
         self.sdls[dseq] = sdl
+        self.sdl_texts[dseq] = data["sdl"]
+        self.record("rented", dseq, next(iter(sdl["profiles"]["placement"])))
         placement = next(iter(sdl["profiles"]["placement"]))
         self.deployments[dseq] = {
             "deployment": {"id": {"owner": "akash1tenant", "dseq": dseq}, "state": "active", "hash": "abc",
@@ -652,6 +760,11 @@ class FakeAkash(FakeServer):
             _require(re.fullmatch(r"\d+Gi", str((res.get("memory") or {}).get("size", ""))) is not None,
                      f"Invalid SDL: compute.{name}.memory.size")
         for name, pl in placement.items():
+            _only_keys(pl, {"attributes", "pricing", "signedBy"}, f"Invalid SDL: placement.{name}")
+            signed = pl.get("signedBy", {"anyOf": []})
+            _require(isinstance(signed, dict) and set(signed) <= {"anyOf", "allOf"}
+                     and all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in signed.values()),
+                     f"Invalid SDL: placement.{name}.signedBy")
             for svc, price in (pl.get("pricing") or {}).items():
                 _require(price.get("denom") and isinstance(price.get("amount"), (int, float)),
                          f"Invalid SDL: placement.{name}.pricing.{svc}")
@@ -707,15 +820,20 @@ class FakeAkash(FakeServer):
         sdl = self.sdls[dseq]
         for lease in d["leases"]:
             if lease["state"] == "active" and n > self.boot_polls and lease["status"] is None:
-                services, forwarded = {}, {}
+                services, forwarded, ips = {}, {}, {}
                 for svc, spec in sdl["services"].items():
                     services[svc] = {"name": svc, "available": 1, "total": 1, "uris": [],
                                      "ready_replicas": 1, "available_replicas": 1}
+                    exposed = spec.get("expose", [])
+                    # ForwardedPortSchema {port, externalPort, host?, available?}: TCP only.
                     forwarded[svc] = [{"port": e["port"], "externalPort": 31000 + e["port"] % 1000,
-                                       "host": "provider.fake-akash.invalid", "available": 1,
-                                       "proto": e.get("proto", "tcp").upper()}
-                                      for e in spec.get("expose", [])]
-                lease["status"] = {"services": services, "forwarded_ports": forwarded, "ips": {}}
+                                       "host": "provider.fake-akash.invalid", "available": 1}
+                                      for e in exposed if e.get("proto", "tcp") == "tcp"]
+                    # GUESSES: UDP reaches us as an IP lease entry {IP, Port, ExternalPort, Protocol}.
+                    ips[svc] = [{"IP": "198.51.100.77", "Port": e["port"], "ExternalPort": 31000 + e["port"] % 1000,
+                                 "Protocol": "UDP"} for e in exposed if e.get("proto") == "udp"]
+                lease["status"] = {"services": services, "forwarded_ports": forwarded, "ips": ips}
+                self.record("running", dseq, self.label(dseq))
         return self.view(d)
 
     @staticmethod
