@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -873,6 +874,77 @@ def test_bad_canary_on_three_replicas_is_judged_on_all_their_counters_and_rolled
     assert watcher.last_error is None, lines
     assert spec_mod.load(HA, ha.stacks_dir).canary is None
     assert load.failures() == [], load.failures()[:5]      # the canary's failures were retried before a byte
+
+
+class FakeKubeApi:
+    """The two Kubernetes API paths `--kube-api` reads (the namespace's pod list by label, and the pod
+    proxy to a pod's port), as `kubectl proxy` serves them, with the stack's real gateway processes as
+    the pods. A fourth pod is Running but not Ready (a rollout's new pod): it must not be read."""
+
+    def __init__(self, ha: HaStack) -> None:
+        import http.server
+
+        spec = ha.stack.spec
+        self.ns, self.port = spec.gateway.namespace, spec.gateway.port
+        self.pods = {f"infermesh-gateway-{i}": ha.replica_root(i) for i in range(3)}
+        self.asked: list[str] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                fake.asked.append(self.path)
+                base = f"/api/v1/namespaces/{fake.ns}/pods"
+                if self.path == f"{base}?labelSelector=app.kubernetes.io%2Fname%3Dinfermesh-gateway":
+                    items = [{"metadata": {"name": n}, "status": {"phase": "Running", "conditions": [
+                        {"type": "Ready", "status": "True"}]}} for n in fake.pods]
+                    items.append({"metadata": {"name": "infermesh-gateway-new"}, "status": {
+                        "phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}})
+                    body, code = json.dumps({"kind": "PodList", "items": items}).encode(), 200
+                else:
+                    m = re.fullmatch(rf"{base}/([\w-]+):(\d+)/proxy/metrics", self.path)
+                    if m and m.group(1) in fake.pods and int(m.group(2)) == fake.port:
+                        with urllib.request.urlopen(fake.pods[m.group(1)] + "/metrics", timeout=10) as r:
+                            body, code = r.read(), 200
+                    else:
+                        body, code = b'{"kind":"Status","code":404}', 404
+                self.send_response(code)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_all_pods_through_the_kubernetes_api_read_the_same_counters(capsys, ha):
+    """`--kube-api` (what the canary workflow uses with `kubectl proxy`) finds the ready gateway pods by
+    the label GatewayFleet gives them and reads each one: the same sums as reading the replicas."""
+    rc = cli.main(ha_cli(ha, "start", "--pool", POOL, "--image", IMAGE, "--weight", "10"))
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    api = FakeKubeApi(ha)
+    try:
+        rc = cli.main(ha_cli(ha, "status", "--kube-api", api.url, "--json"))
+        kube = json.loads(capsys.readouterr().out)
+        rc_local = cli.main(ha_cli(ha, "status", "--json"))
+        local = json.loads(capsys.readouterr().out)
+    finally:
+        api.close()
+        assert cli.main(ha_cli(ha, "rollback")) == 0
+        capsys.readouterr()
+    assert rc == rc_local and kube["source"]["kind"] == "kubernetes-pods"
+    assert [r["replica"] for r in kube["source"]["replicas"]] == list(api.pods)        # not the unready pod
+    assert not any("infermesh-gateway-new" in p for p in api.asked)
+    assert kube["baseline"] == local["baseline"] and kube["canary"] == local["canary"]
+    assert kube["baseline"]["attempts"] > 0          # the first test's traffic, counted on all three
 
 
 def test_a_replica_that_cannot_be_read_rolls_the_canary_back(capsys, ha):
