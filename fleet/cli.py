@@ -16,7 +16,7 @@ from fleet.spec import SpecError
 # Order is the order of `infermesh --help`.
 COMMANDS = [
     "up", "gateway", "keys", "usage", "slo",
-    "plan", "check", "failover", "canary",
+    "plan", "check", "failover", "canary", "leases",
     "bootstrap", "ops",
 ]
 

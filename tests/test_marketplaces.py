@@ -19,6 +19,7 @@ from fleet.marketplaces import (
     LeaseRequest,
     ModelUnavailable,
     NoOffers,
+    NotFound,
     OpenAIUpstream,
     OutOfCapacity,
     Port,
@@ -533,3 +534,183 @@ def test_registry_and_secret_free_repr():
     with pytest.raises(ValueError, match="known"):
         adapter_class("tensordock")
     assert "sekrit" not in repr(VastAi("sekrit")) and "sekrit" not in repr(OpenAIUpstream("sekrit"))
+
+
+# ==== no lease outside state (every marketplace) ==========================================================
+
+from fleet.commands import leases as leases_cmd  # noqa: E402
+from fleet.components.lease import lease_label  # noqa: E402
+from fleet.marketplaces import LeaseAbandoned  # noqa: E402
+
+KINDS = ["vastai", "runpod", "akash"]
+FAKES = {"vastai": FakeVastAi, "runpod": FakeRunPod, "akash": FakeAkash}
+ADAPTERS = {"vastai": VastAi, "runpod": RunPod, "akash": Akash}
+# The paths of each marketplace's "read one lease" call (a GET by id).
+STATUS_PATH = {"vastai": r"/instances/\d+/$", "runpod": r"/v2/pods/pod\d+$", "akash": r"/v1/deployments/\d+$"}
+CREATE_CALL = {"vastai": ("PUT", r"/asks/\d+/$"), "runpod": ("POST", r"/v2/pods$"),
+               "akash": ("POST", r"/v1/deployments$")}
+
+
+@pytest.fixture(params=KINDS)
+def market(request):
+    fake = FAKES[request.param](KEY).start()
+    if request.param == "vastai":
+        fake.keep_offers = True
+    yield request.param, fake
+    fake.stop()
+
+
+def market_adapter(kind, fake, sleeps, **kw):
+    a = adapter(ADAPTERS[kind], fake, sleeps, suffix="/api/v0" if kind == "vastai" else "", **kw)
+    if kind == "akash":
+        a.bid_wait_s = 10
+    return a
+
+
+def stack_request(stack="prod", name="qwen-eu-0", project="infermesh", cap=1.0, **kw) -> LeaseRequest:
+    props = {"project": project, "stack": stack, "name": name, "provider_kind": "x", "gpu_type": "RTX4090",
+             "gpu_count": 1, "region": "eu-west", "image": IMAGE}
+    return request(label=lease_label(props), cap=cap, ports=(), **kw)
+
+
+def audit_of(kind, fake, sleeps, stack="prod", known=frozenset()):
+    return leases_cmd.audit("infermesh", stack, set(known), set(),
+                            {kind: lambda: market_adapter(kind, fake, sleeps)})
+
+
+def test_two_stacks_with_the_same_pool_names_see_only_their_own(market, sleeps):
+    kind, fake = market
+    a = market_adapter(kind, fake, sleeps)
+    prod = a.create(stack_request("prod"))
+    staging = a.create(stack_request("staging"))
+    assert prod.lease_id != staging.lease_id and len(fake.live()) == 2      # staging did not adopt prod's lease
+    assert a.find(stack_request("prod").label).lease_id == prod.lease_id
+    assert a.find(stack_request("staging").label).lease_id == staging.lease_id
+    # Another project's stack of the same name is someone else's too.
+    other = a.create(stack_request("prod", project="other"))
+    assert other.lease_id not in (prod.lease_id, staging.lease_id)
+    # Each stack's audit lists its own lease only (as unknown: the empty state knows none).
+    for stack, lease in (("prod", prod), ("staging", staging)):
+        report = audit_of(kind, fake, sleeps, stack)
+        assert [x.lease_id for x in report.unknown[kind]] == [lease.lease_id]
+        assert audit_of(kind, fake, sleeps, stack, {lease.lease_id}).count == 0
+    a.destroy(staging.lease_id)                     # destroying staging's leaves prod's
+    assert prod.lease_id in fake.live() and staging.lease_id not in fake.live()
+
+
+def test_a_retried_create_adopts_its_own_lease(market, sleeps):
+    """A crash between rent and wait: the next process finds the lease by its label."""
+    kind, fake = market
+    first = market_adapter(kind, fake, sleeps).create(stack_request())
+    forget_listings()                               # a new provider process
+    again = market_adapter(kind, fake, sleeps).create(stack_request())
+    assert again.lease_id == first.lease_id and list(fake.live()) == [first.lease_id]
+
+
+@pytest.mark.parametrize("fault", ["timeout", "status 5xx", "price above cap"])
+def test_failure_after_renting_leaves_no_lease_behind(market, sleeps, fault):
+    kind, fake = market
+    cap = 1.0
+    if fault == "timeout":
+        fake.boot_polls = 10_000
+    elif fault == "status 5xx":
+        fake.fail_on("GET", STATUS_PATH[kind], n=50, status=503)
+    elif kind == "akash":
+        fake.honour_max_price = False               # a provider bids above the SDL's price
+        fake.bid_prices = [("akash1dear", "uact", "2000")]
+    else:
+        fake.billed_markup = 1.0                    # the lease bills more than the offer said
+    a = market_adapter(kind, fake, sleeps)
+    with pytest.raises((LeaseAbandoned, PriceAboveCap)) as e:
+        a.rent(stack_request(cap=cap), wait_s=3)
+    if isinstance(e.value, LeaseAbandoned):
+        assert e.value.terminated and "terminated it, nothing of it bills" in str(e.value)
+    assert any(ev == "rented" for _, ev, _, _ in fake.timeline)     # something was rented...
+    assert fake.live() == {}                                       # ...and nothing is left
+    assert audit_of(kind, fake, sleeps).count == 0
+
+
+def test_failure_after_renting_that_cannot_terminate_says_so(sleeps):
+    fake = FakeVastAi(KEY).start()
+    try:
+        fake.fail_on("GET", STATUS_PATH["vastai"], n=50, status=503)
+        fake.fail_on("DELETE", r"/instances/\d+/$", n=50, status=503)
+        a = market_adapter("vastai", fake, sleeps)
+        with pytest.raises(LeaseAbandoned) as e:
+            a.rent(stack_request(), wait_s=3)
+        assert not e.value.terminated and "terminating it ALSO failed" in str(e.value)
+        assert "next `pulumi up` adopts it" in e.value.fix and "--terminate" in e.value.fix
+        [(lease_id, label)] = fake.live().items()
+        assert label == stack_request().label                      # adoptable: it carries our label
+        report = audit_of("vastai", fake, sleeps)
+        assert [x.lease_id for x in report.unknown["vastai"]] == [lease_id]
+        assert report.unknown["vastai"][0].price_per_hour == pytest.approx(0.38)
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("how", ["500 after renting", "no answer after renting"])
+def test_a_create_call_that_may_have_rented_is_checked_and_undone(market, sleeps, how):
+    kind, fake = market
+    method, path = CREATE_CALL[kind]
+    if how.startswith("500"):
+        fake.fail_on(method, path, n=1, status=500, after=True)
+    else:
+        fake.drop_after(1, method, path)
+    with pytest.raises(ProviderError) as e:
+        market_adapter(kind, fake, sleeps).create(stack_request())
+    assert "was terminated" in str(e.value)
+    assert len(fake.calls(method, path)) == 1 and fake.live() == {}    # never resent, nothing left
+
+
+def test_vast_gone_instance_is_not_found_not_an_error(vast, sleeps):
+    a = vast_adapter(vast, sleeps)
+    state = a.create(request())
+    a.destroy(state.lease_id)
+    with pytest.raises(NotFound):
+        a.status(state.lease_id)                   # 200 {"instances": null}: gone
+
+
+def test_audit_command_lists_terminates_and_skips_missing_credentials(tmp_path, capsys, sleeps):
+    fake = FakeVastAi(KEY).start()
+    fake.keep_offers = True
+    try:
+        a = market_adapter("vastai", fake, sleeps)
+        kept = a.create(stack_request(name="qwen-vast-0"))
+        stray = a.create(stack_request(name="qwen-vast-9"))
+        state = {"deployment": {"resources": [{"type": leases_cmd.LEASE_TYPE, "id": kept.lease_id,
+                                               "outputs": {"lease_id": kept.lease_id}}]}}
+        (tmp_path / "state.json").write_text(__import__("json").dumps(state))
+        args = __import__("argparse").Namespace(stack="staging", stacks_dir=None, project="infermesh",
+                                                state=tmp_path / "state.json", terminate=False, yes=False, json=False)
+        adapters = {"vastai": lambda: market_adapter("vastai", fake, sleeps), "runpod": "no credentials (set X)"}
+        a.create(stack_request(stack="staging", name="qwen-vast-0"))      # staging's own, in no state
+        rc = leases_cmd.run(args, adapters)
+        out = capsys.readouterr().out
+        assert rc == 1 and "vastai: 1 unknown" in out and "runpod: skipped: no credentials (set X)" in out
+        assert "against the stack's state" in out and "$0.3800/h" in out
+        # Without a state, the plan is the reference: staging's plan has a qwen-vast-0, so it is known.
+        args.state = None
+        assert leases_cmd.run(args, adapters) == 0 and "against the plan" in capsys.readouterr().out
+        # prod: stray is not in the state; terminate after a "no", then after a "yes".
+        args.stack, args.state, args.terminate = "prod", tmp_path / "state.json", True
+        assert leases_cmd.run(args, adapters, ask=lambda _: "n") == 1 and stray.lease_id in fake.live()
+        assert leases_cmd.run(args, adapters, ask=lambda _: "y") == 0 and stray.lease_id not in fake.live()
+        assert kept.lease_id in fake.live()
+        args.yes = True
+        assert leases_cmd.run(args, adapters, ask=lambda _: pytest.fail("--yes asks nothing")) == 0
+    finally:
+        fake.stop()
+
+
+def test_audit_cli_names_each_marketplace_without_credentials(monkeypatch, capsys):
+    from fleet.cli import main
+
+    for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(leases_cmd.shutil, "which", lambda _: None)      # no Pulumi CLI: the plan is the reference
+    assert main(["leases", "audit", "--stack", "staging"]) == 0
+    out = capsys.readouterr().out
+    for kind, env in (("vastai", "VASTAI_API_KEY"), ("runpod", "RUNPOD_API_KEY"), ("akash", "AKASH_API_KEY")):
+        assert f"{kind}: skipped: no credentials (set {env})" in out
+    assert "total: 0 unknown" in out

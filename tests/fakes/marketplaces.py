@@ -145,10 +145,17 @@ class FakeServer:
         with self.lock:
             self._failing, self._fail_status = n, status
 
-    def fail_on(self, method: str, path_re: str, n: int = 1, status: int = 503) -> None:
-        """The next n calls matching method and path get ``status`` (the marketplace's error shape)."""
+    def fail_on(self, method: str, path_re: str, n: int = 1, status: int = 503, after: bool = False) -> None:
+        """The next n calls matching method and path get ``status`` (the marketplace's error shape);
+        ``after``: the call is carried out first (a create that rents, then answers 500)."""
         with self.lock:
-            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "status", "status": status})
+            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "status", "status": status,
+                                 "after": after})
+
+    def drop_after(self, n: int = 1, method: str = "PUT", path_re: str = ".") -> None:
+        """The next n matching calls are carried out, then the connection closes with no answer."""
+        with self.lock:
+            self._faults.append({"method": method, "path_re": path_re, "n": n, "kind": "drop", "after": True})
 
     def malformed(self, n: int = 1, method: str = "GET", path_re: str = ".") -> None:
         with self.lock:
@@ -179,9 +186,10 @@ class FakeServer:
         """lease id -> label of every lease the marketplace would bill for now."""
         raise NotImplementedError
 
-    def _fault(self, method: str, path: str) -> Reply | None:
+    def _fault(self, method: str, path: str, after: bool = False) -> Reply | None:
         for f in self._faults:
-            if f["n"] > 0 and f["method"] == method and re.search(f["path_re"], path):
+            if (f["n"] > 0 and f["method"] == method and re.search(f["path_re"], path)
+                    and f.get("after", False) == after):
                 f["n"] -= 1
                 if f["kind"] == "status":
                     return self.error(f["status"], "upstream trouble")
@@ -223,9 +231,12 @@ class FakeServer:
             if raw and method in ("POST", "PUT") and body is None:
                 return self.error(400, "empty JSON body")
             try:
-                return self.route(method, path, query, body)
+                reply = self.route(method, path, query, body)
             except BadRequest as e:
                 return self.error(e.status, str(e))
+            if 200 <= reply[0] < 300 and (fault := self._fault(method, path, after=True)) is not None:
+                return fault
+            return reply
 
     def needs_auth(self, method: str, path: str) -> bool:
         return True
