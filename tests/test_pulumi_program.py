@@ -573,3 +573,73 @@ def test_worker_entrypoint_checksum_and_args(tmp_path):
     assert entry.snapshot_sha256(tmp_path) != first
     assert entry.arg(["--model", "m", "--revision", "r"], "--revision") == "r"
     assert entry.arg(["--model", "m"], "--revision", "main") == "main"
+
+
+# ---- faults: bounded retries, then one clear line; never a second lease ----------------------------------------
+
+LIST_CALL = {"vastai": r"/instances/$", "runpod": r"/v2/pods$", "akash": r"/v1/deployments$"}
+
+
+@pytest.fixture
+def no_wall_clock(monkeypatch):
+    """The adapters the provider builds wait through a recorder instead of time.sleep."""
+    from fleet.components import lease as lease_mod
+
+    waits: list[float] = []
+    build = lease_mod.LeaseProvider.adapter
+
+    def adapter(self, props):
+        a = build(self, props)
+        a.sleep = a.http.sleep = waits.append
+        return a
+
+    monkeypatch.setattr(lease_mod.LeaseProvider, "adapter", adapter)
+    return waits
+
+
+@pytest.mark.parametrize("kind", ["vastai", "runpod", "akash"])
+@pytest.mark.parametrize("fault", ["503", "429 with Retry-After", "429 without Retry-After", "malformed", "no answer"])
+def test_marketplace_faults_end_in_one_clear_line(runs, fakes, no_wall_clock, monkeypatch, kind, fault):
+    import sys
+
+    from fleet.components import lease as lease_mod
+    from tests.engine import EngineError, EngineHost
+
+    monkeypatch.setattr(lease_mod, "_in_provider_host", lambda: True)
+    monkeypatch.setattr(sys, "tracebacklimit", 1000, raising=False)
+    fake = fakes[kind]
+    host = EngineHost(stack_config("prod")[0])
+    props = next(p for p in recorded_leases(runs["prod"]) if p["provider_kind"] == kind)
+    inputs, _ = host.check({}, props)
+
+    def inject(n: int) -> None:
+        if fault == "503":
+            fake.fail_on("GET", LIST_CALL[kind], n=n, status=503)
+        elif fault.startswith("429"):
+            fake.rate_limit(n, retry_after="2" if "with " in fault else None)
+        elif fault == "malformed":
+            fake.malformed(n, "GET", LIST_CALL[kind])
+        else:
+            fake.drop(n, "GET", LIST_CALL[kind])
+
+    inject(100)                                   # it never recovers: bounded, then one line
+    with pytest.raises(EngineError) as e:
+        host.create(inputs)
+    line = e.value.details.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert line.startswith(f"fleet.components.lease.LeaseError: {kind}: lease {props['name']} "
+                           f"(pool {props['name'].rsplit('-', 1)[0]}), create: ")
+    assert "gave up after 5 tries" in line and "What to do: " in line and "pulumi up" in line
+    assert len(fake.requests) == 5 and fake.live() == {}          # five tries, nothing rented
+    if fault == "429 with Retry-After":
+        assert no_wall_clock == [2.0] * 4                          # the marketplace's own hint
+    else:
+        assert len(no_wall_clock) == 4 and all(0 <= w <= 30 for w in no_wall_clock)
+
+    fake.requests.clear()
+    fake._faults.clear()
+    fake.rate_limit(0)
+    inject(2)                                     # it recovers: one lease, rented once
+    lease_id, outs = host.create(inputs)
+    assert list(fake.live()) == [lease_id] and outs["status"] == "running"
+    assert host.create(inputs)[0] == lease_id and list(fake.live()) == [lease_id]
