@@ -243,6 +243,39 @@ def test_the_program_never_builds_on_preview_and_pushes_to_the_stacks_registry(m
             "ref": cache, "mode": "max", "imageManifest": True}        # a plain manifest: ECR, GHCR alike
 
 
+def test_the_worker_image_is_built_once_per_vllm_pin(tmp_path):
+    """The worker's tag is a hash of images/worker alone, whose Dockerfile pins vLLM by version and
+    digest: any other change leaves the tag, so `up` has nothing to build; a new pin is a new tag."""
+    import shutil as _shutil
+
+    from fleet.components.images import IMAGE_INPUTS, content_tag
+
+    assert IMAGE_INPUTS["worker"] == ("images/worker",)
+    dockerfile = (REPO / "images" / "worker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM vllm/vllm-openai:v[\d.]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
+    root = tmp_path / "repo"
+    _shutil.copytree(REPO / "images", root / "images")
+    (root / "fleet").mkdir()
+    before = content_tag(root, IMAGE_INPUTS["worker"])
+    (root / "fleet" / "new.py").write_text("x = 1\n")                 # a change elsewhere
+    assert content_tag(root, IMAGE_INPUTS["worker"]) == before
+    path = root / "images" / "worker" / "Dockerfile"
+    path.write_text(re.sub(r"vllm-openai:v[\d.]+@sha256:[0-9a-f]{64}", "vllm-openai:v9.9.9@sha256:" + "0" * 64,
+                           path.read_text()))
+    assert content_tag(root, IMAGE_INPUTS["worker"]) != before
+
+
+def test_no_marketplace_key_is_a_github_secret():
+    """Marketplace keys are Pulumi secrets in the stack file, decrypted inside `pulumi up`."""
+    used = set().union(*(refs(yaml.safe_load(f.read_text()), "secrets") for f in [*FILES, ACTION]))
+    assert not {s for s in used if re.search(r"VAST|RUNPOD|AKASH|GONKA|API_KEY", s)}
+    for stack in ("prod", "staging"):
+        doc = yaml.safe_load((REPO / "stacks" / f"Pulumi.{stack}.yaml").read_text())["config"]
+        for p in doc["infermesh:providers"]:
+            if p.get("credentials"):
+                assert set(doc[f"infermesh:{p['credentials']}"]) == {"secure"}, (stack, p["name"])
+
+
 def test_every_gateway_pod_gets_the_stacks_admin_token(monkeypatch, tmp_path):
     from tests.test_pulumi_program import is_secret, run_program, unwrap
 
