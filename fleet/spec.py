@@ -184,6 +184,9 @@ class Tier(_Strict):
     max_output_tokens: PosInt = 1024
     degraded_max_output_tokens: PosInt | None = None   # max_tokens cap while an SLO is at risk (gateway/risk.py)
     priority: NonNegInt = 0                    # shed lowest first under overload
+    # requests in flight per tenant (and per key), counted before the body is read (gateway/door.py)
+    max_concurrent_requests: PosInt = 256
+    key_max_concurrent_requests: PosInt | None = None
     allow_fallback: bool = False
     limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
     price_per_1m_tokens: NonNegFloat = 0
@@ -225,6 +228,26 @@ class Gateway(_Strict):
     health_interval_s: PosFloat = 5
     drain_timeout_s: PosFloat = 30
     max_in_flight: PosInt = 2048               # admission sheds the lowest tier above this
+    # the door (gateway/door.py): what a client may cost before it is admitted
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536   # a request head; above: 431
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100               # header fields in a head; above: 431
+    header_timeout_s: PosFloat = 10            # the whole head within this of the connection (or last answer)
+    body_timeout_s: PosFloat = 30              # the whole body within this of the head; else 408 (metered)
+    max_json_depth: Annotated[int, Field(ge=4, le=200)] = 32   # nesting of a request's JSON; deeper: 400
+    failures_per_minute: PosInt = 120          # bad keys and unknown models per client address; above: 429
+    trusted_proxies: list[str] = []            # CIDRs whose X-Forwarded-For names the client (the ingress)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or CIDR") from None
+        return v
     # ... and when the event loop runs this late on average (ms; 0: off): the core is saturated (gateway/overload.py)
     max_loop_lag_ms: NonNegFloat = 100
     state: StateBackends = StateBackends()

@@ -12,6 +12,7 @@ spreads incoming connections over the live replicas (a dead one's socket leaves 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from fleet import spec as spec_mod
 from fleet.paths import state_dir
 from gateway import logsafe
 from gateway.app import Settings, create_app
+from gateway.door import protocol_class
 from gateway.listener import Server
 
 
@@ -52,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(Settings(spec=spec, routing_path=routing, state_dir=sdir, instance=args.instance))
     port = args.port or spec.gateway.port
+    _raise_open_files()
     signal.signal(signal.SIGTERM, _drained)     # uvicorn's own handler replaces it while serving
     options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
-                   loop="uvloop", http="httptools", server_header=False,
+                   loop="uvloop", http=protocol_class(spec.gateway), server_header=False,
                    proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
     try:
         sockets = [_listen(args.host, port, reuse_port=False)]
@@ -65,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     Server(uvicorn.Config(app, **options), listeners=sockets).run()   # gateway/listener.py: why its own listener
     return 0
+
+
+def _raise_open_files() -> None:
+    """Every connection is a file descriptor: take the hard limit, not the (often 1,024) soft one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 def _drained(signum, frame) -> None:

@@ -38,14 +38,68 @@ def bearer(header: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+MEDIA_KEYS = frozenset(("image_url", "input_audio", "file_data", "file"))   # base64 media: not text
+MEDIA_CHARS = 4000            # what one media part counts toward the prompt estimate (about 1,000 tokens)
+MAX_MODEL_CHARS = 256
+MAX_METADATA = (16, 64, 512)  # OpenAI's metadata limits: pairs, key and value length
+
+
+def parse_json(body: bytes, max_depth: int = 32) -> dict[str, Any]:
+    """The body as a JSON object, or a 400. orjson refuses nesting beyond 1,024 levels itself;
+    ``measure`` refuses anything deeper than the stack's max_json_depth."""
     try:
         payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as e:
+        if "recursion" in str(e).lower():
+            raise bad_request(f"The JSON body is nested deeper than {max_depth} levels.", code="invalid_json") from None
         raise bad_request("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if isinstance(model, str) and len(model) > MAX_MODEL_CHARS:
+        raise bad_request(f"'model' is longer than {MAX_MODEL_CHARS} characters.", param="model")
+    meta = payload.get("metadata")
+    if meta is not None:
+        pairs, klen, vlen = MAX_METADATA
+        if (not isinstance(meta, dict) or len(meta) > pairs
+                or any(len(k) > klen or not isinstance(v, str) or len(v) > vlen for k, v in meta.items())):
+            raise bad_request(f"'metadata' must be an object of at most {pairs} string values, keys up to {klen} "
+                              f"and values up to {vlen} characters.", param="metadata")
     return payload
+
+
+def measure(payload: dict[str, Any], max_depth: int) -> dict[str, int]:
+    """Characters of text under each top-level field (strings and object keys; a media part
+    counts MEDIA_CHARS), for the prompt estimate: every token the worker will read, not only
+    `content`. Refuses, naming the field, JSON nested deeper than ``max_depth``: the request is
+    re-encoded for the worker, and orjson encodes at most 254 levels."""
+    sizes: dict[str, int] = {}
+    for key, value in payload.items():
+        n = 0
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            v, depth = stack.pop()
+            if isinstance(v, str):
+                n += len(v)
+            elif isinstance(v, dict):
+                if depth >= max_depth:
+                    raise bad_request(f"'{key}' is nested deeper than {max_depth} levels.", param=key,
+                                      code="too_deep")
+                for k, x in v.items():
+                    n += len(k)
+                    if k in MEDIA_KEYS and isinstance(x, (str, dict)):
+                        n += MEDIA_CHARS
+                    else:
+                        stack.append((x, depth + 1))
+            elif isinstance(v, list):
+                if depth >= max_depth:
+                    raise bad_request(f"'{key}' is nested deeper than {max_depth} levels.", param=key,
+                                      code="too_deep")
+                stack.extend((x, depth + 1) for x in v)
+            else:
+                n += 1
+        sizes[key] = n
+    return sizes
 
 
 def estimate_tokens(text_len: int) -> int:
@@ -54,18 +108,16 @@ def estimate_tokens(text_len: int) -> int:
     return text_len // 4 + 1
 
 
-def _content_len(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return 0
-
-
 ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))   # OpenAI's, no others
 
 
-def check_chat(payload: dict[str, Any]) -> tuple[int, str | None]:
+# what the worker reads besides the prompt itself: tools and their schemas, the answer's schema
+_CHAT_EXTRA = ("tools", "functions", "tool_choice", "response_format")
+
+
+def check_chat(payload: dict[str, Any], sizes: dict[str, int]) -> tuple[int, str | None]:
+    """The prompt estimate counts every field of every message (names, tool calls and their
+    arguments, content parts) and the tools' and response format's schemas."""
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array.", param="messages")
@@ -77,7 +129,8 @@ def check_chat(payload: dict[str, Any]) -> tuple[int, str | None]:
             raise bad_request(f"Invalid value for 'messages[{i}].role': {m['role'][:40]!r}. Supported values are: "
                               f"'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
                               param=f"messages[{i}].role", code="invalid_value")
-        chars += _content_len(m.get("content")) + 4
+        chars += 4
+    chars += sizes.get("messages", 0) + sum(sizes.get(f, 0) for f in _CHAT_EXTRA)
     affinity = None
     if len(messages) >= 2:
         # The conversation's opening (system + first user turn) names the conversation.
@@ -86,17 +139,18 @@ def check_chat(payload: dict[str, Any]) -> tuple[int, str | None]:
     return estimate_tokens(chars), affinity
 
 
-def check_completion(payload: dict[str, Any]) -> tuple[int, str | None]:
+def check_completion(payload: dict[str, Any], sizes: dict[str, int]) -> tuple[int, str | None]:
     prompt = payload.get("prompt")
+    extra = estimate_tokens(sizes.get("suffix", 0)) - 1
     if isinstance(prompt, str):
-        return estimate_tokens(len(prompt)), None
+        return estimate_tokens(len(prompt)) + extra, None
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return estimate_tokens(sum(len(p) for p in prompt)), None
+            return estimate_tokens(sum(len(p) for p in prompt)) + extra, None
         if all(isinstance(p, int) for p in prompt):
-            return len(prompt), None
+            return len(prompt) + extra, None
         if all(isinstance(p, list) for p in prompt):
-            return sum(len(p) for p in prompt), None
+            return sum(len(p) for p in prompt) + extra, None
     raise bad_request("'prompt' must be a string, an array of strings or an array of token ids.", param="prompt")
 
 
@@ -106,7 +160,7 @@ STATEFUL = (("previous_response_id", "send the earlier turns in 'input' instead"
             ("background", "background responses need stored state"))
 
 
-def check_responses(payload: dict[str, Any]) -> tuple[int, str | None]:
+def check_responses(payload: dict[str, Any], sizes: dict[str, int]) -> tuple[int, str | None]:
     """POST /v1/responses, stateless: `store` true, `previous_response_id`, `conversation` and
     `background` are refused with the param named; `store: false` is sent to the worker.
     `input` is a string or a list of items; `instructions` counts toward the prompt."""
@@ -130,15 +184,14 @@ def check_responses(payload: dict[str, Any]) -> tuple[int, str | None]:
             if role is not None and role not in ROLES:
                 raise bad_request(f"Invalid value for 'input[{i}].role': {str(role)[:40]!r}.",
                                   param=f"input[{i}].role", code="invalid_value")
-            for field in ("content", "output", "arguments"):
-                chars += _content_len(item.get(field))
             chars += 4
+        chars += sizes.get("input", 0)
     else:
         raise bad_request("'input' must be a string or a non-empty array of input items.", param="input")
     instructions = payload.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad_request("'instructions' must be a string.", param="instructions")
-    chars += len(instructions or "")
+    chars += len(instructions or "") + sizes.get("tools", 0) + sizes.get("tool_choice", 0) + sizes.get("text", 0)
     affinity = None
     if len(items) >= 2:
         affinity = (instructions or "")[:512] + "|" + orjson.dumps(items[0])[:512].decode("utf-8", "replace")

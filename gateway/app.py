@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from fleet.spec import Spec, Tier
 from gateway import admission, sli, slo
+from gateway.door import FailureLimiter, InFlight
 from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
@@ -80,7 +81,10 @@ class Gateway:
         self.risk = RiskWindow()             # SLO at risk -> max_tokens capped (gateway/risk.py)
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
-        self.in_flight = 0
+        self.in_flight = 0                   # admitted requests, gateway-wide (shedding)
+        self.door = InFlight()               # per tenant and key, from authentication on (gateway/door.py)
+        g = self.spec.gateway
+        self.failures = FailureLimiter(g.failures_per_minute, g.trusted_proxies)
         self.lag = LoopLag()                 # the event loop's lateness: overload shedding (gateway/overload.py)
         self.streams: set[SSEReader] = set()     # started streams being relayed (idle timeouts)
         self.max_priority = max((t.priority for t in self.spec.tiers), default=0)
@@ -214,7 +218,10 @@ class Gateway:
         m = self.metrics
         if rec.requested_model and (rec.status == 200 or rec.status >= 500):
             self.risk.observe(rec.requested_model, rec.ttft_ms if rec.status == 200 else None, rec.status >= 500)
-        m.requests.labels(rec.route, f"{rec.status // 100}xx", rec.requested_model, rec.pool or "",
+        # labels take only names the stack declares: a client's made-up model is one series, not many
+        model_label = rec.requested_model if self.router.has_model(rec.requested_model) else (
+            "unknown" if rec.requested_model else "")
+        m.requests.labels(rec.route, f"{rec.status // 100}xx", model_label, rec.pool or "",
                           rec.provider or "", rec.region or "", rec.tier).inc()
         if rec.status == 200:
             model, pool = rec.served_model or rec.requested_model, rec.pool or ""
@@ -249,6 +256,16 @@ class Gateway:
         return principal
 
     async def read_body(self, request: Incoming) -> bytes:
+        """The body, within the stack's body_timeout_s (else 408, and the connection closes: the
+        rest of a dribbled body is never read) and up to its size limit."""
+        try:
+            async with asyncio.timeout(self.spec.gateway.body_timeout_s):
+                return await self._read_body(request)
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {self.spec.gateway.body_timeout_s:g} s.",
+                           code="request_timeout", headers={"connection": "close"}) from None
+
+    async def _read_body(self, request: Incoming) -> bytes:
         """The body, up to the stack's limit. A larger body is read to its end (up to
         DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
         limit = self.spec.gateway.max_body_bytes
@@ -300,21 +317,28 @@ class Gateway:
     async def handle(self, request: Incoming, route: str) -> Reply:
         started = time.perf_counter()
         rid = request_id(request.headers.get("x-request-id"))
+        address = self.failures.address(request.client, request.headers.get("x-forwarded-for"))
         try:
+            if self.failures.blocked(address):
+                raise self.failures.refusal()
             principal = self.authenticate(request)
         except ApiError as e:
+            if e.status == 401:
+                self.failures.failed(address)
             return e.reply(rid)
-        tier = self.tiers.get(principal.tier)
         rec = UsageRecord(rid, principal.tenant, principal.key_id, principal.tier, route, "")
         headers = {"x-request-id": rid}
         call = None
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        entered = admitted = False
         try:
             tier = self.tier_of(principal)
+            self.door.enter(principal, tier)          # this tenant's own concurrency, before the body
+            entered = True
             body = await self.read_body(request)
-            payload = admission.parse_json(body)
-            rec.requested_model = str(payload.get("model", ""))[:200]
+            payload = admission.parse_json(body, self.spec.gateway.max_json_depth)
+            model = payload.get("model")
+            rec.requested_model = model[:200] if isinstance(model, str) else ""
+            sizes = admission.measure(payload, self.spec.gateway.max_json_depth)
             model = self.check_model(tier, payload.get("model"))
             kind = self.router.models[model].kind
             scope, limits = "", tier
@@ -329,7 +353,7 @@ class Gateway:
                 if kind != "chat":
                     raise admission.bad_request(f"The model '{model}' is an embedding model: call /v1/embeddings.",
                                                 param="model", code="model_not_supported")
-                est, affinity = _CHECKS[route](payload)
+                est, affinity = _CHECKS[route](payload, sizes)
                 if est > tier.max_prompt_tokens:
                     raise admission.bad_request(
                         f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
@@ -342,6 +366,9 @@ class Gateway:
                 if stream and route != "responses":     # a response stream's usage is in response.completed
                     payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             rec.stream = stream
+            self.in_flight += 1                       # gateway-wide: admitted, well-formed requests only
+            self.metrics.in_flight.inc()
+            admitted = True
             self.shed(tier)
             decision = await self.limiter.admit(principal.tenant + scope, principal.key_id + scope, limits,
                                                 est + max_output)
@@ -359,21 +386,45 @@ class Gateway:
             call = Call(self, adm, route, rid, started, rec, headers)
             return await call.run()
         except ApiError as e:
-            rec.status, rec.error = e.status, e.code
-            rec.ttlt_ms = (time.perf_counter() - started) * 1000
+            if e.code == "model_not_found":
+                self.failures.failed(address)
+            return await self._refused(e, rec, call, headers, started)
+        except ClientGone:
+            raise
+        except Exception as exc:   # a bug: metered and counted like any 500, so the SLO sees it
+            log.error("unexpected %s on %s", type(exc).__name__, route, exc_info=exc)
+            err = ApiError(500, "The server had an error while processing your request.", code="internal_error")
+            try:
+                return await self._refused(err, rec, call, headers, started)
+            except Exception:      # the ledger itself failed: the client still gets the 500
+                return err.reply(rid)
+        finally:
+            if call is None or not call.streaming:
+                if admitted:
+                    self.end_request()
+                if entered:
+                    self.door.leave(principal)
+
+    async def _refused(self, e: ApiError, rec: UsageRecord, call: Call | None, headers: dict[str, str],
+                       started: float) -> Reply:
+        """A request that ends in an error before any answer: metered, counted, answered."""
+        rec.status, rec.error = e.status, e.code
+        rec.ttlt_ms = (time.perf_counter() - started) * 1000
+        try:
             await self.ledger.commit(rec)
+        finally:
             if call is not None:
                 self.settle(call, 0)
             self._count(rec)
-            e.headers = headers | e.headers
-            return e.reply(rid)
-        finally:
-            if call is None or not call.streaming:
-                self.end_request()
+        e.headers = headers | e.headers
+        return e.reply(rec.request_id)
 
-    def end_request(self) -> None:
+    def end_request(self, principal: Principal | None = None) -> None:
+        """A started stream ended (``principal`` given), or an admitted request answered."""
         self.in_flight -= 1
         self.metrics.in_flight.dec()
+        if principal is not None:
+            self.door.leave(principal)
 
     # ---- models -------------------------------------------------------------------------------
     def model_object(self, model_id: str) -> dict[str, Any]:
@@ -435,8 +486,11 @@ class GatewayApp(FastAPI):
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):       # a trailing slash is the same route, never a redirect
+            path = path.rstrip("/") or "/"
+            scope = {**scope, "path": path, "raw_path": path.encode("latin-1", "replace")}
         if scope["method"] == "POST":
-            path = scope["path"]
             root = scope.get("root_path")
             if root and path.startswith(root):
                 path = path[len(root):]
@@ -479,7 +533,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = GatewayApp(title="infermesh gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = GatewayApp(title="infermesh gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                     redirect_slashes=False)     # a redirect would name whatever Host the client sent
     app.state.gateway = gw
 
     @app.exception_handler(StarletteHTTPException)
@@ -551,7 +606,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/admin/slo")
     @admin
     async def admin_slo(request: Request) -> Response:
-        hours = float(request.query_params.get("hours", 24 * 30))
+        try:
+            hours = float(request.query_params.get("hours", 24 * 30))
+        except ValueError:
+            hours = -1.0
+        if not 0 < hours <= 24 * 366:
+            return ApiError(400, "hours: a number more than 0 and at most 8784.", code="invalid_window",
+                            param="hours").response()
         rows = await gw.state.usage_rows(since=time.time() - hours * 3600)
         return Response(orjson.dumps(slo.report(rows, gw.spec)), media_type=_JSON)
 

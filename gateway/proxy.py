@@ -265,7 +265,7 @@ class Call:
             rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
         if rec.status != 200:
             gw.finish_soon(self)           # client gone (499) or upstream broke: still one record
-        gw.end_request()
+        gw.end_request(self.adm.principal)
 
     async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
                      slow: float = 0.0) -> AsyncIterator[bytes]:

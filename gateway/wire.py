@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _WANTED = {b"authorization": "authorization", b"x-request-id": "x-request-id",
-           b"content-length": "content-length"}
+           b"content-length": "content-length", b"x-forwarded-for": "x-forwarded-for"}
 _JSON_TYPE = (b"content-type", b"application/json")
 _SSE_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 
@@ -29,11 +29,13 @@ class ClientGone(Exception):
 
 
 class Incoming:
-    """The parts of a request the hot path reads: three headers and the body."""
+    """The parts of a request the hot path reads: a few headers, the peer's address and the body."""
 
-    __slots__ = ("headers", "_receive")
+    __slots__ = ("headers", "client", "_receive")
 
     def __init__(self, scope: dict[str, Any], receive) -> None:
+        client = scope.get("client")
+        self.client: str = client[0] if client else ""
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             key = _WANTED.get(name)
