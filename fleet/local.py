@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.paths import private_dir
 from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
 from fleet.spec import ROOT, Spec
 
@@ -114,7 +115,7 @@ class LocalStack:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         logs = self.state / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        private_dir(logs)                    # logs, like keys.db and ledger.db, are the operator's alone
         with open(logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=ROOT, start_new_session=True)
@@ -123,7 +124,7 @@ class LocalStack:
 
     def start(self, timeout: float = 30.0) -> None:
         self.check()
-        self.state.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state)              # 0700: keys.db and ledger.db (prompts, when opted in) live here
         workers = self.worker_commands()
         self.write_routing()
         try:

@@ -1,11 +1,18 @@
 """Where a stack's local state lives: .infermesh/<stack>/ (keys, ledger, routing, logs).
 
 INFERMESH_STATE_DIR overrides it (tests, several gateways on one machine).
+
+The state dir holds key hashes (keys.db) and, for tenants who opted in, prompts and completions
+(ledger.db): folders are created 0700 and those files 0600 (``private_dir``, ``private_file``),
+whatever the umask. A folder that already exists is tightened only at the default location
+(.infermesh/<stack>, ours); one named by INFERMESH_STATE_DIR is the operator's and is left as it
+is, but the files in it are still 0600.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from fleet.spec import ROOT
@@ -14,3 +21,46 @@ from fleet.spec import ROOT
 def state_dir(stack: str) -> Path:
     env = os.environ.get("INFERMESH_STATE_DIR")
     return Path(env) if env else ROOT / ".infermesh" / stack
+
+
+def private_dir(path: Path, tighten: bool = False) -> Path:
+    """Create `path` and any missing parents 0700; with `tighten`, also take group and other
+    access away from `path` itself when it already exists (best effort: not ours, left as is)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)                   # mkdir's mode is filtered by the umask; this is not
+    if tighten and not missing:
+        try:
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
+                os.chmod(path, 0o700)
+        except OSError:
+            pass
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` (empty) 0600 in a 0700 folder unless it exists; an existing file readable by
+    group or others is tightened to 0600. SQLite then gives its -wal and -shm files the same mode."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def ensure_state_dir(stack: str) -> Path:
+    """The stack's state dir, created 0700 (tightened too when it is the default location)."""
+    return private_dir(state_dir(stack), tighten=not os.environ.get("INFERMESH_STATE_DIR"))

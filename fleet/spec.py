@@ -15,6 +15,7 @@ names the field and the reason. Nothing here talks to a network or a cloud: the 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -446,22 +447,151 @@ class _At(ValueError):
 
 # ---- loading --------------------------------------------------------------------------------
 
+# Limits of what a stack file may be (docs/cli-inputs.md). A real stack file is a few kB, a dozen
+# levels deep and uses few or no aliases; these bounds refuse hostile files in milliseconds.
+MAX_STACK_FILE_BYTES = 1 << 20          # 1 MiB
+MAX_DEPTH = 64                          # nesting of mappings and lists, aliases expanded
+MAX_NODES = 100_000                     # values in the document with every alias expanded (billion laughs)
+MAX_NUMBER = 10**15                     # magnitude of any number; and it must be finite
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A stack file over one of the limits above (or an alias inside a secret)."""
+
+
+class _StackLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with limits: nesting depth while composing, no anchor or alias inside a
+    secret (``{secure: ...}``), and constructor errors (a 5,000-digit integer, 2026-02-30) as
+    YAML errors with a line rather than a ValueError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._secure = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        secure = (isinstance(parent, yaml.MappingNode) and isinstance(index, yaml.ScalarNode)
+                  and index.value == "secure")
+        if (self._secure or secure) and (isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None)):
+            raise _Refused(None, None, "an anchor or alias in a secret ({secure: ...}) is refused; "
+                                       "a secret is one string", event.start_mark)
+        self._depth += 1
+        self._secure += secure
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._secure -= secure
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            reason = str(e).split(":")[0]        # Python's int limit adds advice about sys.set_int_max_str_digits
+            raise _Refused(None, None, f"cannot read the value {_clip(node.value)}: {reason}",
+                           node.start_mark) from None
+
+
+def _clip(value: Any, n: int = 40) -> str:
+    text = value if isinstance(value, str) else type(value).__name__
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    return []
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a document whose aliases expand past MAX_NODES values or MAX_DEPTH levels, or refer
+    to themselves. Computed on the composed graph (aliases are shared nodes), without expanding it."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    active: set[int] = set()
+    todo: list[tuple[Any, bool]] = [(root, False)]
+    while todo:
+        node, done = todo.pop()
+        key = id(node)
+        if done:
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(c)] for c in kids)
+            depth[key] = 1 + max((depth[id(c)] for c in kids), default=0)
+            active.discard(key)
+            if size[key] > MAX_NODES:
+                raise _Refused(None, None, f"aliases expand to more than {MAX_NODES:,} values", node.start_mark)
+            if depth[key] > MAX_DEPTH:
+                raise _Refused(None, None, f"aliases expand to more than {MAX_DEPTH} levels", node.start_mark)
+            continue
+        if key in size:
+            continue
+        if key in active:
+            raise _Refused(None, None, "an alias refers to a value that contains it", node.start_mark)
+        active.add(key)
+        todo.append((node, True))
+        todo.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _StackLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def stack_path(stack: str, stacks_dir: Path | None = None) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", stack):
         raise SpecError(f"stack name {stack!r}: use letters, digits, '.', '_' or '-'")
     return (stacks_dir or STACKS_DIR) / f"Pulumi.{stack}.yaml"
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The `infermesh:` keys of a stack file, namespace stripped. Raises SpecError."""
+def read_text(path: Path) -> str:
+    """A stack file's text: at most MAX_STACK_FILE_BYTES of UTF-8. Raises SpecError."""
     try:
-        doc = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_STACK_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such stack file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a stack file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the stack file ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_STACK_FILE_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_STACK_FILE_BYTES // 1024} KiB; not a stack file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The `infermesh:` keys of a stack file, namespace stripped. Raises SpecError."""
+    text = read_text(path)
+    try:
+        doc = _load_yaml(text)
+    except yaml.reader.ReaderError as e:
+        raise SpecError(f"{path}: character #x{e.character:04x} at offset {e.position} "
+                        f"is not allowed in YAML") from None
+    except _Refused as e:
+        mark = e.problem_mark
+        raise SpecError(f"{path}: line {mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        reason = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}:{where} is not valid YAML ({reason})") from None
+    except (ValueError, OverflowError, TypeError) as e:   # a constructor outside construct_object
+        raise SpecError(f"{path}: cannot read a value ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
         raise SpecError(f"{path}: expected a mapping with a `config:` section (Pulumi stack config)")
     out: dict[str, Any] = {}
@@ -472,6 +602,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return out
 
 
+def _check_numbers(config: dict[str, Any], source: str) -> None:
+    """Every number finite and within ±MAX_NUMBER, named by its field when not."""
+    todo: list[tuple[Any, str]] = [(v, f"{NAMESPACE}:{k}") for k, v in config.items()]
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value) or abs(value) > MAX_NUMBER:
+                shown = f"{value:.3g}" if isinstance(value, float) else _clip(str(value))
+                raise SpecError(f"{source}: {where}: the number {shown} is out of range "
+                                f"(numbers are finite and at most 1e15 in magnitude)")
+        elif isinstance(value, dict):
+            todo.extend((v, f"{where}.{k}") for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
 def parse(config: dict[str, Any], stack: str, source: str = "<config>",
           secrets: dict[str, str] | None = None) -> Spec:
     """Validate already-read config. Secrets are values shaped ``{secure: ...}`` in the file, or
@@ -480,13 +628,16 @@ def parse(config: dict[str, Any], stack: str, source: str = "<config>",
     found_secrets: dict[str, str] = dict(secrets or {})
     for key, value in config.items():
         if isinstance(value, dict) and set(value) == {"secure"}:
-            found_secrets[key] = str(value["secure"])
+            if not isinstance(value["secure"], str):
+                raise SpecError(f"{source}: {NAMESPACE}:{key}.secure: a secret is one string (Pulumi's ciphertext)")
+            found_secrets[key] = value["secure"]
         elif key in _FIELDS:
             data[key] = value
         elif key in found_secrets or isinstance(value, str):
             found_secrets[key] = value if isinstance(value, str) else str(value)
         else:
             raise SpecError(f"{source}: {NAMESPACE}:{key}: unknown setting; known: {', '.join(sorted(_FIELDS))}")
+    _check_numbers({k: v for k, v in config.items() if k in data}, source)
     data["secrets"] = found_secrets
     try:
         return Spec.model_validate(data)
@@ -527,14 +678,20 @@ def _path(loc: list[str], data: Any) -> str:
     parts: list[str] = []
     node = data
     for key in loc:
-        if key.isdigit() and isinstance(node, list):
+        if key.isascii() and key.isdigit() and isinstance(node, list):
             idx = int(key)
             node = node[idx] if idx < len(node) else None
             label = f"[{idx}]"
             if isinstance(node, dict) and ("name" in node or "id" in node):
-                label += f" ({node.get('name', node.get('id'))})"
+                label += f" ({_printable(str(node.get('name', node.get('id'))))})"
             parts.append(label)
         else:
             node = node.get(key) if isinstance(node, dict) else None
             parts.append(("." if parts else "") + key)
     return "".join(parts)
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """A value from the file as shown in a message: control characters escaped, cut to `limit`."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.paths import private_file
+
 KEY_PREFIX = "im-"
 
 _SCHEMA = """
@@ -70,7 +72,7 @@ def new_key() -> tuple[str, str]:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)               # 0600 in a 0700 folder: it holds key hashes (issue 21)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=5000")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fleet.paths import private_file
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id                INTEGER PRIMARY KEY,
@@ -105,7 +107,7 @@ def _row(rec: UsageRecord) -> tuple:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)               # 0600 in a 0700 folder: it holds prompts, for tenants who opted in (issue 21)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")

@@ -1,4 +1,8 @@
-"""`infermesh keys create|list|revoke|debug-log --stack S`: tenants and their API keys."""
+"""`infermesh keys create|list|revoke|debug-log --stack S`: tenants and their API keys.
+
+Tenant names match fleet.cli.TENANT_PATTERN (docs/cli-inputs.md); keys.db is created 0600 in a
+0700 state dir (it holds key hashes and the debug-log opt-ins).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ import time
 from pathlib import Path
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError
-from fleet.paths import state_dir
+from fleet.cli import MAX_DEBUG_LOG_HOURS, UserError, cell, hours, key_id, tenant_name
+from fleet.paths import ensure_state_dir
 from gateway.state import key_admin
 
 
@@ -17,16 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="create, list and revoke API keys")
     ksub = p.add_subparsers(dest="action", required=True)
     c = ksub.add_parser("create", help="create a key (and the tenant if new); the key is shown once")
-    c.add_argument("--tenant", required=True)
+    c.add_argument("--tenant", required=True, type=tenant_name)
     c.add_argument("--tier", help="the tenant's tier (required for a new tenant)")
     ls = ksub.add_parser("list", help="list keys (never the keys themselves)")
-    ls.add_argument("--tenant")
+    ls.add_argument("--tenant", type=tenant_name)
     r = ksub.add_parser("revoke", help="revoke a key by its id; takes effect at once (shared state: on every "
                                      "replica within 2 s)")
-    r.add_argument("key_id")
+    r.add_argument("key_id", type=key_id)
     d = ksub.add_parser("debug-log", help="opt a tenant in to prompt/completion debug logs for N hours (0: off)")
-    d.add_argument("--tenant", required=True)
-    d.add_argument("--hours", type=float, required=True)
+    d.add_argument("--tenant", required=True, type=tenant_name)
+    d.add_argument("--hours", type=hours, required=True, help=f"0 to {MAX_DEBUG_LOG_HOURS}")
     for q in (c, ls, r, d):
         q.add_argument("--stack", required=True)
         q.add_argument("--json", action="store_true")
@@ -41,7 +45,7 @@ def _info(k) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.stack, args.stacks_dir)
-    admin = key_admin(spec, state_dir(args.stack))   # PostgreSQL with ledger: postgres, else keys.db
+    admin = key_admin(spec, ensure_state_dir(args.stack))   # PostgreSQL with ledger: postgres, else keys.db
     try:
         if args.action == "create":
             tiers = [t.name for t in spec.tiers]
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 for k in keys:
                     state = "revoked" if k.revoked_at else "active"
                     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created_at))
-                    print(f"{k.id}  {k.prefix}…  {k.tenant:<20} {k.tier:<10} {state:<8} {when}Z")
+                    print(f"{k.id}  {cell(k.prefix)}…  {cell(k.tenant):<20} {cell(k.tier):<10} {state:<8} {when}Z")
         elif args.action == "revoke":
             info = admin.revoke(args.key_id)
             print(json.dumps(_info(info)) if args.json else f"revoked {info.id} (tenant {info.tenant})")

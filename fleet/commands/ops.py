@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from fleet import mesh_keys
-from fleet.cli import UserError
+from fleet.cli import UserError, bounded
 from fleet.commands.bootstrap import add_stack_args
 from fleet.inventory import GATEWAYS, WORKERS, Fleet, host_vars, load_fleet, nodes_of
 
@@ -56,10 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--all", action="store_true", help="every node (the default without --host)")
             q.add_argument("--json", action="store_true")
         if name == "logs":
-            q.add_argument("--lines", type=int, default=50)
+            q.add_argument("--lines", type=bounded(int, 1, 100_000), default=50)
             q.add_argument("--follow", action="store_true")
         if name == "drain":
-            q.add_argument("--timeout", type=float, default=120, help="seconds to wait for in-flight requests")
+            q.add_argument("--timeout", type=bounded(float, 1, 3600), default=120,
+                           help="seconds to wait for in-flight requests (1 to 3600)")
         q.set_defaults(func=run)
 
 

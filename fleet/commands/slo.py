@@ -6,8 +6,7 @@ import argparse
 import json
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError
-from fleet.commands.usage import parse_since
+from fleet.cli import UserError, cell, parse_since
 from fleet.paths import state_dir
 from gateway import slo
 from gateway.state import usage_rows, uses_postgres
@@ -28,11 +27,12 @@ def _ms(v) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    since = parse_since(args.since)
     spec = spec_mod.load(args.stack)
     path = state_dir(args.stack) / "ledger.db"
     if not uses_postgres(spec) and not path.exists():
         raise UserError(f"no ledger yet for stack {args.stack} ({path})")
-    rep = slo.report(usage_rows(spec, state_dir(args.stack), since=parse_since(args.since)), spec)
+    rep = slo.report(usage_rows(spec, state_dir(args.stack), since=since), spec)
     if args.json:
         print(json.dumps(rep))
         return 0
@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         ttft = "/".join(_ms(t["ttft_ms"][k]) for k in ("p50", "p95", "p99"))
         budget = "-" if t["error_budget_left"] is None else f"{t['error_budget_left']:.0%}"
         burn = "-" if t["burn_rate"]["1h"] is None else f"{t['burn_rate']['1h']:.2f}"
-        print(f"{t['tier']:<10} {t['requests']:>8} {t['requests_5xx']:>5} {avail:>8} {t['slo']['availability']:>6} "
-              f"{ttft:>22} {budget:>7} {burn:>7} {t['credit_percent']:>7}")
+        print(f"{cell(t['tier']):<10} {t['requests']:>8} {t['requests_5xx']:>5} {avail:>8} "
+              f"{t['slo']['availability']:>6} {ttft:>22} {budget:>7} {burn:>7} {t['credit_percent']:>7}")
     return 0

@@ -1,4 +1,8 @@
-"""`infermesh usage report --stack S [--tenant T] [--since ...] [--format csv|json|table]`."""
+"""`infermesh usage report --stack S [--tenant T] [--since ...] [--format csv|json|table]`.
+
+Model names in the ledger are what clients sent: the table escapes control characters, the CSV
+neutralises formula prefixes (fleet.cli.cell, csv_cell); JSON escapes them by itself.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,10 @@ import argparse
 import csv
 import json
 import sys
-import time
 from collections import defaultdict
-from datetime import datetime, timezone
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError
+from fleet.cli import UserError, cell, csv_cell, parse_since, tenant_name
 from fleet.paths import state_dir
 from gateway.state import usage_rows, uses_postgres
 
@@ -21,25 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     usub = p.add_subparsers(dest="action", required=True)
     r = usub.add_parser("report", help="tokens and requests per tenant and model")
     r.add_argument("--stack", required=True)
-    r.add_argument("--tenant")
+    r.add_argument("--tenant", type=tenant_name)
     r.add_argument("--since", help="ISO date/time (UTC) or a duration like 24h, 7d, 30m")
     r.add_argument("--format", choices=("table", "csv", "json"), default="table")
     r.add_argument("--records", action="store_true", help="one row per request instead of totals")
     r.set_defaults(func=run)
-
-
-def parse_since(text: str | None, now: float | None = None) -> float | None:
-    if not text:
-        return None
-    now = now or time.time()
-    units = {"m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return now - float(text[:-1]) * units[text[-1]]
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise UserError(f"--since {text!r}: give an ISO date/time (2026-11-01T00:00) or a duration (24h, 7d)") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def price_micro_usd(row: dict, spec: spec_mod.Spec) -> int:
@@ -74,11 +62,12 @@ def totals(rows: list[dict], spec: spec_mod.Spec) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    since = parse_since(args.since)
     spec = spec_mod.load(args.stack)
     path = state_dir(args.stack) / "ledger.db"
     if not uses_postgres(spec) and not path.exists():
         raise UserError(f"no ledger yet for stack {args.stack} ({path})")
-    rows = usage_rows(spec, state_dir(args.stack), args.tenant, parse_since(args.since))
+    rows = usage_rows(spec, state_dir(args.stack), args.tenant, since)
     out = rows if args.records else totals(rows, spec)
     if args.format == "json":
         print(json.dumps(out, indent=None))
@@ -86,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         if out:
             w = csv.DictWriter(sys.stdout, fieldnames=list(out[0]))
             w.writeheader()
-            w.writerows(out)
+            w.writerows({k: csv_cell(v) for k, v in row.items()} for row in out)
     else:
         cols = list(out[0]) if out else ["tenant", "model", "requests", "total_tokens"]
         print("  ".join(f"{c:>14}" for c in cols))
         for row in out:
-            print("  ".join(f"{str(row[c]):>14}" for c in cols))
+            print("  ".join(f"{cell(row[c]):>14}" for c in cols))
     return 0
