@@ -88,6 +88,7 @@ else:
         "credentials": {p.name: p.credentials for p in spec.providers if p.credentials},
         "mesh_configs": mesh.worker_configs, "mesh_port": spec.mesh.port,
         "default_image": images.worker_ref,
+        "surge": {p.name: p.surge for p in spec.pools},
     })
     gateway_names = [g.name for g in gateways]
     gateway = GatewayFleet("infermesh-gateway", {

@@ -148,6 +148,7 @@ class Pool(_Strict):
     max_model_len: PosInt | None = None        # tokens per sequence for the KV budget (model context by default)
     price_per_gpu_hour: NonNegFloat | None = None
     connection: Literal["container", "ssh"] = "container"
+    surge: PosInt = 1                          # leases of this pool replaced at a time (docs/leases.md)
     sim: SimKnobs | None = None                # only for sim providers
     gguf: str | None = None                    # only for llamacpp providers
     upstream_model: str | None = None          # only for openai-kind providers: the model's id there

@@ -144,3 +144,50 @@ class EngineHost:
 
     def delete(self, id_: str, outs: dict[str, Any]) -> None:
         self.servicer.Delete(proto.DeleteRequest(id=id_, urn=URN, properties=to_struct(outs)), _Context())
+
+
+def apply_update(host: EngineHost, old: dict[str, tuple[str, dict[str, Any], dict[str, Any]]],
+                 news: dict[str, dict[str, Any]], deps: dict[str, list[str]]
+                 ) -> tuple[dict[str, tuple[str, dict[str, Any], dict[str, Any]]], list[list[str]]]:
+    """``pulumi up`` over dynamic resources, as modelled here (a model of the engine, not the engine):
+
+    - a resource's step starts once the steps of the resources it depends on have finished; the
+      steps whose dependencies are done start together (one *wave*);
+    - each step runs check, then diff against the stored outputs; a replace with
+      ``delete_before_replace`` deletes first, otherwise the replacement is created and the old
+      resource is deleted after every other step of the update (the engine's deletes come last);
+    - ``old``: name -> (id, stored outputs, stored inputs); ``news``: name -> inputs as registered.
+
+    Returns the new state and the waves (names per wave)."""
+    state = dict(old)
+    waves: list[list[str]] = []
+    done: set[str] = set()
+    replaced: list[tuple[str, dict[str, Any]]] = []
+    pending = list(news)
+    while pending:
+        ready = [n for n in pending if all(d in done for d in deps.get(n, []) if d in news)]
+        assert ready, f"dependency cycle among {pending}"
+        waves.append(ready)
+        for name in ready:
+            if name not in old:
+                inputs, failures = host.check({}, news[name])
+                assert not failures, (name, failures)
+                state[name] = (*host.create(inputs), inputs)
+                continue
+            id_, outs, old_inputs = old[name]
+            inputs, failures = host.check(old_inputs, news[name])
+            assert not failures, (name, failures)
+            d = host.diff(id_, outs, inputs)
+            if d.replaces:
+                if d.delete_before_replace:
+                    host.delete(id_, outs)
+                else:
+                    replaced.append((id_, outs))
+                state[name] = (*host.create(inputs), inputs)
+            elif d.changes:
+                state[name] = (id_, host.update(id_, outs, inputs), inputs)
+        done.update(ready)
+        pending = [n for n in pending if n not in done]
+    for id_, outs in reversed(replaced):
+        host.delete(id_, outs)
+    return state, waves

@@ -75,6 +75,7 @@ class Registered:
 class Mocks(pulumi.runtime.Mocks):
     def __init__(self) -> None:
         self.resources: list[Registered] = []
+        self.deps: dict[str, list[str]] = {}      # resource name -> names of the resources it depends on
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.resources.append(Registered(args.typ, args.name, dict(args.inputs)))
@@ -133,6 +134,13 @@ def run_program(stack: str, monkeypatch: pytest.MonkeyPatch, stacks_dir: Path | 
     # closed or unset it, so each run gets its own.
     asyncio.set_event_loop(asyncio.new_event_loop())
     mocks = Mocks()
+    register = pulumi.runtime.mocks.MockMonitor.RegisterResource
+
+    def recording(monitor, request):
+        mocks.deps[request.name] = [urn.rsplit("::", 1)[-1] for urn in request.dependencies]
+        return register(monitor, request)
+
+    monkeypatch.setattr(pulumi.runtime.mocks.MockMonitor, "RegisterResource", recording)
     pulumi.runtime.set_mocks(mocks, project="infermesh", stack=stack, preview=False)
     config, secret_keys = stack_config(stack, stacks_dir)
     pulumi.runtime.set_all_config(config, secret_keys)
@@ -513,7 +521,7 @@ def test_lease_errors_reach_the_operator_as_one_line(runs, fakes, monkeypatch):
     monkeypatch.setattr(lease_mod, "_in_provider_host", lambda: True)
     monkeypatch.setattr(sys, "tracebacklimit", 1000, raising=False)    # restored (removed) after the test
     host = EngineHost(stack_config("staging")[0])
-    props = next(p for p in recorded_leases(runs["staging"]) if p["provider_kind"] == "runpod")
+    props = next(p for p in recorded_leases(runs["staging"]) if p["name"] == "qwen-runpod-0")
     inputs, _ = host.check({}, props)
     fakes["runpod"].gpus = []
     with pytest.raises(EngineError) as e:
@@ -643,3 +651,49 @@ def test_marketplace_faults_end_in_one_clear_line(runs, fakes, no_wall_clock, mo
     lease_id, outs = host.create(inputs)
     assert list(fake.live()) == [lease_id] and outs["status"] == "running"
     assert host.create(inputs)[0] == lease_id and list(fake.live()) == [lease_id]
+
+
+# ---- replacements without outage -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("surge", [1, 2])
+def test_pool_replacement_never_drops_below_its_replicas(monkeypatch, tmp_path, fakes, surge):
+    """A pool of 3 gets a new image: its leases are replaced `surge` at a time, each new lease is running
+    before any old one goes, and the FAKE's timeline never shows fewer than 3 running (engine model:
+    tests/engine.apply_update)."""
+    from tests.engine import EngineHost, apply_update
+
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.staging.yaml").read_text())
+    pool = next(p for p in doc["config"]["infermesh:pools"] if p["name"] == "qwen-vast")
+    pool["replicas"], pool["surge"] = 3, surge
+
+    def program(image: str) -> Run:
+        pool["image"] = image
+        (tmp_path / "Pulumi.rolltest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        return run_program("rolltest", monkeypatch, stacks_dir=tmp_path)
+
+    def leases_of(run: Run) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+        regs = {r.name: {k: v for k, v in r.inputs.items() if v is not None} for r in run.mocks.of_type(LEASE_TYPE)}
+        return regs, {name: run.mocks.deps.get(name, []) for name in regs}
+
+    host = EngineHost(stack_config("staging")[0])
+    first, deps = leases_of(program(pool["image"]))
+    members = sorted(n for n in first if n.startswith("qwen-vast-"))
+    assert len(members) == 3
+    # The chain: replica i waits for replica i - surge.
+    assert [[d for d in deps[n] if d in first] for n in members] == \
+        [[members[i - surge]] if i >= surge else [] for i in range(3)]
+    state, _ = apply_update(host, {}, first, deps)
+    vast = fakes["vastai"]
+    start = len(vast.timeline)
+    new, deps = leases_of(program("registry.example/infermesh/worker@sha256:" + "9" * 64))
+    state, waves = apply_update(host, state, new, deps)
+    in_pool = [[n for n in wave if n in members] for wave in waves]
+    assert max(len(w) for w in in_pool) == surge                 # never more than `surge` rented at once
+    replaced = [state[n][0] for n in members]
+    assert set(replaced).isdisjoint(x for _, ev, x, _ in vast.timeline[:start] if ev == "rented")
+    # Running leases of the pool after each marketplace event of the replacement: never below 3.
+    prefix = "infermesh--rolltest--qwen-vast-"
+    counts = vast.running_at_each_step(prefix)[start:]
+    before = vast.running_at_each_step(prefix)[start - 1]
+    assert before == 3 and counts and min(counts) >= 3 and counts[-1] == 3
+    assert sorted(x for x, label in vast.live().items() if label.startswith(prefix)) == sorted(replaced)

@@ -464,9 +464,14 @@ class GpuLease(pulumi.ComponentResource):
             "env": pulumi.Output.secret(args.get("env", {})),
             "provider_version": PROVIDER_VERSION,
         }
+        # A lease waits for the leases its component waits for (WorkerFleet's surge), resource to resource.
+        waits = opts.depends_on if opts is not None and opts.depends_on is not None else []
+        waits = [w.resource if isinstance(w, GpuLease) else w
+                 for w in (waits if isinstance(waits, (list, tuple)) else [waits])]
         self.resource = GpuLeaseResource(
             f"{name}-lease", provider, props,
-            pulumi.ResourceOptions(parent=self, delete_before_replace=False, additional_secret_outputs=["env"]))
+            pulumi.ResourceOptions(parent=self, delete_before_replace=False, additional_secret_outputs=["env"],
+                                   depends_on=waits))
         self.label = self.resource.label
         self.lease_id = self.resource.lease_id
         self.status = self.resource.status

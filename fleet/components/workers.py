@@ -73,6 +73,28 @@ class WorkerFleetArgs(TypedDict):
     """The built worker image, for leases whose pool pins none."""
     base_urls: NotRequired[Mapping[str, str]]
     """Per provider kind, an API base URL other than the adapter's."""
+    surge: NotRequired[Mapping[str, int]]
+    """Per pool, how many of its leases are replaced at a time (default 1)."""
+
+
+def pace(leases: Sequence[Lease], surge: Mapping[str, int]) -> dict[str, str | None]:
+    """Lease name -> the lease of the same pool it waits for (``depends_on``), or None.
+
+    Within a pool, lease i waits for lease i - surge: the engine registers a lease only after the one
+    it depends on has finished its step, so at most ``surge`` of a pool's leases are being rented (or
+    replaced) at once. A replacement is created before the old lease is deleted (GpuLease), and the
+    engine deletes replaced resources after the update's other steps, so a pool never has fewer
+    running leases than its replicas while it is replaced (docs/leases.md)."""
+    by_pool: dict[str, list[Lease]] = {}
+    for lease in leases:
+        by_pool.setdefault(lease.pool, []).append(lease)
+    after: dict[str, str | None] = {}
+    for pool, members in by_pool.items():
+        members = sorted(members, key=lambda x: x.replica)
+        step = max(int(surge.get(pool, 1)), 1)
+        for i, lease in enumerate(members):
+            after[lease.name] = members[i - step].name if i >= step else None
+    return after
 
 
 class WorkerFleet(pulumi.ComponentResource):
@@ -83,7 +105,8 @@ class WorkerFleet(pulumi.ComponentResource):
         super().__init__("infermesh:fleet:WorkerFleet", name, None, opts)
         configs = pulumi.Output.secret(args["mesh_configs"])
         self.leases = {}
-        for lease in args["leases"]:
+        waits_for = pace(args["leases"], args.get("surge", {}))
+        for lease in sorted(args["leases"], key=lambda x: (x.pool, x.replica)):
             launch = args["launches"][lease.name]
             image = lease.image or args.get("default_image")
             if image is None:
@@ -103,7 +126,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 "env": env, "ports": ports, "disk_gb": launch["disk_gb"], "connection": lease.connection,
                 **({"base_url": args["base_urls"][lease.provider_kind]}
                    if lease.provider_kind in args.get("base_urls", {}) else {}),
-            }, pulumi.ResourceOptions(parent=self))
+            }, pulumi.ResourceOptions(parent=self, depends_on=[self.leases[w]] if (w := waits_for[lease.name]) else []))
         ssh = [x for x in args["leases"] if x.connection == "ssh"]
         self.inventory = pulumi.Output.all(*[
             pulumi.Output.all(self.leases[x.name].ssh_host, self.leases[x.name].ssh_port, self.leases[x.name].ssh_user,

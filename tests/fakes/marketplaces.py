@@ -169,11 +169,12 @@ class FakeServer:
         self.timeline.append((next(self._seq), event, str(lease_id), str(label or "")))
 
     def running_at_each_step(self, label_prefix: str = "") -> list[int]:
-        """Leases running under the prefix after each timeline event (for replacement tests)."""
+        """Leases running under the prefix after each timeline event (one count per event, in order)."""
         running: set[str] = set()
         counts = []
         for _seq, event, lease_id, label in self.timeline:
             if not label.startswith(label_prefix):
+                counts.append(len(running))
                 continue
             if event == "running":
                 running.add(lease_id)
