@@ -556,30 +556,32 @@ def stack_path(stack: str, stacks_dir: Path | None = None) -> Path:
     return (stacks_dir or STACKS_DIR) / f"Pulumi.{stack}.yaml"
 
 
-def read_text(path: Path) -> str:
-    """A stack file's text: at most MAX_STACK_FILE_BYTES of UTF-8. Raises SpecError."""
+def read_text(path: Path, what: str = "stack file") -> str:
+    """A file's text: at most MAX_STACK_FILE_BYTES of UTF-8. Raises SpecError."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_STACK_FILE_BYTES + 1)
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such stack file") from None
+        raise SpecError(f"{path}: no such {what}") from None
     except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a stack file") from None
+        raise SpecError(f"{path}: is a directory, not a {what}") from None
     except OSError as e:
-        raise SpecError(f"{path}: cannot read the stack file ({e.strerror or type(e).__name__})") from None
+        raise SpecError(f"{path}: cannot read the {what} ({e.strerror or type(e).__name__})") from None
     if len(data) > MAX_STACK_FILE_BYTES:
-        raise SpecError(f"{path}: larger than {MAX_STACK_FILE_BYTES // 1024} KiB; not a stack file")
+        raise SpecError(f"{path}: larger than {MAX_STACK_FILE_BYTES // 1024} KiB; not a {what}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The `infermesh:` keys of a stack file, namespace stripped. Raises SpecError."""
-    text = read_text(path)
+def read_yaml(path: Path, what: str = "stack file") -> Any:
+    """A YAML (or JSON) file read with the stack-file limits above: size, UTF-8, depth, alias
+    expansion, no alias in secrets. Any problem is a SpecError of one line naming the file and, where
+    it has one, the line. Also for the other files the CLI reads (hosts files)."""
+    text = read_text(path, what)
     try:
-        doc = _load_yaml(text)
+        return _load_yaml(text)
     except yaml.reader.ReaderError as e:
         raise SpecError(f"{path}: character #x{e.character:04x} at offset {e.position} "
                         f"is not allowed in YAML") from None
@@ -593,6 +595,11 @@ def read_config(path: Path) -> dict[str, Any]:
         raise SpecError(f"{path}:{where} is not valid YAML ({reason})") from None
     except (ValueError, OverflowError, TypeError) as e:   # a constructor outside construct_object
         raise SpecError(f"{path}: cannot read a value ({e})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The `infermesh:` keys of a stack file, namespace stripped. Raises SpecError."""
+    doc = read_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
         raise SpecError(f"{path}: expected a mapping with a `config:` section (Pulumi stack config)")
     out: dict[str, Any] = {}

@@ -257,6 +257,15 @@ def test_a_directory_is_not_a_stack_file(tmp_path, state):
     assert_one_line_error(rc, err, "Pulumi.bad.yaml", "is a directory")
 
 
+def test_other_yaml_files_get_the_same_limits(tmp_path):
+    (tmp_path / "hosts.yaml").mkdir()
+    with pytest.raises(spec_mod.SpecError, match="hosts.yaml: is a directory, not a hosts file"):
+        spec_mod.read_yaml(tmp_path / "hosts.yaml", "hosts file")
+    (tmp_path / "bomb.yaml").write_text(laughs(inside_secret=False))
+    with pytest.raises(spec_mod.SpecError, match="aliases expand"):
+        spec_mod.read_yaml(tmp_path / "bomb.yaml", "hosts file")
+
+
 def test_the_shipped_stacks_and_ordinary_aliases_still_load(tmp_path):
     for stack in ("local", "local-ha", "staging", "prod"):
         spec_mod.load(stack)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{k.id}  {cell(k.prefix)}…  {cell(k.tenant):<20} {cell(k.tier):<10} {state:<8} {when}Z")
         elif args.action == "revoke":
             info = admin.revoke(args.key_id)
-            print(json.dumps(_info(info)) if args.json else f"revoked {info.id} (tenant {info.tenant})")
+            print(json.dumps(_info(info)) if args.json else f"revoked {info.id} (tenant {cell(info.tenant)})")
         elif args.action == "debug-log":
             until = admin.set_debug_log(args.tenant, args.hours)
             msg = "off" if until is None else time.strftime("until %Y-%m-%d %H:%MZ", time.gmtime(until))

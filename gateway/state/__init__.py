@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from fleet.paths import private_dir
 from gateway import ledger as sqlite_ledger
 from gateway.keys import KeyAdmin, KeyStore
 from gateway.ledger import Ledger
@@ -78,7 +79,7 @@ class State:
             from gateway.state.pg_keys import PgKeyStore
             from gateway.state.pg_ledger import PgShipper, SpoolLedger
             spool = (state_dir / "instances" / instance if instance else state_dir) / "ledger.db"
-            spool.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(spool.parent)        # 0700, like the state dir: the spool holds prompts when opted in
             self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
             self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health)
