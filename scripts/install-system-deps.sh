@@ -19,6 +19,7 @@ declare -A PROVIDES=(
     [iptables]=/usr/sbin/iptables
     [iputils-ping]=/usr/bin/ping
     [redis-server]=/usr/bin/redis-server     # tests/test_shared_state.py runs a redis-server of its own
+    [prometheus]=/usr/bin/prometheus         # tests/test_canary.py: canary SLIs through a Prometheus of its own
 )
 
 missing=()

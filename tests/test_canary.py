@@ -541,7 +541,7 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
     path = stacks / "Pulumi.local.yaml"
     path.write_bytes(spec_mod.stack_path("local").read_bytes())
     env = {**os.environ, "INFERMESH_STATE_DIR": str(tmp_path / "state")}
-    port, base = free_port(), free_port_range(8)
+    port, base = free_port(), free_port_range(12)
     proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--stack", "local", "--stacks-dir", str(stacks),
                              "--port", str(port), "--port-base", str(base)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -564,23 +564,25 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
         return [int(x) for x in out.split()]
 
+    # the shipped local stack's workers (however many pools it declares) and the gateway
+    workers = sum(p.replicas for p in spec_mod.load("local", stacks).pools)
     try:
         expect(lambda ln: ln.startswith("{"))
-        assert len(children()) == 6
+        assert len(children()) == workers + 1
         args = ["canary", "start", "--stack", "local", "--stacks-dir", str(stacks), "--pool", POOL, "--image", IMAGE]
         assert cli.main(args) == 0
         expect(lambda ln: f"started {POOL}-canary-0" in ln)
-        assert len(children()) == 7
-        worker = f"http://127.0.0.1:{base + 5}/health"               # after the 5 declared workers
+        assert len(children()) == workers + 2
+        worker = f"http://127.0.0.1:{base + workers}/health"         # after the declared workers
         with urllib.request.urlopen(worker, timeout=5) as r:
             assert r.status == 200
         assert cli.main(["canary", "rollback", "--stack", "local", "--stacks-dir", str(stacks)]) == 0
         expect(lambda ln: f"stopped {POOL}-canary-0 (drained)" in ln)
-        wait_for(lambda: len(children()) == 6, what="the canary worker to exit")
+        wait_for(lambda: len(children()) == workers + 1, what="the canary worker to exit")
         good = path.read_text()
         path.write_text(good.replace("replicas: 2", "replicas: -2"))
         line = expect(lambda ln: "keeping the running stack" in ln)
-        assert "replicas" in line and len(children()) == 6
+        assert "replicas" in line and len(children()) == workers + 1
         capsys.readouterr()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -858,7 +860,8 @@ def test_bad_canary_on_three_replicas_is_judged_on_all_their_counters_and_rolled
                 break
             time.sleep(1.0)
         assert (rc, decision["decision"]) == (4, "rollback"), decision
-        print(f"decision: {decision['reason']}; per replica: {decision['source']['replicas']}")
+        with capsys.disabled():
+            print(f"\ndecision: {decision['reason']}; per replica: {decision['source']['replicas']}")
         assert decision["reason"].startswith("error rate") and decision["applied"] == "rollback"
         replicas = decision["source"]["replicas"]
         assert decision["source"]["kind"] == "replicas" and len(replicas) == 3
@@ -874,6 +877,88 @@ def test_bad_canary_on_three_replicas_is_judged_on_all_their_counters_and_rolled
     assert watcher.last_error is None, lines
     assert spec_mod.load(HA, ha.stacks_dir).canary is None
     assert load.failures() == [], load.failures()[:5]      # the canary's failures were retried before a byte
+
+
+@pytest.fixture(scope="module")
+def prometheus(ha, tmp_path_factory):
+    """A Prometheus of the test's own scraping the three gateway processes every second, with the
+    `namespace` label a Kubernetes scrape config keeps (the queries filter on it)."""
+    import shutil as _shutil
+
+    exe = _shutil.which("prometheus")
+    if exe is None:
+        pytest.skip("prometheus is not installed (scripts/install-system-deps.sh installs it)")
+    import subprocess as _sp
+
+    from .conftest import free_port
+
+    tmp = tmp_path_factory.mktemp("prometheus")
+    targets = [ha.replica_root(i).removeprefix("http://") for i in range(3)]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "infermesh-gateway", "static_configs": [
+            {"targets": targets, "labels": {"namespace": ha.stack.spec.gateway.namespace}}]}]}))
+    port = free_port()
+    proc = _sp.Popen([exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                      f"--web.listen-address=127.0.0.1:{port}"], stdout=_sp.DEVNULL, stderr=_sp.DEVNULL,
+                     start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def scraping() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/api/v1/targets", timeout=2) as r:
+                active = json.loads(r.read())["data"]["activeTargets"]
+            return len(active) == 3 and all(t["health"] == "up" for t in active)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    try:
+        wait_for(scraping, timeout=60, what="Prometheus scraping the three replicas")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_a_bad_canary_judged_through_the_stacks_prometheus_is_rolled_back(capsys, ha, prometheus):
+    """The production path: a real Prometheus scrapes every replica; `evaluate` asks it for the
+    per-pool increases over the window, summed over the replicas, and decides on them."""
+    urls = [ha.stack.replica_url(i) for i in range(3)]
+    with ha_following(ha) as (watcher, lines), SpreadLoad(urls, ha.key) as load:
+        wait_for(lambda: len(load.results) > 30, what="traffic before the canary")
+        rc = cli.main(ha_cli(ha, "start", "--pool", POOL, "--image", IMAGE, "--weight", "40",
+                             "--sim", "error_rate=0.3"))
+        assert rc == 0, capsys.readouterr().err
+        wait_for(lambda: all(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary in every replica's routing")
+        capsys.readouterr()
+        deadline = time.monotonic() + 120
+        while True:
+            rc = cli.main(ha_cli(ha, "evaluate", "--prometheus", prometheus, "--window", "60", "--min-samples", "60",
+                                 "--json", "--apply"))
+            out, err = capsys.readouterr()
+            assert rc in (3, 4), err
+            decision = json.loads(out)
+            if rc == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        with capsys.disabled():
+            print(f"\ndecision through Prometheus: {decision['reason']}")
+        assert (rc, decision["decision"], decision["applied"]) == (4, "rollback", "rollback"), decision
+        assert decision["reason"].startswith("error rate")
+        assert decision["source"] == {"kind": "prometheus", "url": prometheus, "window_s": 60.0}
+        wait_for(lambda: not any(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
+                 what="the canary out of every replica's routing")
+    assert watcher.last_error is None, lines
+    assert load.failures() == [], load.failures()[:5]
+    # a Prometheus that does not answer: the evaluation cannot read its SLIs and rolls back
+    rc = cli.main(ha_cli(ha, "start", "--pool", POOL, "--image", IMAGE, "--weight", "10"))
+    assert rc == 0
+    capsys.readouterr()
+    rc = cli.main(ha_cli(ha, "evaluate", "--prometheus", "http://127.0.0.1:9", "--json", "--apply"))
+    decision = json.loads(capsys.readouterr().out)
+    assert rc == 4 and decision["applied"] == "rollback" and "cannot read the canary's SLIs" in decision["reason"]
+    assert spec_mod.load(HA, ha.stacks_dir).canary is None
 
 
 class FakeKubeApi:
