@@ -124,7 +124,8 @@ class LocalStack:
 
     def start(self, timeout: float = 30.0) -> None:
         self.check()
-        private_dir(self.state)              # 0700: keys.db and ledger.db (prompts, when opted in) live here
+        # 0700: keys.db and ledger.db (prompts, when opted in) live here; .infermesh/<stack> is ours to tighten
+        private_dir(self.state, tighten=self.state.parent == ROOT / ".infermesh")
         workers = self.worker_commands()
         self.write_routing()
         try:

@@ -385,6 +385,16 @@ def test_an_old_world_readable_ledger_is_tightened(tmp_path, loose_umask):
     assert mode(path) == 0o600
 
 
+def test_a_running_local_stack_keeps_its_state_private(local_stack):
+    """The gateway process (not the CLI) creates ledger.db; `up` creates the state dir."""
+    local_stack.key("perm", "hobby")
+    state = local_stack.state
+    assert mode(state) == 0o700
+    for name in ("ledger.db", "keys.db"):
+        assert mode(state / name) == 0o600, name
+    assert mode(state / "logs") == 0o700
+
+
 def test_folders_are_tightened_only_where_they_are_ours(tmp_path, loose_umask):
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
     for d in (mine, theirs):
