@@ -714,3 +714,88 @@ def test_audit_cli_names_each_marketplace_without_credentials(monkeypatch, capsy
     for kind, env in (("vastai", "VASTAI_API_KEY"), ("runpod", "RUNPOD_API_KEY"), ("akash", "AKASH_API_KEY")):
         assert f"{kind}: skipped: no credentials (set {env})" in out
     assert "total: 0 unknown" in out
+
+
+# ==== adapter items against the published APIs ============================================================
+
+def test_vast_cuda_filter_and_private_registry(vast, sleeps):
+    vast.offers.append(__import__("tests.fakes.marketplaces", fromlist=["vast_offer"]).vast_offer(
+        105, dph_total=0.10, cuda_max_good=12.2))              # cheapest, but its driver cannot run CUDA 12.9
+    a = vast_adapter(vast, sleeps)
+    req = request(min_cuda="12.9", registry="-u bot -p s3cret registry.example")
+    assert [o.offer_id for o in a.search(req)] == ["102", "101"]
+    assert [o.offer_id for o in a.search(request())][0] == "105"      # without the filter it would be rented
+    a.create(req)
+    [call, *_] = vast.calls("POST", r"/bundles/$")
+    assert call["body"]["cuda_max_good"] == {"gte": 12.9}
+    [put] = vast.calls("PUT")
+    assert put["body"]["image_login"] == "-u bot -p s3cret registry.example"
+    assert "s3cret" not in repr(req)
+
+
+def test_runpod_capacity_400_tries_each_data_center(runpod, sleeps):
+    runpod.full_centers = {"EU-NL-1"}
+    state = adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    posts = runpod.calls("POST", r"/v2/pods$")
+    assert [p["body"]["dataCenterIds"] for p in posts] == [["EU-NL-1"], ["EU-SE-1"]]
+    assert runpod.pods[state.lease_id]["dataCenterId"] == "EU-SE-1" and len(runpod.pods) == 1
+
+
+def test_runpod_capacity_400_everywhere_is_out_of_capacity(runpod, sleeps):
+    runpod.full_centers = {"EU-NL-1", "EU-SE-1"}
+    with pytest.raises(OutOfCapacity) as e:
+        adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert len(e.value.failover_history) == 1 and "EU-NL-1, EU-SE-1" in str(e.value.failover_history[0])
+    assert len(e.value.failover_history[0].failover_history) == 2 and runpod.pods == {}
+
+
+def test_runpod_402_and_403_say_what_to_do(runpod, sleeps):
+    runpod.balance_low = True
+    with pytest.raises(ProviderError) as e:
+        adapter(RunPod, runpod, sleeps).create(request(cap=1.0))
+    assert e.value.status == 402 and "add funds" in e.value.fix and len(runpod.calls("POST")) == 1
+    runpod.balance_low, runpod.forbidden = False, True
+    with pytest.raises(AuthFailed) as e:
+        adapter(RunPod, runpod, sleeps).search(request(cap=1.0))
+    assert e.value.status == 403 and "scope" in e.value.fix and "set a valid key" not in e.value.fix
+
+
+def test_runpod_only_published_gpu_ids_and_cuda_and_registry(runpod, sleeps):
+    from fleet.marketplaces import UnknownGpuType
+
+    with pytest.raises(UnknownGpuType, match="no 'A100-40G'"):
+        adapter(RunPod, runpod, sleeps).search(request(gpu="A100-40G", cap=3.0))
+    runpod.gpus[0]["cudaVersions"] = ["12.4"]
+    with pytest.raises(NoOffers, match="not in the catalog"):
+        adapter(RunPod, runpod, sleeps).search(request(cap=1.0, min_cuda="12.9"))
+    runpod.gpus[0]["cudaVersions"] = ["12.9"]
+    adapter(RunPod, runpod, sleeps).create(request(cap=1.0, min_cuda="12.9", registry="cred-123"))
+    assert runpod.calls("GET", r"/v2/catalog/gpus$")[-1]["query"]["minCudaVersion"] == "12.9"
+    [post] = runpod.calls("POST", r"/v2/pods$")
+    assert post["body"]["gpu"]["minCudaVersion"] == "12.9" and post["body"]["registry"] == "cred-123"
+
+
+def test_akash_sdl_audited_no_deposit_and_label_from_stored_sdl(akash, sleeps):
+    a = akash_adapter(akash, sleeps)
+    state = a.create(request(label="infermesh--prod--qwen-eu-akash-0--0123abcd", cap=0.6))
+    [post] = akash.calls("POST", r"/v1/deployments$")
+    assert set(post["body"]["data"]) == {"sdl"}                               # no deposit
+    doc = yaml.safe_load(post["body"]["data"]["sdl"])
+    assert doc["profiles"]["placement"]["infermesh--prod--qwen-eu-akash-0--0123abcd"]["signedBy"] == \
+        {"anyOf": ["akash1365yvmc4s7awdyj3n2sav7xfx76adc6dnmlx63"]}
+    # The list carries no groups: the label comes from the SDL the Console stored.
+    listed = akash.route("GET", "/v1/deployments", {}, None)[1]["data"]["deployments"]
+    assert listed and all(set(d) == {"deployment", "leases", "escrow_account"} for d in listed)
+    assert [s.label for s in a.leases()] == ["infermesh--prod--qwen-eu-akash-0--0123abcd"]
+    assert [s.lease_id for s in a.leases_labelled("infermesh--prod--")] == [state.lease_id]
+
+
+def test_akash_forwarded_port_without_host(akash, sleeps):
+    a = akash_adapter(akash, sleeps)
+    state = a.wait_running(a.create(request(cap=0.6, ports=(Port(22, "tcp"),))).lease_id)
+    assert state.endpoint(22).host == "provider.fake-akash.invalid"
+    for lease in akash.deployments[state.lease_id]["leases"]:
+        for fp in lease["status"]["forwarded_ports"]["worker"]:
+            del fp["host"]                                            # host is optional in the schema
+    again = a.status(state.lease_id)
+    assert again.status == "running" and again.endpoint(22) is None

@@ -64,10 +64,12 @@ REPLACE_ON = ("provider_kind", "project", "stack", "name", "gpu_type", "gpu_coun
               "env", "ports", "connection")
 # Inputs that only change how we judge or reach the lease, or how the next one is rented: updated in place.
 UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version", "base_url",
-             "countries", "disk_gb")
+             "countries", "disk_gb", "min_cuda", "registry")
+# min_cuda: the worker image's CUDA runtime (vLLM 0.12.0 is built on CUDA 12.9); hosts whose driver
+# cannot run it are filtered out where the marketplace can filter (Vast cuda_max_good, RunPod minCudaVersion).
 DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60,
                             "connection": "container", "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
-                            "provider_version": PROVIDER_VERSION}
+                            "provider_version": PROVIDER_VERSION, "min_cuda": "12.9", "registry": ""}
 WHOLE = {"gpu_count": 1, "disk_gb": 1, "wait_s": 0}          # integer inputs and their minimum
 OUTPUTS = ("lease_id", "status", "raw_status", "price_per_hour", "endpoint_host", "endpoint_port", "ssh_host",
            "ssh_port", "ssh_user")
@@ -237,6 +239,7 @@ class LeaseProvider(ResourceProvider):
             region=str(props.get("region") or ""), countries=tuple(props.get("countries") or ()),
             args=tuple(props.get("args") or ()), env=dict(props.get("env") or {}), ports=tuple(ports),
             disk_gb=int(float(props.get("disk_gb") or 60)), ssh=props.get("connection") == "ssh",
+            min_cuda=str(props.get("min_cuda") or ""), registry=str(props.get("registry") or ""),
         )
 
     @staticmethod
@@ -424,6 +427,10 @@ class GpuLeaseArgs(TypedDict):
     """The marketplace API's base URL (default: the adapter's)."""
     wait_s: NotRequired[pulumi.Input[int]]
     """How long create waits for the lease to run (0: return once rented)."""
+    min_cuda: NotRequired[pulumi.Input[str]]
+    """Lowest CUDA version the image needs from the host (default 12.9, the worker image's)."""
+    registry: NotRequired[pulumi.Input[str]]
+    """Private registry access (secret): Vast ``image_login`` text or a RunPod registry credential id."""
     project: NotRequired[str]
     """The Pulumi project, for the label (default: the running program's)."""
     stack: NotRequired[str]
@@ -460,8 +467,9 @@ class GpuLease(pulumi.ComponentResource):
             "credentials": args["credentials"],
             "project": args.get("project") or pulumi.get_project(), "stack": args.get("stack") or pulumi.get_stack(),
             **{k: args.get(k, DEFAULTS[k]) for k in ("countries", "args", "ports", "disk_gb", "connection",
-                                                     "price_per_gpu_hour", "base_url", "wait_s")},
+                                                     "price_per_gpu_hour", "base_url", "wait_s", "min_cuda")},
             "env": pulumi.Output.secret(args.get("env", {})),
+            "registry": pulumi.Output.secret(args.get("registry", "")),
             "provider_version": PROVIDER_VERSION,
         }
         # A lease waits for the leases its component waits for (WorkerFleet's surge), resource to resource.
@@ -470,8 +478,8 @@ class GpuLease(pulumi.ComponentResource):
                  for w in (waits if isinstance(waits, (list, tuple)) else [waits])]
         self.resource = GpuLeaseResource(
             f"{name}-lease", provider, props,
-            pulumi.ResourceOptions(parent=self, delete_before_replace=False, additional_secret_outputs=["env"],
-                                   depends_on=waits))
+            pulumi.ResourceOptions(parent=self, delete_before_replace=False, depends_on=waits,
+                                   additional_secret_outputs=["env", "registry"]))
         self.label = self.resource.label
         self.lease_id = self.resource.lease_id
         self.status = self.resource.status

@@ -27,6 +27,7 @@ from fleet.marketplaces.base import (
     ProviderError,
     RateLimited,
     RetryPolicy,
+    UnknownGpuType,
 )
 from fleet.marketplaces.openai_upstream import OpenAIUpstream
 from fleet.marketplaces.runpod import RunPod
@@ -50,5 +51,5 @@ __all__ = [
     "ADAPTERS", "API_KEY_ENV", "LEASE_ADAPTERS", "Akash", "AuthFailed", "Endpoint", "LeaseAbandoned", "LeaseDied",
     "LeaseRequest", "LeaseState", "Marketplace", "MarketplaceError", "ModelUnavailable", "NoOffers", "NotFound",
     "Offer", "OpenAIUpstream", "OutOfCapacity", "Port", "PriceAboveCap", "ProviderError", "RateLimited",
-    "RetryPolicy", "RunPod", "VastAi", "adapter_class",
+    "RetryPolicy", "RunPod", "UnknownGpuType", "VastAi", "adapter_class",
 ]

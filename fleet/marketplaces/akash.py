@@ -47,6 +47,7 @@ from fleet.marketplaces.base import (
     PriceAboveCap,
     ProviderError,
     maybe_rented,
+    UnknownGpuType,
     select_under_cap,
 )
 
@@ -145,7 +146,8 @@ class Akash(Marketplace):
         Real offers are bids, which exist only after a deployment (see ``create``)."""
         model, ram = GPU_MODELS.get(request.gpu_type, (None, None))
         if model is None:
-            raise ValueError(f"akash: no Akash GPU model for GPU type {request.gpu_type!r}")
+            raise UnknownGpuType(f"akash: no Akash GPU model for GPU type {request.gpu_type!r}; known: "
+                                 f"{sorted(GPU_MODELS)}", provider=self.kind)
         resp = self.http.request("GET", "/v1/gpu-prices")
         models = _field(resp.body, "models", list, "GET /v1/gpu-prices")
         rows = [m for m in models if m.get("vendor") == "nvidia" and m.get("model") == model

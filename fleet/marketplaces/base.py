@@ -142,6 +142,12 @@ class LeaseAbandoned(MarketplaceError):
         self.fix = fix or getattr(cause, "fix", "") or "run `pulumi up` again"
 
 
+class UnknownGpuType(NoOffers):
+    """The marketplace has no GPU of this type under any name we know."""
+
+    fix = "give the pool a GPU type this marketplace rents, or move it to another provider"
+
+
 class ModelUnavailable(NoOffers):
     """An OpenAI-compatible upstream does not list the model the stack routes to it."""
 
@@ -184,6 +190,11 @@ class LeaseRequest:
     disk_gb: int = 50
     # An SSH-reachable host (bootstrapped by Ansible) instead of a container running ``args``.
     ssh: bool = False
+    # The lowest CUDA version the image needs from the host's driver ("12.9"; "" for any).
+    min_cuda: str = ""
+    # Private image registry: Vast's ``image_login`` ("-u USER -p TOKEN HOST"), RunPod's registry
+    # credential id; "" for a public image.
+    registry: str = field(default="", repr=False)
 
     def cap_total(self) -> float | None:
         return None if self.price_cap_per_gpu_hour is None else self.price_cap_per_gpu_hour * self.gpu_count

@@ -22,6 +22,7 @@ import re
 from typing import Any, Mapping
 
 from fleet.marketplaces.base import (
+    AuthFailed,
     Endpoint,
     LeaseRequest,
     LeaseState,
@@ -34,17 +35,20 @@ from fleet.marketplaces.base import (
     PriceAboveCap,
     ProviderError,
     Status,
+    UnknownGpuType,
     select_under_cap,
 )
 
-# The plan's GPU types -> RunPod GPU type ids (v1 enum / v2 catalog ids).
+# The plan's GPU types -> RunPod GPU type ids, only ids RunPod publishes (references/gpu-types.mdx;
+# its A100s are "NVIDIA A100 80GB PCIe" and "NVIDIA A100-SXM4-80GB": there is no A100 40GB).
 GPU_IDS: dict[str, str] = {
     "H200": "NVIDIA H200", "H100": "NVIDIA H100 80GB HBM3", "A100-80G": "NVIDIA A100-SXM4-80GB",
-    "A100-40G": "NVIDIA A100-PCIE-40GB", "L40S": "NVIDIA L40S", "A6000": "NVIDIA RTX A6000",
+    "L40S": "NVIDIA L40S", "A6000": "NVIDIA RTX A6000",
     "L4": "NVIDIA L4", "RTX4090": "NVIDIA GeForce RTX 4090", "RTX3090": "NVIDIA GeForce RTX 3090",
 }
 CLOUD = "SECURE"
-# Capacity errors on create are not in the spec's examples [U]; RunPod's words for them:
+# The spec: capacity exhaustion at create is a 400 whose only content is a human `detail`, and a
+# client should try the next (data center, GPU) candidate. Validation errors are 422.
 _NO_CAPACITY = re.compile(r"no (longer )?(any )?(instances|machines|gpus?) (are )?available|out of capacity|"
                           r"insufficient capacity|not enough free gpus", re.I)
 
@@ -63,16 +67,29 @@ class RunPod(Marketplace):
 
     def classify(self, status: int, body: Any, headers: Mapping[str, str]) -> MarketplaceError | None:
         detail = " ".join(str(body.get(k, "")) for k in ("title", "detail")) if isinstance(body, dict) else str(body)
-        if 400 <= status < 500 and status not in (401, 403, 404, 429) and _NO_CAPACITY.search(detail):
+        if status == 402:
+            err: MarketplaceError = ProviderError(f"runpod: HTTP 402: {detail.strip()}", provider=self.kind,
+                                                  status=status)
+            err.fix = "the RunPod account's balance is too low: add funds (or enable auto-pay), then run `pulumi up`"
+            err.failover = True
+            return err
+        if status == 403:
+            err = AuthFailed(f"runpod: HTTP 403: {detail.strip()}", provider=self.kind, status=status)
+            err.fix = ("the key is valid but may not do this: give it the Pods scope (read/write) or use an account "
+                       "that can reach the requested cloud and GPU pool; a new key alone will not help")
+            return err
+        if 400 <= status < 500 and status not in (401, 404, 422, 429) and (status == 400 or
+                                                                            _NO_CAPACITY.search(detail)):
             return OutOfCapacity(f"runpod: {detail.strip()}", provider=self.kind, status=status)
         return None
 
     def search(self, request: LeaseRequest) -> list[Offer]:
         gpu_id = GPU_IDS.get(request.gpu_type)
         if gpu_id is None:
-            raise ValueError(f"runpod: no RunPod GPU id for GPU type {request.gpu_type!r}; known: {sorted(GPU_IDS)}")
+            raise UnknownGpuType(f"runpod: RunPod's published GPU types have no {request.gpu_type!r}; known: "
+                                 f"{sorted(GPU_IDS)}", provider=self.kind)
         params = {"include": "AVAILABILITY", "product": "POD", "count": request.gpu_count, "cloud": CLOUD,
-                  "countryCodes": ",".join(request.countries) or None}
+                  "countryCodes": ",".join(request.countries) or None, "minCudaVersion": request.min_cuda or None}
         resp = self.http.request("GET", "/v2/catalog/gpus", params=params)
         gpus = _field(resp.body, "gpus", list, "GET /v2/catalog/gpus")
         match = [g for g in gpus if g.get("id") == gpu_id]
@@ -98,18 +115,33 @@ class RunPod(Marketplace):
         ports = [f"{p.port}/{p.proto}" for p in request.ports]
         if request.ssh and "22/tcp" not in ports:
             ports.append("22/tcp")
+        gpu: dict[str, Any] = {"id": offer.offer_id, "count": request.gpu_count}
+        if request.min_cuda:
+            gpu["minCudaVersion"] = request.min_cuda
         body: dict[str, Any] = {
-            "name": request.label, "image": request.image,
-            "gpu": {"id": offer.offer_id, "count": request.gpu_count},
+            "name": request.label, "image": request.image, "gpu": gpu,
             "cloud": CLOUD, "disk": request.disk_gb, "ports": ports, "env": dict(request.env),
             "startSsh": request.ssh,
         }
-        centers = [c for c in offer.region.split(",") if c]
-        if centers:
-            body["dataCenterIds"] = centers
+        if request.registry:
+            body["registry"] = request.registry          # a registry credential id (private image)
         if request.args and not request.ssh:
             body["args"] = " ".join(_quote(a) for a in request.args)
-        resp = self.http.request("POST", "/v2/pods", json_body=body, ok=(201, 200))
+        # One data center per call: a capacity 400 moves on to the next one (the spec's advice).
+        centers = [c for c in offer.region.split(",") if c] or [""]
+        history: list[Exception] = []
+        for center in centers:
+            if center:
+                body["dataCenterIds"] = [center]
+            try:
+                resp = self.http.request("POST", "/v2/pods", json_body=body, ok=(201, 200))
+                break
+            except OutOfCapacity as e:
+                history.append(e)
+        else:
+            raise OutOfCapacity(f"runpod: no room for {request.gpu_count} x {offer.offer_id} in "
+                                f"{', '.join(c for c in centers if c) or 'any data center'}: {history[-1]}",
+                                provider=self.kind, status=400, failover_history=history)
         pod = resp.body
         if not isinstance(pod, dict) or not pod.get("id"):
             raise ProviderError(f"runpod: POST /v2/pods answered {str(pod)[:200]}", provider=self.kind)

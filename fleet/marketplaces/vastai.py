@@ -27,6 +27,7 @@ from fleet.marketplaces.base import (
     OutOfCapacity,
     ProviderError,
     Status,
+    UnknownGpuType,
     select_under_cap,
 )
 
@@ -64,7 +65,8 @@ class VastAi(Marketplace):
     def query(self, request: LeaseRequest) -> dict[str, Any]:
         gpu_name = GPU_NAMES.get(request.gpu_type)
         if gpu_name is None:
-            raise ValueError(f"vastai: no Vast gpu_name for GPU type {request.gpu_type!r}; known: {sorted(GPU_NAMES)}")
+            raise UnknownGpuType(f"vastai: no Vast gpu_name for GPU type {request.gpu_type!r}; known: "
+                                 f"{sorted(GPU_NAMES)}", provider=self.kind)
         q: dict[str, Any] = {
             "verified": {"eq": True}, "external": {"eq": False}, "rentable": {"eq": True}, "rented": {"eq": False},
             "gpu_name": {"eq": gpu_name}, "num_gpus": {"eq": request.gpu_count},
@@ -78,6 +80,9 @@ class VastAi(Marketplace):
             q["geolocation"] = {"in": list(request.countries)}
         if request.ports:
             q["direct_port_count"] = {"gte": len(request.ports)}
+        if request.min_cuda:
+            # The host driver's highest CUDA must run the image's (vLLM 0.12.0: CUDA 12.9).
+            q["cuda_max_good"] = {"gte": float(request.min_cuda)}
         return q
 
     def search(self, request: LeaseRequest) -> list[Offer]:
@@ -109,6 +114,8 @@ class VastAi(Marketplace):
             "client_id": "me", "image": request.image, "env": env, "disk": request.disk_gb,
             "label": request.label, "cancel_unavail": True, "target_state": "running",
         }
+        if request.registry:
+            body["image_login"] = request.registry      # "-u USER -p TOKEN HOST": a private image
         if request.ssh:
             body["runtype"] = "ssh_direct"
             env.setdefault("-p 22:22", "1")

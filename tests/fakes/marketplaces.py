@@ -293,12 +293,14 @@ VAST_RUNTYPES = {"ssh", "jupyter", "args", "ssh_proxy", "ssh_direct", "jupyter_p
 
 
 def vast_offer(offer_id: int, gpu_name: str = "RTX 4090", num_gpus: int = 1, dph_total: float = 0.40,
-               geolocation: str = "Amsterdam, NL", reliability: float = 0.99) -> dict[str, Any]:
+               geolocation: str = "Amsterdam, NL", reliability: float = 0.99,
+               cuda_max_good: float = 12.9) -> dict[str, Any]:
     return {"id": offer_id, "ask_contract_id": offer_id, "machine_id": offer_id // 10, "gpu_name": gpu_name,
             "num_gpus": num_gpus, "gpu_ram": 24564, "dph_total": dph_total, "dph_base": dph_total * 0.9,
             "reliability": reliability, "reliability2": reliability, "geolocation": geolocation,
             "public_ipaddr": f"203.0.113.{offer_id % 250}", "direct_port_count": 40, "disk_space": 512.0,
-            "verified": True, "external": False, "rentable": True, "rented": False, "verification": "verified"}
+            "verified": True, "external": False, "rentable": True, "rented": False, "verification": "verified",
+            "cuda_max_good": cuda_max_good}
 
 
 class FakeVastAi(FakeServer):
@@ -470,8 +472,9 @@ def runpod_gpu(gpu_id: str = "NVIDIA GeForce RTX 4090", price: float = 0.69, mem
             "memory": memory, "secure": True, "community": True,
             "price": {"secure": price, "community": round(price * 0.7, 2), "serverless": None},
             "maxCount": {"secure": 8, "community": 8}, "availability": availability,
-            "dataCenters": [{"id": "EU-NL-1", "name": "EU-NL-1", "availability": availability}],
-            "cudaVersions": ["12.4", "12.8"]}
+            "dataCenters": [{"id": "EU-NL-1", "name": "EU-NL-1", "availability": availability},
+                            {"id": "EU-SE-1", "name": "EU-SE-1", "availability": availability}],
+            "cudaVersions": ["12.4", "12.8", "12.9"]}
 
 
 class FakeRunPod(FakeServer):
@@ -487,6 +490,8 @@ class FakeRunPod(FakeServer):
         self.vanish_on_create = False
         self.boot_polls = 1
         self.billed_markup = 0.0            # the pod bills more than the catalog said
+        self.full_centers: set[str] = set()  # data centers that answer a create with the capacity 400
+        self.balance_low = False            # 402 on create
         self._reads: dict[str, int] = {}
 
     def kill(self, pod_id: str, status: str = "ERROR") -> None:
@@ -534,9 +539,13 @@ class FakeRunPod(FakeServer):
         _require(q.get("count", "1").isdigit(), "count must be an integer", 422)
         for inc in filter(None, q.get("include", "").split(",")):
             _require(inc in ("AVAILABILITY",), f"unknown include {inc}", 422)
+        min_cuda = q.get("minCudaVersion")
+        _require(min_cuda is None or re.fullmatch(r"\d+\.\d+", min_cuda) is not None, "minCudaVersion", 422)
         gpus = []
         for g in self.gpus:
             g = json.loads(json.dumps(g))
+            if min_cuda and not any(_version(v) >= _version(min_cuda) for v in g.get("cudaVersions", [])):
+                continue
             if not self.capacity:
                 g["availability"] = "NONE"
                 for d in g["dataCenters"]:
@@ -568,6 +577,13 @@ class FakeRunPod(FakeServer):
         _require(isinstance(body.get("startSsh", False), bool), "Request validation failed: startSsh", 422)
         g = next((x for x in self.gpus if x["id"] == gpu["id"]), None)
         _require(g is not None, f"Request validation failed: unknown gpu id {gpu['id']}", 422)
+        _require(isinstance(body.get("registry", ""), (str, type(None))), "Request validation failed: registry", 422)
+        if self.balance_low:
+            return self.error(402, "insufficient balance to deploy this pod")
+        centers = body.get("dataCenterIds") or [d["id"] for d in g["dataCenters"]]
+        if all(c in self.full_centers for c in centers):
+            return self.error(400, "There are no longer any instances available with the requested specifications. "
+                                   "Please refresh and try again.")
         if not self.capacity or self.vanish_on_create:
             return self.error(400, "There are no longer any instances available with the requested specifications. "
                                    "Please refresh and try again.")
@@ -576,7 +592,7 @@ class FakeRunPod(FakeServer):
             "id": pod_id, "name": body["name"], "status": "PROVISIONING", "actions": ["stop", "terminate"],
             "image": body["image"], "args": body.get("args", ""), "disk": body.get("disk", 50), "ports": ports,
             "env": env, "gpu": {"id": gpu["id"], "count": gpu["count"]}, "cloud": body.get("cloud", "SECURE"),
-            "dataCenterId": (body.get("dataCenterIds") or ["EU-NL-1"])[0],
+            "dataCenterId": next(c for c in centers if c not in self.full_centers),
             "cost": round(g["price"]["secure"] * gpu["count"] + self.billed_markup, 4),
             "ssh": {"proxy": {"host": "ssh.runpod.io", "port": 22, "username": f"{pod_id}-64411eb2",
                               "command": f"ssh {pod_id}-64411eb2@ssh.runpod.io"}, "direct": None},
@@ -615,6 +631,10 @@ class FakeRunPod(FakeServer):
     @staticmethod
     def view(pod: dict[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(pod))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in str(text).split("."))
 
 
 # ==== Akash Console API ===================================================================================
