@@ -93,7 +93,7 @@ def bounded(kind: type, low: float, high: float):
 def parse_since(text: str | None, now: float | None = None, flag: str = "--since") -> float | None:
     """A point in time (epoch seconds) from an ISO date/time (UTC unless it says) or a duration back
     from now: digits 0-9, an optional fraction and m, h or d (30m, 24h, 7d, 1.5d), ten years at most."""
-    if not text:
+    if text is None:
         return None
     now = now or time.time()
     m = _DURATION.fullmatch(text)

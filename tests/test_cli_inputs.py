@@ -73,7 +73,7 @@ def write_stack(folder: Path, name: str, config: dict | None = None, text: str |
 
 # ---- durations, hours, tenant names, key ids ----------------------------------------------------
 
-BAD_DURATIONS = ["²h", "⑴d", "٣h", "1e3h", "inf", "nanh", "-5h", "24 h", "h", "1.h", "99999999d", "\udcff",
+BAD_DURATIONS = ["", "²h", "⑴d", "٣h", "1e3h", "inf", "nanh", "-5h", "24 h", "h", "1.h", "99999999d", "\udcff",
                  "\x1b[2J", "2026-13-01", "٢٠٢٦-01-01", "0" * 5000 + "1h"]
 
 
