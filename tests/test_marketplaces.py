@@ -704,12 +704,18 @@ def test_audit_command_lists_terminates_and_skips_missing_credentials(tmp_path, 
 
 
 def test_audit_cli_names_each_marketplace_without_credentials(monkeypatch, capsys):
-    from fleet.cli import main
+    import argparse
 
+    from fleet import cli
+
+    assert "leases" in cli.COMMANDS                      # `infermesh leases ...` (the other commands not imported here)
+    parser = argparse.ArgumentParser(prog="infermesh")
+    leases_cmd.register(parser.add_subparsers(dest="command", required=True))
     for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
         monkeypatch.delenv(env, raising=False)
     monkeypatch.setattr(leases_cmd.shutil, "which", lambda _: None)      # no Pulumi CLI: the plan is the reference
-    assert main(["leases", "audit", "--stack", "staging"]) == 0
+    args = parser.parse_args(["leases", "audit", "--stack", "staging"])
+    assert args.func(args) == 0
     out = capsys.readouterr().out
     for kind, env in (("vastai", "VASTAI_API_KEY"), ("runpod", "RUNPOD_API_KEY"), ("akash", "AKASH_API_KEY")):
         assert f"{kind}: skipped: no credentials (set {env})" in out
@@ -799,3 +805,22 @@ def test_akash_forwarded_port_without_host(akash, sleeps):
             del fp["host"]                                            # host is optional in the schema
     again = a.status(state.lease_id)
     assert again.status == "running" and again.endpoint(22) is None
+
+
+def test_vast_waiters_share_one_listing_per_round(vast, sleeps):
+    vast.keep_offers = True
+    a = vast_adapter(vast, sleeps)
+    first, second = a.create(request(label="a")), a.create(request(label="b"))
+    before = len(vast.requests)
+    seen_a, seen_b = [0], [0]
+    for _round in range(3):                      # two leases waiting, three rounds
+        a.poll(first.lease_id, seen_a)
+        a.poll(second.lease_id, seen_b)
+    waiting = vast.requests[before:]
+    assert [r["path"] for r in waiting] == ["/api/v0/instances/"] * 3           # one list a round, no reads by id
+    # And wait_running itself goes through it.
+    vast.boot_polls = 10
+    third = a.create(request(label="c"))
+    before = len(vast.requests)
+    assert a.wait_running(third.lease_id).status == "running"
+    assert {r["path"] for r in vast.requests[before:]} == {"/api/v0/instances/"}

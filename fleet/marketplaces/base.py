@@ -435,10 +435,16 @@ _LISTINGS: dict[tuple[str, str, str], dict[str, LeaseState]] = {}
 _LISTINGS_LOCK = threading.Lock()
 
 
+_POLLERS: dict[tuple[str, str, str], dict[str, Any]] = {}
+_POLL_LOCK = threading.Lock()
+
+
 def forget_listings() -> None:
-    """Drop every cached listing (what a new process starts with)."""
+    """Drop every cached listing and poller (what a new process starts with)."""
     with _LISTINGS_LOCK:
         _LISTINGS.clear()
+    with _POLL_LOCK:
+        _POLLERS.clear()
 
 
 # ---- the adapter interface ----------------------------------------------------------------------------
@@ -452,6 +458,7 @@ class Marketplace(ABC):
 
     kind: ClassVar[str]
     default_base_url: ClassVar[str]
+    shared_poll: ClassVar[bool] = False     # wait_running shares one listing per round (see ``poll``)
 
     def __init__(self, api_key: str, base_url: str | None = None, *, retry: RetryPolicy | None = None,
                  timeout_s: float = 30.0, poll_s: float = 5.0, sleep: Callable[[float], None] = time.sleep,
@@ -625,11 +632,30 @@ class Marketplace(ABC):
             cause.args = (f"{cause.args[0]}; whether a lease was rented under {label} could not be checked ({e}): "
                           "the next `pulumi up` adopts it, or `infermesh leases audit --terminate` ends it",)
 
+    def poll(self, lease_id: str, seen: list[int]) -> LeaseState:
+        """One look at a lease for ``wait_running``. With ``shared_poll``, every waiter of this process on
+        this marketplace account shares one listing per round: the first waiter of a round lists the
+        account once, the others read the same answer (``seen`` holds the listing generation this waiter
+        last used; a listing without the lease, made before it was rented, is renewed). A lease the
+        account's listing does not show is read by id."""
+        if not self.shared_poll:
+            return self.status(lease_id)
+        with _POLL_LOCK:
+            poller = _POLLERS.setdefault(self._listing_key(), {"generation": 0, "states": {}, "lock": threading.Lock()})
+        with poller["lock"]:
+            if poller["generation"] <= seen[0] or str(lease_id) not in poller["states"]:
+                poller["states"] = {s.lease_id: s for s in self.leases()}
+                poller["generation"] += 1
+            seen[0] = poller["generation"]
+            state = poller["states"].get(str(lease_id))
+        return state if state is not None else self.status(lease_id)
+
     def wait_running(self, lease_id: str, timeout_s: float = 900.0) -> LeaseState:
         deadline = time.monotonic() + timeout_s
         waited = 0.0
+        seen = [0]                  # no listing used yet
         while True:
-            state = self.status(lease_id)
+            state = self.poll(lease_id, seen)
             if state.status == "running":
                 return state
             if state.status == "dead":

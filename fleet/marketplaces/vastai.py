@@ -53,6 +53,9 @@ def normalize_status(actual: str | None) -> Status:
 class VastAi(Marketplace):
     kind = "vastai"
     default_base_url = "https://console.vast.ai/api/v0"
+    # Vast limits each endpoint to a minimum interval per key and sends no Retry-After: leases waiting
+    # to run share one GET /instances/ per round instead of one GET /instances/{id}/ each.
+    shared_poll = True
 
     def classify(self, status: int, body: Any, headers: Mapping[str, str]) -> MarketplaceError | None:
         if isinstance(body, dict) and status in (404, 410) and (

@@ -354,7 +354,8 @@ class FakeVastAi(FakeServer):
             return self.create(int(m.group(1)), body)
         if p == "/instances/" and method == "GET":
             _require(query.get("owner") == "me", "owner=me is required")
-            return 200, {"instances": [dict(i) for i in self.instances.values()]}, {}
+            # Listing is looking too: an instance boots between looks, however it is looked at.
+            return 200, {"instances": [self.read(i) for i in list(self.instances)]}, {}
         if (m := re.fullmatch(r"/instances/(\d+)/", p)):
             iid = int(m.group(1))
             if iid not in self.instances:
