@@ -466,6 +466,20 @@ def test_every_lease_diff_against_stored_state(runs, stack):
         assert d.replaces == ["image"]
 
 
+def test_a_lease_from_provider_version_1_is_updated_not_replaced(runs):
+    """State written before labels carried the stack: no project, stack or label, version "1"."""
+    from tests.engine import EngineHost, engine_view
+
+    host = EngineHost(stack_config("prod")[0])
+    for props in recorded_leases(runs["prod"]):
+        inputs, _ = host.check({}, props)
+        legacy = {k: v for k, v in inputs.items() if k not in ("project", "stack", "label")}
+        stored = engine_view({**legacy, "provider_version": "1", "lease_id": "L1", "status": "running"},
+                             keep_unknowns=False)
+        d = host.diff("L1", stored, inputs)
+        assert d.replaces == [] and d.changes is True, (props["name"], d)
+
+
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_every_lease_lifecycle_against_the_fakes(runs, stack, fakes):
     """check -> create -> read -> update -> delete for every lease of the stack, each call through the SDK's

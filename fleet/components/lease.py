@@ -305,6 +305,8 @@ class LeaseProvider(ResourceProvider):
             new = news.get(key, DEFAULTS.get(key))
             if not _known(new):
                 return True         # not known until the update: it may change
+            if key in ("project", "stack") and key not in olds:
+                return False        # a lease rented by provider_version 1 (bare-name label): not a new lease
             return _norm(key, olds.get(key, DEFAULTS.get(key))) != _norm(key, new)
 
         replaces = [k for k in REPLACE_ON if differs(k)]
