@@ -31,7 +31,6 @@ from fleet import plan as plan_mod
 from fleet import spec as spec_mod
 from fleet.commands import failover
 from fleet.components.gateway import PEERS_KEY, ROUTING_KEY
-from fleet.components.mesh import WireGuardKeyProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "__main__.py"
@@ -373,13 +372,23 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
 
 # ---- the dynamic providers' methods (no engine) ---------------------------------------------------------------
 
-def test_wireguard_key_provider_makes_a_real_stable_pair():
+def test_wireguard_key_provider_makes_a_real_stable_pair(runs):
+    """Every mesh key of prod, through the SDK's provider host with engine-shaped inputs (rotation 0.0)."""
     from fleet.mesh_keys import public_key
+    from tests.engine import EngineHost
 
-    res = WireGuardKeyProvider().create({"node": "gateway-0", "rotation": 0})
-    assert public_key(res.outs["private_key"]) == res.outs["public_key"] and res.id.startswith("wg-")
-    assert WireGuardKeyProvider().diff(res.id, res.outs, {"node": "gateway-0", "rotation": 0}).changes is False
-    assert WireGuardKeyProvider().diff(res.id, res.outs, {"node": "gateway-0", "rotation": 1}).replaces == ["rotation"]
+    host = EngineHost(stack_config("prod")[0])
+    keys = [{k: v for k, v in r.inputs.items() if v is not None} for r in runs["prod"].mocks.of_type(KEY_TYPE)]
+    assert len(keys) == len(runs["prod"].plan.mesh)
+    for props in keys:
+        inputs, failures = host.check({}, props)
+        assert failures == []
+        key_id, outs = host.create(inputs)
+        assert public_key(outs["private_key"]) == outs["public_key"] and key_id.startswith("wg-")
+        assert outs["rotation"] == 0 and isinstance(outs["rotation"], float)          # as the engine stores it
+        assert host.diff(key_id, outs, inputs).changes is False
+        assert host.diff(key_id, outs, {**inputs, "rotation": 1}).replaces == ["rotation"]
+        assert host.read(key_id, outs, inputs) == (key_id, outs)
 
 
 # ---- the lease providers as the engine drives them (tests/engine.py) --------------------------------------------
@@ -520,8 +529,10 @@ def test_refresh_drops_a_dead_lease_and_gives_it_back(runs, fakes):
     inputs, _ = host.check({}, props)
     lease_id, outs = host.create(inputs)
     fakes["vastai"].kill(lease_id, "exited")
-    assert host.read(lease_id, outs, inputs)[0] == ""        # gone: the next `up` rents a replacement
+    assert host.read(lease_id, outs, inputs)[0] == ""        # gone from the state after `pulumi refresh`
     assert fakes["vastai"].live() == {}                      # and the dead one bills nothing
+    new_id, new_outs = host.create(inputs)                   # the next `pulumi up` rents a replacement
+    assert new_id != lease_id and new_outs["status"] == "running" and list(fakes["vastai"].live()) == [new_id]
 
 
 def test_lease_errors_reach_the_operator_as_one_line(runs, fakes, monkeypatch):
