@@ -722,3 +722,34 @@ def test_pool_replacement_never_drops_below_its_replicas(monkeypatch, tmp_path, 
     before = vast.running_at_each_step(prefix)[start - 1]
     assert before == 3 and counts and min(counts) >= 3 and counts[-1] == 3
     assert sorted(x for x, label in vast.live().items() if label.startswith(prefix)) == sorted(replaced)
+
+
+def test_two_stacks_with_the_same_pools_on_one_account(runs, monkeypatch, tmp_path, fakes):
+    """staging and a copy of it named twin rent on the same FAKE accounts: each stack's audit sees its own
+    leases only, and destroying twin leaves staging's running."""
+    from fleet.commands import leases as leases_cmd
+    from fleet.marketplaces import LEASE_ADAPTERS
+    from tests.engine import EngineHost
+
+    (tmp_path / "Pulumi.twin.yaml").write_text((ROOT / "stacks" / "Pulumi.staging.yaml").read_text())
+    twin = run_program("twin", monkeypatch, stacks_dir=tmp_path)
+    host = EngineHost(stack_config("staging")[0])
+    made: dict[str, dict[str, dict[str, Any]]] = {"staging": {}, "twin": {}}
+    for stack, run in (("staging", runs["staging"]), ("twin", twin)):
+        for props in recorded_leases(run):
+            inputs, _ = host.check({}, props)
+            lease_id, outs = host.create(inputs)
+            made[stack][lease_id] = outs
+    assert len(made["staging"]) == len(made["twin"]) == 4 and not set(made["staging"]) & set(made["twin"])
+    keys = dict(zip(("vastai", "runpod"), ("test-secret-vastai-api-key", "test-secret-runpod-api-key"), strict=True))
+    adapters = {kind: (lambda kind=kind: LEASE_ADAPTERS[kind](keys[kind], fakes[kind].url
+                                                              + ("/api/v0" if kind == "vastai" else "")))
+                for kind in keys}
+    for stack in ("staging", "twin"):
+        assert leases_cmd.audit("infermesh", stack, set(made[stack]), set(), adapters).count == 0
+        report = leases_cmd.audit("infermesh", stack, set(), set(), adapters)   # an empty state knows none
+        assert {x.lease_id for v in report.unknown.values() for x in v} == set(made[stack])
+    for lease_id, outs in made["twin"].items():
+        host.delete(lease_id, outs)
+    live = {**fakes["vastai"].live(), **fakes["runpod"].live()}
+    assert set(live) == set(made["staging"])

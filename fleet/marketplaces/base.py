@@ -16,6 +16,9 @@ Errors carry decisions, not just messages (SkyPilot's style): callers read ``ret
 (the same call may succeed later), ``failover`` (another offer or provider may succeed) and
 ``fix`` (what the operator has to do), never the message text.
 
+Where an adapter relies on a behaviour the marketplace does not document (marked [U] in the adapter),
+the fake that tests it lists the same guess under GUESSES in tests/fakes/marketplaces.py: one list.
+
 HTTP is a small synchronous client on ``urllib.request``: Pulumi dynamic providers are
 synchronous and run serialized in another process, so each method builds its client inside
 and no event loop or extra dependency is needed. It retries 429, 5xx and connection errors

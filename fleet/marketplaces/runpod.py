@@ -48,7 +48,8 @@ GPU_IDS: dict[str, str] = {
 }
 CLOUD = "SECURE"
 # The spec: capacity exhaustion at create is a 400 whose only content is a human `detail`, and a
-# client should try the next (data center, GPU) candidate. Validation errors are 422.
+# client should try the next (data center, GPU) candidate. Validation errors are 422. [U: the wording
+# of the detail; we do not depend on it. GUESSES]
 _NO_CAPACITY = re.compile(r"no (longer )?(any )?(instances|machines|gpus?) (are )?available|out of capacity|"
                           r"insufficient capacity|not enough free gpus", re.I)
 

@@ -4,7 +4,7 @@ search  POST /api/v0/bundles/ with the filter grammar as the whole body -> {"off
 create  PUT  /api/v0/asks/{offer_id}/ -> {"success": true, "new_contract": <instance id>}
 list    GET  /api/v0/instances/?owner=me -> {"instances": [...]}; ``find`` matches ``label`` (base class)
 status  GET  /api/v0/instances/{id}/?owner=me -> {"instances": {<one object>}}; ``{"instances": null}``
-        (HTTP 200) means no such instance (vast-cli ``show_instance``), as a 404 does
+        (HTTP 200) means no such instance (vast-cli ``show_instance``), as a 404 does [U: GUESSES]
 destroy DELETE /api/v0/instances/{id}/
 
 Containers run the image's own ENTRYPOINT with ``runtype: "args"`` (vLLM's server); SSH leases
