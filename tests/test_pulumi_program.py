@@ -564,7 +564,7 @@ def test_lease_without_a_key_says_which_secret(runs, fakes):
     props = next(p for p in recorded_leases(runs["staging"]) if p["provider_kind"] == "vastai")
     inputs, _ = host.check({}, props)
     with pytest.raises(EngineError, match=r"vastai: no API key\. What to do: set a valid key: pulumi config set "
-                                          r"--secret infermesh:<credentials>"):
+                                          r"--secret infermesh:vastai-api-key "):
         host.create(inputs)
 
 

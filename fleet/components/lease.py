@@ -153,7 +153,8 @@ def _what_to_do(err: Exception, props: Mapping[str, Any]) -> str:
     from fleet.marketplaces import AuthFailed, LeaseAbandoned, NotFound, ProviderError, RateLimited
 
     if isinstance(err, AuthFailed):
-        return err.fix or (f"set a valid key: pulumi config set --secret infermesh:{props.get('credentials')} ...")
+        return (err.fix or "set a valid key: pulumi config set --secret infermesh:<credentials> ...").replace(
+            "<credentials>", str(props.get("credentials") or "<credentials>"))
     if isinstance(err, RateLimited):
         wait = f" (it asked for {err.retry_after:g}s)" if err.retry_after else ""
         return f"the marketplace is limiting our calls{wait}; run `pulumi up` again in a few minutes"
