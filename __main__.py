@@ -29,6 +29,7 @@ def read_spec(stack: str, cfg: pulumi.Config) -> tuple[spec_mod.Spec, dict[str, 
     data = {name: value for name in SPEC_FIELDS if (value := cfg.get_object(name)) is not None}
     secrets: dict[str, pulumi.Output[str]] = {}
     names = [p.get("credentials") if isinstance(p, dict) else None for p in data.get("providers") or []]
+    names += [p.get("registry_credentials") if isinstance(p, dict) else None for p in data.get("providers") or []]
     delivery = data.get("delivery")
     names.append(delivery.get("admin_token") if isinstance(delivery, dict) else None)   # the gateway's
     for name in names:
@@ -89,6 +90,8 @@ else:
         "mesh_configs": mesh.worker_configs, "mesh_port": spec.mesh.port,
         "default_image": images.worker_ref,
         "surge": {p.name: p.surge for p in spec.pools},
+        "registry": {p.name: secrets[p.registry_credentials] for p in spec.providers
+                     if p.registry_credentials and p.registry_credentials in secrets},
     })
     gateway_names = [g.name for g in gateways]
     gateway = GatewayFleet("infermesh-gateway", {

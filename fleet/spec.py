@@ -77,6 +77,9 @@ class Provider(_Strict):
     price_cap_per_gpu_hour: NonNegFloat | None = None
     # Name of the stack-config secret holding the API key (`infermesh:<credentials>`).
     credentials: str | None = None
+    # Name of the stack-config secret with private-registry access for the worker image here
+    # (Vast: `image_login` text "-u USER -p TOKEN HOST"; RunPod: a registry credential id).
+    registry_credentials: str | None = None
     # Only for kind `openai`: the upstream's base URL and its price per 1M tokens.
     base_url: str | None = None
     price_per_1m_tokens: NonNegFloat | None = None
@@ -383,6 +386,10 @@ class Spec(_Strict):
             for r in p.regions:
                 if r not in regions:
                     raise _At(f"providers[{i}].regions", f"unknown region {r!r}")
+            if p.registry_credentials and p.registry_credentials not in self.secrets:
+                raise _At(f"providers[{i}].registry_credentials",
+                          f"secret {NAMESPACE}:{p.registry_credentials} is not set in the stack file "
+                          f"(pulumi config set --secret {NAMESPACE}:{p.registry_credentials} ...)")
             if p.credentials and p.credentials not in self.secrets:
                 raise _At(f"providers[{i}].credentials",
                           f"secret {NAMESPACE}:{p.credentials} is not set in the stack file "

@@ -753,3 +753,31 @@ def test_two_stacks_with_the_same_pools_on_one_account(runs, monkeypatch, tmp_pa
         host.delete(lease_id, outs)
     live = {**fakes["vastai"].live(), **fakes["runpod"].live()}
     assert set(live) == set(made["staging"])
+
+
+def test_private_registry_access_reaches_the_marketplace_as_a_secret(monkeypatch, tmp_path, fakes):
+    """providers[].registry_credentials names a stack secret; the vast leases carry it (secret) and the
+    FAKE Vast receives it as image_login; a missing secret is one clear error."""
+    from tests.engine import EngineHost
+
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.staging.yaml").read_text())
+    vast = next(p for p in doc["config"]["infermesh:providers"] if p["name"] == "vast")
+    vast["registry_credentials"] = "vast-registry"
+    (tmp_path / "Pulumi.private.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(Exception, match=r"providers\[0\]\.registry_credentials: secret infermesh:vast-registry is "
+                                        r"not set in the stack file"):
+        run_program("private", monkeypatch, stacks_dir=tmp_path)
+    doc["config"]["infermesh:vast-registry"] = {"secure": "v1:placeholder"}
+    (tmp_path / "Pulumi.private.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = run_program("private", monkeypatch, stacks_dir=tmp_path)
+    leases = recorded_leases(run)
+    for props in leases:
+        assert is_secret(props["registry"])
+        want = "test-secret-vast-registry" if unwrap(props["provider_kind"]) == "vastai" else ""
+        assert unwrap(props["registry"]) == want
+    host = EngineHost(stack_config("private", tmp_path)[0])
+    props = next(p for p in leases if p["provider_kind"] == "vastai")
+    inputs, _ = host.check({}, props)
+    host.create(inputs)
+    [put] = fakes["vastai"].calls("PUT")
+    assert put["body"]["image_login"] == "test-secret-vast-registry"

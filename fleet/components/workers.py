@@ -75,6 +75,8 @@ class WorkerFleetArgs(TypedDict):
     """Per provider kind, an API base URL other than the adapter's."""
     surge: NotRequired[Mapping[str, int]]
     """Per pool, how many of its leases are replaced at a time (default 1)."""
+    registry: NotRequired[Mapping[str, pulumi.Input[str]]]
+    """Per provider name, private-registry access for the worker image (secret)."""
 
 
 def pace(leases: Sequence[Lease], surge: Mapping[str, int]) -> dict[str, str | None]:
@@ -126,6 +128,8 @@ class WorkerFleet(pulumi.ComponentResource):
                 "env": env, "ports": ports, "disk_gb": launch["disk_gb"], "connection": lease.connection,
                 **({"base_url": args["base_urls"][lease.provider_kind]}
                    if lease.provider_kind in args.get("base_urls", {}) else {}),
+                **({"registry": args["registry"][lease.provider]}
+                   if lease.provider in args.get("registry", {}) else {}),
             }, pulumi.ResourceOptions(parent=self, depends_on=[self.leases[w]] if (w := waits_for[lease.name]) else []))
         ssh = [x for x in args["leases"] if x.connection == "ssh"]
         self.inventory = pulumi.Output.all(*[
