@@ -1,12 +1,40 @@
-"""Prometheus metrics of the gateway (GET /metrics). One registry per app instance."""
+"""Prometheus metrics of the gateway (GET /metrics). One registry per app instance.
+
+Besides the counters and histograms the request path updates, :class:`Signals` exports what an
+on-call engineer diagnoses with, read when /metrics is scraped (so an endpoint or pool that
+leaves the routing config leaves /metrics with it):
+
+- per endpoint (labels model, pool, provider, region, endpoint: the routing config's endpoint id,
+  never an address), from the router's state: ``infermesh_endpoint_available`` (1/0),
+  ``infermesh_endpoint_outstanding`` (requests through this gateway), and what the worker's own
+  ``/metrics`` said at the last health check: ``infermesh_endpoint_requests_waiting`` (vLLM's
+  ``vllm:num_requests_waiting``), ``infermesh_endpoint_kv_cache_usage_ratio``
+  (``vllm:gpu_cache_usage_perc`` / ``vllm:kv_cache_usage_perc``, 0-1) and, only where that page
+  carries NVIDIA DCGM exporter names (vLLM's does not; a worker image that merges dcgm-exporter's
+  page into it does), ``infermesh_endpoint_gpu_utilization_ratio`` (``DCGM_FI_DEV_GPU_UTIL`` / 100,
+  mean over the worker's GPUs) and ``infermesh_endpoint_gpu_memory_used_bytes`` /
+  ``infermesh_endpoint_gpu_memory_total_bytes`` (``DCGM_FI_DEV_FB_USED``, + ``_FB_FREE`` and
+  ``_FB_RESERVED``, MiB summed over GPUs). External (OpenAI-compatible) upstreams have none of these;
+- ledger shipping lag: ``infermesh_ledger_unshipped_rows`` and
+  ``infermesh_ledger_oldest_unshipped_age_seconds`` (usage records in this replica's spool not yet
+  in PostgreSQL, gateway/state/pg_ledger.py); 0 with the embedded SQLite ledger, which ships nothing.
+
+The gateway connects them with ``metrics.watch(router, shipper)``.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60, 120)
 _REQ = ("route", "status_class", "model", "pool", "provider", "region", "tier")
 _UP = ("model", "pool", "provider", "region")
+_EP = _UP + ("endpoint",)
 
 
 class Metrics:
@@ -40,3 +68,65 @@ class Metrics:
                                      "over the last 10 minutes", ("model", "pool"), registry=r)
         self.degraded = Counter("infermesh_degraded", "Requests whose max_tokens was capped while an SLO was "
                                 "at risk", ("model", "tier"), registry=r)
+        self.signals = Signals()
+        r.register(self.signals)
+
+    def watch(self, router: Any = None, shipper: Any = None) -> None:
+        """Export the router's endpoints and the ledger shipper's lag (see the module's docstring)."""
+        self.signals.router, self.signals.shipper = router, shipper
+
+
+_ENDPOINT_GAUGES = (
+    # name, help, value from a gateway.router.Endpoint (None: no sample)
+    ("infermesh_endpoint_available", "1 while the endpoint takes requests (healthy, not ejected)", None),
+    ("infermesh_endpoint_outstanding", "Requests in flight to the endpoint through this gateway",
+     lambda ep: ep.outstanding),
+    ("infermesh_endpoint_requests_waiting", "vLLM's num_requests_waiting at the endpoint's last health check",
+     lambda ep: None if ep.external else ep.waiting),
+    ("infermesh_endpoint_kv_cache_usage_ratio", "vLLM's KV-cache usage (0-1) at the endpoint's last health check",
+     lambda ep: None if ep.external else ep.kv_usage),
+    ("infermesh_endpoint_gpu_utilization_ratio", "GPU utilisation (0-1, mean over the worker's GPUs) where the "
+     "worker's /metrics has DCGM_FI_DEV_GPU_UTIL", lambda ep: ep.gpu_util),
+    ("infermesh_endpoint_gpu_memory_used_bytes", "GPU memory in use (all the worker's GPUs) where the worker's "
+     "/metrics has DCGM_FI_DEV_FB_USED", lambda ep: ep.gpu_mem_used),
+    ("infermesh_endpoint_gpu_memory_total_bytes", "GPU memory (used + free + reserved, all GPUs) where the "
+     "worker's /metrics has DCGM_FI_DEV_FB_USED and _FB_FREE", lambda ep: ep.gpu_mem_total),
+)
+
+
+class Signals:
+    """A collector read at scrape time: endpoint load and health from the router, ledger shipping lag."""
+
+    def __init__(self) -> None:
+        self.router: Any = None
+        self.shipper: Any = None
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        yield from self._families()
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        fams = [GaugeMetricFamily(name, help_, labels=_EP) for name, help_, _ in _ENDPOINT_GAUGES]
+        fams.append(GaugeMetricFamily("infermesh_ledger_unshipped_rows", "Usage records in this replica's spool "
+                                      "not yet in PostgreSQL (0 with the embedded ledger)"))
+        fams.append(GaugeMetricFamily("infermesh_ledger_oldest_unshipped_age_seconds", "Age of the oldest usage "
+                                      "record not yet in PostgreSQL (0 when none waits, and with the embedded ledger)"))
+        return fams
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        fams = self._families()
+        router = self.router
+        if router is not None:
+            now = time.monotonic()
+            for ep in router.endpoints():
+                p = ep.pool
+                labels = [p.model, p.name, p.provider, p.region, ep.id]
+                for fam, (_, _, value) in zip(fams, _ENDPOINT_GAUGES, strict=False):
+                    v = (1.0 if ep.available(now) else 0.0) if value is None else value(ep)
+                    if v is not None:
+                        fam.add_metric(labels, float(v))
+        rows, age = (0, 0.0)
+        if self.shipper is not None:
+            rows, age = self.shipper.lag()
+        fams[-2].add_metric([], float(rows))
+        fams[-1].add_metric([], float(age))
+        return fams

@@ -92,6 +92,9 @@ class Endpoint:
     ejected_until: float = 0.0
     waiting: float = 0.0              # from the worker's /metrics
     kv_usage: float = 0.0
+    gpu_util: float | None = None     # where the worker's /metrics has DCGM names (gateway/metrics.py)
+    gpu_mem_used: float | None = None     # bytes
+    gpu_mem_total: float | None = None    # bytes
     ttft_ewma: float = 0.0            # seconds, streamed answers (attempt start -> first event)
     ttft_last: float = 0.0
     ttft_at: float = float("-inf")    # monotonic time of the last TTFT sample
@@ -342,12 +345,23 @@ class Router:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return
         waiting = kv = 0.0
+        gpu: dict[str, list[float]] = {}
         for line in text.splitlines():
             if line.startswith("vllm:num_requests_waiting"):
                 waiting += float(line.rsplit(" ", 1)[1])
             elif line.startswith(("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")):
                 kv = max(kv, float(line.rsplit(" ", 1)[1]))
+            elif line.startswith(_DCGM):
+                name, value = _sample(line)
+                if name in _DCGM and value is not None:
+                    gpu.setdefault(name, []).append(value)
         ep.waiting, ep.kv_usage = waiting, kv
+        # GPU figures, for metrics only (routing does not read them); MiB per GPU in DCGM's units
+        util, used = gpu.get("DCGM_FI_DEV_GPU_UTIL"), gpu.get("DCGM_FI_DEV_FB_USED")
+        free, reserved = gpu.get("DCGM_FI_DEV_FB_FREE"), gpu.get("DCGM_FI_DEV_FB_RESERVED", [])
+        ep.gpu_util = sum(util) / len(util) / 100 if util else None
+        ep.gpu_mem_used = sum(used) * 2**20 if used else None
+        ep.gpu_mem_total = (sum(used) + sum(free) + sum(reserved)) * 2**20 if used and free else None
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:
         eps = [ep for ep in self.endpoints() if ep.pool.role != "drained"]
@@ -372,6 +386,22 @@ class Router:
                     } for ep in p.endpoints],
                 })
         return out
+
+
+_DCGM = ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_RESERVED")
+
+
+def _sample(line: str) -> tuple[str, float | None]:
+    """A Prometheus text sample line's metric name and value (labels may hold spaces; a timestamp may follow)."""
+    brace = line.find("{")
+    if brace >= 0:
+        name, rest = line[:brace], line[line.rfind("}") + 1:]
+    else:
+        name, _, rest = line.partition(" ")
+    try:
+        return name, float(rest.split()[0])
+    except (IndexError, ValueError):
+        return name, None
 
 
 def _configure(ep: Endpoint, entry: dict[str, Any]) -> None:

@@ -86,6 +86,13 @@ class PgShipper:
         self._task: asyncio.Task | None = None
         self.shipped = 0
         self.backlog_gauge = None
+        # shipping lag (gateway/metrics.py reads lag()): before the first connection the high-water
+        # mark is unknown, and rows written since this start are the ones surely not shipped
+        try:
+            self._started_max = self._spool_max()
+        except sqlite3.Error:                     # a new spool: its table comes with the ledger
+            self._started_max = 0
+        self.unshipped, self.oldest_unshipped_at = 0, None
         health.register("postgres", "ledger")
 
     def wake(self) -> None:
@@ -133,6 +140,18 @@ class PgShipper:
         if self.backlog_gauge is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.backlog_gauge.set(max(0, self._spool_max() - (self.hwm or 0)))
+        with contextlib.suppress(sqlite3.Error):
+            after = self._started_max if self.hwm is None else self.hwm
+            self.unshipped = max(0, self._spool_max() - after)
+            row = self._reader.execute("SELECT created_at FROM usage WHERE id > ? ORDER BY id LIMIT 1",
+                                       (after,)).fetchone()
+            self.oldest_unshipped_at = row[0] if row else None
+
+    def lag(self) -> tuple[int, float]:
+        """Rows in the spool not yet in PostgreSQL, and the age in seconds of the oldest (0 when none),
+        as of the shipper's last round (about every idle_s, or retry_s while PostgreSQL is down)."""
+        at = self.oldest_unshipped_at
+        return self.unshipped, (max(0.0, time.time() - at) if at is not None else 0.0)
 
     # ---- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
