@@ -21,7 +21,7 @@ from fleet.spec import SpecError
 # Order is the order of `infermesh --help`.
 COMMANDS = [
     "up", "gateway", "keys", "usage", "slo",
-    "plan", "check", "failover", "canary", "leases",
+    "plan", "check", "failover", "canary", "leases", "alerts",
     "bootstrap", "ops",
 ]
 
