@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pulumi
 
+from fleet import alerts
 from fleet import spec as spec_mod
 from fleet.components import GatewayFleet, Images, WireGuardMesh, WorkerFleet, worker_launch
+from fleet.components.monitoring import Monitoring
 from fleet.plan import build_plan, is_local_only
 
 ROOT = Path(__file__).resolve().parent
@@ -106,6 +108,15 @@ else:
         "mesh_interfaces": mesh.interfaces.apply(lambda i: {g: i[g] for g in gateway_names}),
         "mesh_peers": mesh.gateway_peers, "mesh_cidr": spec.mesh.cidr, "mesh_port": spec.mesh.port,
     })
+    # The stack's alerting rules (fleet/alerts.py) as a PrometheusRule, and a PodMonitor for the gateways.
+    # infermesh:runbook-url: the runbook's web address; infermesh:prometheus-rule-labels: "release=kps,...".
+    Monitoring("infermesh-monitoring", {
+        "stack": stack, "groups": alerts.rule_groups(spec, cfg.get("runbook-url") or alerts.RUNBOOK),
+        "namespace": spec.gateway.namespace, "port": spec.gateway.port,
+        "prometheus_namespace": cfg.get("prometheus-namespace") or "monitoring",
+        "rule_labels": dict(kv.split("=", 1) for kv in (cfg.get("prometheus-rule-labels") or "").split(",")
+                            if "=" in kv),
+    }, opts=pulumi.ResourceOptions(depends_on=[gateway]))
     pulumi.export("endpoint", gateway.url)
     pulumi.export("ansible_inventory", workers.inventory)
     pulumi.export("images", {"gateway": images.gateway_ref, "worker": images.worker_ref})

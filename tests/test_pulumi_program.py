@@ -781,3 +781,55 @@ def test_private_registry_access_reaches_the_marketplace_as_a_secret(monkeypatch
     host.create(inputs)
     [put] = fakes["vastai"].calls("PUT")
     assert put["body"]["image_login"] == "test-secret-vast-registry"
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_prometheus_rule_is_the_stacks_alerts_and_prometheus_may_scrape_the_gateways(runs, stack):
+    from fleet import alerts
+
+    run = runs[stack]
+    ns = run.spec.gateway.namespace
+    rule = run.mocks.one("kubernetes:monitoring.coreos.com/v1:PrometheusRule")
+    assert (rule.inputs["apiVersion"], rule.inputs["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule.inputs["metadata"]["namespace"] == ns and rule.inputs["metadata"]["name"] == "infermesh-alerts"
+    groups = unwrap(rule.inputs["spec"])["groups"]
+    assert groups == alerts.rule_groups(run.spec)
+    # ... the very rules shipped in monitoring/alerts/<stack>.rules.yml (promtool-tested in tests/test_alerts.py)
+    assert groups == yaml.safe_load((ROOT / "monitoring" / "alerts" / f"{stack}.rules.yml").read_text())["groups"]
+    fast = [r for g in groups for r in g["rules"] if r.get("alert") == "InfermeshErrorBudgetFastBurn"]
+    assert {r["labels"]["tier"] for r in fast} == {t.name for t in run.spec.tiers}
+    # Prometheus reads every gateway pod: the PodMonitor selects the Deployment's pods by their labels
+    pod_labels = run.mocks.one("kubernetes:apps/v1:Deployment").inputs["spec"]["template"]["metadata"]["labels"]
+    monitor = run.mocks.one("kubernetes:monitoring.coreos.com/v1:PodMonitor")
+    selector = monitor.inputs["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert monitor.inputs["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    # ... through the deny-all: one more door, from Prometheus' namespace to the gateway port only
+    policies = {r.inputs["metadata"]["name"]: r.inputs["spec"]
+                for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}
+    scrape = policies["prometheus-scrape"]
+    assert scrape["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert scrape["ingress"] == [{"from": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"protocol": "TCP", "port": run.spec.gateway.port}]}]
+    # (the rules depend on the tiers' SLOs only: a failover leaves them unchanged, as
+    # test_failover_drain_changes_only_leases_and_configmap checks over every resource)
+
+
+def test_prometheus_rule_options_from_the_stack_config(monkeypatch, tmp_path):
+    raw = (ROOT / "stacks" / "Pulumi.staging.yaml").read_text()
+    doc = yaml.safe_load(raw)
+    doc["config"].update({"infermesh:runbook-url": "https://git.example/infermesh/blob/main/docs/runbook.md",
+                          "infermesh:prometheus-rule-labels": "release=kps,team=sre",
+                          "infermesh:prometheus-namespace": "observability"})
+    (tmp_path / "Pulumi.staging.yaml").write_text(yaml.safe_dump(doc))
+    run = run_program("staging", monkeypatch, stacks_dir=tmp_path)
+    rule = run.mocks.one("kubernetes:monitoring.coreos.com/v1:PrometheusRule")
+    assert {"release": "kps", "team": "sre"}.items() <= rule.inputs["metadata"]["labels"].items()
+    urls = {r["annotations"]["runbook_url"] for g in unwrap(rule.inputs["spec"])["groups"] for r in g["rules"]
+            if "alert" in r}
+    assert "https://git.example/infermesh/blob/main/docs/runbook.md#infermeshpooldown" in urls
+    assert all(u.startswith("https://git.example/infermesh/blob/main/docs/runbook.md#") for u in urls)
+    scrape = next(r for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
+                  if r.inputs["metadata"]["name"] == "prometheus-scrape")
+    assert scrape.inputs["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
