@@ -165,9 +165,13 @@ class Timeouts(_Strict):
 
 
 class Slo(_Strict):
-    availability: Annotated[float, Field(gt=0, lt=100)] = 99.5   # percent of good minutes
-    ttft_p95_ms: PosFloat = 2000
-    ttlt_p95_ms: PosFloat = 30000
+    """A tier's targets, as gateway/sla.py defines and measures them."""
+
+    availability: Annotated[float, Field(gt=0, lt=100)] = 99.5   # percent of the period's minutes that are good
+    ttft_p95_ms: PosFloat = 2000               # streams' p95 time to first content event (latency credit, per hour)
+    ttlt_p95_ms: PosFloat = 30000              # p95 time to last token, normalised to ttlt_tokens
+    ttlt_tokens: PosInt = 256                  # the token budget TTLT is stated at
+    max_5xx_pct: Annotated[float, Field(ge=0, le=100)] = 0.2    # requests failed by the service, per month
 
 
 class EmbeddingLimits(_Strict):

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fleet.spec import Spec, Tier
-from gateway import admission, sli, slo
+from gateway import admission, sla, sli
 from gateway.door import FailureLimiter, InFlight
 from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
@@ -45,6 +45,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
 DRAIN_LIMIT = 16 * 1024 * 1024  # bodies above the limit but below this are read before the 413
 IDLE_SWEEP_S = 0.25
+ROLLUP_S = 10.0                  # the SLA rollups (gateway/sla.py) catch up with the ledger this often
+STATUS_CACHE_S = 60.0            # the public status page is computed at most this often
 MODELS_CREATED = 1_700_000_000   # a fixed `created` for /v1/models: the catalogue is declared, not trained
 
 
@@ -102,7 +104,8 @@ class Gateway:
         self._update_health_gauges()
         self._tasks = [asyncio.create_task(c) for c in
                        (self._health_loop(), self._watch_routing(), self._purge_loop(), self._idle_loop(),
-                        self.prober.run(), self.lag.run(self.metrics.loop_lag))]
+                        self.prober.run(), self.lag.run(self.metrics.loop_lag), self._rollup_loop())]
+        self._status: tuple[float, bytes] | None = None
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -113,6 +116,44 @@ class Gateway:
         await self.session.close()
         await self.state.stop()
         self.ledger.close()
+        with contextlib.suppress(Exception):     # what the last minutes added (the next start catches up anyway)
+            await asyncio.to_thread(self.state.rollup.run_once)
+
+    async def _rollup_loop(self) -> None:
+        """Per-minute SLA rollups from the ledger, in a thread: never on the event loop."""
+        while True:
+            await asyncio.sleep(ROLLUP_S)
+            await self.roll_up()
+
+    async def roll_up(self) -> bool:
+        try:
+            await asyncio.to_thread(self.state.rollup.run_once)
+            return True
+        except Exception as e:     # PostgreSQL down, a locked file: the next run catches up, nothing lost
+            log.warning("SLA rollup not written: %s", type(e).__name__)
+            return False
+
+    async def status_page(self) -> bytes:
+        """GET /status's JSON: per model and region, 90 days of daily availability and the state
+        now (healthy endpoints), no tenant names; computed in a thread at most every STATUS_CACHE_S."""
+        now = time.monotonic()
+        if self._status is None or now - self._status[0] > STATUS_CACHE_S:
+            await self.roll_up()
+            days = await asyncio.to_thread(sla.status, self.state.sla_query(), self.spec)
+            live = {}
+            t = time.monotonic()
+            for m in self.router.models.values():
+                for p in m.pools:
+                    if p.role == "drained":
+                        continue
+                    up, total = live.get((m.id, p.region), (0, 0))
+                    live[(m.id, p.region)] = (up + sum(ep.available(t) for ep in p.endpoints), total + len(p.endpoints))
+            for d in days:
+                up, total = live.get((d["model"], d["region"]), (0, 0))
+                d["state"] = "operational" if total and up == total else "degraded" if up else "down"
+            self._status = (now, orjson.dumps({"generated_at": int(time.time()), "days": sla.STATUS_DAYS,
+                                                "services": days}))
+        return self._status[1]
 
     # ---- routing config -----------------------------------------------------------------------
     def _mtime(self) -> float:
@@ -606,6 +647,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/admin/slo")
     @admin
     async def admin_slo(request: Request) -> Response:
+        """The SLA report (gateway/sla.py) over the last `hours`, from the rollups, in a thread."""
         try:
             hours = float(request.query_params.get("hours", 24 * 30))
         except ValueError:
@@ -613,8 +655,17 @@ def create_app(settings: Settings) -> FastAPI:
         if not 0 < hours <= 24 * 366:
             return ApiError(400, "hours: a number more than 0 and at most 8784.", code="invalid_window",
                             param="hours").response()
-        rows = await gw.state.usage_rows(since=time.time() - hours * 3600)
-        return Response(orjson.dumps(slo.report(rows, gw.spec)), media_type=_JSON)
+        await gw.roll_up()
+        now = time.time()
+        period = sla.window_period(now - hours * 3600, None, now)
+        rep = await asyncio.to_thread(sla.report, gw.state.sla_query(), gw.spec, period)
+        return Response(orjson.dumps(rep), media_type=_JSON)
+
+    @app.get("/status")
+    @app.get("/status.json")
+    async def status(request: Request) -> Response:
+        """Public: per model and region, daily availability for 90 days and the state now."""
+        return Response(await gw.status_page(), media_type=_JSON)
 
     @app.get("/admin/sli")
     @admin

@@ -212,6 +212,7 @@ class Prober:
         for ep, r in zip(targets, results, strict=True):
             self.log.record(r)
             pool = ep.pool
+            gw.state.rollup.probe(r.at, pool.model, pool.region, r.passed)     # the SLA's probe minutes
             gw.metrics.probes.labels(pool.model, pool.name, r.result).inc()
             if r.ttft_ms is not None:
                 gw.metrics.probe_ttft.labels(pool.model, pool.name).observe(r.ttft_ms / 1000)

@@ -214,7 +214,7 @@ class Call:
         rec = self.rec
         meter_usage(rec, usage)
         rec.status = 200
-        rec.ttft_ms = rec.ttlt_ms = (now - self.started) * 1000
+        rec.ttlt_ms = (now - self.started) * 1000    # a whole answer has no first token (gateway/sla.py)
         if self.gw.debug_logging(self.adm.principal):
             self.gw.keep_debug_log(self, _completion_text(doc))
         await self.gw.finish(self)       # ledger commit before the client sees the body

@@ -28,18 +28,27 @@ Per pool, over the window:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.slo import percentile
 
 # Rows whose last attempt failed before the first byte and could not be retried further: the
 # attempt is in the AttemptLog already.
 EXHAUSTED = {"upstream_error", "upstream_timeout", "no_capacity"}
 # Failures after the first byte: never retried, only the ledger row knows them.
 STREAM_FAILURES = {"stream_interrupted", "idle_timeout", "upstream_error_event"}
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (no interpolation): the value a client could have observed."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 class AttemptLog:

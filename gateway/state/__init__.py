@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from fleet.paths import private_dir
 from gateway import ledger as sqlite_ledger
+from gateway import sla
 from gateway.keys import KeyAdmin, KeyStore
 from gateway.ledger import Ledger
 from gateway.limits import LocalLimiter
@@ -83,9 +84,11 @@ class State:
             self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
             self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health)
+            self.rollup = sla.Rollup(spec, spool, sla.PgTarget(backends.postgres_dsn), self.shipper.instance_id)
         else:
             self.ledger = Ledger(state_dir / "ledger.db")
             self.keys = KeyStore(state_dir / "keys.db")
+            self.rollup = sla.Rollup(spec, self.ledger.path, sla.SqliteTarget(self.ledger.path), "local")
         if backends.limits == "redis":
             from gateway.state.redis_limits import RedisLimiter
             tiers = list(spec.tiers)
@@ -128,10 +131,21 @@ class State:
             await self.keys.stop()
             await self.shipper.stop()
 
+    def sla_query(self) -> sla.Query:
+        """Where the SLA reports read rollups: the shared PostgreSQL or this gateway's ledger.db."""
+        return self.rollup.target.query
+
     async def usage_rows(self, since: float | None = None) -> list[dict]:
         if self.pg:
             return await asyncio.to_thread(usage_rows, self.spec, self.state_dir, None, since)
         return sqlite_ledger.query(self.ledger.path, since=since)
 
 
-__all__ = ["State", "fails_open", "key_admin", "usage_rows", "redis_prefix"]
+def sla_target(spec: Spec, state_dir: Path) -> sla.SqliteTarget | sla.PgTarget:
+    """Where a stack's rollups are, for the CLI's reports."""
+    if uses_postgres(spec):
+        return sla.PgTarget(spec.gateway.state.postgres_dsn)
+    return sla.SqliteTarget(state_dir / "ledger.db")
+
+
+__all__ = ["State", "fails_open", "key_admin", "usage_rows", "redis_prefix", "sla_target"]
