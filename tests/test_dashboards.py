@@ -4,11 +4,21 @@ Grafana dashboards in monitoring/dashboards/: every metric a dashboard query nam
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import runpy
+import shutil
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
+import pytest
+import yaml
 from aiohttp import web
+from openai import NotFoundError, OpenAI
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -166,3 +176,148 @@ def test_ledger_lag_counts_unshipped_rows_and_the_oldest_ones_age(tmp_path):
     finally:
         shipper._reader.close()
         ledger.close()
+
+
+# ---- the dashboards ---------------------------------------------------------------------------------
+
+DASHBOARDS = REPO / "monitoring" / "dashboards"
+_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset",
+             "bool", "inf", "nan", "le"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression (Grafana variables allowed) reads."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                   # strings
+    text = re.sub(r"\{[^}]*\}", "", text)                               # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)                              # ranges
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)   # label lists
+    text = re.sub(r"\$\w+", "", text)
+    names = set()
+    for m in re.finditer(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\()?", text):
+        name, call = m.group(1), m.group(2)
+        if call or name in _KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def queries(board: dict) -> list[str]:
+    out = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    out += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    return out
+
+
+def _label_values(q: str) -> str:
+    m = re.fullmatch(r"label_values\((\w+), \w+\)", q)
+    return m.group(1) if m else q
+
+
+def test_metric_names_of_promql():
+    assert metric_names('histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$m",x="y(z)"}[5m])))'
+                        ' * on (model, pool) group_left (region) (0 * max by (model) (b{r="1"}) + 1)') == \
+        {"a_bucket", "b"}
+    assert metric_names("tier:x:rate1h{tier=~\"$tier\"} / on (tier) (1 - c) and d unless e offset 5m") == \
+        {"tier:x:rate1h", "c", "d", "e"}
+
+
+def test_dashboards_are_the_generators_output_and_well_formed():
+    gen = runpy.run_path(str(DASHBOARDS / "generate.py"))
+    made = gen["dashboards"]()
+    assert sorted(made) == sorted(p.name for p in DASHBOARDS.glob("*.json"))
+    uids = set()
+    for name, text in made.items():
+        assert (DASHBOARDS / name).read_text() == text, \
+            f"{name} differs from monitoring/dashboards/generate.py's output: run it"
+        board = json.loads(text)
+        assert board["uid"] not in uids
+        uids.add(board["uid"])
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids))
+        assert board["templating"]["list"][0]["type"] == "datasource"
+        for p in board["panels"]:
+            if p["type"] == "row":
+                continue
+            assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"} and p["targets"], p["title"]
+            g = p["gridPos"]
+            assert g["x"] + g["w"] <= 24
+    titles = {json.loads(t)["title"] for t in made.values()}
+    assert titles == {"infermesh / SLO", "infermesh / Latency", "infermesh / Providers", "infermesh / Gateway"}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_every_dashboard_query_parses(tmp_path):
+    """promtool parses each query (Grafana's variables replaced by values) as a recording rule."""
+    rules = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for q in queries(json.loads(path.read_text())):
+            expr = _label_values(q).replace("$__rate_interval", "5m").replace("$__range", "30d")
+            expr = re.sub(r"\$\w+", ".*", expr)
+            rules.append({"record": f"dashboard:q{len(rules)}", "expr": expr})
+    (tmp_path / "q.yml").write_text(yaml.safe_dump({"groups": [{"name": "q", "rules": rules}]}))
+    r = subprocess.run(["promtool", "check", "rules", str(tmp_path / "q.yml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def scrape(url: str, token: str) -> str:
+    """GET /metrics: without a token first, then with the admin token if it is asked for."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            raise
+    req = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def exposed(text: str) -> tuple[set[str], set[str]]:
+    """Metric names /metrics declares (families and the sample names they imply), and those with samples."""
+    declared, with_samples = set(), set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            declared |= {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else set())
+            if kind == "counter":
+                declared.add(name if name.endswith("_total") else f"{name}_total")
+        elif line and not line.startswith("#"):
+            with_samples.add(re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0))
+    return declared | with_samples, with_samples
+
+
+def test_every_metric_a_dashboard_reads_exists_on_a_running_gateway(local_stack):
+    from fleet import alerts
+
+    client = OpenAI(base_url=local_stack.base_url, api_key=local_stack.key("dash", "pro"))
+    for stream in (False, True):
+        r = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=8, stream=stream)
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+        else:
+            assert r.choices[0].message.content
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    names, sampled = exposed(scrape(local_stack.root_url + "/metrics", local_stack.admin_token()))
+    # what the request path and the health checks write is there with samples
+    for name in ("infermesh_requests_total", "infermesh_ttft_seconds_bucket", "infermesh_ttlt_seconds_bucket",
+                 "infermesh_tokens_total", "infermesh_pool_healthy_endpoints", "infermesh_in_flight",
+                 "infermesh_event_loop_lag_seconds", "infermesh_ledger_unshipped_rows",
+                 "infermesh_ledger_oldest_unshipped_age_seconds"):
+        assert name in sampled, name
+    recorded = {r["record"]: r["expr"] for g in alerts.rule_groups(local_stack.spec) for r in g["rules"]
+                if "record" in r}
+    used: dict[str, set[str]] = {}
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for q in queries(json.loads(path.read_text())):
+            for name in metric_names(_label_values(q)):
+                used.setdefault(name, set()).add(path.name)
+    assert len(used) > 25
+    missing = {}
+    for name, files in sorted(used.items()):
+        # a recording rule of fleet/alerts.py: its inputs must exist instead
+        for metric in (metric_names(recorded[name]) if name in recorded else {name}):
+            if metric not in names:
+                missing[metric] = sorted(files)
+    assert not missing, f"dashboards read metrics the gateway does not export: {missing}"
+    assert {n for n in used if ":" in n} <= set(recorded)
