@@ -2,6 +2,9 @@
 # System packages the mesh tests (tests/test_mesh.py) and `infermesh bootstrap` need:
 # sshd for the namespaced test hosts, WireGuard in user space (the kernels here have no
 # WireGuard module), iproute2 for namespaces and veths, iptables for the worker firewall.
+# promtool, from Debian's prometheus package, is needed by the alert tests (tests/test_alerts.py:
+# `promtool check rules` and `promtool test rules` on monitoring/alerts/; tests/test_dashboards.py
+# parses the dashboards' queries with it); they are skipped where it is missing.
 #
 # Idempotent: a no-op when everything is installed; `apt-get update` runs only when something
 # is missing. Safe in CI (root, no TTY). Not root and something missing: prints what is missing
