@@ -18,8 +18,9 @@ Inputs are the gateway's own metrics (gateway/metrics.py), summed over its repli
   the burn stops. The budget is ``1 - slo.availability / 100`` as a share of requests; the
   SLA's own monthly figure (minutes) is `infermesh slo report`'s, which these alerts protect;
 - p95 TTFT per tier and model over the tier's ``slo.ttft_p95_ms`` (5-minute window) for 5 minutes;
-- the 5xx ratio per tier above 10x the seeds' monthly 5xx target (0.2%) for 5 minutes, with at
-  least 5 such answers in the window (one error among a trickle of requests is not an incident);
+- the 5xx ratio per tier above 10x its monthly 5xx target (``slo.max_5xx_pct``, the seeds' 0.2%)
+  for 5 minutes, with at least 5 such answers in the window (one error among a trickle of
+  requests is not an incident);
 - synthetic probes (``infermesh_probe_pass_rate``, a pool's pass share over 10 minutes) under
   80% for 5 minutes, in pools that are routed (drained or removed pools keep their last value);
 - endpoints ejected by outlier detection: 3 or more ejections in a pool within 15 minutes;
@@ -50,8 +51,7 @@ BURNS = (
     ("Fast", "1h", "5m", 14.4, "page"),
     ("Slow", "6h", "30m", 6.0, "page"),
 )
-FIVE_XX_TARGET = 0.002            # the seeds' monthly 5xx target for paid tiers (below 0.2%)
-FIVE_XX_ALERT_FACTOR = 10         # alert above 10x the target, over 5 minutes, for 5 minutes
+FIVE_XX_ALERT_FACTOR = 10         # alert above 10x the tier's monthly 5xx target, over 5 minutes, for 5 minutes
 FIVE_XX_MIN_COUNT = 5             # ... with at least this many 5xx answers in the window
 PROBE_PASS_MIN = 0.8
 EJECTIONS_MAX = 3                 # ejections in a pool within EJECTIONS_WINDOW
@@ -68,6 +68,10 @@ def anchor(alert: str) -> str:
 def _num(x: float) -> str:
     """A threshold as PromQL reads it: short, no float noise (0.0144, not 0.014400000000000012)."""
     return f"{round(x, 12):.6g}"
+
+
+def _pct(x: float) -> str:
+    return f"{round(x * 100, 6):g}%"
 
 
 def budget(tier: Tier) -> float:
@@ -132,16 +136,17 @@ def _tier_alerts(t: Tier, runbook: str) -> list[dict[str, Any]]:
         f"The 95th percentile time to first token of tier {t.name}'s requests to {{{{ $labels.model }}}} has been "
         f"above the tier's SLO ({t.slo.ttft_p95_ms:g} ms) over 5-minute windows for 5 minutes.",
         runbook, for_="5m", labels={"tier": t.name}))
-    ratio = FIVE_XX_TARGET * FIVE_XX_ALERT_FACTOR
+    target = t.slo.max_5xx_pct / 100
+    ratio = min(1.0, target * FIVE_XX_ALERT_FACTOR)
     out.append(_alert(
         "InfermeshHigh5xxRate",
         f"tier:infermesh_5xx_ratio:rate5m{sel} > {_num(ratio)}\n"
         f"and\nsum by (tier) (increase(infermesh_requests_total{{tier=\"{t.name}\",status_class=\"5xx\"}}[5m]))"
         f" >= {FIVE_XX_MIN_COUNT}\n",
         "page",
-        f"Tier {t.name}: 5xx above {ratio:.1%} of requests for 5 minutes",
-        f"More than {ratio:.1%} of tier {t.name}'s requests got a 5xx over 5 minutes, for 5 minutes "
-        f"({FIVE_XX_ALERT_FACTOR}x the monthly target of {FIVE_XX_TARGET:.1%}).",
+        f"Tier {t.name}: 5xx above {_pct(ratio)} of requests for 5 minutes",
+        f"More than {_pct(ratio)} of tier {t.name}'s requests got a 5xx over 5 minutes, for 5 minutes "
+        f"({FIVE_XX_ALERT_FACTOR}x the tier's monthly 5xx target of {_pct(target)}).",
         runbook, for_="5m", labels={"tier": t.name}))
     return out
 

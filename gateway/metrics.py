@@ -31,7 +31,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60, 120)
+# Every tier's TTFT SLO in the shipped stacks is a bound (1, 1.5, 2.5 s), so an alert on p95 > SLO is exact
+# at the threshold (histogram_quantile interpolates inside a bucket; tests/test_alerts.py checks).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 5, 7.5, 10, 20, 30, 60, 120)
 _REQ = ("route", "status_class", "model", "pool", "provider", "region", "tier")
 _UP = ("model", "pool", "provider", "region")
 _EP = _UP + ("endpoint",)

@@ -46,22 +46,35 @@ def test_thresholds_come_from_each_tier_slo():
     data = spec.model_dump()
     for t in data["tiers"]:
         if t["name"] == "pro":
-            t["slo"]["availability"] = 99.9
-            t["slo"]["ttft_p95_ms"] = 1200
-    tighter = spec_mod.Spec.model_validate(data)
+            t["slo"].update(availability=99.0, ttft_p95_ms=1200, max_5xx_pct=0.5)
+    looser = spec_mod.Spec.model_validate(data)
 
     def exprs(s, name, tier):
         return [r["expr"] for g in alerts.rule_groups(s) for r in g["rules"]
                 if r.get("alert") == name and r["labels"].get("tier") == tier]
 
+    pro = next(t for t in spec.tiers if t.name == "pro")
+    b = alerts.budget(pro)
+    assert b == round(1 - pro.slo.availability / 100, 12)
     assert exprs(spec, "InfermeshErrorBudgetFastBurn", "pro") == [
-        'tier:infermesh_error_ratio:rate1h{tier="pro"} > 0.072\nand\n'
-        'tier:infermesh_error_ratio:rate5m{tier="pro"} > 0.072\n']           # 14.4 x 0.5%
-    assert "> 0.0144\n" in exprs(tighter, "InfermeshErrorBudgetFastBurn", "pro")[0]    # 14.4 x 0.1%
-    assert "> 0.006\n" in exprs(tighter, "InfermeshErrorBudgetSlowBurn", "pro")[0]     # 6 x 0.1%
-    assert exprs(spec, "InfermeshTTFTOverSLO", "pro")[0].endswith("> 1.5\n")
-    assert exprs(tighter, "InfermeshTTFTOverSLO", "pro")[0].endswith("> 1.2\n")
-    assert exprs(tighter, "InfermeshTTFTOverSLO", "business") == exprs(spec, "InfermeshTTFTOverSLO", "business")
+        f'tier:infermesh_error_ratio:rate1h{{tier="pro"}} > {14.4 * b:.6g}\nand\n'
+        f'tier:infermesh_error_ratio:rate5m{{tier="pro"}} > {14.4 * b:.6g}\n']
+    assert "> 0.144\n" in exprs(looser, "InfermeshErrorBudgetFastBurn", "pro")[0]    # 14.4 x 1%
+    assert "rate6h" in exprs(looser, "InfermeshErrorBudgetSlowBurn", "pro")[0]
+    assert "> 0.06\n" in exprs(looser, "InfermeshErrorBudgetSlowBurn", "pro")[0]     # 6 x 1%
+    assert exprs(spec, "InfermeshTTFTOverSLO", "pro")[0].endswith(f"> {pro.slo.ttft_p95_ms / 1000:g}\n")
+    assert exprs(looser, "InfermeshTTFTOverSLO", "pro")[0].endswith("> 1.2\n")
+    assert exprs(looser, "InfermeshHigh5xxRate", "pro")[0].startswith(
+        'tier:infermesh_5xx_ratio:rate5m{tier="pro"} > 0.05\n')                      # 10 x 0.5%
+    assert exprs(looser, "InfermeshTTFTOverSLO", "business") == exprs(spec, "InfermeshTTFTOverSLO", "business")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_each_ttft_slo_is_a_histogram_bucket_bound(stack):
+    """histogram_quantile interpolates inside a bucket: with the SLO a bound, p95 > SLO is exact."""
+    for t in spec_mod.load(stack).tiers:
+        assert t.slo.ttft_p95_ms / 1000 in _LATENCY_BUCKETS, \
+            f"tier {t.name}: add {t.slo.ttft_p95_ms / 1000:g} to gateway/metrics.py's _LATENCY_BUCKETS"
 
 
 def test_every_alert_has_severity_summary_and_a_runbook_section():
@@ -208,10 +221,16 @@ def build_cases(spec: spec_mod.Spec) -> Cases:
         c.group(ttft(20, 20), [("23m", "InfermeshTTFTOverSLO", []), ("35m", "InfermeshTTFTOverSLO", [fire])])
         c.group(ttft(40, 0), [("35m", "InfermeshTTFTOverSLO", [])])
         # 5xx rate above 2% for 5 minutes, with at least 5 of them
-        c.group({ok: counter((100, 20)), err5: counter((5, 20))},
-                [("15m", "InfermeshHigh5xxRate", [c.expect("InfermeshHigh5xxRate", tier, t.name)])])
-        c.group({ok: counter((100, 20)), err5: counter((1, 20))}, [("15m", "InfermeshHigh5xxRate", [])])
-        c.group({ok: counter((3, 20)), err5: counter((0.25, 20))}, [("15m", "InfermeshHigh5xxRate", [])])
+        limit = min(1.0, t.slo.max_5xx_pct / 100 * alerts.FIVE_XX_ALERT_FACTOR)
+        if limit < 0.4:
+            hi = 100 * 2 * limit / (1 - 2 * limit)          # 2x the limit, from 100 good answers a minute
+            c.group({ok: counter((100, 20)), err5: counter((hi, 20))},
+                    [("15m", "InfermeshHigh5xxRate", [c.expect("InfermeshHigh5xxRate", tier, t.name)])])
+            c.group({ok: counter((100, 20)), err5: counter((100 * limit / 2, 20))},
+                    [("15m", "InfermeshHigh5xxRate", [])])
+            # a trickle: the ratio is high but fewer than 5 such answers in 5 minutes
+            c.group({ok: counter((0.25 / (2 * limit), 20)), err5: counter((0.25, 20))},
+                    [("15m", "InfermeshHigh5xxRate", [])])
 
     pool = spec.pools[0]
     where = {"model": pool.model, "pool": pool.name, "provider": pool.provider, "region": pool.region}
@@ -271,13 +290,15 @@ def test_promtool_each_alert_fires_on_its_series_and_not_on_others(stack, tmp_pa
 
 @needs_promtool
 def test_promtool_test_catches_a_wrong_threshold(tmp_path):
-    """The generated tests are not vacuous: against rules with a fast-burn threshold 10x too loose,
+    """The generated tests are not vacuous: against rules with pro's fast-burn threshold 10x too loose,
     the firing case fails."""
     spec = spec_mod.load("prod")
     broken = tmp_path / "broken.rules.yml"
     text = alerts.to_yaml(spec)
-    assert '{tier="pro"} > 0.072\n' in text
-    broken.write_text(text.replace('{tier="pro"} > 0.072\n', '{tier="pro"} > 0.72\n'))
+    pro = next(t for t in spec.tiers if t.name == "pro")
+    right = f'{{tier="pro"}} > {14.4 * alerts.budget(pro):.6g}\n'
+    assert text.count(right) == 2
+    broken.write_text(text.replace(right, f'{{tier="pro"}} > {144 * alerts.budget(pro):.6g}\n'))
     cases = build_cases(spec)
     test_file = tmp_path / "broken.test.yml"
     test_file.write_text(yaml.safe_dump({"rule_files": [str(broken)], "evaluation_interval": "1m",
