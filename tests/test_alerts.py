@@ -306,3 +306,37 @@ def test_promtool_test_catches_a_wrong_threshold(tmp_path):
     r = promtool("test", "rules", str(test_file))
     assert r.returncode != 0
     assert "InfermeshErrorBudgetFastBurn" in r.stdout + r.stderr
+
+
+# ---- the runbook names real commands ---------------------------------------------------------------
+
+PLACEHOLDERS = {"S": "prod", "NODE": "gateway-0", "PROVIDER": "vast", "T": "acme", "YYYY-MM": "2026-11",
+                "START": "2026-11-01T00:00", "KEY_ID": "key_0123456789ab", "URL": "https://x.example/runbook.md"}
+
+
+def runbook_commands() -> list[str]:
+    text = (REPO / "docs" / "runbook.md").read_text()
+    found = [" ".join(m.split()) for m in re.findall(r"`(infermesh [^`]+)`", text)]
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        found += [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("infermesh ")]
+    return found
+
+
+def test_every_command_the_runbook_names_parses():
+    from fleet.cli import build_parser
+
+    commands = runbook_commands()
+    assert len(commands) > 20
+    parser = build_parser()
+    verbs = set()
+    for command in commands:
+        argv = [PLACEHOLDERS.get(w, w) for w in command.replace("[", "").replace("]", "").split()[1:]]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"docs/runbook.md: `{command}` is not a valid infermesh command line")
+        assert callable(args.func), command
+        verbs.add(" ".join(argv[:2]) if argv[0] in ("slo", "failover", "ops", "canary", "usage") else argv[0])
+    # the incident steps name each kind of mitigation and the post-mortem's reports
+    assert {"failover drain", "ops drain", "canary rollback", "slo report", "slo credits", "usage report",
+            "ops diag", "ops logs", "keys", "bootstrap", "plan", "check", "leases"} <= verbs
