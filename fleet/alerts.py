@@ -122,8 +122,8 @@ def _tier_alerts(t: Tier, runbook: str) -> list[dict[str, Any]]:
             f"and\ntier:infermesh_error_ratio:rate{short_w}{sel} > {threshold}\n",
             severity,
             f"Tier {t.name}: error budget burning at {factor:g}x ({long_w} and {short_w})",
-            f"Over the last {long_w} and the last {short_w}, more than {float(threshold):.4%} of tier {t.name}'s "
-            f"requests failed (5xx or shed as overloaded): {factor:g} times the {b:.4%} budget of its "
+            f"Over the last {long_w} and the last {short_w}, more than {_pct(factor * b)} of tier {t.name}'s "
+            f"requests failed (5xx or shed as overloaded): {factor:g} times the {_pct(b)} budget of its "
             f"{t.slo.availability:g}% SLO. At this rate the month's budget lasts {30 / factor:.1f} days.",
             runbook, labels={"tier": t.name}))
     ttft = t.slo.ttft_p95_ms / 1000
