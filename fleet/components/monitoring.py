@@ -11,6 +11,10 @@ For a cluster running the Prometheus Operator (kube-prometheus-stack or the like
 - ``NetworkPolicy`` ``prometheus-scrape``: the gateway namespace denies all ingress but the
   ingress controller and the mesh (GatewayFleet), so Prometheus' namespace is let in to the gateway
   port, nothing else.
+
+The rules sum over every series Prometheus has: where one Prometheus scrapes several stacks (staging
+and prod in one cluster), run the operator with ``enforcedNamespaceLabel: namespace`` so that each
+PrometheusRule reads only its own namespace's gateways.
 """
 
 from __future__ import annotations
