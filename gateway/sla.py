@@ -73,6 +73,7 @@ _COUNTS = ("requests", "ok", "service_errors", "client_errors", "gone", "streams
            "ttft_over_slo", "ttlt_samples", "ttlt_over_slo", "prompt_tokens", "cached_tokens", "completion_tokens",
            *(f"ttft_le_{e}" for e in TTFT_EDGES_MS), *(f"ttlt_le_{e}" for e in TTLT_EDGES_MS))
 ROLLUP_COLUMNS = (*_KEY, *_COUNTS)
+BAD = "(service_errors > 0 OR ttft_over_bound > 0)"    # a bad row makes its minute bad (counts are never negative)
 
 SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS usage_minute (
@@ -80,7 +81,13 @@ CREATE TABLE IF NOT EXISTS usage_minute (
     {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in _COUNTS)},
     PRIMARY KEY (minute, tenant, tier, model, region)
 );
-CREATE INDEX IF NOT EXISTS usage_minute_tenant ON usage_minute(tenant, minute);
+CREATE INDEX IF NOT EXISTS usage_minute_bad ON usage_minute(minute) WHERE {BAD};
+CREATE TABLE IF NOT EXISTS usage_hour (
+    hour INTEGER NOT NULL, tenant TEXT NOT NULL, tier TEXT NOT NULL, model TEXT NOT NULL, region TEXT NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in _COUNTS)},
+    PRIMARY KEY (hour, tenant, tier, model, region)
+);
+CREATE TABLE IF NOT EXISTS minute_seen (minute INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS probe_minute (
     minute INTEGER NOT NULL, model TEXT NOT NULL, region TEXT NOT NULL,
     probes INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
@@ -141,6 +148,11 @@ _UPSERT_USAGE = (f"INSERT INTO usage_minute ({', '.join(ROLLUP_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(ROLLUP_COLUMNS))}) "
                  f"ON CONFLICT (minute, tenant, tier, model, region) DO UPDATE SET "
                  + ", ".join(f"{c} = usage_minute.{c} + excluded.{c}" for c in _COUNTS))
+_UPSERT_HOUR = (f"INSERT INTO usage_hour (hour, {', '.join(ROLLUP_COLUMNS[1:])}) "
+                f"VALUES ({', '.join('?' * len(ROLLUP_COLUMNS))}) "
+                f"ON CONFLICT (hour, tenant, tier, model, region) DO UPDATE SET "
+                + ", ".join(f"{c} = usage_hour.{c} + excluded.{c}" for c in _COUNTS))
+_UPSERT_SEEN = "INSERT INTO minute_seen (minute) VALUES (?) ON CONFLICT (minute) DO NOTHING"
 _UPSERT_PROBE = ("INSERT INTO probe_minute (minute, model, region, probes, failed) VALUES (?, ?, ?, ?, ?) "
                  "ON CONFLICT (minute, model, region) DO UPDATE SET probes = probe_minute.probes + excluded.probes, "
                  "failed = probe_minute.failed + excluded.failed")
@@ -149,6 +161,22 @@ _UPSERT_MARK = ("INSERT INTO rollup_marks (instance_id, upto) VALUES (?, ?) "
 
 
 Compute = Callable[[int], tuple[int, list[tuple], list[tuple]]]   # mark -> (new mark, usage rows, probe rows)
+
+
+def _derived(rows: list[tuple], probes: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """The hourly rows and the minutes seen that go with a batch of minute rows: reports sum
+    hours (60 times fewer rows) and count seen minutes, and read minutes only where one is bad."""
+    hours: dict[tuple, list[int]] = {}
+    for r in rows:
+        key = (r[0] // 60, *r[1:5])
+        acc = hours.get(key)
+        if acc is None:
+            hours[key] = list(r[5:])
+        else:
+            for i, v in enumerate(r[5:]):
+                acc[i] += v
+    seen = {r[0] for r in rows} | {p[0] for p in probes}
+    return [(*k, *v) for k, v in hours.items()], [(m,) for m in sorted(seen)]
 
 
 class SqliteTarget:
@@ -170,7 +198,10 @@ class SqliteTarget:
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute("SELECT upto FROM rollup_marks WHERE instance_id = ?", (instance_id,)).fetchone()
             upto, rows, probes = compute(row[0] if row else 0)
+            hours, seen = _derived(rows, probes)
             conn.executemany(_UPSERT_USAGE, rows)
+            conn.executemany(_UPSERT_HOUR, hours)
+            conn.executemany(_UPSERT_SEEN, seen)
             conn.executemany(_UPSERT_PROBE, probes)
             conn.execute(_UPSERT_MARK, (instance_id, upto))
             conn.execute("COMMIT")
@@ -204,7 +235,10 @@ class PgTarget:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (instance_id,))
             row = cur.execute("SELECT upto FROM rollup_marks WHERE instance_id = %s", (instance_id,)).fetchone()
             upto, rows, probes = compute(row[0] if row else 0)
+            hours, seen = _derived(rows, probes)
             cur.executemany(_pg(_UPSERT_USAGE), rows)
+            cur.executemany(_pg(_UPSERT_HOUR), hours)
+            cur.executemany(_pg(_UPSERT_SEEN), seen)
             cur.executemany(_pg(_UPSERT_PROBE), probes)
             cur.execute(_pg(_UPSERT_MARK), (instance_id, upto))
 
@@ -388,45 +422,59 @@ def ranges(minutes: Iterable[int]) -> list[list[str]]:
 
 
 _SUMS = ", ".join(f"sum({c})" for c in _COUNTS)
+_COLS = ", ".join(_COUNTS)
+
+
+def _source(period: Period, tenant: str | None) -> tuple[str, list[Any]]:
+    """A FROM clause over the period at hour granularity: usage_hour for the whole hours inside
+    it, usage_minute for the minutes at its edges (a window need not start on the hour)."""
+    only = " AND tenant = ?" if tenant else ""
+    extra = [tenant] if tenant else []
+    h0, h1 = -(-period.start // 60), period.end // 60
+    if h0 >= h1:
+        return (f"(SELECT minute / 60 AS h, tenant, tier, model, region, {_COLS} FROM usage_minute "
+                f"WHERE minute >= ? AND minute < ?{only}) AS src", [period.start, period.end, *extra])
+    sql = (f"(SELECT hour AS h, tenant, tier, model, region, {_COLS} FROM usage_hour "
+           f"WHERE hour >= ? AND hour < ?{only} "
+           f"UNION ALL SELECT minute / 60 AS h, tenant, tier, model, region, {_COLS} FROM usage_minute "
+           f"WHERE ((minute >= ? AND minute < ?) OR (minute >= ? AND minute < ?)){only}) AS src")
+    return sql, [h0, h1, *extra, period.start, h0 * 60, h1 * 60, period.end, *extra]
 
 
 def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> dict[str, Any]:
     """Per customer (tenant and tier): availability over the period's minutes, its bad minutes,
-    budget, 5xx rate, latency and the credit; per region; per model and region (no tenants)."""
+    budget, 5xx rate, latency and the credit; per region; per model and region (no tenants).
+    Sums come from hourly rows; minutes are read only where one was bad (a partial index)."""
     tiers = {t.name: t for t in spec.tiers}
-    span = (period.start, period.end)
-    only = " AND tenant = ?" if tenant else ""
-    args = (*span, tenant) if tenant else span
-    totals = q(f"SELECT tenant, tier, {_SUMS} FROM usage_minute WHERE minute >= ? AND minute < ?{only} "
-               "GROUP BY tenant, tier ORDER BY tenant, tier", args)
-    if tenant and not totals:
+    span = [period.start, period.end]
+    src, args = _source(period, tenant)
+    per = defaultdict(lambda: [0] * len(_COUNTS))          # (tenant, tier) -> sums
+    by_model = defaultdict(lambda: [0] * len(_COUNTS))     # (model, region) -> sums
+    used = defaultdict(set)                                # tenant -> {(model, region)}
+    for t, tier_name, model, region, *sums in q(
+            f"SELECT tenant, tier, model, region, {_SUMS} FROM {src} GROUP BY tenant, tier, model, region", args):
+        for acc in (per[(t, tier_name)], by_model[(model, region)]):
+            for i, v in enumerate(sums):
+                acc[i] += v or 0
+        used[t].add((model, region))
+    if tenant and not per:
         raise SlaError(f"tenant {tenant!r} made no requests from {_iso(period.start)} to {_iso(period.end)} "
                        "(`infermesh keys list` shows the tenants)")
-    bad = defaultdict(set)
-    for t, region, m in q("SELECT tenant, region, minute FROM usage_minute WHERE minute >= ? AND minute < ?"
-                          f"{only} GROUP BY tenant, region, minute "
-                          "HAVING sum(service_errors) > 0 OR sum(ttft_over_bound) > 0", args):
-        bad[(t, region)].add(m)
-    down = defaultdict(set)           # (model, region) -> minutes in which every probe failed
-    for model, region, m in q("SELECT model, region, minute FROM probe_minute WHERE minute >= ? AND minute < ? "
-                              "GROUP BY model, region, minute HAVING sum(failed) = sum(probes) AND sum(probes) > 0",
-                              span):
-        down[(model, region)].add(m)
-    used = defaultdict(set)           # tenant -> (model, region) it called in the period
-    for t, model, region in q("SELECT DISTINCT tenant, model, region FROM usage_minute WHERE minute >= ? "
-                              f"AND minute < ?{only}", args):
-        used[t].add((model, region))
     hours = defaultdict(list)
-    for t, h, n, over in q("SELECT tenant, minute / 60, sum(streams), sum(ttft_over_slo) FROM usage_minute "
-                           f"WHERE minute >= ? AND minute < ?{only} GROUP BY tenant, minute / 60", args):
-        hours[t].append((h, n, over))
-    seen = q("SELECT count(*) FROM (SELECT minute FROM usage_minute WHERE minute >= ? AND minute < ? UNION "
-             "SELECT minute FROM probe_minute WHERE minute >= ? AND minute < ?) AS m", (*span, *span))[0][0]
+    for t, h, n, over in q(f"SELECT tenant, h, sum(streams), sum(ttft_over_slo) FROM {src} GROUP BY tenant, h", args):
+        hours[t].append((h, n or 0, over or 0))
+    only = " AND tenant = ?" if tenant else ""
+    bad = defaultdict(set)
+    model_bad = defaultdict(set)
+    for t, model, region, m in q(f"SELECT tenant, model, region, minute FROM usage_minute WHERE {BAD} "
+                                 f"AND minute >= ? AND minute < ?{only}", [*span, *([tenant] if tenant else [])]):
+        bad[(t, region)].add(m)
+        model_bad[(model, region)].add(m)
+    down = _down(q, span)
+    seen = q("SELECT count(*) FROM minute_seen WHERE minute >= ? AND minute < ?", span)[0][0]
     customers = []
-    for row in totals:
-        name, tier_name = row[0], row[1]
-        c = dict(zip(_COUNTS, row[2:], strict=True))
-        tier = tiers.get(tier_name)
+    for (name, tier_name), sums in sorted(per.items()):
+        c = dict(zip(_COUNTS, sums, strict=True))
         regions = sorted({r for (t, r) in bad if t == name} | {r for _, r in used[name]})
         bad_by_region = {}
         for r in regions:
@@ -436,10 +484,31 @@ def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> d
                     mins |= down.get((model, reg), set())
             bad_by_region[r] = mins
         all_bad = set().union(*bad_by_region.values()) if bad_by_region else set()
-        customers.append(_customer(name, tier_name, tier, c, all_bad, bad_by_region, hours[name], period))
+        customers.append(_customer(name, tier_name, tiers.get(tier_name), c, all_bad, bad_by_region, hours[name],
+                                   period))
+    models = []
+    if not tenant:
+        for (model, region), sums in sorted(by_model.items()):
+            c = dict(zip(_COUNTS, sums, strict=True))
+            mins = model_bad[(model, region)] | down.get((model, region), set())
+            models.append({"model": model, "region": region, "requests": c["requests"],
+                           "service_errors": c["service_errors"], "bad_minutes": len(mins),
+                           "availability_pct": 100.0 * (period.minutes - len(mins)) / period.minutes,
+                           "ttft_ms": {f"p{p}": bucket_percentile(c["streams"], [c[f"ttft_le_{e}"]
+                                                                                 for e in TTFT_EDGES_MS],
+                                                                  TTFT_EDGES_MS, p) for p in (50, 95, 99)}})
     return {"stack": spec.stack, "period": period.view(), "no_data_minutes": period.minutes - seen,
-            "definitions": "gateway/sla.py", "customers": customers,
-            "models": _models(q, spec, period, down)}
+            "definitions": "gateway/sla.py", "customers": customers, "models": models}
+
+
+def _down(q: Query, span: Sequence[int]) -> dict[tuple[str, str], set[int]]:
+    """(model, region) -> the minutes in which every synthetic probe of it failed."""
+    down = defaultdict(set)
+    for model, region, m in q("SELECT model, region, minute FROM probe_minute WHERE minute >= ? AND minute < ? "
+                              "GROUP BY model, region, minute HAVING sum(failed) = sum(probes) AND sum(probes) > 0",
+                              span):
+        down[(model, region)].add(m)
+    return down
 
 
 def _customer(name: str, tier_name: str, tier: Tier | None, c: dict[str, int], bad: set[int],
@@ -480,27 +549,6 @@ def _customer(name: str, tier_name: str, tier: Tier | None, c: dict[str, int], b
     }
 
 
-def _models(q: Query, spec: Spec, period: Period, down: dict[tuple[str, str], set[int]]) -> list[dict]:
-    """Per model and region, all customers together: what a status page and an operator read."""
-    span = (period.start, period.end)
-    bad = defaultdict(set)
-    for model, region, m in q("SELECT model, region, minute FROM usage_minute WHERE minute >= ? AND minute < ? "
-                              "GROUP BY model, region, minute HAVING sum(service_errors) > 0 "
-                              "OR sum(ttft_over_bound) > 0", span):
-        bad[(model, region)].add(m)
-    out = []
-    for model, region, *sums in q(f"SELECT model, region, {_SUMS} FROM usage_minute WHERE minute >= ? "
-                                  "AND minute < ? GROUP BY model, region ORDER BY model, region", span):
-        c = dict(zip(_COUNTS, sums, strict=True))
-        mins = bad[(model, region)] | down.get((model, region), set())
-        out.append({"model": model, "region": region, "requests": c["requests"],
-                    "service_errors": c["service_errors"], "bad_minutes": len(mins),
-                    "availability_pct": 100.0 * (period.minutes - len(mins)) / period.minutes,
-                    "ttft_ms": {f"p{p}": bucket_percentile(c["streams"], [c[f"ttft_le_{e}"] for e in TTFT_EDGES_MS],
-                                                           TTFT_EDGES_MS, p) for p in (50, 95, 99)}})
-    return out
-
-
 def credits_statement(rep: dict[str, Any]) -> list[dict[str, Any]]:
     """What a customer's finance team receives, one line per customer, from a month's report."""
     return [{"tenant": c["tenant"], "tier": c["tier"], "period": rep["period"]["label"],
@@ -522,14 +570,12 @@ def status(q: Query, spec: Spec, now: float | None = None, days: int = STATUS_DA
     end = minute_of(now) + 1
     span = (first, end)
     bad: dict[tuple[str, str], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for model, region, m in q("SELECT model, region, minute FROM usage_minute WHERE minute >= ? AND minute < ? "
-                              "GROUP BY model, region, minute HAVING sum(service_errors) > 0 "
-                              "OR sum(ttft_over_bound) > 0", span):
+    for model, region, m in q(f"SELECT DISTINCT model, region, minute FROM usage_minute WHERE {BAD} "
+                              "AND minute >= ? AND minute < ?", span):
         bad[(model, region)][m // 1440].add(m)
-    for model, region, m in q("SELECT model, region, minute FROM probe_minute WHERE minute >= ? AND minute < ? "
-                              "GROUP BY model, region, minute HAVING sum(failed) = sum(probes) AND sum(probes) > 0",
-                              span):
-        bad[(model, region)][m // 1440].add(m)
+    for (model, region), mins in _down(q, span).items():
+        for m in mins:
+            bad[(model, region)][m // 1440].add(m)
     pools = {(p.model, p.region) for p in spec.pools if p.role != "drained"}
     out = []
     for model, region in sorted(pools | set(bad)):

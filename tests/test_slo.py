@@ -289,3 +289,14 @@ def test_credits_statement_and_cli(tmp_path, spec, monkeypatch, capsys):
     assert lines[0].startswith("tenant,tier,period") and any(line.startswith("acme,pro,2026-11") for line in lines)
     assert cli.main(["slo", "report", "--stack", "slotest", "--month", "2099-01"]) == 2
     assert "not begun" in capsys.readouterr().err
+
+
+def test_windows_off_the_hour_read_hours_inside_and_minutes_at_the_edges(tmp_path, spec):
+    led = Ledger(tmp_path, spec)
+    led.add([rec("w", m) for m in (10, 70, 130, 200)] + [rec("w", 135, status=500, second=20)])
+    for start, end, want in ((30, 150, 3), (30, 59, 0), (0, 240, 5), (70, 71, 1), (131, 200, 1)):
+        rep = led.report(period=sla.window_period(NOV + start * 60, NOV + end * 60, NOW))
+        got = sum(c["requests"] for c in rep["customers"])
+        assert got == want, (start, end, got)
+    c = customer(led.report(period=sla.window_period(NOV + 30 * 60, NOV + 150 * 60, NOW)), "w")
+    assert c["bad_minutes"] == 1 and c["minutes"] == 120
