@@ -621,19 +621,25 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     def admin(handler):
-        """Operator-only routes: the admin bearer token, compared in constant time."""
+        """Operator-only routes (/admin/*, /metrics): the admin token, compared in constant time,
+        as a bearer token or in X-Infermesh-Admin-Token (the Kubernetes API's pod proxy, which the
+        canary reads through, drops Authorization)."""
         @functools.wraps(handler)
         async def guarded(request: Request) -> Response:
-            token = admission.bearer(request.headers.get("authorization")) or ""
-            if not secrets.compare_digest(token.encode(), gw.admin_token.encode()):
+            token = (admission.bearer(request.headers.get("authorization"))
+                     or request.headers.get("x-infermesh-admin-token") or "")
+            if not secrets.compare_digest(token.encode("utf-8", "replace"), gw.admin_token.encode()):
                 return ApiError(401, "Admin token required.", code="invalid_admin_token").response()
             return await handler(request)
         return guarded
+
+    @app.get("/metrics")
+    @admin
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: they name pools, providers and regions, so they are the operator's
+        (scrape with the admin token: the PodMonitor does)."""
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/admin/endpoints")
     @admin

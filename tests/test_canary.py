@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import signal
 import threading
@@ -769,7 +770,16 @@ def ha(tmp_path_factory):
             admin.close()
         running = HaStack(stack, stacks_dir, key)
         wait_for(lambda: all(key_works(running, i) for i in range(3)), what="every replica to know the key")
-        yield running
+        # the canary CLI reads /metrics with the stack's admin token, as the deploy job does
+        old = os.environ.get("INFERMESH_ADMIN_TOKEN")
+        os.environ["INFERMESH_ADMIN_TOKEN"] = (stack.state / "admin.token").read_text().strip()
+        try:
+            yield running
+        finally:
+            if old is None:
+                os.environ.pop("INFERMESH_ADMIN_TOKEN", None)
+            else:
+                os.environ["INFERMESH_ADMIN_TOKEN"] = old
     finally:
         stack.stop()
         redis.stop()
@@ -896,7 +906,9 @@ def prometheus(ha, tmp_path_factory):
     targets = [ha.replica_root(i).removeprefix("http://") for i in range(3)]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "infermesh-gateway", "static_configs": [
+        "scrape_configs": [{"job_name": "infermesh-gateway",
+                            "authorization": {"credentials": (ha.stack.state / "admin.token").read_text().strip()},
+                            "static_configs": [
             {"targets": targets, "labels": {"namespace": ha.stack.spec.gateway.namespace}}]}]}))
     port = free_port()
     proc = _sp.Popen([exe, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
@@ -991,7 +1003,11 @@ class FakeKubeApi:
                 else:
                     m = re.fullmatch(rf"{base}/([\w-]+):(\d+)/proxy/metrics", self.path)
                     if m and m.group(1) in fake.pods and int(m.group(2)) == fake.port:
-                        with urllib.request.urlopen(fake.pods[m.group(1)] + "/metrics", timeout=10) as r:
+                        # the API server drops Authorization (it authenticated the caller); other headers pass
+                        token = self.headers.get("x-infermesh-admin-token")
+                        req = urllib.request.Request(fake.pods[m.group(1)] + "/metrics",
+                                                     headers={"x-infermesh-admin-token": token} if token else {})
+                        with urllib.request.urlopen(req, timeout=10) as r:
                             body, code = r.read(), 200
                     else:
                         body, code = b'{"kind":"Status","code":404}', 404

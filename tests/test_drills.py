@@ -59,7 +59,7 @@ def pools(stack) -> dict[str, dict]:
 
 def metric(stack, name: str, **labels: str) -> float:
     """Sum of a metric's samples whose labels include `labels`."""
-    _, text = _http(stack.root_url + "/metrics")
+    _, text = _http(stack.root_url + "/metrics", None, stack.admin_token())
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
@@ -268,7 +268,7 @@ async def test_drill1_kill_pool_under_load_and_drill7_slo_report_matches_client(
             assert r["status"] == 502 and r["error"] == "stream_interrupted"
 
     # everything the issue lists is on /metrics
-    _, text = await athread(_http, stack.root_url + "/metrics")
+    _, text = await athread(_http, stack.root_url + "/metrics", None, stack.admin_token())
     for family in ("requests", "ttft_seconds", "ttlt_seconds", "tokens", "upstream_errors", "retries",
                    "ejections", "fallbacks", "shed", "pool_healthy_endpoints", "in_flight", "probes",
                    "probe_pass_rate", "degraded"):

@@ -302,7 +302,12 @@ def test_made_up_model_names_are_one_metric_series_and_failures_are_limited_per_
             statuses.append((e.status_code, e.body["code"]))
     assert statuses[:30] == [(404, "model_not_found")] * 30
     assert set(statuses[30:]) == {(429, "too_many_failed_requests")}
-    with urllib.request.urlopen(stack.root_url + "/metrics", timeout=5) as r:
+    with pytest.raises(urllib.error.HTTPError) as refused:        # /metrics is the operator's
+        urllib.request.urlopen(stack.root_url + "/metrics", timeout=5)
+    assert refused.value.code == 401
+    req = urllib.request.Request(stack.root_url + "/metrics",
+                                 headers={"authorization": f"Bearer {stack.admin_token()}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
         text = r.read().decode()
     models = {line.split('model="')[1].split('"')[0] for line in text.splitlines()
               if line.startswith("infermesh_requests_total{")}

@@ -304,7 +304,9 @@ async def traffic(ha: Ha, keys: list[str], n: int | None = None, *, replicas=(0,
 
 
 async def metric(ha: Ha, i: int, name: str, labels: str = "") -> float | None:
-    async with aiohttp.ClientSession() as s, s.get(ha.root(i) + "/metrics") as r:
+    token = (ha.stack.state / "admin.token").read_text().strip()
+    async with aiohttp.ClientSession() as s, s.get(ha.root(i) + "/metrics",
+                                                   headers={"authorization": f"Bearer {token}"}) as r:
         text = await r.text()
     m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else None

@@ -25,8 +25,9 @@ live); with ``--follow`` it tries three times in a row first. `status` says so a
 ``--interval`` seconds until the decision is not wait or ``--timeout`` passes (then: 3).
 With ``--replica``/``--kube-api``, a one-shot evaluation counts everything the replicas saw since
 they started; ``--follow`` counts from its first reading on, for canary and baseline alike.
-The admin token (``--gateway`` only) comes from ``--admin-token``, ``INFERMESH_ADMIN_TOKEN``, or
-the stack's state dir.
+The admin token comes from ``--admin-token``, ``INFERMESH_ADMIN_TOKEN``, or the stack's state
+dir: ``--gateway`` needs it; ``--replica`` and ``--kube-api`` send it to /metrics, which is the
+operator's (without one, the gateways refuse and the canary is rolled back).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         src.add_argument("--prometheus", default=None, metavar="URL", help="default: the stack's "
                          "delivery.prometheus_url")
         src.add_argument("--gateway", default=None, help="one gateway's base URL (/admin/sli; one-replica stacks)")
-        a.add_argument("--admin-token", default=None, help="--gateway only; default: $INFERMESH_ADMIN_TOKEN "
-                       "or the state dir's")
+        a.add_argument("--admin-token", default=None, help="for /admin/sli and /metrics; default: "
+                       "$INFERMESH_ADMIN_TOKEN or the state dir's")
         a.add_argument("--window", type=float, default=600.0, help="seconds of SLIs (default 600; --gateway "
                        "and --prometheus)")
         a.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -232,6 +233,13 @@ def rollback(args: argparse.Namespace) -> int:
 
 # ---- evaluation --------------------------------------------------------------------------------------
 
+def optional_admin_token(args: argparse.Namespace) -> str | None:
+    try:
+        return admin_token(args)
+    except UserError:
+        return None
+
+
 def admin_token(args: argparse.Namespace) -> str:
     if args.admin_token:
         return args.admin_token
@@ -317,9 +325,12 @@ class Replicas:
 
     kind = "replicas"
 
-    def __init__(self, urls: list[str], follow: bool) -> None:
+    def __init__(self, urls: list[str], follow: bool, token: str | None = None) -> None:
         self.urls = urls
         self.follow = follow
+        # /metrics is the operator's: the admin token, as a bearer and in the header the Kubernetes
+        # API's pod proxy passes on (it drops Authorization)
+        self.headers = {"authorization": f"Bearer {token}", "x-infermesh-admin-token": token} if token else {}
         self.first: dict[str, dict] = {}       # --follow: each replica's first reading
         self.info: dict = {"kind": self.kind, "replicas": []}
 
@@ -334,7 +345,7 @@ class Replicas:
         if not targets:
             raise SliUnavailable("no gateway replica found")
         for name, url in targets:
-            now = rules.parse_metrics(_get(url).decode("utf-8", "replace"))
+            now = rules.parse_metrics(_get(url, self.headers).decode("utf-8", "replace"))
             if self.follow:
                 self.first.setdefault(name, now)
             inc = rules.increase(now, self.first.get(name) if self.follow else None)
@@ -352,8 +363,8 @@ class KubePods(Replicas):
 
     kind = "kubernetes-pods"
 
-    def __init__(self, api: str, namespace: str, port: int, follow: bool) -> None:
-        super().__init__([], follow)
+    def __init__(self, api: str, namespace: str, port: int, follow: bool, token: str | None = None) -> None:
+        super().__init__([], follow, token)
         self.api, self.namespace, self.port = api.rstrip("/"), namespace, port
 
     def targets(self) -> list[tuple[str, str]]:
@@ -419,16 +430,16 @@ def sli_source(args: argparse.Namespace, spec: spec_mod.Spec, follow: bool):
                             "--prometheus")
         return AdminSli(args.gateway, admin_token(args), args.window)
     if args.replica:
-        return Replicas(args.replica, follow)
+        return Replicas(args.replica, follow, optional_admin_token(args))
     if args.kube_api:
-        return KubePods(args.kube_api, spec.gateway.namespace, spec.gateway.port, follow)
+        return KubePods(args.kube_api, spec.gateway.namespace, spec.gateway.port, follow, optional_admin_token(args))
     prometheus = args.prometheus or spec.delivery.prometheus_url
     if prometheus:
         return Prometheus(prometheus, spec.gateway.namespace, args.window, os.environ.get("PROMETHEUS_TOKEN"))
     if all(spec.provider(p.provider).kind in LOCAL_KINDS for p in spec.pools):
         port = spec.gateway.port
         ports = [port] if spec.gateway.replicas == 1 else [port + 1 + i for i in range(spec.gateway.replicas)]
-        return Replicas([f"http://127.0.0.1:{p}" for p in ports], follow)
+        return Replicas([f"http://127.0.0.1:{p}" for p in ports], follow, optional_admin_token(args))
     raise UserError(f"stack {spec.stack}: say where its SLIs are: --kube-api (with `kubectl proxy`), --prometheus "
                     "or delivery.prometheus_url in the stack file (docs/ci.md#canary)")
 
