@@ -76,6 +76,7 @@ class Gateway:
         self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
         self.router.on_eject = self._ejected
+        self.metrics.watch(self.router, self.state.shipper)     # per-endpoint signals, ledger lag (gateway/metrics.py)
         # TTFT above which a streamed answer may count as slow (outlier detection, gateway/router.py)
         self.router.slow_s = {m.id: limits_for(self.spec, m.id).ttft_s for m in self.spec.models}
         self.prober = Prober(self)           # synthetic probes per pool (gateway/probes.py)

@@ -275,6 +275,9 @@ def test_no_public_service_and_tls_ingress(runs, stack):
     ingress = run.mocks.one("kubernetes:networking.k8s.io/v1:Ingress")
     assert ingress.inputs["spec"]["tls"] == [{"hosts": [run.spec.gateway.host], "secretName": "infermesh-gateway-tls"}]
     assert ingress.inputs["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == run.spec.gateway.tls_issuer
+    # the public ingress routes the API and the status page only: never /metrics or /admin/*
+    paths = {(p["path"], p["pathType"]) for rule in ingress.inputs["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact")}
     assert run.exports["endpoint"] == f"https://{run.spec.gateway.host}/v1"
 
 
@@ -803,7 +806,10 @@ def test_prometheus_rule_is_the_stacks_alerts_and_prometheus_may_scrape_the_gate
     monitor = run.mocks.one("kubernetes:monitoring.coreos.com/v1:PodMonitor")
     selector = monitor.inputs["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
-    assert monitor.inputs["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert monitor.inputs["spec"]["podMetricsEndpoints"] == [{
+        "port": "http", "path": "/metrics", "interval": "15s",      # with the admin token: /metrics is the operator's
+        "authorization": {"type": "Bearer",
+                          "credentials": {"name": "infermesh-admin", "key": "INFERMESH_ADMIN_TOKEN"}}}]
     # ... through the deny-all: one more door, from Prometheus' namespace to the gateway port only
     policies = {r.inputs["metadata"]["name"]: r.inputs["spec"]
                 for r in run.mocks.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")}

@@ -26,6 +26,8 @@ from fleet.routing import secret_env_name
 ROUTING_KEY = "routing.json"
 PEERS_KEY = "mesh-peers.json"
 ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
+# what the public ingress routes to the gateway: the API and the status page, nothing operator-only
+PUBLIC_PATHS = (("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact"))
 
 
 def routing_json(routing: Mapping[str, Any]) -> str:
@@ -203,9 +205,11 @@ class GatewayFleet(pulumi.ComponentResource):
                 "nginx.ingress.kubernetes.io/ssl-redirect": "true"}},
             spec={"ingressClassName": args.get("ingress_class", "nginx"),
                   "tls": [{"hosts": [args["host"]], "secretName": "infermesh-gateway-tls"}],
-                  "rules": [{"host": args["host"], "http": {"paths": [{
-                      "path": "/", "pathType": "Prefix",
-                      "backend": {"service": {"name": "infermesh-gateway", "port": {"name": "http"}}}}]}}]},
+                  # the customers' routes only: /metrics and /admin/* never leave the cluster
+                  "rules": [{"host": args["host"], "http": {"paths": [
+                      {"path": path, "pathType": kind,
+                       "backend": {"service": {"name": "infermesh-gateway", "port": {"name": "http"}}}}
+                      for path, kind in PUBLIC_PATHS]}}]},
             opts=pulumi.ResourceOptions(parent=self, depends_on=[service]))
         self.url = pulumi.Output.from_input(f"https://{args['host']}/v1")
         self.namespace = pulumi.Output.from_input(ns_name)

@@ -61,7 +61,10 @@ class Monitoring(pulumi.ComponentResource):
             metadata={"name": "infermesh-gateway", "namespace": ns, "labels": labels},
             spec={"selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway",
                                                "app.kubernetes.io/component": "gateway"}},
-                  "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}]},
+                  # /metrics is the operator's: scraped with the admin token the pods themselves get
+                  "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s",
+                                           "authorization": {"type": "Bearer", "credentials": {
+                                               "name": "infermesh-admin", "key": "INFERMESH_ADMIN_TOKEN"}}}]},
             opts=child)
         k8s.networking.v1.NetworkPolicy(
             f"{name}-scrape", metadata={"name": "prometheus-scrape", "namespace": ns, "labels": labels},
