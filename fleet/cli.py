@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timezone
 
 from fleet.spec import SpecError
+from gateway.keys import TENANT_PATTERN     # the key store refuses other names too
 
 # Order is the order of `infermesh --help`.
 COMMANDS = [
@@ -32,7 +33,6 @@ class UserError(Exception):
 
 # ---- inputs (docs/cli-inputs.md) ----------------------------------------------------------------
 
-TENANT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 KEY_ID_PATTERN = r"key_[0-9a-f]{12}"
 MAX_DEBUG_LOG_HOURS = 720                 # 30 days: an opt-in to prompt logs is a debugging window
 MAX_SINCE_DAYS = 3660                     # durations reach back ten years at most

@@ -265,7 +265,9 @@ class Gateway:
             "unknown" if rec.requested_model else "")
         m.requests.labels(rec.route, f"{rec.status // 100}xx", model_label, rec.pool or "",
                           rec.provider or "", rec.region or "", rec.tier).inc()
-        if rec.status == 200:
+        if rec.status != 200:
+            m.tenant_errors.labels(rec.tenant, rec.tier, f"{rec.status // 100}xx", rec.error or "").inc()
+        else:
             model, pool = rec.served_model or rec.requested_model, rec.pool or ""
             if rec.ttft_ms is not None:
                 m.ttft.labels(model, pool, rec.tier).observe(rec.ttft_ms / 1000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sqlite3
 import time
@@ -80,6 +81,18 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+TENANT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"    # docs/cli-inputs.md
+
+
+def check_tenant(name: str) -> str:
+    """A tenant name is 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit: it reaches
+    reports, CSV exports and terminals, so nothing else is stored."""
+    if not isinstance(name, str) or not re.fullmatch(TENANT_PATTERN, name, re.ASCII):
+        raise ValueError(f"{name!r:.70} is not a tenant name (1 to 64 of A-Z a-z 0-9 . _ -, starting with a "
+                         "letter or digit)")
+    return name
+
+
 class KeyAdmin:
     """What `infermesh keys` does: create, list, revoke. Never stores or prints a key twice."""
 
@@ -87,6 +100,7 @@ class KeyAdmin:
         self.conn = connect(path)
 
     def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
+        check_tenant(tenant)
         now = time.time()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")

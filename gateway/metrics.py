@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 # Every tier's TTFT SLO in the shipped stacks is a bound (1, 1.5, 2.5 s), so an alert on p95 > SLO is exact
 # at the threshold (histogram_quantile interpolates inside a bucket; tests/test_alerts.py checks).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 5, 7.5, 10, 20, 30, 60, 120)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _REQ = ("route", "status_class", "model", "pool", "provider", "region", "tier")
 _UP = ("model", "pool", "provider", "region")
 _EP = _UP + ("endpoint",)
@@ -68,6 +69,13 @@ class Metrics:
                                     ("model", "pool"), buckets=_LATENCY_BUCKETS, registry=r)
         self.probe_pass_rate = Gauge("infermesh_probe_pass_rate", "Share of passed synthetic probes per pool "
                                      "over the last 10 minutes", ("model", "pool"), registry=r)
+        # where the time goes before a worker sees a request: admission, limits, routing (per pool it went to)
+        self.queue = Histogram("infermesh_gateway_wait_seconds", "Time from a request's arrival to its first "
+                               "upstream attempt (the gateway's own queueing)", _UP, buckets=_WAIT_BUCKETS,
+                               registry=r)
+        # per tenant: who is failing and why (error codes are the gateway's own, a fixed set)
+        self.tenant_errors = Counter("infermesh_tenant_errors", "Failed requests per tenant by error class",
+                                     ("tenant", "tier", "status_class", "error"), registry=r)
         self.degraded = Counter("infermesh_degraded", "Requests whose max_tokens was capped while an SLO was "
                                 "at risk", ("model", "tier"), registry=r)
         self.signals = Signals()

@@ -98,6 +98,10 @@ class Call:
             attempts += 1
             self.rec.served_model = model
             self._at(ep)
+            if attempts == 1:                   # the gateway's own wait, before any worker saw the request
+                pool = ep.pool
+                gw.metrics.queue.labels(pool.model, pool.name, pool.provider, pool.region).observe(
+                    time.perf_counter() - self.started)
             adm.payload["model"] = ep.pool.send_model
             try:
                 return await self._attempt(ep, deadline)

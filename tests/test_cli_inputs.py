@@ -332,7 +332,13 @@ def test_table_escapes_control_characters(hostile_ledger):
 
 
 def test_keys_list_escapes_names_already_in_the_database(state):
-    KeyAdmin(private_file(state / "keys.db")).create("old\x1b[2Jname", "hobby")   # written before names were checked
+    admin = KeyAdmin(private_file(state / "keys.db"))
+    admin.create("oldname", "hobby")
+    with admin.conn:                        # a name written before names were checked
+        admin.conn.execute("UPDATE tenants SET name = ? WHERE name = 'oldname'", ("old\x1b[2Jname",))
+        admin.conn.execute("UPDATE keys SET tenant = ? WHERE tenant = 'oldname'", ("old\x1b[2Jname",))
+    with pytest.raises(ValueError, match="not a tenant name"):      # the key store itself refuses such names now
+        admin.create("new\x1b[2Jname", "hobby")
     rc, out, err = run_cli("keys", "list", "--stack", "local")
     assert rc == 0, err
     assert "old\\x1b[2Jname" in out and "\x1b" not in out

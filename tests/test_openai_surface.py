@@ -240,6 +240,11 @@ def test_embeddings_have_their_own_limits_and_model_kind(local_stack, client):
         with pytest.raises(openai.BadRequestError) as err:
             client.embeddings.create(model="demo-embed", **bad)
         assert err.value.body["param"] == param
+    # a refusal from the worker itself comes back with the worker's param (and nothing naming the worker)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="demo-embed", input="x", dimensions=100)    # the model has 64
+    assert (err.value.body["param"], err.value.body["code"]) == ("dimensions", "upstream_rejected")
+    assert "127.0.0.1" not in err.value.body["message"]
 
 
 # ---- cached prompt tokens ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`infermesh keys create|list|revoke|debug-log --stack S`: tenants and their API keys.
 
-Tenant names match fleet.cli.TENANT_PATTERN (docs/cli-inputs.md); keys.db is created 0600 in a
+Tenant names match gateway.keys.TENANT_PATTERN (docs/cli-inputs.md); keys.db is created 0600 in a
 0700 state dir (it holds key hashes and the debug-log opt-ins).
 """
 

@@ -47,12 +47,12 @@ def _period_args(p: argparse.ArgumentParser) -> None:
 def _period(args: argparse.Namespace) -> sla.Period:
     month = getattr(args, "month", None)
     try:
-        if month and (getattr(args, "since", None) or getattr(args, "until", None)):
+        if month and (getattr(args, "since", None) is not None or getattr(args, "until", None) is not None):
             raise UserError("give --month or --since/--until, not both")
         if month:
             return sla.month_period(month)
-        since = parse_since(args.since or "30d")
-        until = parse_since(args.until, flag="--until") if args.until else None
+        since = parse_since(args.since if args.since is not None else "30d")
+        until = parse_since(args.until, flag="--until") if args.until is not None else None
         return sla.window_period(since, until)
     except sla.SlaError as e:
         raise UserError(str(e)) from None

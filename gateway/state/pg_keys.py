@@ -17,7 +17,7 @@ import time
 
 import psycopg
 
-from gateway.keys import KEY_PREFIX, KeyInfo, Principal, hash_key, new_key
+from gateway.keys import KEY_PREFIX, KeyInfo, Principal, check_tenant, hash_key, new_key
 from gateway.state.health import Health
 
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
@@ -33,6 +33,7 @@ class PgKeyAdmin:
         self.conn.close()
 
     def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
+        check_tenant(tenant)
         now = time.time()
         key, key_id = new_key()
         with self.conn.transaction():

@@ -229,6 +229,9 @@ def providers() -> Board:
     b.panel("timeseries", "KV-cache usage (ejection pressure above 90%)",
             [(f"max by (pool, endpoint) (infermesh_endpoint_kv_cache_usage_ratio{{{ep_sel}}})", "{{endpoint}}")],
             unit="percentunit", thresholds=[(0.9, "red")])
+    b.panel("timeseries", "Gateway wait before the first upstream attempt, p95 per pool",
+            [(f"histogram_quantile(0.95, sum by (pool, le) (rate(infermesh_gateway_wait_seconds_bucket{{{ep_sel}}}"
+              f"[{RI}])))", "{{pool}}")], unit="s")
     b.panel("timeseries", "Requests outstanding through the gateways",
             [(f"sum by (pool, endpoint) (infermesh_endpoint_outstanding{{{ep_sel}}})", "{{endpoint}}")])
     b.panel("timeseries", "Endpoints available (min over gateways)",
@@ -253,6 +256,9 @@ def gateway() -> Board:
             [("infermesh_event_loop_lag_seconds", "{{instance}}")], unit="s")
     b.panel("timeseries", "Shed (overloaded) per tier",
             [(f"sum by (tier) (rate(infermesh_shed_total[{RI}]))", "{{tier}}")], unit="reqps")
+    b.panel("timeseries", "Failed requests per tenant and error (top 10)",
+            [(f"topk(10, sum by (tenant, error) (rate(infermesh_tenant_errors_total[{RI}])))",
+              "{{tenant}} {{error}}")], unit="reqps")
     b.panel("timeseries", "Rate limited (own quotas) per tier",
             [(f"sum by (tier) (rate(infermesh_rate_limited_total[{RI}]))", "{{tier}}")], unit="reqps")
     b.panel("timeseries", "max_tokens capped while an SLO is at risk",
