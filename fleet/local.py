@@ -142,7 +142,7 @@ class LocalStack:
                 for i in range(self.replicas):
                     self.start_replica(i, wait=False)
                 for i in range(self.replicas):
-                    self._wait(f"http://{self.host}:{self.replica_port(i)}/health", f"gateway-{i}", timeout)
+                    self._wait(f"http://{self.host}:{self.replica_port(i)}/ready", f"gateway-{i}", timeout)
         except BaseException:
             self.stop()
             raise
@@ -157,13 +157,14 @@ class LocalStack:
         return cmd + ["--port", str(self.replica_port(replica)), "--shared-port", str(self.port),
                       "--instance", f"gw-{replica}"]
 
-    def start_replica(self, i: int, wait: bool = True, timeout: float = 30.0) -> None:
-        """(Re)start gateway replica i on its state (after a crash, it ships what its spool holds)."""
+    def start_replica(self, i: int, wait: bool = True, timeout: float = 30.0, ready: bool = True) -> None:
+        """(Re)start gateway replica i on its state (after a crash, it ships what its spool holds);
+        with ``wait``, until it is ready (/ready: it has a key set), or only alive (/health) without ``ready``."""
         name = f"gateway-{i}"
         self.procs = [(n, p) for n, p in self.procs if n != name or p.poll() is None]
         self._spawn(name, self.gateway_command(i))
         if wait:
-            self._wait(f"http://{self.host}:{self.replica_port(i)}/health", name, timeout)
+            self._wait(f"http://{self.host}:{self.replica_port(i)}/{'ready' if ready else 'health'}", name, timeout)
 
     def _ensure_database(self) -> None:
         from gateway.state.migrate import ensure_database, migrate

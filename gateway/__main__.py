@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                    proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
     try:
         sockets = [_listen(args.host, port, reuse_port=False)]
-        if args.shared_port is not None:
-            sockets.append(_listen(args.host, args.shared_port, reuse_port=True))
+        # the shared port is bound now (a taken port fails here) but listened on only once the replica
+        # is ready (a key set loaded): until then the kernel gives its connections to the others
+        shared = [_listen(args.host, args.shared_port, reuse_port=True, listen=False)] if args.shared_port else []
     except OSError as e:
         print(f"gateway: cannot listen on {e.strerror}", file=sys.stderr)
         return 2
-    Server(uvicorn.Config(app, **options), listeners=sockets).run()   # gateway/listener.py: why its own listener
+    gw = app.state.gateway
+    Server(uvicorn.Config(app, **options), listeners=sockets, gated=shared,     # gateway/listener.py: why its own
+           ready=lambda: gw.state.ready).run()
     return 0
 
 
@@ -84,7 +87,7 @@ def _drained(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+def _listen(host: str, port: int, reuse_port: bool, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,7 +98,8 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"{host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 

@@ -296,6 +296,9 @@ class Gateway:
                            code="missing_api_key")
         principal = self.keys.authenticate(token)
         if principal is None:
+            if not self.keys.ready:    # no key set loaded yet (PostgreSQL down at start, no cache): never a 401
+                raise ApiError(503, "The service is starting. Please retry shortly.", code="keys_unavailable",
+                               headers={"retry-after": "1"})
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return principal
 
@@ -623,6 +626,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: 503 while this replica has no key set (it would refuse every key); /health is liveness."""
+        if not gw.state.ready:
+            return Response(b'{"status":"not_ready","reason":"no_keys"}', status_code=503, media_type=_JSON)
+        return Response(b'{"status":"ready"}', media_type=_JSON)
 
     def admin(handler):
         """Operator-only routes (/admin/*, /metrics): the admin token, compared in constant time,

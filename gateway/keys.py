@@ -155,6 +155,8 @@ class KeyAdmin:
 class KeyStore:
     """The gateway's read side: bearer token -> Principal, refreshed when the file changes."""
 
+    ready = True                     # the file is local: a key set is always at hand (PgKeyStore may lack one)
+
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
         self._version = -1

@@ -84,11 +84,21 @@ class BurstListener:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server on BurstListeners instead of its own listener."""
+    """uvicorn's server on BurstListeners instead of its own listener.
 
-    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket]) -> None:
+    ``gated`` sockets (bound, not yet listening) listen only once ``ready()`` is true: a replica
+    joins the SO_REUSEPORT group of the shared port only when it can serve, so the kernel sends
+    a replica that has no key set (gateway/state/pg_keys.py) no connection at all."""
+
+    GATE_POLL_S = 0.1
+
+    def __init__(self, config: uvicorn.Config, listeners: list[socket.socket],
+                 gated: list[socket.socket] = (), ready=None) -> None:
         super().__init__(config)
         self.listeners = [BurstListener(sock, self._protocol) for sock in listeners]
+        self.gated = [BurstListener(sock, self._protocol) for sock in gated]
+        self.ready = ready or (lambda: True)
+        self._gate: asyncio.Task | None = None
 
     @property
     def accepted(self) -> int:
@@ -98,9 +108,25 @@ class Server(uvicorn.Server):
         await super().startup(sockets=[])      # lifespan and state; no listener of uvicorn's own
         for li in self.listeners:
             li.start()
+        if self.gated:
+            self._gate = asyncio.create_task(self._open_gated())
+
+    async def _open_gated(self) -> None:
+        if not self.ready():
+            log.warning("not ready: the shared port is joined once a key set is loaded")
+            while not self.ready():
+                await asyncio.sleep(self.GATE_POLL_S)
+            log.warning("ready: joining the shared port")
+        for li in self.gated:
+            if not li.closed:
+                li.sock.listen(2048)
+                li.start()
+                self.listeners.append(li)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for li in self.listeners:              # stop accepting first, as uvicorn does
+        if self._gate is not None:
+            self._gate.cancel()
+        for li in [*self.listeners, *self.gated]:     # stop accepting first, as uvicorn does
             li.close()
         await super().shutdown(sockets)
 

@@ -126,7 +126,7 @@ class GatewayFleet(pulumi.ComponentResource):
             "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
             "env": [{"name": ADMIN_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
                 "name": "infermesh-admin", "key": ADMIN_TOKEN_KEY}}}] if admin is not None else [],
-            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
             "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
                               "failureThreshold": 6},
             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},

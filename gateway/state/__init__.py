@@ -79,11 +79,13 @@ class State:
         if self.pg:
             from gateway.state.pg_keys import PgKeyStore
             from gateway.state.pg_ledger import PgShipper, SpoolLedger
-            spool = (state_dir / "instances" / instance if instance else state_dir) / "ledger.db"
+            home = state_dir / "instances" / instance if instance else state_dir
+            spool = home / "ledger.db"
             private_dir(spool.parent)        # 0700, like the state dir: the spool holds prompts when opted in
             self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
-            self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health)
+            # the last key set loaded, on this replica's disk: a start while PostgreSQL is down serves it
+            self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health, cache=home / "keys.cache.json")
             self.rollup = sla.Rollup(spec, spool, sla.PgTarget(backends.postgres_dsn), self.shipper.instance_id)
         else:
             self.ledger = Ledger(state_dir / "ledger.db")
@@ -96,6 +98,11 @@ class State:
                                              lambda t: fails_open(t, tiers), self.health)
         else:
             self.limiter = LocalLimiter()
+
+    @property
+    def ready(self) -> bool:
+        """Whether this replica can serve: it has a key set (embedded keys always have one)."""
+        return self.keys.ready
 
     async def start(self, registry: CollectorRegistry) -> None:
         self.health.bind(registry)

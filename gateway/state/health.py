@@ -53,4 +53,5 @@ def _fallback(backend: str, component: str) -> str:
         return "using per-process limits (tiers that fail closed are refused) until it answers"
     if component == "ledger":
         return "usage records stay in the local spool and are shipped in order when it answers"
-    return "keys as last loaded stay in force until it answers"
+    return ("keys as last loaded (in memory, else from the disk cache) stay in force until it answers; "
+            "a replica with none is not ready")

@@ -6,6 +6,12 @@ authentication never waits on the database; once a second it reads one row
 (``state_versions['keys']``, bumped by a trigger on every change to tenants or keys) and reloads
 the map when it moved. A key created or revoked anywhere therefore holds on every replica within
 ``refresh_s`` (1 s) plus one query. While PostgreSQL is unreachable the last map stays in force.
+
+Each load is also kept on the replica's local disk (``cache``: the rows as loaded, key hashes only,
+0600, replaced atomically), and a replica that starts while PostgreSQL is unreachable serves from
+it. A replica with no key set at all (PostgreSQL down and no cache) is not *ready*: ``/ready``
+answers 503 and it does not join the shared port (gateway/__main__.py), so nothing is sent to it;
+a request that reaches it anyway gets 503 ``keys_unavailable`` (retried by SDKs), never 401.
 """
 
 from __future__ import annotations
@@ -13,14 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
+import logging
+import os
 import time
+from pathlib import Path
 
 import psycopg
 
 from gateway.keys import KEY_PREFIX, KeyInfo, Principal, check_tenant, hash_key, new_key
 from gateway.state.health import Health
 
+log = logging.getLogger("infermesh.state")
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
+_LOAD = ("SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until FROM api_keys k "
+         "JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL")
 _SELECT = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
            "FROM api_keys k JOIN tenants t ON t.name = k.tenant")
 
@@ -78,16 +91,44 @@ class PgKeyAdmin:
         return until
 
 
+def _key_map(rows) -> dict[str, tuple[str, Principal]]:
+    return {kid[4:]: (h, Principal(kid, tenant, tier, until)) for h, kid, tenant, tier, until in rows}
+
+
+def write_cache(path: Path, version: int, rows: list) -> None:
+    """The key set as loaded (hashes, never keys), 0600, replacing the last one atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump({"version": version, "saved_at": time.time(), "rows": [list(r) for r in rows]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_cache(path: Path) -> tuple[float, list] | None:
+    """(saved_at, rows) from a cache file, or None where there is none or it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return float(data["saved_at"]), [tuple(r) for r in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class PgKeyStore:
     """bearer token -> Principal from memory; the map follows PostgreSQL within refresh_s."""
 
-    def __init__(self, dsn: str, health: Health, refresh_s: float = 1.0) -> None:
-        self.dsn, self.health, self.refresh_s = dsn, health, refresh_s
+    def __init__(self, dsn: str, health: Health, refresh_s: float = 1.0, cache: Path | None = None) -> None:
+        self.dsn, self.health, self.refresh_s, self.cache = dsn, health, refresh_s, cache
         self._by_id: dict[str, tuple[str, Principal]] = {}
         self._version: int | None = None
         self._conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task | None = None
         self.loaded_at = 0.0
+        self.ready = False             # a key set is loaded (from PostgreSQL or the disk cache)
+        self.source = "none"           # where the map in force came from: none, postgres, cache
         health.register("postgres", "keys")
 
     def authenticate(self, token: str) -> Principal | None:
@@ -106,13 +147,29 @@ class PgKeyStore:
         version = (await cur.fetchone())[0]
         if version == self._version:
             return False
-        cur = await self._conn.execute(
-            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until FROM api_keys k "
-            "JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL")
+        cur = await self._conn.execute(_LOAD)
         rows = await cur.fetchall()
-        self._by_id = {kid[4:]: (h, Principal(kid, tenant, tier, until)) for h, kid, tenant, tier, until in rows}
+        self._by_id = _key_map(rows)
         self._version = version
         self.loaded_at = time.time()
+        self.ready, self.source = True, "postgres"
+        if self.cache is not None:
+            try:
+                await asyncio.to_thread(write_cache, self.cache, version, rows)
+            except OSError as e:       # a full disk costs the next outage's start, not this request
+                log.warning("key cache not written (%s)", type(e).__name__)
+        return True
+
+    def load_cache(self) -> bool:
+        """Serve the key set last kept on disk (at a start while PostgreSQL is unreachable)."""
+        got = read_cache(self.cache) if self.cache is not None else None
+        if got is None:
+            return False
+        saved_at, rows = got
+        self._by_id = _key_map(rows)
+        self._version = None           # the next answer from PostgreSQL reloads, whatever its version
+        self.loaded_at = saved_at
+        self.ready, self.source = True, "cache"
         return True
 
     async def _once(self) -> None:
@@ -134,6 +191,13 @@ class PgKeyStore:
 
     async def start(self) -> None:
         await self._once()
+        if not self.ready:
+            if self.load_cache():
+                log.warning("PostgreSQL unreachable at start: %d keys from the disk cache (saved %.0f s ago) "
+                            "are in force until it answers", len(self._by_id), time.time() - self.loaded_at)
+            else:
+                log.error("PostgreSQL unreachable at start and no key cache: not ready (/ready 503, off the "
+                          "shared port) until it answers")
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
