@@ -163,10 +163,43 @@ class PoolCost:
 class TierMargin:
     tier: str
     price_per_1m: float
-    cogs_per_1m: float | None               # traffic-weighted over the tier's models
+    cogs_per_1m: float | None               # traffic-weighted over the tier's models, primaries at declared U
     margin_per_1m: float | None
     margin_pct: float | None
     by_model: tuple[tuple[str, float | None], ...]
+    # fully loaded (ModelCost): the whole fleet's monthly cost over the forecast tokens of the tier's models
+    loaded_cost_per_1m: float | None = None
+    loaded_margin_per_1m: float | None = None
+    loaded_margin_pct: float | None = None  # of the price
+    min_price_per_1m: float | None = None   # loaded cost x (1 + planning.min_margin_pct / 100)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one model costs a month, fully loaded, at the forecast volume (USD)."""
+
+    model: str
+    tokens_per_month: float                 # forecast: sum of QPS x (Tp + Tc) x 3600 x 730
+    leases: float                           # every lease of its pools: primary, standby, canary (not drained)
+    overflow_share: float                   # share of its tokens the plan sends to the overflow upstream
+    overflow: float                         # those tokens at the upstream's price per 1M
+    gateway: float                          # its share (by tokens) of the gateway fleet's monthly cost
+    overhead: float                         # planning.overhead_per_1m_tokens x its tokens
+    monthly: float                          # the sum
+    cost_per_1m: float | None               # monthly / (tokens / 1e6); None without a forecast
+
+
+@dataclass(frozen=True)
+class FleetCost:
+    """The whole fleet a month, fully loaded (USD)."""
+
+    leases: float
+    overflow: float
+    gateway: float
+    overhead: float
+    monthly: float
+    tokens_per_month: float
+    cost_per_1m: float | None
 
 
 @dataclass(frozen=True)
@@ -176,6 +209,8 @@ class Costs:
     monthly_total: float
     tiers: tuple[TierMargin, ...]
     overhead_per_1m: float = 0.0
+    models: tuple[ModelCost, ...] = ()
+    fleet: FleetCost | None = None
 
 
 @dataclass(frozen=True)
@@ -531,8 +566,81 @@ def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
                                     tuple((m, round(c, 4) if c is not None else None) for m, c in known)))
         else:
             tiers.append(TierMargin(t.name, t.price_per_1m_tokens, None, None, None, tuple(known)))
+    models, fleet = loaded_costs(spec, rows)
+    tiers = [_with_loaded(spec, tm, models) for tm in tiers]
     return Costs(pools=tuple(rows), providers=tuple(sorted((k, round(v, 2)) for k, v in per_provider.items())),
-                 monthly_total=total, tiers=tuple(tiers), overhead_per_1m=overhead)
+                 monthly_total=total, tiers=tuple(tiers), overhead_per_1m=overhead, models=models, fleet=fleet)
+
+
+def _overflow_share(spec: Spec, model: str) -> float:
+    """The share of a model's forecast tokens the plan sends to its overflow upstream: the declared
+    planning.overflow_share_pct, or what its pools cannot carry at the forecast, whichever is more."""
+    declared = spec.planning.overflow_share_pct / 100
+    short = demand = 0.0
+    for c in capacity(spec):
+        if c.model != model:
+            continue
+        demand += c.demand_tokens_per_s
+        if c.tokens_per_s is not None and c.efficiency is not None:
+            short += max(0.0, c.demand_tokens_per_s - c.declared_equivalent * c.tokens_per_s * c.efficiency)
+    return max(declared, short / demand if demand > 0 else 0.0)
+
+
+def loaded_costs(spec: Spec, rows: list[PoolCost]) -> tuple[tuple[ModelCost, ...], FleetCost]:
+    """The fleet's whole monthly cost per model (every lease, the overflow upstream for its share of
+    the tokens, the gateway fleet and the declared overhead) and per 1M forecast tokens.
+
+    The gateway fleet is shared by tokens. A model without a forecast has leases but no volume: its
+    cost per 1M is None (nothing to divide by), and its leases count in the fleet's total only."""
+    hours = HOURS_PER_MONTH * 3600
+    tokens = {m.id: 0.0 for m in spec.models}
+    for f in spec.forecast:
+        tokens[f.model] += f.qps * (f.prompt_tokens + f.completion_tokens) * hours
+    all_tokens = sum(tokens.values())
+    by_pool = {p.name: p for p in spec.pools}
+    out = []
+    for m in spec.models:
+        leases = sum(r.monthly or 0.0 for r in rows if r.model == m.id)
+        ups = [(by_pool[r.pool], spec.provider(r.provider).price_per_1m_tokens) for r in rows
+               if r.model == m.id and r.price_source == "per-token" and by_pool[r.pool].role != "drained"]
+        ups = [(p, price) for p, price in ups if price is not None]
+        share = _overflow_share(spec, m.id) if ups else 0.0
+        wsum = sum(max(p.weight, 0.0) for p, _ in ups)
+        price = (sum(max(p.weight, 0.0) * x for p, x in ups) / wsum if wsum > 0
+                 else sum(x for _, x in ups) / len(ups)) if ups else 0.0
+        overflow = tokens[m.id] * share * price / 1e6
+        gateway = spec.gateway.monthly_cost_usd * tokens[m.id] / all_tokens if all_tokens > 0 else 0.0
+        overhead = spec.planning.overhead_per_1m_tokens * tokens[m.id] / 1e6
+        monthly = leases + overflow + gateway + overhead
+        per_1m = monthly / (tokens[m.id] / 1e6) if tokens[m.id] > 0 else None
+        out.append(ModelCost(m.id, round(tokens[m.id]), round(leases, 2), round(share, 6), round(overflow, 2),
+                             round(gateway, 2), round(overhead, 2), round(monthly, 2),
+                             round(per_1m, 4) if per_1m is not None else None))
+    gateway_total = spec.gateway.monthly_cost_usd
+    leases = sum(r.monthly or 0.0 for r in rows)
+    overflow = sum(c.overflow for c in out)
+    overhead = spec.planning.overhead_per_1m_tokens * all_tokens / 1e6
+    monthly = leases + overflow + gateway_total + overhead
+    fleet = FleetCost(round(leases, 2), round(overflow, 2), round(gateway_total, 2), round(overhead, 2),
+                      round(monthly, 2), round(all_tokens),
+                      round(monthly / (all_tokens / 1e6), 4) if all_tokens > 0 else None)
+    return tuple(out), fleet
+
+
+def _with_loaded(spec: Spec, tm: TierMargin, models: tuple[ModelCost, ...]) -> TierMargin:
+    """A tier's fully loaded cost: its models' monthly cost over their forecast tokens."""
+    t = spec.tier(tm.tier)
+    mine = [c for c in models if c.model in t.models and c.cost_per_1m is not None]
+    tokens = sum(c.tokens_per_month for c in mine)
+    if not mine or tokens <= 0:
+        return tm
+    cost = sum(c.cost_per_1m * c.tokens_per_month for c in mine) / tokens
+    margin = t.price_per_1m_tokens - cost
+    pct = margin / t.price_per_1m_tokens * 100 if t.price_per_1m_tokens > 0 else None
+    from dataclasses import replace
+    return replace(tm, loaded_cost_per_1m=round(cost, 4), loaded_margin_per_1m=round(margin, 4),
+                   loaded_margin_pct=round(pct, 1) if pct is not None else None,
+                   min_price_per_1m=round(cost * (1 + (spec.planning.min_margin_pct or 0.0) / 100), 4))
 
 
 # ---- the plan -----------------------------------------------------------------------------------

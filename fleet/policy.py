@@ -274,6 +274,30 @@ def slo_order(spec: Spec, plan: Plan) -> list[Violation]:
     return out
 
 
+def tier_margin(spec: Spec, plan: Plan) -> list[Violation]:
+    """A paid tier is priced at or above its fully loaded cost per 1M tokens x (1 + planning.min_margin_pct / 100)."""
+    if is_local_only(spec) or spec.planning.min_margin_pct is None:
+        return []
+    out = []
+    pct = spec.planning.min_margin_pct
+    tiers = plan.costs.tiers
+    if plan.drained:     # a failover is transient and never blocked: prices are judged on the declared fleet
+        steady = spec.model_copy(update={"providers": [p.model_copy(update={"drained": False}) for p in spec.providers]})
+        tiers = build_plan(steady).costs.tiers
+    for tm in tiers:
+        t = spec.tier(tm.tier)
+        if not _paid(t) or tm.loaded_cost_per_1m is None or tm.min_price_per_1m is None:
+            continue
+        if t.price_per_1m_tokens + 1e-9 < tm.min_price_per_1m:
+            out.append(Violation(
+                "tier-margin", f"tier/{t.name}",
+                f"price ${t.price_per_1m_tokens:g} per 1M tokens is below its fully loaded cost "
+                f"${tm.loaded_cost_per_1m:.4f} x {1 + pct / 100:g} (min margin {pct:g}%) = ${tm.min_price_per_1m:.4f}",
+                f"raise {t.name}'s price_per_1m_tokens to at least {tm.min_price_per_1m:.4f}, or cut the fleet's "
+                f"cost (leases, standby, gateway) per forecast token"))
+    return out
+
+
 RULES: tuple[Rule, ...] = tuple(
     Rule(rid, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else rid, fn) for rid, fn in [
         ("multi-provider", multi_provider),
@@ -286,6 +310,7 @@ RULES: tuple[Rule, ...] = tuple(
         ("vram-fits", vram_fits),
         ("price-under-cap", price_under_cap),
         ("slo-order", slo_order),
+        ("tier-margin", tier_margin),
     ]
 )
 

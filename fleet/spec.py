@@ -39,6 +39,9 @@ PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
+# Prices, fees and costs: a number written as a number (not a quoted string, not true/false), finite and
+# never negative; anything else is refused naming the field (docs/money.md).
+Money = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
 
 # GPU types the plan knows, with their memory in GiB. A stack may add its own under `gpus`.
 GPU_VRAM_GB: dict[str, float] = {
@@ -74,7 +77,7 @@ class Provider(_Strict):
     kind: Literal["sim", "llamacpp", "vastai", "runpod", "akash", "openai"]
     role: Literal["marketplace", "reserved", "overflow"] = "marketplace"
     regions: list[Name] = Field(min_length=1)
-    price_cap_per_gpu_hour: NonNegFloat | None = None
+    price_cap_per_gpu_hour: Money | None = None
     # Name of the stack-config secret holding the API key (`infermesh:<credentials>`).
     credentials: str | None = None
     # Name of the stack-config secret with private-registry access for the worker image here
@@ -82,7 +85,7 @@ class Provider(_Strict):
     registry_credentials: str | None = None
     # Only for kind `openai`: the upstream's base URL and its price per 1M tokens.
     base_url: str | None = None
-    price_per_1m_tokens: NonNegFloat | None = None
+    price_per_1m_tokens: Money | None = None
     # Declarative failover (`infermesh failover drain`): the provider is out of service; the plan
     # drains its pools (no leases, weight 0) and adds replacement capacity on the others.
     drained: bool = False
@@ -149,7 +152,7 @@ class Pool(_Strict):
     image: str | None = None                   # worker image, pinned by digest outside local stacks
     max_concurrency: PosInt = 64               # concurrent sequences per replica (vLLM max_num_seqs)
     max_model_len: PosInt | None = None        # tokens per sequence for the KV budget (model context by default)
-    price_per_gpu_hour: NonNegFloat | None = None
+    price_per_gpu_hour: Money | None = None
     connection: Literal["container", "ssh"] = "container"
     surge: PosInt = 1                          # leases of this pool replaced at a time (docs/leases.md)
     sim: SimKnobs | None = None                # only for sim providers
@@ -198,10 +201,12 @@ class Tier(_Strict):
     key_max_concurrent_requests: PosInt | None = None
     allow_fallback: bool = False
     limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
-    price_per_1m_tokens: NonNegFloat = 0
-    price_per_1m_cached_tokens: NonNegFloat | None = None   # cached prompt tokens (None: price_per_1m_tokens)
+    price_per_1m_tokens: Money = 0
+    price_per_1m_cached_tokens: Money | None = None   # cached prompt tokens (None: price_per_1m_tokens)
     embeddings: EmbeddingLimits | None = None  # /v1/embeddings limits (None: rpm and tpm, in buckets of their own)
-    monthly_fee: NonNegFloat = 0
+    monthly_fee: Money = 0
+    # the least a tenant of this tier pays for usage in a month (the invoice tops usage up to it)
+    monthly_minimum: Money = 0
     slo: Slo = Slo()
     timeouts: Timeouts = Timeouts()
 
@@ -259,6 +264,9 @@ class Gateway(_Strict):
         return v
     # ... and when the event loop runs this late on average (ms; 0: off): the core is saturated (gateway/overload.py)
     max_loop_lag_ms: NonNegFloat = 100
+    # what the gateway fleet costs a month, all in (its nodes, Redis, PostgreSQL, load balancer): USD,
+    # part of the fully loaded cost per 1M tokens (fleet/plan.py costs)
+    monthly_cost_usd: Money = 0
     state: StateBackends = StateBackends()
     privacy: Privacy = Privacy()
 
@@ -331,7 +339,13 @@ class Delivery(_Strict):
 
 class Planning(_Strict):
     headroom: Annotated[float, Field(ge=1.0, le=2.0)] = 1.3
-    overhead_per_1m_tokens: NonNegFloat = 0.0
+    overhead_per_1m_tokens: Money = 0.0
+    # policy rule tier-margin: a paid tier's price is at least its fully loaded cost x (1 + this / 100);
+    # null turns the rule off for a stack that sells nothing (staging)
+    min_margin_pct: Annotated[float, Field(ge=0, le=1000, strict=True, allow_inf_nan=False)] | None = 0.0
+    # percent of the forecast tokens expected at the overflow upstream (measured); the plan also sends it
+    # whatever the primary pools cannot carry
+    overflow_share_pct: Annotated[float, Field(ge=0, le=100, strict=True, allow_inf_nan=False)] = 0.0
 
 
 class Spec(_Strict):

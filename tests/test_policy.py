@@ -139,6 +139,10 @@ FAILING = [
     ("price-under-cap", None, _lease_over_cap, ("pool/qwen-vast", "price 1.25/GPU-hour is above the cap 1")),
     ("slo-order", _slo_inverted, None, ("tier/business", "ttft_p95_ms 2000 is looser than lower tier pro's 1500")),
     ("slo-order", _availability_inverted, None, ("tier/pro", "availability 98% is below lower tier hobby's 99%")),
+    # the fixture's fleet: qwen-vast 0.40 x 1 x 730 + qwen-runpod 0.69 x 1 x 730 = $795.70 over 1 QPS x 850 x 3,600 x
+    # 730 = 2,233.8M tokens = $0.3562 per 1M: hobby at $0.20 is below it
+    ("tier-margin", lambda c: _tier(c, "hobby").update(price_per_1m_tokens=0.20), None,
+     ("tier/hobby", "price $0.2 per 1M tokens is below its fully loaded cost $0.3562")),
 ]
 
 
@@ -176,6 +180,7 @@ PASSING = [
     ("vram-fits", lambda c: _pool(c, "qwen-vast").update(max_concurrency=19)),   # 14.2 + 8.3125 = 22.5 GiB <= 24
     ("price-under-cap", lambda c: _pool(c, "qwen-vast").update(price_per_gpu_hour=1.0)),   # at the cap
     ("slo-order", lambda c: _tier(c, "business").update(slo={"availability": 99.5, "ttft_p95_ms": 1500})),  # equal
+    ("tier-margin", lambda c: _tier(c, "hobby").update(price_per_1m_tokens=0.3562)),    # at the cost, margin 0
 ]
 
 

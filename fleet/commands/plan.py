@@ -122,11 +122,13 @@ def render(plan: plan_mod.Plan) -> str:
     out += ["", "Cost per month by provider"]
     out += _table([[k, _money(v)] for k, v in plan.costs.providers] + [["total", _money(plan.costs.monthly_total)]],
                   ["PROVIDER", "$/MONTH"])
-    out += ["", f"Tier margins (per 1M tokens; COGS includes {_money(plan.costs.overhead_per_1m)} overhead)"]
+    out += ["", f"Tier margins at the declared utilisation of primaries (per 1M tokens; COGS includes "
+                f"{_money(plan.costs.overhead_per_1m)} overhead)"]
     rows = [[t.tier, _money(t.price_per_1m), "-" if t.cogs_per_1m is None else f"${t.cogs_per_1m:.3f}",
              "-" if t.margin_per_1m is None else f"${t.margin_per_1m:.3f}",
              "-" if t.margin_pct is None else f"{t.margin_pct:g}%"] for t in plan.costs.tiers]
     out += _table(rows, ["TIER", "PRICE", "COGS", "MARGIN", "MARGIN%"])
+    out += _loaded(plan)
     out += ["", "Mesh"]
     gw = [n for n in plan.mesh if n.role == "gateway"]
     out.append("  gateways: " + ", ".join(f"{n.name} {n.address}" for n in gw))
@@ -134,6 +136,26 @@ def render(plan: plan_mod.Plan) -> str:
     if workers:
         out.append(f"  workers ({len(workers)}): " + ", ".join(f"{n.name} {n.address}" for n in workers))
     return "\n".join(out)
+
+
+def _loaded(plan) -> list[str]:
+    """The fully loaded cost (fleet/plan.py loaded_costs): every lease, overflow, gateway, overhead."""
+    f = plan.costs.fleet
+    if f is None or f.cost_per_1m is None:
+        return []
+    out = ["", "Fully loaded cost at the forecast (every lease incl. standby and canary, overflow, gateway, "
+               "overhead; per 1M forecast tokens)"]
+    rows = [[c.model, f"{c.tokens_per_month / 1e6:,.1f}M", _money(c.leases), _money(c.overflow), _money(c.gateway),
+             _money(c.overhead), _money(c.monthly), "-" if c.cost_per_1m is None else f"${c.cost_per_1m:.4f}"]
+            for c in plan.costs.models]
+    rows.append(["fleet", f"{f.tokens_per_month / 1e6:,.1f}M", _money(f.leases), _money(f.overflow),
+                 _money(f.gateway), _money(f.overhead), _money(f.monthly), f"${f.cost_per_1m:.4f}"])
+    out += _table(rows, ["MODEL", "TOKENS/MONTH", "LEASES", "OVERFLOW", "GATEWAY", "OVERHEAD", "$/MONTH", "COST/1M"])
+    rows = [[t.tier, _money(t.price_per_1m), "-" if t.loaded_cost_per_1m is None else f"${t.loaded_cost_per_1m:.4f}",
+             "-" if t.loaded_margin_per_1m is None else f"${t.loaded_margin_per_1m:.4f}",
+             "-" if t.loaded_margin_pct is None else f"{t.loaded_margin_pct:g}%",
+             "-" if t.min_price_per_1m is None else f"${t.min_price_per_1m:.4f}"] for t in plan.costs.tiers]
+    return out + [""] + _table(rows, ["TIER", "PRICE", "LOADED COST", "MARGIN", "MARGIN%", "MIN PRICE"])
 
 
 def render_diff(d: dict, stack: str, rev: str) -> str:
