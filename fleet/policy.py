@@ -282,7 +282,8 @@ def tier_margin(spec: Spec, plan: Plan) -> list[Violation]:
     pct = spec.planning.min_margin_pct
     tiers = plan.costs.tiers
     if plan.drained:     # a failover is transient and never blocked: prices are judged on the declared fleet
-        steady = spec.model_copy(update={"providers": [p.model_copy(update={"drained": False}) for p in spec.providers]})
+        undrained = [p.model_copy(update={"drained": False}) for p in spec.providers]
+        steady = spec.model_copy(update={"providers": undrained})
         tiers = build_plan(steady).costs.tiers
     for tm in tiers:
         t = spec.tier(tm.tier)
