@@ -179,6 +179,11 @@ class SimConfig:
     embedding_dim: int = 0             # > 0: an embedding model (vLLM --runner pooling): /v1/embeddings only
     prompt_tokens_details: bool = False    # vLLM --enable-prompt-tokens-details: usage reports cached_tokens
     fault: Fault = field(default_factory=Fault)
+    # mutual TLS, with vLLM's own option names (--ssl-keyfile ... --ssl-cert-reqs 2); all unset: plain HTTP
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0               # 0 none, 1 optional, 2 required (ssl.CERT_*), as vLLM's
 
 
 class _Refused(Exception):
@@ -879,19 +884,34 @@ def make_app(cfg: SimConfig) -> web.Application:
     return app
 
 
+def _ssl_context(cfg: SimConfig):  # noqa: ANN202
+    """TLS as vLLM's uvicorn serves it from the same four options (None: plain HTTP)."""
+    if not cfg.ssl_certfile:
+        return None
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+    if cfg.ssl_ca_certs:
+        ctx.load_verify_locations(cafile=cfg.ssl_ca_certs)
+    ctx.verify_mode = ssl.VerifyMode(cfg.ssl_cert_reqs)
+    return ctx
+
+
 async def serve(cfg: SimConfig, shutdown_timeout: float = 0.5) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get `shutdown_timeout` seconds, then are cut."""
     runner = web.AppRunner(make_app(cfg), access_log=None, handler_cancellation=True,
                            shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=_ssl_context(cfg))
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else cfg.port
+    scheme = "https" if cfg.ssl_certfile else "http"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"sim worker (simulator) serving {cfg.model} on http://{cfg.host}:{port}", file=sys.stderr, flush=True)
+    print(f"sim worker (simulator) serving {cfg.model} on {scheme}://{cfg.host}:{port}", file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
@@ -942,6 +962,11 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
                    help="serve an embedding model: vectors of this size, /v1/embeddings only (default: chat)")
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="report usage.prompt_tokens_details.cached_tokens (as vLLM's flag of that name)")
+    p.add_argument("--ssl-keyfile", default=None, help="serve TLS with this key (as vLLM)")
+    p.add_argument("--ssl-certfile", default=None, help="serve TLS with this certificate (as vLLM)")
+    p.add_argument("--ssl-ca-certs", default=None, help="CA certificates that client certificates must chain to")
+    p.add_argument("--ssl-cert-reqs", type=int, choices=(0, 1, 2), default=0,
+                   help="client certificate: 0 none, 1 optional, 2 required (as vLLM; default: 0)")
     p.add_argument("--fault", choices=FAULT_MODES, default="none", help="fault mode at start (default: none)")
     p.add_argument("--unhealthy", action="store_true", help="start with /health answering 503")
     p.add_argument("--slow-factor", type=float, default=10.0, help="TTFT multiplier of the slow fault (default: 10)")
@@ -953,11 +978,14 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         fault.validate()
     except ValueError as exc:
         p.error(str(exc))
+    if bool(a.ssl_certfile) != bool(a.ssl_keyfile) or (a.ssl_cert_reqs and not a.ssl_ca_certs):
+        p.error("TLS needs --ssl-certfile and --ssl-keyfile together, and --ssl-ca-certs with --ssl-cert-reqs")
     return SimConfig(model=a.model, host=a.host, port=a.port, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
                      output_tokens=a.output_tokens, error_rate=a.error_rate, seed=a.seed,
                      max_concurrency=a.max_concurrency, max_model_len=a.max_model_len,
                      embedding_dim=max(0, a.embedding_dim), prompt_tokens_details=a.enable_prompt_tokens_details,
-                     fault=fault)
+                     fault=fault, ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile,
+                     ssl_ca_certs=a.ssl_ca_certs, ssl_cert_reqs=a.ssl_cert_reqs)
 
 
 def main(argv: list[str] | None = None) -> None:

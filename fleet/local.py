@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.channel import LocalCerts
 from fleet.paths import private_dir
 from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
 from fleet.spec import ROOT, Spec
@@ -96,6 +97,7 @@ class LocalStack:
                         cmd += ["--embedding-dim", str(knobs.embedding_dim)]
                     if knobs.seed is not None:
                         cmd += ["--seed", str(knobs.seed)]
+                    cmd += self.tls_args(f"{pool.name}-{i}")
                 else:
                     from engines import llamacpp
                     llamacpp.check_available(pool.gguf)
@@ -103,10 +105,26 @@ class LocalStack:
                 out.append((f"{pool.name}-{i}", port, cmd))
         return out
 
+    @property
+    def certs(self) -> LocalCerts:
+        return LocalCerts(self.state, self.spec.stack, self.host)
+
+    def tls_args(self, lease: str) -> list[str]:
+        """A local worker's mutual TLS, with vLLM's option names: its own certificate from the
+        stack's local CA (made at `infermesh up`, fleet/channel.py), client certificates required."""
+        cert, key = self.certs.worker(lease)
+        return ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--ssl-ca-certs", str(self.certs.ca),
+                "--ssl-cert-reqs", "2"]
+
+    def worker_base(self, port: int, cmd: list[str]) -> str:
+        """A local worker's root URL as it serves: https when it was started on mutual TLS."""
+        return f"{'https' if '--ssl-certfile' in cmd else 'http'}://{self.host}:{port}"
+
     def write_routing(self) -> Path:
         host = self.host
         ports = local_endpoints(self.spec)
-        config = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}")
+        config = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}",
+                                tls_dir=str(self.certs.dir))
         path = self.state / "routing.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
@@ -131,8 +149,8 @@ class LocalStack:
         try:
             for name, _, cmd in workers:
                 self._spawn(name, cmd)
-            for name, port, _ in workers:
-                self._wait(f"http://{self.host}:{port}/health", name, timeout)
+            for name, port, cmd in workers:
+                self._wait(self.worker_base(port, cmd) + "/health", name, timeout)
             if self.spec.gateway.state.ledger == "postgres":
                 self._ensure_database()
             if self.replicas == 1:
@@ -184,7 +202,8 @@ class LocalStack:
                 raise LocalStackError(f"{name} exited with status {proc.returncode}; "
                                       f"see {self.state / 'logs' / (name + '.log')}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as r:
+                ctx = self.certs.client_context() if url.startswith("https:") else None
+                with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, OSError):

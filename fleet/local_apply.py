@@ -102,7 +102,8 @@ def switch_routing(stack: LocalStack, spec: Spec, ports: dict[tuple[str, int], i
     host = stack.host
     declared = local_endpoints(spec)       # a drained pool runs no worker but keeps its (idle) endpoints
     config = routing_config(local_spec(spec), lambda pool, i:
-                            f"http://{host}:{ports.get((pool.name, i), declared[(pool.name, i)])}")
+                            f"http://{host}:{ports.get((pool.name, i), declared[(pool.name, i)])}",
+                            tls_dir=str(stack.certs.dir))
     before = {}
     for port in _gateway_ports(stack):
         try:
@@ -130,10 +131,10 @@ def switch_routing(stack: LocalStack, spec: Spec, ports: dict[tuple[str, int], i
             time.sleep(0.1)
 
 
-def _busy(url: str) -> float | None:
+def _busy(url: str, context=None) -> float | None:  # noqa: ANN001
     """Requests running + waiting on a worker, from its /metrics; None when unreadable."""
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=1) as r:
+        with urllib.request.urlopen(url + "/metrics", timeout=1, context=context) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return None
@@ -150,8 +151,9 @@ def drain_and_stop(stack: LocalStack, name: str, proc: subprocess.Popen, url: st
     """Wait until the worker has nothing in flight (twice in a row), then SIGTERM it."""
     deadline = time.monotonic() + timeout
     idle = 0
+    context = stack.certs.client_context() if url.startswith("https:") else None
     while time.monotonic() < deadline and proc.poll() is None:
-        busy = _busy(url)
+        busy = _busy(url, context)
         idle = idle + 1 if busy == 0 else (idle if busy is None else 0)
         if busy is None and time.monotonic() > deadline - timeout + 2.0:
             break               # no load signal: two seconds of grace is all we can do
@@ -208,7 +210,7 @@ def apply(stack: LocalStack, new_spec: Spec, log: Callable[[str], None] = print)
             actual[n] = port
             started.append((n, port))
         for n, port in started:
-            stack._wait(f"http://{stack.host}:{port}/health", n, 30.0)
+            stack._wait(stack.worker_base(port, new[n][1]) + "/health", n, 30.0)
     except BaseException:
         for n, _ in started:       # back out: the old workers still serve the old routing
             proc = next((p for m, p in stack.procs if m == n), None)
@@ -227,7 +229,7 @@ def apply(stack: LocalStack, new_spec: Spec, log: Callable[[str], None] = print)
     # 3. drain and stop what left the routing
     drain = new_spec.gateway.drain_timeout_s
     for n, proc in retired.items():
-        drain_and_stop(stack, n, proc, f"http://{stack.host}:{old[n][0]}", drain)
+        drain_and_stop(stack, n, proc, stack.worker_base(old[n][0], old[n][1]), drain)
 
     # 4. parked workers move back to their declared port
     if parked:
@@ -239,11 +241,11 @@ def apply(stack: LocalStack, new_spec: Spec, log: Callable[[str], None] = print)
             stack._spawn(n, new[n][1])
             actual[n] = new[n][0]
         for n in parked:
-            stack._wait(f"http://{stack.host}:{new[n][0]}/health", n, 30.0)
+            stack._wait(stack.worker_base(new[n][0], new[n][1]) + "/health", n, 30.0)
         switch_routing(stack, new_spec, {key: actual[n] for key, n in names.items()})
         time.sleep(SETTLE_S)
         for n, proc, port in moved:
-            drain_and_stop(stack, n, proc, f"http://{stack.host}:{port}", drain)
+            drain_and_stop(stack, n, proc, stack.worker_base(port, new[n][1]), drain)
 
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fleet.channel import tls_ref
+from fleet.kinds import channel_for
 from fleet.spec import Pool, Spec
 
 EndpointRule = Callable[[Pool, int], str]   # (pool, replica index) -> base URL of the worker
@@ -78,7 +80,7 @@ def local_spec(spec: Spec) -> Spec:
 
 def local_rule(spec: Spec, host: str = "127.0.0.1") -> EndpointRule:
     ports = local_endpoints(spec)
-    return lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}"
+    return lambda pool, i: f"https://{host}:{ports[(pool.name, i)]}"
 
 
 def secret_env_name(secret: str) -> str:
@@ -86,8 +88,22 @@ def secret_env_name(secret: str) -> str:
     return "INFERMESH_SECRET_" + "".join(c if c.isalnum() else "_" for c in secret).upper()
 
 
-def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
-    """Models -> pools -> endpoints. A canary block adds a canary pool beside its base pool."""
+def worker_endpoint(spec: Spec, pool: Pool, i: int, url: str) -> dict[str, Any]:
+    """One worker's routing entry: its address and its channel (fleet/kinds.py). An ``mtls`` endpoint
+    is dialled over https and names its TLS material by reference (fleet/channel.py: the stack CA,
+    the gateway's client certificate, the name on the worker's certificate); a ``wireguard`` one is
+    plain HTTP inside the mesh."""
+    channel = channel_for(spec.provider(pool.provider).kind, pool.connection)
+    entry: dict[str, Any] = {"id": f"{pool.name}/{i}", "url": url, "channel": channel}
+    if channel == "mtls":
+        entry["url"] = "https://" + url.split("://", 1)[-1]
+        entry["tls"] = tls_ref(spec.stack, f"{pool.name}-{i}")
+    return entry
+
+
+def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = None) -> dict[str, Any]:
+    """Models -> pools -> endpoints. A canary block adds a canary pool beside its base pool.
+    ``tls_dir``: where the gateway finds the TLS material the mTLS endpoints name."""
     models: dict[str, dict[str, Any]] = {
         m.id: {"id": m.id, "kind": m.kind, "context_length": m.context_length, "fallback": m.fallback, "pools": []}
         for m in spec.models
@@ -95,9 +111,10 @@ def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
     for pool in spec.pools:
         prov = spec.provider(pool.provider)
         if prov.kind == "openai":
-            endpoints = [{"id": f"{pool.name}/0", "url": prov.base_url, "credentials": prov.credentials}]
+            endpoints = [{"id": f"{pool.name}/0", "url": prov.base_url, "credentials": prov.credentials,
+                          "channel": "https"}]
         else:
-            endpoints = [{"id": f"{pool.name}/{i}", "url": endpoint(pool, i)} for i in range(pool.replicas)]
+            endpoints = [worker_endpoint(spec, pool, i, endpoint(pool, i)) for i in range(pool.replicas)]
         role = pool.role
         if prov.role == "overflow" and role == "primary":
             role = "standby"
@@ -119,6 +136,9 @@ def routing_config(spec: Spec, endpoint: EndpointRule) -> dict[str, Any]:
         models[base.model]["pools"].append({
             "name": canary.name, "provider": base.provider, "region": base.region, "role": "canary",
             "weight": share, "base_pool": base.name, "image": spec.canary.image,
-            "endpoints": [{"id": f"{canary.name}/0", "url": endpoint(canary, 0)}],
+            "endpoints": [worker_endpoint(spec, canary, 0, endpoint(canary, 0))],
         })
-    return {"stack": spec.stack, "models": list(models.values())}
+    out: dict[str, Any] = {"stack": spec.stack, "models": list(models.values())}
+    if tls_dir is not None:
+        out["tls_dir"] = tls_dir
+    return out

@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from fleet.spec import Spec, Tier
 from gateway import admission, sla, sli
+from gateway.channel import ChannelConnector
 from gateway.door import FailureLimiter, InFlight
 from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
@@ -96,7 +97,8 @@ class Gateway:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # each mTLS endpoint's own SSLContext, by its address (gateway/channel.py)
+        connector = ChannelConnector(self.router, limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         # workers set no cookies: DummyCookieJar skips aiohttp's cookie filtering on every request
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())

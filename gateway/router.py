@@ -64,6 +64,7 @@ import aiohttp
 from yarl import URL
 
 from fleet.routing import secret_env_name
+from gateway import channel
 
 log = logging.getLogger("infermesh.router")
 
@@ -104,6 +105,9 @@ class Endpoint:
     health_url: str = ""
     external: bool = False            # an OpenAI-compatible upstream (no vLLM /health or /metrics)
     headers: dict[str, str] = field(default_factory=dict)
+    channel: str = ""                 # mtls | wireguard | https | "" (unstated: plain as the URL says)
+    ssl: Any = None                   # mtls: this endpoint's ssl.SSLContext (gateway/channel.py), by its address
+    reason: str = ""                  # why the last check failed (a TLS refusal names itself), for /admin/endpoints
     # deadlines (asyncio.Timeout) of non-stream requests waiting on this endpoint: an answer
     # arrives whole, after the generation, so only a failed active check can tell a lost worker
     # from a long answer; it expires them at once (proxy.Call._attempt retries elsewhere)
@@ -160,6 +164,7 @@ class Router:
         self.version = 0
         self.on_eject = lambda ep: None   # metrics hooks, set by the app
         self.slow_s: dict[str, float] = {}  # model -> TTFT above which an answer may be "slow"
+        self.tls: dict[tuple[str | None, int | None], Any] = {}   # (host, port) -> SSLContext of mTLS endpoints
         self.apply(config)
 
     # ---- configuration ----------------------------------------------------------------
@@ -167,6 +172,7 @@ class Router:
         """Swap in a new routing config. Endpoints that persist keep their health and load."""
         old = {ep.id: ep for ep in self.endpoints()}
         models: dict[str, ModelRoute] = {}
+        tls_dir = config.get("tls_dir")
         for m in config.get("models", []):
             pools = []
             for p in m.get("pools", []):
@@ -177,12 +183,15 @@ class Router:
                     if ep is None or ep.url != e["url"].rstrip("/"):
                         ep = Endpoint(e["id"], e["url"].rstrip("/"), pool)
                     ep.pool = pool
-                    _configure(ep, e)
+                    _configure(ep, e, tls_dir)
                     pool.endpoints.append(ep)
                 pools.append(pool)
             models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools, m.get("kind", "chat"),
                                          m.get("context_length"))
         self.models = models
+        # the upstream session's connector finds each mTLS endpoint's context by its address
+        self.tls = {(ep.routes["chat"].host, ep.routes["chat"].port): ep.ssl
+                    for ep in self.endpoints() if ep.ssl is not None}
         self.version += 1
 
     def endpoints(self) -> Iterable[Endpoint]:
@@ -314,6 +323,10 @@ class Router:
         needs a second one in a row: under load the gateway's own event loop can lag past the
         check's timeout, and a single late answer must not take the last endpoint of a model out."""
         to = aiohttp.ClientTimeout(total=timeout)
+        if ep.reason.startswith("config:"):          # unusable TLS material: never dialled
+            ep.healthy, ep.refused = False, True
+            ep.abandon_waiting()
+            return False
         try:
             async with session.get(ep.health_url, headers=ep.headers, timeout=to) as r:
                 ok = r.status == 200
@@ -321,11 +334,14 @@ class Router:
                 await self._read_load(session, ep, to)
             ep.check_timeouts = 0
             ep.refused = not ok
+            ep.reason = "" if ok else f"health: answered {r.status}"
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             ep.check_timeouts += 1
             ok = ep.check_timeouts < 2 and ep.healthy
-        except (aiohttp.ClientError, OSError):
+            ep.reason = "health: timed out"
+        except (aiohttp.ClientError, OSError) as e:
             ok, ep.refused = False, True
+            ep.reason = channel.refusal_of(e, ep.channel) or f"health: {type(e).__name__}"
         if ok != ep.healthy:
             log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")
         ep.healthy = ok
@@ -379,6 +395,7 @@ class Router:
                     "role": p.role, "weight": p.weight,
                     "endpoints": [{
                         "id": ep.id, "url": ep.url, "available": ep.available(now), "healthy": ep.healthy,
+                        "channel": ep.channel, "reason": ep.reason,
                         "ejected_for_s": round(max(0.0, ep.ejected_until - now), 1),
                         "outstanding": ep.outstanding, "waiting": ep.waiting, "kv_usage": ep.kv_usage,
                         "ejections": ep.ejections, "consecutive_failures": ep.failures,
@@ -404,11 +421,22 @@ def _sample(line: str) -> tuple[str, float | None]:
         return name, None
 
 
-def _configure(ep: Endpoint, entry: dict[str, Any]) -> None:
+def _configure(ep: Endpoint, entry: dict[str, Any], tls_dir: str | None = None) -> None:
     """Workers (vLLM or sim) are addressed by their root URL; an external OpenAI-compatible
     upstream (an entry with `credentials`) by its API base URL, with its key from the environment
-    (INFERMESH_SECRET_<NAME>, set from the stack's secret) and `/models` as its health check."""
+    (INFERMESH_SECRET_<NAME>, set from the stack's secret) and `/models` as its health check.
+    An ``mtls`` endpoint gets its client SSLContext from the TLS material its ``tls`` names in
+    ``tls_dir`` (gateway/channel.py); material that cannot be loaded takes it out with the reason."""
     ep.headers = {"content-type": "application/json"}
+    ep.channel = entry.get("channel", "")
+    ep.ssl = None
+    if ep.reason.startswith("config:"):
+        ep.reason = ""
+    if ep.channel == "mtls":
+        try:
+            ep.ssl = channel.endpoint_context(entry, tls_dir)
+        except channel.ChannelError as e:
+            ep.reason, ep.healthy, ep.refused = f"config: {e}", False, True
     secret = entry.get("credentials")
     if secret:
         ep.external, ep.api, ep.health_url = True, ep.url, ep.url + "/models"

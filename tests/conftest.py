@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import http.client
 import socket
 import random
+import ssl
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +50,23 @@ def free_port_range(n: int) -> int:
     raise RuntimeError("no free port range")
 
 
+class LocalTLS(urllib.request.HTTPSHandler):
+    """urllib's https with the gateway's client identity of the local stack that owns the port:
+    local workers serve mutual TLS (fleet/channel.py), so tests that poke a worker directly
+    (/sim/faults, /sim/stats) present the client certificate as the gateway does."""
+
+    contexts: dict[int, ssl.SSLContext] = {}
+
+    def https_open(self, req):  # noqa: ANN001, ANN201
+        ctx = self.contexts.get(urllib.parse.urlsplit(req.full_url).port or 443)
+        if ctx is None:
+            return super().https_open(req)
+        return self.do_open(http.client.HTTPSConnection, req, context=ctx)
+
+
+urllib.request.install_opener(urllib.request.build_opener(LocalTLS()))
+
+
 def local_config() -> dict[str, Any]:
     return spec_mod.read_config(spec_mod.stack_path("local"))
 
@@ -76,7 +97,7 @@ class RunningStack:
 
     def worker_url(self, pool: str, replica: int = 0) -> str:
         from fleet.routing import local_endpoints
-        return f"http://127.0.0.1:{local_endpoints(self.spec)[(pool, replica)]}"
+        return f"https://127.0.0.1:{local_endpoints(self.spec)[(pool, replica)]}"
 
     def gateway_proc(self):
         return next(p for n, p in self.stack.procs if n == "gateway")
@@ -96,6 +117,8 @@ def start_stack(tmp: Path, mutate: Callable[[dict], None] | None = None, name: s
     spec = spec_mod.load(name, stacks_dir)
     stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir)
     stack.start()
+    ctx = stack.certs.client_context()
+    LocalTLS.contexts.update({p: ctx for p in range(config["local_port_base"], config["local_port_base"] + n_ports)})
     return RunningStack(stack, spec, stacks_dir)
 
 

@@ -220,7 +220,7 @@ def test_drain_and_restore_on_a_running_local_stack(stack_factory):
 
     def worker_requests(pool: str, replica: int) -> int:
         port = local_endpoints(running.spec)[(pool, replica)]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/sim/stats", timeout=5) as r:
             return json.loads(r.read())["requests"]
 
     key = stack.key("failover", "pro")

@@ -1,0 +1,199 @@
+"""The channel from gateway to workers: mutual TLS, for real, on loopback.
+
+A local stack's sim workers serve mutual TLS with certificates made at start (fleet/channel.py),
+and the gateway is their client. Beside them the test starts three workers that must be refused:
+one with a certificate from another CA, one with an expired certificate, one speaking plain HTTP.
+Each is taken out with its reason in /admin/endpoints and no request reaches it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from openai import OpenAI
+
+from fleet import spec as spec_mod
+from fleet.channel import issue, make_ca, tls_ref, worker_server_name
+from fleet.plan import build_plan
+from fleet.routing import routing_config
+from tests.conftest import REPO, free_port
+
+
+def _admin(stack, path: str, method: str = "GET") -> dict:
+    req = urllib.request.Request(stack.root_url + path, method=method, data=b"" if method == "POST" else None,
+                                 headers={"authorization": f"Bearer {stack.admin_token()}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _endpoints(stack) -> dict[str, dict]:
+    return {e["id"]: e for p in _admin(stack, "/admin/endpoints")["pools"] for e in p["endpoints"]}
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"worker on {port} exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"worker on {port} did not listen")
+
+
+def _sim(port: int, *tls: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engines.sim", "--port", str(port), "--model", "demo-chat",
+                             "--ttft-ms", "1", "--itl-ms", "1", *tls], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stats(port: int, tls: bool) -> dict:
+    """/sim/stats of a refused worker, read around the channel (no verification, any client cert)."""
+    if not tls:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sim/stats", timeout=5) as r:
+            return json.loads(r.read())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.load_cert_chain(*_stats.client)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+    conn.request("GET", "/sim/stats")
+    return json.loads(conn.getresponse().read())
+
+
+@pytest.fixture(scope="module")
+def channel_stack(tmp_path_factory):
+    from tests.conftest import start_stack
+
+    tmp = tmp_path_factory.mktemp("channel")
+    running = start_stack(tmp)
+    certs = running.stack.certs
+    ca_pem = certs.ca.read_bytes()
+    ca_key = (certs.dir / "ca.key").read_bytes()
+    from fleet.channel import Issued
+    stack_ca = Issued(ca_pem, ca_key)
+    bad = tmp / "bad"
+    bad.mkdir()
+
+    def write(name: str, issued) -> tuple[str, str]:
+        (bad / f"{name}.crt").write_bytes(issued.cert_pem)
+        (bad / f"{name}.key").write_bytes(issued.key_pem)
+        return str(bad / f"{name}.crt"), str(bad / f"{name}.key")
+
+    stack = running.spec.stack
+    other_ca = make_ca("some other CA")
+    foreign = write("foreign", issue(other_ca, "foreign", server=True, dns=(worker_server_name(stack, "bad-0"),)))
+    expired = write("expired", issue(stack_ca, "expired", server=True, dns=(worker_server_name(stack, "bad-1"),),
+                                     days=30, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)))
+    _stats.client = certs.client()
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        _sim(ports[0], "--ssl-certfile", foreign[0], "--ssl-keyfile", foreign[1], "--ssl-ca-certs", str(certs.ca),
+             "--ssl-cert-reqs", "2"),
+        _sim(ports[1], "--ssl-certfile", expired[0], "--ssl-keyfile", expired[1], "--ssl-ca-certs", str(certs.ca),
+             "--ssl-cert-reqs", "2"),
+        _sim(ports[2]),                                  # plain HTTP
+    ]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            _wait_port(port, proc)
+        routing = json.loads((running.state / "routing.json").read_text())
+        chat = next(m for m in routing["models"] if m["id"] == "demo-chat")
+        pool = next(p for p in chat["pools"] if p["name"] == "demo-chat-east")
+        pool["endpoints"] += [{"id": f"bad/{i}", "url": f"https://127.0.0.1:{port}", "channel": "mtls",
+                               "tls": tls_ref(stack, f"bad-{i}")} for i, port in enumerate(ports)]
+        (running.state / "routing.json").write_text(json.dumps(routing))
+        _admin(running, "/admin/reload", "POST")
+        yield running, ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        running.stack.stop()
+
+
+def test_workers_serve_mutual_tls_and_the_gateway_is_their_client(channel_stack):
+    running, _ = channel_stack
+    eps = _endpoints(running)
+    good = [e for i, e in eps.items() if i.startswith("demo-chat-east/")]
+    assert len(good) == 2 and all(e["channel"] == "mtls" and e["url"].startswith("https://") for e in good)
+    assert all(e["healthy"] and e["reason"] == "" for e in good)
+    client = OpenAI(base_url=running.base_url, api_key=running.key())
+    out = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="demo-chat", stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert chunks
+
+
+def test_refused_workers_are_out_with_their_reason_and_get_no_request(channel_stack):
+    running, ports = channel_stack
+    deadline = time.monotonic() + 10
+    while True:
+        eps = _endpoints(running)
+        if all(eps[f"bad/{i}"]["reason"] for i in range(3)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert eps["bad/0"]["reason"] == "tls: the worker's certificate is not signed by the stack's CA"
+    assert eps["bad/1"]["reason"] == "tls: the worker's certificate has expired"
+    assert eps["bad/2"]["reason"] == "tls: the worker answered in plain HTTP, not TLS"
+    assert not any(eps[f"bad/{i}"]["available"] for i in range(3))
+
+    client = OpenAI(base_url=running.base_url, api_key=running.key(), max_retries=0)
+    for _ in range(30):
+        client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+    assert [_stats(p, tls)["requests"] for p, tls in zip(ports, (True, True, False), strict=True)] == [0, 0, 0]
+    assert _endpoints(running)["bad/2"]["reason"]          # still out
+
+
+def test_a_local_worker_refuses_plain_http_and_clients_without_the_stacks_certificate(channel_stack):
+    running, _ = channel_stack
+    port = int(running.worker_url("demo-chat-east").rsplit(":", 1)[1])
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/health"), timeout=5).read()
+    anonymous = ssl.create_default_context(cafile=str(running.stack.certs.ca))
+    anonymous.check_hostname = False
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=anonymous, timeout=5)
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+    with urllib.request.urlopen(running.worker_url("demo-chat-east") + "/health", timeout=5) as r:
+        assert r.status == 200                       # with the gateway's client certificate
+
+
+def test_the_plan_picks_the_channel_per_provider_kind_and_ships_no_key_material():
+    spec = spec_mod.load("prod")
+    routing = build_plan(spec).routing
+    text = json.dumps(routing)
+    assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
+    seen = {}
+    for m in routing["models"]:
+        for p in m["pools"]:
+            pool = next((x for x in spec.pools if x.name == p["name"]), None)
+            for e in p["endpoints"]:
+                kind = spec.provider(p["provider"]).kind
+                seen.setdefault((kind, pool.connection if pool else "-"), set()).add(e["channel"])
+                if e["channel"] == "mtls":
+                    assert e["url"].startswith("https://") and e["tls"]["server_name"].endswith(".workers.infermesh")
+    for (kind, connection), channels in seen.items():
+        expected = {"openai": "https"}.get(kind, "wireguard" if connection == "ssh" else "mtls")
+        assert channels == {expected}, (kind, connection, channels)
+    assert ("vastai", "container") in seen or ("runpod", "container") in seen
+
+
+def test_routing_config_names_tls_material_by_reference():
+    spec = spec_mod.load("local")
+    config = routing_config(spec, lambda pool, i: f"http://127.0.0.1:{9000 + i}", tls_dir="/etc/infermesh/tls")
+    assert config["tls_dir"] == "/etc/infermesh/tls"
+    ep = config["models"][0]["pools"][0]["endpoints"][0]
+    assert ep["channel"] == "mtls" and ep["url"] == "https://127.0.0.1:9000"
+    assert set(ep["tls"]) == {"ca", "cert", "key", "server_name"}
