@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -337,6 +338,33 @@ class Delivery(_Strict):
         return v
 
 
+class SlaWindow(_Strict):
+    """Time the SLA excludes (gateway/sla.py): scheduled maintenance announced at least
+    MAINTENANCE_NOTICE_H before it starts (at most MAINTENANCE_MAX_MIN minutes a month count), or
+    an exclusion the addendum allows (force majeure, a customer's misuse: `tenant` limits it to one)."""
+
+    start: datetime
+    end: datetime
+    reason: str = Field(min_length=1, max_length=200)
+    announced: datetime | None = None          # maintenance only: when customers were told
+    tenant: str | None = None                  # exclusions only: one customer's (misuse)
+
+    @model_validator(mode="after")
+    def _order(self) -> SlaWindow:
+        for f in ("start", "end", "announced"):
+            v = getattr(self, f)
+            if v is not None and v.tzinfo is None:
+                setattr(self, f, v.replace(tzinfo=timezone.utc))
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class SlaTerms(_Strict):
+    maintenance: list[SlaWindow] = []
+    exclusions: list[SlaWindow] = []
+
+
 class Planning(_Strict):
     headroom: Annotated[float, Field(ge=1.0, le=2.0)] = 1.3
     overhead_per_1m_tokens: Money = 0.0
@@ -361,6 +389,7 @@ class Spec(_Strict):
     throughput: list[Throughput] = []
     gpus: dict[str, PosFloat] = {}             # extra GPU types: name -> VRAM GiB
     planning: Planning = Planning()
+    sla: SlaTerms = SlaTerms()                 # excluded time: maintenance and the addendum's exclusions
     canary: Canary | None = None
     delivery: Delivery = Delivery()
     allow_sim_workers: bool = False            # bootstrap may accept hosts without a GPU

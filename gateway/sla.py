@@ -33,6 +33,12 @@ Definitions, as the seeds' SLA addendum (001 template, 002 copy-paste addendum) 
 - *Credits*, per customer, from that customer's own requests: 5% of the tier's monthly fee per
   full 0.1% of availability below the SLA, plus 5% when its p95 TTFT exceeded the SLO for at
   least 3 consecutive hours; at most 25% in all. Amounts in integer cents.
+- *Exclusions* (the stack file's ``sla:``): bad minutes inside scheduled maintenance announced at
+  least ``MAINTENANCE_NOTICE_H`` hours ahead, up to ``MAINTENANCE_MAX_MIN`` minutes per calendar
+  month (the earliest windows first; the rest counts), and inside the addendum's other exclusions
+  (force majeure for everyone, a customer's misuse for that customer) do not count. The customer's
+  own-quota 429s, requests over its tier's limits (4xx) and its network (499) never counted.
+  The report lists each window applied, and the maintenance that did not qualify with the reason.
 
 Rollups, not rows: every gateway process aggregates its own ledger (gateway/ledger.py, the
 spool when the ledger is PostgreSQL) into one row per (minute, tenant, tier, model, region)
@@ -66,6 +72,8 @@ TTFT_BREACH_HOURS = 3
 TTFT_EDGES_MS = (100, 250, 500, 1000, 1500, 2000, 3000, 5000, 10000)
 TTLT_EDGES_MS = (1000, 2000, 4000, 8000, 15000, 30000, 60000)
 STATUS_DAYS = 90
+MAINTENANCE_NOTICE_H = 48
+MAINTENANCE_MAX_MIN = 60
 CHUNK = 20_000                 # ledger rows rolled up per transaction
 
 _KEY = ("minute", "tenant", "tier", "model", "region")
@@ -472,6 +480,7 @@ def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> d
         model_bad[(model, region)].add(m)
     down = _down(q, span)
     seen = q("SELECT count(*) FROM minute_seen WHERE minute >= ? AND minute < ?", span)[0][0]
+    excluded, excluded_for, applied = exclusions(spec, period)
     customers = []
     for (name, tier_name), sums in sorted(per.items()):
         c = dict(zip(_COUNTS, sums, strict=True))
@@ -482,7 +491,7 @@ def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> d
             for model, reg in used[name]:
                 if reg == r:
                     mins |= down.get((model, reg), set())
-            bad_by_region[r] = mins
+            bad_by_region[r] = mins - excluded - excluded_for.get(name, set())
         all_bad = set().union(*bad_by_region.values()) if bad_by_region else set()
         customers.append(_customer(name, tier_name, tiers.get(tier_name), c, all_bad, bad_by_region, hours[name],
                                    period))
@@ -498,7 +507,48 @@ def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> d
                                                                                  for e in TTFT_EDGES_MS],
                                                                   TTFT_EDGES_MS, p) for p in (50, 95, 99)}})
     return {"stack": spec.stack, "period": period.view(), "no_data_minutes": period.minutes - seen,
-            "definitions": "gateway/sla.py", "customers": customers, "models": models}
+            "definitions": "gateway/sla.py", "exclusions": applied, "customers": customers, "models": models}
+
+
+def exclusions(spec: Spec, period: Period) -> tuple[set[int], dict[str, set[int]], list[dict[str, Any]]]:
+    """(minutes excluded for every customer, minutes excluded per tenant, what was applied and what
+    was not) inside the period, from the stack's ``sla:`` block (see the module's text)."""
+    everyone: set[int] = set()
+    per_tenant: dict[str, set[int]] = defaultdict(set)
+    applied: list[dict[str, Any]] = []
+
+    def minutes(w) -> range:
+        a, b = minute_of(w.start.timestamp()), -(-int(w.end.timestamp()) // 60)
+        return range(max(a, period.start), min(b, period.end))
+
+    used_by_month: dict[tuple[int, int], int] = defaultdict(int)
+    for w in sorted(spec.sla.maintenance, key=lambda w: w.start):
+        view = {"kind": "maintenance", "start": w.start.isoformat(), "end": w.end.isoformat(), "reason": w.reason}
+        notice = None if w.announced is None else (w.start - w.announced).total_seconds() / 3600
+        if notice is None or notice < MAINTENANCE_NOTICE_H:
+            applied.append({**view, "excluded_minutes": 0,
+                            "why_not": f"not announced {MAINTENANCE_NOTICE_H} h ahead"})
+            continue
+        month = (w.start.year, w.start.month)
+        span = range(minute_of(w.start.timestamp()), -(-int(w.end.timestamp()) // 60))
+        allowed = max(0, MAINTENANCE_MAX_MIN - used_by_month[month])
+        counted = span[:allowed]
+        used_by_month[month] += len(counted)
+        mins = [m for m in counted if period.start <= m < period.end]
+        everyone.update(mins)
+        extra = {} if len(counted) == len(span) else {
+            "why_not": f"{len(span) - len(counted)} minutes over {MAINTENANCE_MAX_MIN} a month"}
+        if mins or extra:
+            applied.append({**view, "excluded_minutes": len(mins), **extra})
+    for w in spec.sla.exclusions:
+        mins = set(minutes(w))
+        if not mins:
+            continue
+        (per_tenant[w.tenant] if w.tenant else everyone).update(mins)
+        applied.append({"kind": "misuse" if w.tenant else "exclusion", "start": w.start.isoformat(),
+                        "end": w.end.isoformat(), "reason": w.reason, "excluded_minutes": len(mins),
+                        **({"tenant": w.tenant} if w.tenant else {})})
+    return everyone, per_tenant, applied
 
 
 def _down(q: Query, span: Sequence[int]) -> dict[tuple[str, str], set[int]]:

@@ -300,3 +300,43 @@ def test_windows_off_the_hour_read_hours_inside_and_minutes_at_the_edges(tmp_pat
         assert got == want, (start, end, got)
     c = customer(led.report(period=sla.window_period(NOV + 30 * 60, NOV + 150 * 60, NOW)), "w")
     assert c["bad_minutes"] == 1 and c["minutes"] == 120
+
+
+def test_maintenance_and_the_addendums_exclusions(tmp_path):
+    """Failures every minute of five windows in November:
+    - maintenance announced 72 h ahead, 30 min: excluded;
+    - maintenance announced 24 h ahead, 20 min: counts (not 48 h notice);
+    - maintenance announced 72 h ahead, 45 min: 30 excluded (60 a month), 15 count;
+    - force majeure, 10 min: excluded for everyone;
+    - misuse by tenant m, 5 min: excluded for m, counts for n."""
+    def at(day: int, hour: int, minute: int = 0) -> str:
+        return f"2026-11-{day:02d}T{hour:02d}:{minute:02d}:00Z"
+    cfg = copy.deepcopy(local_config())
+    cfg["sla"] = {
+        "maintenance": [
+            {"start": at(5, 2), "end": at(5, 2, 30), "announced": at(2, 2), "reason": "kernel upgrade"},
+            {"start": at(10, 2), "end": at(10, 2, 20), "announced": at(9, 2), "reason": "late notice"},
+            {"start": at(20, 2), "end": at(20, 2, 45), "announced": at(17, 2), "reason": "database move"}],
+        "exclusions": [
+            {"start": at(25, 2), "end": at(25, 2, 10), "reason": "force majeure: the data center's fire"},
+            {"start": at(27, 2), "end": at(27, 2, 5), "reason": "misuse: prohibited content", "tenant": "m"}]}
+    spec = spec_mod.parse(cfg, "slotest")
+    led = Ledger(tmp_path, spec)
+    rows = []
+    for day, length in ((5, 30), (10, 20), (20, 45), (25, 10), (27, 5)):
+        base = (day - 1) * 1440 + 120
+        for i in range(length):
+            rows += [rec("m", base + i, status=502, second=1), rec("n", base + i, status=502, second=2)]
+    led.add(rows)
+    rep = led.report()
+    m, n = customer(rep, "m"), customer(rep, "n")
+    # counted: 20 (late notice) + 15 (over 60 a month); n also the 5 minutes of m's misuse
+    assert (m["bad_minutes"], n["bad_minutes"]) == (35, 40)
+    kinds = {(e["kind"], e["reason"][:12]): (e["excluded_minutes"], e.get("why_not")) for e in rep["exclusions"]}
+    assert kinds[("maintenance", "kernel upgra")] == (30, None)
+    assert kinds[("maintenance", "late notice")] == (0, "not announced 48 h ahead")
+    assert kinds[("maintenance", "database mov")] == (30, "15 minutes over 60 a month")
+    assert kinds[("exclusion", "force majeur")] == (10, None) and kinds[("misuse", "misuse: proh")] == (5, None)
+    with pytest.raises(spec_mod.SpecError, match="end must be after start"):
+        spec_mod.parse({**cfg, "sla": {"maintenance": [{"start": at(5, 3), "end": at(5, 2), "reason": "x"}]}},
+                       "slotest")
