@@ -33,9 +33,11 @@ from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
 from gateway.metrics import Metrics
+from gateway.money import Money
 from gateway.overload import LoopLag
 from gateway.proxy import Call, SSEReader
 from gateway.probes import Prober, limits_for
+from gateway.redact import redact, summary
 from gateway.risk import RiskWindow
 from gateway.router import Router
 from gateway.state import State
@@ -73,6 +75,7 @@ class Gateway:
         self.keys: KeyStore = self.state.keys
         self.ledger: Ledger = self.state.ledger
         self.limiter = self.state.limiter
+        self.money = Money(self.spec)        # price and cost of each request (gateway/money.py)
         self.metrics = Metrics()
         self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
@@ -229,6 +232,7 @@ class Gateway:
     async def finish(self, call: Call) -> None:
         """Meter a request: its ledger row is committed when this returns (group commit)."""
         rec = call.rec
+        self.priced(rec)
         await self.ledger.commit(rec)
         self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
         self._count(rec)
@@ -236,9 +240,16 @@ class Gateway:
     def finish_soon(self, call: Call) -> None:
         """Meter a request whose client is gone or whose stream broke: nobody waits for the row."""
         rec = call.rec
+        self.priced(rec)
         self.ledger.commit_soon(rec)
         self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
         self._count(rec)
+
+    def priced(self, rec: UsageRecord) -> None:
+        """The request's price at its tier's prices and its cost, beside each other in its ledger row."""
+        money = self.money
+        rec.price_micro_usd = money.price(rec.tier, rec.prompt_tokens + rec.completion_tokens, rec.cached_tokens)
+        rec.cost_micro_usd = money.cost(rec.pool, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
 
     def settle(self, call: Call, actual: int) -> None:
         """Correct the limiter's up-front token charge (never waits: Redis settles are batched)."""
@@ -288,7 +299,10 @@ class Gateway:
         until = min(time.time() + ttl, call.adm.principal.debug_log_until or float("inf"))
         payload = call.adm.payload
         prompt = next((payload[f] for f in ("messages", "prompt", "input") if f in payload), None)
-        self.ledger.debug_log(call.request_id, call.rec.tenant, orjson.dumps(prompt).decode(), completion, until)
+        # secrets, card numbers, emails and phone numbers never reach the file (gateway/redact.py)
+        prompt_text, a = redact(orjson.dumps(prompt).decode())
+        completion, b = redact(completion)
+        self.ledger.debug_log(call.request_id, call.rec.tenant, prompt_text, completion, until, summary(a, b))
 
     # ---- the request path -----------------------------------------------------------------------
     def authenticate(self, request: Request | Incoming) -> Principal:

@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens     INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     cached_tokens     INTEGER NOT NULL DEFAULT 0,
+    price_micro_usd   INTEGER NOT NULL DEFAULT 0,
+    cost_micro_usd    INTEGER NOT NULL DEFAULT 0,
     status            INTEGER NOT NULL,
     error             TEXT,
     ttft_ms           REAL,
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS debug_log (
     prompt      TEXT NOT NULL,
     completion  TEXT NOT NULL,
     created_at  REAL NOT NULL,
-    expires_at  REAL NOT NULL
+    expires_at  REAL NOT NULL,
+    redacted    TEXT NOT NULL DEFAULT ''   -- what gateway/redact.py replaced, e.g. card=1,email=2
 );
 CREATE INDEX IF NOT EXISTS debug_log_expiry ON debug_log(expires_at);
 """
@@ -85,6 +88,8 @@ class UsageRecord:
     prompt_tokens: int = 0             # input tokens not served from the worker's prefix cache
     completion_tokens: int = 0
     cached_tokens: int = 0             # input tokens served from the prefix cache (never also in prompt_tokens)
+    price_micro_usd: int = 0           # what the tenant is charged, at its tier's prices when it was served
+    cost_micro_usd: int = 0            # what serving it cost (gateway/money.py): upstream per-token price or lease rate
     status: int = 0
     error: str | None = None
     ttft_ms: float | None = None
@@ -116,6 +121,11 @@ def connect(path: Path) -> sqlite3.Connection:
     columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
     if "cached_tokens" not in columns:       # a ledger written before cached tokens were metered
         conn.execute("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0")
+    for col in ("price_micro_usd", "cost_micro_usd"):   # ... before price and cost were (issue 22)
+        if col not in columns:
+            conn.execute(f"ALTER TABLE usage ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
+    if "redacted" not in {r[1] for r in conn.execute("PRAGMA table_info(debug_log)")}:
+        conn.execute("ALTER TABLE debug_log ADD COLUMN redacted TEXT NOT NULL DEFAULT ''")
     return conn
 
 
@@ -271,10 +281,13 @@ class Ledger:
         finally:
             conn.close()
 
-    def debug_log(self, request_id: str, tenant: str, prompt: str, completion: str, until: float) -> None:
-        """Only for tenants that opted in; kept until `until` (their TTL), then purged."""
-        self.conn.execute("INSERT INTO debug_log VALUES (?, ?, ?, ?, ?, ?)",
-                          (request_id, tenant, prompt, completion, time.time(), until))
+    def debug_log(self, request_id: str, tenant: str, prompt: str, completion: str, until: float,
+                  redacted: str = "") -> None:
+        """Only for tenants that opted in; kept until `until` (their TTL), then purged. The texts come
+        redacted (gateway/redact.py); `redacted` says what was replaced."""
+        self.conn.execute("INSERT INTO debug_log (request_id, tenant, prompt, completion, created_at, expires_at, "
+                          "redacted) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (request_id, tenant, prompt, completion, time.time(), until, redacted))
 
     def purge_expired(self, now: float | None = None) -> int:
         return self.conn.execute("DELETE FROM debug_log WHERE expires_at <= ?", (now or time.time(),)).rowcount

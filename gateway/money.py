@@ -1,0 +1,80 @@
+"""What a request is charged and what it costs, in integer micro-dollars (docs/money.md).
+
+Prices per 1M tokens in USD are micro-dollars per token, so a request's price is its tokens times
+its tier's prices: uncached input and output at ``price_per_1m_tokens``, cached input at
+``price_per_1m_cached_tokens`` (the tier's price when unset). Its cost, recorded beside the price:
+
+- a pool on an ``openai``-kind upstream: the upstream's own ``price_per_1m_tokens`` for every token;
+- a leased pool: the lease's price per GPU-hour spread over the tokens it serves in an hour at the
+  declared throughput and utilisation (price / (R x U x 3,600) per token). That is the plan's rate;
+  `infermesh usage report` replaces it with the lease-hours really spread over the tokens the pool
+  served in each hour (fleet/commands/usage.py);
+- a local process (sim, llama.cpp): nothing, unless its pool declares price_per_gpu_hour (then like a lease).
+
+Everything here is computed once per stack load; the request path does one dict lookup and a few
+multiplications (Gateway.finish).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.spec import Spec, Tier
+
+
+@dataclass(frozen=True, slots=True)
+class TierPrices:
+    per_token: float              # micro-dollars per uncached input or output token
+    per_cached_token: float       # micro-dollars per cached input token
+
+    @property
+    def most(self) -> float:
+        return max(self.per_token, self.per_cached_token)
+
+
+def tier_prices(tier: Tier) -> TierPrices:
+    cached = tier.price_per_1m_cached_tokens
+    return TierPrices(tier.price_per_1m_tokens, tier.price_per_1m_tokens if cached is None else cached)
+
+
+def pool_rates(spec: Spec) -> dict[str, float]:
+    """Micro-dollars per token of every pool (failover pools included), as described above."""
+    from fleet.plan import LEASED_KINDS, _throughput, effective_spec
+
+    eff = effective_spec(spec)
+    out: dict[str, float] = {}
+    for pool in eff.pools:
+        prov = eff.provider(pool.provider)
+        if prov.kind == "openai":
+            out[pool.name] = prov.price_per_1m_tokens or 0.0
+            continue
+        if prov.kind not in LEASED_KINDS and pool.price_per_gpu_hour is None:
+            out[pool.name] = 0.0          # a local process: free, unless the stack prices it (demos, tests)
+            continue
+        price = pool.price_per_gpu_hour if pool.price_per_gpu_hour is not None else prov.price_cap_per_gpu_hour
+        t = _throughput(eff, pool.gpu.type, pool.model)
+        out[pool.name] = price * 1e6 / (t.tokens_per_s * t.utilisation * 3600) if price and t else 0.0
+    return out
+
+
+class Money:
+    """The gateway's price and cost tables for one stack."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.tiers = {t.name: tier_prices(t) for t in spec.tiers}
+        self.rates = pool_rates(spec)
+
+    def price(self, tier: str, uncached: int, cached: int) -> int:
+        p = self.tiers.get(tier)
+        return round(uncached * p.per_token + cached * p.per_cached_token) if p else 0
+
+    def cost(self, pool: str | None, tokens: int) -> int:
+        return round(tokens * self.rates.get(pool, 0.0)) if pool else 0
+
+    def reserve(self, tier: str, tokens: int) -> int:
+        """The most a request of up to `tokens` tokens can be charged: what a spend limit holds back."""
+        p = self.tiers.get(tier)
+        return math.ceil(tokens * p.most) if p else 0
