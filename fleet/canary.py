@@ -44,9 +44,10 @@ before any rate or quantile is taken (``fleet_sides``). Per pool, from the gatew
 - p95 TTFT and TTLT from the summed ``infermesh_ttft_seconds`` / ``infermesh_ttlt_seconds`` buckets
   (linear within a bucket, as Prometheus' ``histogram_quantile``); ``latency_samples`` their count.
 
-Two differences from /admin/sli, both small: the latency histograms also hold requests that were
-retried (their TTFT includes the failed attempt), and a stream that ends in an upstream error event
-counts as answered, not as an error (no counter names it apart from a retried-out 5xx).
+One difference from /admin/sli, small: the latency histograms also hold requests that were
+retried (their TTFT includes the failed attempt: what the customer waited). A stream the worker
+ends with an error event is ``stream_error_event`` in ``infermesh_upstream_errors_total``, so it is
+an attempt and an error here as there (tests/test_gateway_relay.py).
 """
 
 from __future__ import annotations

@@ -259,6 +259,13 @@ class Call:
                                           "stream_" + ("timeout" if timed_out else "reset")).inc()
         return "The model stream was interrupted. Please retry.", "upstream_timeout" if timed_out else "upstream_error"
 
+    def _error_event(self, ep: Endpoint) -> None:
+        """A started stream the worker ended with an error event: an attempt that failed after its
+        first byte, counted as such (the canary's per-pool SLIs read it: fleet/canary.py)."""
+        pool = ep.pool
+        self.gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                                               "stream_error_event").inc()
+
     def _closed(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader) -> None:
         """Every stream's end, however it ended."""
         gw, rec = self.gw, self.rec
@@ -299,6 +306,7 @@ class Call:
                             out.append(event)
                     elif event.startswith(b'data: {"error"'):
                         rec.status, rec.error = 502, "upstream_error_event"
+                        self._error_event(ep)
                         out += (stream_error_event("The model failed while streaming.", "upstream_error"), DONE)
                         yield b"".join(out)
                         return
@@ -346,6 +354,7 @@ class Call:
                         return
                     if kind in RESPONSE_FAILED:
                         rec.status, rec.error = 502, "upstream_error_event"
+                        self._error_event(ep)
                         out.append(response_error_event("The model failed while streaming.", "upstream_error",
                                                         last))
                         yield b"".join(out)

@@ -22,6 +22,7 @@ class Recorder:
         self.together = False                 # streams send everything after the first chunk in one write
         self.tail_s = 0.0                     # streams end their body this long after [DONE]
         self.hold_whole = False               # non-stream answers also wait for `release`
+        self.error_event = False              # streams end with an error event after their first chunk
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -77,6 +78,10 @@ class Recorder:
             return b"data: " + json.dumps(c).encode() + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": "ok"}))
+        if self.error_event:
+            await resp.write(b'data: {"error": {"message": "CUDA error: an illegal memory access", '
+                             b'"type": "server_error", "code": 500}}\n\n')
+            return resp
         while not self.release.is_set():
             await asyncio.sleep(0.01)
         rest = [chunk({"content": " ok"}, "stop")]

@@ -329,3 +329,35 @@ async def test_sse_reader_frames_events_from_any_chunking():
     r = SSEReader(Resp([one + two, one, b'data: {"c"', b':3}\n\n']))     # batch(): what one read brought
     assert [await r.batch() for _ in range(4)] == [[one, two], [one], [b'data: {"c":3}\n\n'], None]
 
+
+
+def test_a_worker_error_event_mid_stream_is_an_attempt_error_the_canary_counts(stack_factory, recorder):
+    """The worker ends a started stream with an error event: the client gets the gateway's own error
+    event (nothing of the worker's message), the ledger a 502, /metrics an attempt error of the pool,
+    and the canary's fleet-wide SLIs (read from /metrics) count it as one attempt and one error."""
+    import openai
+
+    from fleet import canary
+    from gateway import ledger
+    stack = stack_factory()
+    point_model_at(stack, "demo-chat", recorder.url)
+    recorder.error_event = True
+    c = OpenAI(base_url=stack.base_url, api_key=stack.key(), max_retries=0)
+    with pytest.raises(openai.APIError) as e:
+        list(c.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                       stream=True, extra_headers={"x-request-id": "err-event-1"}))
+    assert "CUDA" not in str(e.value) and "The model failed while streaming" in str(e.value)
+    rows = []
+    for _ in range(100):                 # a broken stream's row is committed without anyone waiting for it
+        rows = [r for r in ledger.query(stack.state / "ledger.db") if r["request_id"] == "err-event-1"]
+        if rows:
+            break
+        time.sleep(0.05)
+    (row,) = rows
+    assert (row["status"], row["error"], row["pool"]) == (502, "upstream_error_event", "recorder")
+    req = urllib.request.Request(stack.root_url + "/metrics",
+                                 headers={"authorization": f"Bearer {stack.admin_token()}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        samples = canary.parse_metrics(r.read().decode())
+    side = canary.side_from_totals("recorder", canary.pool_totals(samples).get("recorder"))
+    assert (side.attempts, side.errors) == (1, 1)
