@@ -28,6 +28,9 @@ from fleet.routing import canary_pool, local_endpoints, local_spec, routing_conf
 from fleet.spec import ROOT, Spec
 
 LOCAL_KINDS = ("sim", "llamacpp")
+RESTART_BASE_S = 0.5      # a dead gateway replica is restarted after this, doubling while it keeps dying ...
+RESTART_MAX_S = 30.0      # ... up to this
+RESTART_RESET_S = 60.0    # a replica that ran this long before dying starts again from RESTART_BASE_S
 
 
 class LocalStackError(Exception):
@@ -43,6 +46,10 @@ class LocalStack:
     stacks_dir: Path | None = None          # where Pulumi.<stack>.yaml lives, if not stacks/
     replica_ports: list[int] | None = None  # each replica's own port (default: the gateway port + 1 + i)
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    restarts: dict[str, int] = field(default_factory=dict)     # gateway replica -> restarts by supervise()
+    _restart_at: dict[str, float] = field(default_factory=dict)   # dead replica -> when supervise() starts it
+    _quick: dict[str, int] = field(default_factory=dict)          # replica -> deaths soon after a start, in a row
+    _started: dict[str, float] = field(default_factory=dict)   # name -> when it was last started
 
     @property
     def port(self) -> int:
@@ -181,8 +188,36 @@ class LocalStack:
         name = f"gateway-{i}"
         self.procs = [(n, p) for n, p in self.procs if n != name or p.poll() is None]
         self._spawn(name, self.gateway_command(i))
+        self._started[name] = time.monotonic()
         if wait:
             self._wait(f"http://{self.host}:{self.replica_port(i)}/{'ready' if ready else 'health'}", name, timeout)
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart gateway replicas that died (stacks with replicas), with backoff: RESTART_BASE_S
+        after the death, doubling up to RESTART_MAX_S while it dies again within RESTART_RESET_S of
+        its start. A restarted replica ships what its spool held; meanwhile the others ship it
+        (gateway/state/pg_ledger.py). `infermesh up` calls this every half second. Returns the
+        replicas started by this call."""
+        if self.replicas == 1:
+            return []
+        now = time.monotonic() if now is None else now
+        started = []
+        for i in range(self.replicas):
+            name = f"gateway-{i}"
+            proc = next((p for n, p in self.procs if n == name), None)
+            if proc is None or proc.poll() is None:
+                continue
+            if name not in self._restart_at:     # a death not seen before: when to start it again
+                quick = 0 if now - self._started.get(name, 0.0) > RESTART_RESET_S else self._quick.get(name, -1) + 1
+                self._quick[name] = quick
+                self._restart_at[name] = now + min(RESTART_MAX_S, RESTART_BASE_S * 2 ** quick)
+            if now < self._restart_at[name]:
+                continue
+            del self._restart_at[name]
+            self.start_replica(i, wait=False)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            started.append(name)
+        return started
 
     def _ensure_database(self) -> None:
         from gateway.state.migrate import ensure_database, migrate

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import stat
+import threading
 import time
 
 import openai
@@ -32,8 +33,11 @@ from tests.test_shared_state import (
     TcpProxy,
     _config,
     _pg_available,
+    assert_spools_are_prefixes,
+    traffic,
     wait_for,
     wait_key_live,
+    wait_ledger,
 )
 
 psycopg = pytest.importorskip("psycopg")
@@ -151,3 +155,119 @@ async def test_postgres_down_while_replicas_restart_no_401_not_ready_without_key
 
 async def _async(value):
     return value
+
+
+# ---------------------------------------------------------------------------------- 2. rows
+def spool_top(ha: Ha, i: int) -> tuple[str, int]:
+    """(instance id, highest row id) of replica i's spool, read from the file."""
+    import sqlite3
+    conn = sqlite3.connect(ha.stack.state / "instances" / f"gw-{i}" / "ledger.db")
+    try:
+        inst = conn.execute("SELECT value FROM spool_meta WHERE key = 'instance_id'").fetchone()[0]
+        return inst, conn.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def test_dead_replicas_spool_is_shipped_by_a_survivor(ha):
+    """Rows left in a SIGKILLed replica's spool (PostgreSQL was away, so none had shipped) reach
+    PostgreSQL through the live replicas, with the dead one never started again."""
+    keys = [ha.key("pro") for _ in range(3)]
+    for k in keys:
+        await wait_key_live(ha, k)
+    ha.completed.clear()
+    ha.proxy.cut()
+    try:
+        await traffic(ha, keys, 90, replicas=(0, 1, 2), concurrency=6)
+        kill_replica(ha, 1)
+        inst, top = spool_top(ha, 1)
+        stranded = top - (ha.pg("SELECT coalesce(max(local_id), 0) FROM usage WHERE instance_id = %s", inst)[0][0])
+    finally:
+        ha.proxy.restore()
+    t0 = time.monotonic()
+    await wait_ledger(ha, dict(ha.completed), timeout=20)
+    took = time.monotonic() - t0
+    adopted = sum(ha.log(i).count("from the spool of gw-1") for i in (0, 2))
+    print(f"\n[spool] {len(ha.completed)} answered; {stranded} rows in the killed replica's spool, not in "
+          f"PostgreSQL; all in PostgreSQL {took:.1f}s after it answered again, shipped by a survivor")
+    assert stranded >= 20, stranded
+    assert adopted >= 1
+    assert_spools_are_prefixes(ha)
+    ha.stack.start_replica(1)          # the harness's next drills want three replicas
+    await wait_key_live(ha, keys[0])
+
+
+async def test_sigkill_mid_load_supervised_restart_every_answered_row_in_postgres(ha):
+    """`infermesh up`'s supervision (LocalStack.supervise, every 0.5 s as `up` calls it) starts a
+    SIGKILLed replica again by itself; every answered request's row reaches PostgreSQL once."""
+    keys = [ha.key("pro") for _ in range(3)]
+    for k in keys:
+        await wait_key_live(ha, k)
+    ha.completed.clear()
+    stop_sup = threading.Event()
+
+    def supervisor():
+        while not stop_sup.wait(0.5):
+            ha.stack.supervise()
+    sup = threading.Thread(target=supervisor, daemon=True)
+    sup.start()
+    try:
+        before = ha.stack.restarts.get("gateway-1", 0)
+        stop = asyncio.Event()
+        run = asyncio.create_task(traffic(ha, keys, stop=stop, concurrency=12))
+        await asyncio.sleep(1.0)
+        t_kill = time.monotonic()
+        kill_replica(ha, 1)
+        back = await wait_for(lambda: _async(_get(ha.root(1) + "/ready") == 200), 15, "gateway-1 started again")
+        await asyncio.sleep(1.0)
+        stop.set()
+        results = await run
+    finally:
+        stop_sup.set()
+        sup.join(5)
+    cut = sum(r.status == 0 for r in results)
+    assert all(r.status in (0, 200) for r in results), {r.status for r in results}
+    assert ha.stack.restarts.get("gateway-1", 0) == before + 1
+    await wait_ledger(ha, dict(ha.completed), timeout=15)
+    print(f"\n[supervise] {len(ha.completed)} answered, {cut} refused on its own port while it was down; gateway-1 ready again "
+          f"{back:.1f}s after SIGKILL (no hand restart); every answered row in PostgreSQL once")
+    assert back < 10
+    assert_spools_are_prefixes(ha)
+    del t_kill
+
+
+def test_supervise_backs_off_a_replica_that_keeps_dying(tmp_path):
+    """Restart delays: 0.5 s after a death, doubling while it dies again soon after each start,
+    capped; a long run resets it. No process is started: start_replica is recorded."""
+    from fleet import local
+
+    class Dead:
+        def poll(self):
+            return 1
+    spec = spec_mod.load("local-ha")
+    stack = LocalStack(spec, tmp_path)
+    starts: list[float] = []
+    clock = [1000.0]
+
+    def fake_start(i, wait=True, timeout=30.0, ready=True):
+        starts.append(clock[0])
+        stack._started[f"gateway-{i}"] = clock[0]
+        stack.procs = [(n, p) for n, p in stack.procs if n != f"gateway-{i}"] + [(f"gateway-{i}", Dead())]
+    stack.start_replica = fake_start
+    stack.procs = [("gateway-0", Dead())]
+    stack._started["gateway-0"] = 0.0          # it ran long before its first death
+    while clock[0] < 1100:
+        stack.supervise(now=clock[0])
+        clock[0] += 0.05
+    gaps = [round(b - a, 2) for a, b in zip([1000.0, *starts], starts, strict=False)]
+    print(f"\n[backoff] restart gaps {gaps}")
+    assert gaps[:7] == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0], abs=0.11)
+    assert max(gaps) == pytest.approx(local.RESTART_MAX_S, abs=0.11)
+    assert stack.restarts["gateway-0"] == len(starts)
+    stack._restart_at.clear()                  # the replica ran 100 s this time before it died
+    stack._started["gateway-0"] = clock[0] - 100
+    t0, n = clock[0], len(starts)
+    while len(starts) == n:
+        stack.supervise(now=clock[0])
+        clock[0] += 0.05
+    assert starts[-1] - t0 == pytest.approx(local.RESTART_BASE_S, abs=0.11)

@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
                                log=lambda line: print(line, flush=True))
         while not stopping:
             watcher.poll()
+            for name in stack.supervise():     # a dead gateway replica is started again, with backoff
+                print(f"infermesh up: {name} had exited; started it again (restart {stack.restarts[name]})",
+                      flush=True)
             dead = stack.dead()
             gateways = [n for n, _ in stack.procs if n.startswith("gateway")]
             if gateways and all(n in dead for n in gateways):

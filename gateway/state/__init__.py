@@ -78,11 +78,14 @@ class State:
         self.pg = uses_postgres(spec)
         if self.pg:
             from gateway.state.pg_keys import PgKeyStore
-            from gateway.state.pg_ledger import PgShipper, SpoolLedger
+            from gateway.state.pg_ledger import Adopter, PgShipper, SpoolLedger, SpoolLock
             home = state_dir / "instances" / instance if instance else state_dir
             spool = home / "ledger.db"
             private_dir(spool.parent)        # 0700, like the state dir: the spool holds prompts when opted in
             self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
+            # a replica's spool is locked while it lives; the others ship it when it is dead (pg_ledger.Adopter)
+            self.spool_lock = SpoolLock(spool)
+            self.adopter = Adopter(state_dir / "instances", home, backends.postgres_dsn) if instance else None
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
             # the last key set loaded, on this replica's disk: a start while PostgreSQL is down serves it
             self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health, cache=home / "keys.cache.json")
@@ -116,8 +119,14 @@ class State:
             self.shipper.backlog_gauge = Gauge("infermesh_ledger_spool_backlog",
                                                "Usage records in the local spool not yet in PostgreSQL",
                                                registry=registry)
+            for _ in range(50):          # a survivor may be shipping this spool right now: a moment
+                if self.spool_lock.try_acquire():
+                    break
+                await asyncio.sleep(0.1)
             await self.keys.start()
             self.shipper.start()
+            if self.adopter is not None:
+                self.adopter.start()
         await self.limiter.start()
 
     async def _migrate_later(self) -> None:
@@ -135,8 +144,11 @@ class State:
             self._migrating.cancel()
         await self.limiter.stop()
         if self.pg:
+            if self.adopter is not None:
+                await self.adopter.stop()
             await self.keys.stop()
             await self.shipper.stop()
+            self.spool_lock.release()
 
     def sla_query(self) -> sla.Query:
         """Where the SLA reports read rollups: the shared PostgreSQL or this gateway's ledger.db."""

@@ -20,13 +20,22 @@ per ~0.1 s, not per request), and a row is in PostgreSQL ~0.1-0.2 s after its re
 The instance id lives inside the spool file, so a replica restarted on the same state dir
 (after kill -9, say) ships what the killed process left. The spool is never pruned (SQLite would
 reuse the ids of deleted tail rows); it is also the replica's local record.
+
+No row stranded by a replica that does not come back: each replica holds an exclusive lock
+(``flock``, released by the kernel when the process dies, however it dies) on its spool's
+``spool.lock``. Where replicas share a state dir (``infermesh up --stack local-ha``, or a shared
+volume), every replica looks every ``ADOPT_S`` for another replica's spool whose lock it can take:
+its owner is dead, so it ships that spool's rows above PostgreSQL's mark (with the spool's own
+instance id: shipping twice is harmless) and lets the lock go again for the owner's restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -46,6 +55,7 @@ _INSERT = (f"INSERT INTO usage (instance_id, local_id, {', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join(['%s'] * (len(_COLUMNS) + 2))}) ON CONFLICT (instance_id, local_id) DO NOTHING")
 _BOOLS = {i + 2 for i, c in enumerate(_COLUMNS) if c in ("stream", "fallback")}
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
+ADOPT_S = 2.0                    # how often a replica looks for a dead replica's spool to ship
 
 
 def spool_instance_id(path: Path, name: str | None = None) -> str:
@@ -174,8 +184,9 @@ class PgShipper:
             if self._wake.is_set():
                 await asyncio.sleep(self.linger_s)   # let the records of the next ~linger_s join one batch
 
-    async def drain(self, timeout_s: float = 5.0) -> bool:
-        """Ship everything now (at shutdown); False if PostgreSQL did not take it all in time."""
+    async def drain(self, timeout_s: float = 5.0, quiet: bool = False) -> bool:
+        """Ship everything now (at shutdown, or a dead replica's spool with ``quiet``); False if
+        PostgreSQL did not take it all in time."""
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -183,8 +194,9 @@ class PgShipper:
                 if n < self.batch:
                     return True
         except _ERRORS as e:
-            log.warning("ledger spool not fully shipped at shutdown (%s); it ships at the next start",
-                        type(e).__name__)
+            if not quiet:
+                log.warning("ledger spool not fully shipped at shutdown (%s); it ships at the next start",
+                            type(e).__name__)
         return False
 
     def start(self) -> None:
@@ -198,6 +210,100 @@ class PgShipper:
         await self.drain()
         self._close()
         self._reader.close()
+
+
+def _spool_top(spool: Path) -> int:
+    conn = sqlite3.connect(spool)
+    try:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM usage").fetchone()[0]
+    finally:
+        conn.close()
+
+
+class SpoolLock:
+    """An exclusive flock on ``<spool dir>/spool.lock``: held by the spool's live owner (or by a
+    replica shipping a dead owner's spool); the kernel releases it when the process dies."""
+
+    def __init__(self, spool: Path) -> None:
+        self.path = spool.parent / "spool.lock"
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)            # closing the descriptor drops the lock
+            self.fd = None
+
+
+class Adopter:
+    """Ships the spools of dead replicas that share this replica's state dir (see the module's text)."""
+
+    def __init__(self, instances: Path, own: Path, dsn: str, every_s: float = ADOPT_S) -> None:
+        self.instances, self.own, self.dsn, self.every_s = instances, own.resolve(), dsn, every_s
+        self.adopted = 0                  # rows shipped from dead replicas' spools
+        self._done: dict[Path, int] = {}   # spool -> its highest row id known to be in PostgreSQL
+        self._task: asyncio.Task | None = None
+
+    def orphans(self) -> list[Path]:
+        with contextlib.suppress(OSError):
+            return sorted(p for p in self.instances.glob("*/ledger.db") if p.parent.resolve() != self.own)
+        return []
+
+    async def ship(self, spool: Path) -> int:
+        """Ship a spool whose owner is dead (its lock is free); 0 when it is alive or has nothing new."""
+        lock = SpoolLock(spool)
+        if not await asyncio.to_thread(lock.try_acquire):
+            return 0
+        try:
+            top = await asyncio.to_thread(_spool_top, spool)
+            if top == self._done.get(spool):       # shipped already, and its owner wrote nothing since
+                return 0
+            shipper = await asyncio.to_thread(PgShipper, spool, self.dsn, Health())
+            try:
+                before = shipper.shipped
+                await shipper.drain(timeout_s=10.0, quiet=True)
+                n = shipper.shipped - before
+                if shipper.hwm == top:
+                    self._done[spool] = top
+            finally:
+                shipper._close()
+                shipper._reader.close()
+        except (sqlite3.Error, OSError) as e:     # a spool being created or removed: the next round
+            log.warning("spool %s not adopted (%s)", spool.parent.name, type(e).__name__)
+            return 0
+        finally:
+            lock.release()
+        if n:
+            log.warning("shipped %d rows from the spool of %s, whose replica is not running", n, spool.parent.name)
+            self.adopted += n
+        return n
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            for spool in self.orphans():
+                try:
+                    await asyncio.wait_for(self.ship(spool), 30.0)
+                except Exception as e:             # never let one spool stop the adoption of the others
+                    log.warning("spool %s not adopted (%s)", spool.parent.name, type(e).__name__)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def query(dsn: str, tenant: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
