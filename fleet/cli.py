@@ -21,7 +21,7 @@ from gateway.keys import TENANT_PATTERN     # the key store refuses other names 
 
 # Order is the order of `infermesh --help`.
 COMMANDS = [
-    "up", "gateway", "keys", "usage", "slo",
+    "up", "gateway", "keys", "usage", "billing", "slo",
     "plan", "check", "failover", "canary", "leases", "alerts",
     "bootstrap", "ops",
 ]
