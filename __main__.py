@@ -18,7 +18,10 @@ import pulumi
 from fleet import alerts
 from fleet import spec as spec_mod
 from fleet.components import GatewayFleet, Images, WireGuardMesh, WorkerFleet, worker_launch
+from fleet.components.certs import ChannelCerts
+from fleet.components.gateway import TLS_DIR
 from fleet.components.monitoring import Monitoring
+from fleet.launch import lease_channel
 from fleet.plan import build_plan, is_local_only
 
 ROOT = Path(__file__).resolve().parent
@@ -85,7 +88,13 @@ else:
         # Each gateway node answers WireGuard at its own name (one gateway replica per node).
         "gateway_endpoints": {g.name: f"{g.name}.mesh.{spec.gateway.host}:{spec.mesh.port}" for g in gateways},
     })
+    # the channel: mutual TLS into marketplace containers (the plan's choice per lease, fleet/kinds.py)
+    mtls = [lease.name for lease in plan.leases if lease_channel(lease) == "mtls"]
+    certs = ChannelCerts("infermesh-channel", {
+        "stack": stack, "leases": mtls, "ca_validity_days": spec.channel.ca_validity_days,
+        "cert_validity_days": spec.channel.cert_validity_days, "renew_before_days": spec.channel.renew_before_days})
     workers = WorkerFleet("infermesh-workers", {
+        "tls": {n: {"cert": c["cert"], "key": c["key"], "ca": certs.ca_cert} for n, c in certs.workers.items()},
         "leases": list(plan.leases),
         "launches": {lease.name: worker_launch(spec, lease) for lease in plan.leases},
         "credentials": {p.name: p.credentials for p in spec.providers if p.credentials},
@@ -97,7 +106,8 @@ else:
     })
     gateway_names = [g.name for g in gateways]
     gateway = GatewayFleet("infermesh-gateway", {
-        "stack": stack, "image": images.gateway_ref, "routing": plan.routing,
+        "stack": stack, "image": images.gateway_ref, "routing": workers.routing(plan.routing, TLS_DIR),
+        "channel_tls": {"ca.crt": certs.ca_cert, "gateway.crt": certs.client_cert, "gateway.key": certs.client_key},
         "host": spec.gateway.host, "tls_issuer": spec.gateway.tls_issuer, "namespace": spec.gateway.namespace,
         "port": spec.gateway.port, "replicas": spec.gateway.replicas, "drain_timeout_s": spec.gateway.drain_timeout_s,
         # The gateway calls external upstreams itself: it needs their keys (and only theirs).

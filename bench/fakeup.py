@@ -188,8 +188,13 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     srv = Server(args.model, args.ttft_ms / 1000, args.itl_ms / 1000, args.output_tokens)
     sock = socket.create_server((args.host, args.port), backlog=4096)
-    server = BurstListener(sock, lambda: Conn(srv))    # libuv alone accepts one connection per loop turn
-    server.start()
+    if args.ssl_certfile:    # mutual TLS as a worker serves it (bench/run.py --channel): vLLM's option names
+        from fleet.channel import server_context
+        ctx = server_context(Path(args.ssl_certfile), Path(args.ssl_keyfile), Path(args.ssl_ca_certs))
+        server = await loop.create_server(lambda: Conn(srv), sock=sock, ssl=ctx, backlog=4096)
+    else:
+        server = BurstListener(sock, lambda: Conn(srv))    # libuv alone accepts one connection per loop turn
+        server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -206,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-ms", type=float, default=0.0)
     p.add_argument("--itl-ms", type=float, default=20.0)
     p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--ssl-certfile")
+    p.add_argument("--ssl-keyfile")
+    p.add_argument("--ssl-ca-certs", help="client certificates are required and must chain to these")
     args = p.parse_args(argv)
     if uvloop is not None:
         uvloop.install()

@@ -112,6 +112,11 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, headers: dict | 
     raise RuntimeError(f"{url} not up after {timeout:.0f}s")
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def post_json(url: str, body: dict, key: str) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
@@ -143,14 +148,25 @@ def write_stack(tmp: Path, max_loop_lag_ms: float | None = None) -> tuple[str, P
     return "bench", stacks
 
 
-def write_routing(tmp: Path, fast_port: int, paced_port: int) -> Path:
+def write_routing(tmp: Path, fast_port: int, paced_port: int, tls_dir: Path | None = None) -> Path:
+    """The bench's routing; with ``tls_dir`` the endpoints are on the mTLS channel (fleet/channel.py)."""
+    from fleet.channel import tls_ref
+
+    def endpoint(mid: str, port: int) -> dict:
+        if tls_dir is None:
+            return {"id": f"bench-{mid}/0", "url": f"http://127.0.0.1:{port}"}
+        return {"id": f"bench-{mid}/0", "url": f"https://127.0.0.1:{port}", "channel": "mtls",
+                "tls": tls_ref("bench", f"bench-{mid}-0")}
+
     def model(mid: str, port: int) -> dict:
         return {"id": mid, "fallback": None, "pools": [{
             "name": f"bench-{mid}", "provider": "bench", "region": "local", "role": "primary", "weight": 1,
-            "endpoints": [{"id": f"bench-{mid}/0", "url": f"http://127.0.0.1:{port}"}]}]}
-    path = tmp / "routing.json"
-    path.write_text(json.dumps({"stack": "bench", "models": [model(PROMPT_MODEL, fast_port),
-                                                              model(STREAM_MODEL, paced_port)]}))
+            "endpoints": [endpoint(mid, port)]}]}
+    path = tmp / ("routing.json" if tls_dir is None else "routing-mtls.json")
+    doc = {"stack": "bench", "models": [model(PROMPT_MODEL, fast_port), model(STREAM_MODEL, paced_port)]}
+    if tls_dir is not None:
+        doc["tls_dir"] = str(tls_dir)
+    path.write_text(json.dumps(doc))
     return path
 
 
@@ -331,26 +347,62 @@ class Bench:
         wait_http(f"http://127.0.0.1:{self.paced_port}/health", 30, self.paced)
         self.direct = f"http://127.0.0.1:{self.fast_port}/v1/chat/completions"
         self.direct_paced = f"http://127.0.0.1:{self.paced_port}/v1/chat/completions"
+        if self.args.channel:
+            self.start_tls_upstreams()
 
-    def start_gateway(self) -> None:
+    def start_tls_upstreams(self) -> None:
+        """The same two upstreams serving mutual TLS (as vLLM with --ssl-*), certificates from a bench CA."""
+        from fleet.channel import LocalCerts
+        self.certs = LocalCerts(self.tmp, "bench")
+        tls = {}
+        for mid in (PROMPT_MODEL, STREAM_MODEL):
+            cert, key = self.certs.worker(f"bench-{mid}-0")
+            tls[mid] = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certs", str(self.certs.ca)]
+        self.certs.client()
+        self.fast_tls_port, self.paced_tls_port = free_port(), free_port()
+        self.fast_tls = self.procs.start("upstream-fast-tls", [
+            str(PY), "-m", "engines.sim", "--host", "127.0.0.1", "--port", str(self.fast_tls_port), "--model",
+            PROMPT_MODEL, "--ttft-ms", "0", "--itl-ms", "0", "--output-tokens", "32", "--max-concurrency", "100000",
+            *tls[PROMPT_MODEL], "--ssl-cert-reqs", "2"], HARNESS_CORE, self.tmp / "upstream-fast-tls.log", cwd=REPO)
+        self.paced_tls = self.procs.start("upstream-paced-tls", [
+            str(PY), str(BENCH / "fakeup.py"), "--port", str(self.paced_tls_port), "--model", STREAM_MODEL,
+            "--ttft-ms", "0", "--itl-ms", str(self.args.s3_itl_ms), "--output-tokens", "64", *tls[STREAM_MODEL]],
+            HARNESS_CORE, self.tmp / "upstream-paced-tls.log", cwd=REPO)
+        for port, proc in ((self.fast_tls_port, self.fast_tls), (self.paced_tls_port, self.paced_tls)):
+            deadline = time.monotonic() + 30
+            while not _listening(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"TLS upstream on {port} did not start; see {self.tmp}")
+                time.sleep(0.1)
+
+    def start_gateway(self, mtls: bool = False) -> None:
+        """The gateway on core 0; with ``mtls`` a second one (its own state) whose upstreams are the
+        mutual-TLS copies: started only for its own runs, so core 0 holds one proxy at a time."""
         from gateway.keys import KeyAdmin
         stack, stacks = write_stack(self.tmp, self.args.max_loop_lag_ms)
-        routing = write_routing(self.tmp, self.fast_port, self.paced_port)
-        state = self.tmp / "state"
-        state.mkdir()
-        self.key = KeyAdmin(state / "keys.db").create("bench", "business")[0]
-        self.gw_port = free_port()
-        self.gw = self.procs.start("gateway", [
+        if mtls:
+            routing = write_routing(self.tmp, self.fast_tls_port, self.paced_tls_port, tls_dir=self.certs.dir)
+        else:
+            routing = write_routing(self.tmp, self.fast_port, self.paced_port)
+        name = "gateway-mtls" if mtls else "gateway"
+        state = Path(tempfile.mkdtemp(prefix="state-mtls-" if mtls else "state-", dir=self.tmp))
+        key = KeyAdmin(state / "keys.db").create("bench", "business")[0]
+        port = free_port()
+        proc = self.procs.start(name, [
             str(PY), "-m", "gateway", "--stack", stack, "--stacks-dir", str(stacks), "--routing", str(routing),
-            "--host", "127.0.0.1", "--port", str(self.gw_port), "--state-dir", str(state), "--log-level", "warning"],
-            GATEWAY_CORE, self.tmp / "gateway.log", cwd=REPO)
-        wait_http(f"http://127.0.0.1:{self.gw_port}/health", 60, self.gw)
-        self.gateway = f"http://127.0.0.1:{self.gw_port}/v1/chat/completions"
+            "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state), "--log-level", "warning"],
+            GATEWAY_CORE, self.tmp / f"{name}.log", cwd=REPO)
+        wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for model in (PROMPT_MODEL, STREAM_MODEL):   # both routes answer before anything is measured
-            status, body = post_json(self.gateway, {"model": model, "max_tokens": 4,
-                                                    "messages": [{"role": "user", "content": "hi"}]}, self.key)
+            status, body = post_json(url, {"model": model, "max_tokens": 4,
+                                           "messages": [{"role": "user", "content": "hi"}]}, key)
             if status != 200:
-                raise RuntimeError(f"gateway smoke request for {model}: {status} {body[:300]!r}")
+                raise RuntimeError(f"{name} smoke request for {model}: {status} {body[:300]!r}")
+        if mtls:
+            self.gw_mtls, self.gateway_mtls, self.key_mtls = proc, url, key
+            return
+        self.gw, self.gw_port, self.gateway, self.key = proc, port, url, key
         self.state_dir = state
 
     def start_litellm(self) -> None:
@@ -403,6 +455,14 @@ class Bench:
         """direct, gateway, then LiteLLM: started only for its own runs, so that core 0 holds one proxy."""
         yield "direct", self.direct, "", self.fast.pid
         yield "gateway", self.gateway, self.key, self.gw.pid
+        if self.args.channel:       # the same gateway code with the channel on; core 0 holds one proxy at a time
+            self.gw.send_signal(signal.SIGSTOP)
+            self.start_gateway(mtls=True)
+            try:
+                yield "gateway-mtls", self.gateway_mtls, self.key_mtls, self.gw_mtls.pid
+            finally:
+                self.procs.stop(self.gw_mtls)
+                self.gw.send_signal(signal.SIGCONT)
         if litellm and not self.args.no_litellm and self.litellm_failed is None:
             self.start_litellm()
             if self.litellm_ok:
@@ -485,6 +545,7 @@ class Bench:
         for name, url, key, pid in self.s3_paths():
             if name == "direct":
                 url, pid = self.direct_paced, self.paced.pid
+
             self.log(f"S3 {name}: {conc} streams x 64 tokens, itl {self.args.s3_itl_ms} ms")
             spy = None
             if name == "gateway" and self.args.profile_s3:
@@ -592,6 +653,7 @@ class Bench:
         streams = f"-{self.args.s3_streams}streams" if scenario == "S3" and self.args.s3_streams != 1000 else ""
         if self.args.max_loop_lag_ms is not None:
             streams += f"-lag{self.args.max_loop_lag_ms:g}ms"
+        streams += "-channel" if self.args.channel else ""
         name = f"{stamp}-{scenario}{streams}{'-quick' if self.args.quick else ''}"
         meta = {"scenario": scenario, "date": stamp, "command": " ".join(["bench/run.py"] + sys.argv[1:]),
                 "quick": self.args.quick, "cores": {"gateway": GATEWAY_CORE, "harness": HARNESS_CORE},
@@ -699,7 +761,45 @@ def _delta(a, b) -> str:
     return f"+{a - b:.2f} ms" if a >= b else f"{a - b:.2f} ms"
 
 
+def render_channel(scenario: str, res: dict) -> str:
+    """The channel's cost: the same gateway with plain HTTP and with mutual TLS to its upstreams."""
+    runs = res.get("runs", {})
+    labels = {"S1": ("nonstream-c16", "nonstream-c64", "stream32-c16"),
+              "S2": ("nonstream-c1", "stream32-c1"), "S3": (f"streams{res.get('streams')}",)}.get(scenario, ())
+    lines = ["| run | metric | gateway (plain HTTP) | gateway (mTLS) | mTLS/plain |", "|---|---|---|---|---|"]
+    for label in labels:
+        plain, tls = runs.get(f"gateway/{label}"), runs.get(f"gateway-mtls/{label}")
+        if not plain or not tls:
+            continue
+
+        def per_core(r: dict) -> float | None:
+            pr = next(iter(r.get("procs", {}).values()), None)
+            return round(r["rps"] / (pr["cpu_pct"] / 100), 0) if pr and pr.get("cpu_pct") and r.get("rps") else None
+
+        rows = [("req/s", plain.get("rps"), tls.get("rps"), "ratio"),
+                ("req/s per server CPU-second", per_core(plain), per_core(tls), "ratio")]
+        if scenario == "S3":
+            rows += [("CPU µs per token", _us_per_token(plain), _us_per_token(tls), "ratio"),
+                     ("TTFT p99", _g(plain, "ttft_ms", "p99"), _g(tls, "ttft_ms", "p99"), "delta"),
+                     ("inter-token gap p99", _g(plain, "gap_ms", "p99"), _g(tls, "gap_ms", "p99"), "delta")]
+        else:
+            rows += [("latency p50", _g(plain, "latency_ms", "p50"), _g(tls, "latency_ms", "p50"), "delta"),
+                     ("latency p99", _g(plain, "latency_ms", "p99"), _g(tls, "latency_ms", "p99"), "delta")]
+        rows.append(("errors", plain.get("error_count"), tls.get("error_count"), "none"))
+        for metric, a, b, kind in rows:
+            r = _ratio(b, a) if kind == "ratio" else _delta(b, a) if kind == "delta" else ""
+            lines.append(f"| {label} | {metric} | {_fmt(a)} | {_fmt(b)} | {r} |")
+    return "\n".join(lines)
+
+
 def render(scenario: str, res: dict) -> str:
+    if any(k.startswith("gateway-mtls/") for k in res.get("runs", {})):
+        return render_base(scenario, res) + "\n\nThe channel (gateway to upstream on mutual TLS):\n\n" + \
+            render_channel(scenario, res)
+    return render_base(scenario, res)
+
+
+def render_base(scenario: str, res: dict) -> str:
     runs = res.get("runs", {})
     lines = ["| run | metric | direct | gateway | LiteLLM | gateway/direct | gateway/LiteLLM |",
              "|---|---|---|---|---|---|---|"]
@@ -830,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-s3", action="store_true", help="py-spy the gateway during S3 (perturbs S3's figures)")
     p.add_argument("--no-wrk", action="store_true", help="use the Python client for S1 even if wrk is installed")
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--channel", action="store_true",
+                   help="also run the gateway with its upstreams on mutual TLS (gateway-mtls), side by side")
     args = p.parse_args(argv)
     if not PY.exists():
         print("bench: .venv missing: run `make install` first", file=sys.stderr)

@@ -376,6 +376,24 @@ class Planning(_Strict):
     overflow_share_pct: Annotated[float, Field(ge=0, le=100, strict=True, allow_inf_nan=False)] = 0.0
 
 
+class ChannelTls(_Strict):
+    """The gateway-to-worker channel's certificates (fleet/channel.py; pulumi-tls resources in
+    fleet/components/certs.py): their declared validity. A certificate within ``renew_before_days``
+    of its end is re-issued by the next `pulumi up` (the worker's lease is then replaced, surge-paced)."""
+    ca_validity_days: PosInt = 1095
+    cert_validity_days: PosInt = 90
+    renew_before_days: PosInt = 30
+
+    @model_validator(mode="after")
+    def _renewal(self) -> ChannelTls:
+        if self.renew_before_days >= self.cert_validity_days:
+            raise ValueError(f"renew_before_days ({self.renew_before_days}) must be below cert_validity_days "
+                             f"({self.cert_validity_days})")
+        if self.cert_validity_days > self.ca_validity_days:
+            raise ValueError("cert_validity_days cannot exceed ca_validity_days")
+        return self
+
+
 class Spec(_Strict):
     stack: str
     regions: list[Region] = Field(min_length=1)
@@ -385,6 +403,7 @@ class Spec(_Strict):
     tiers: list[Tier] = Field(min_length=1)
     gateway: Gateway = Gateway()
     mesh: Mesh = Mesh()
+    channel: ChannelTls = ChannelTls()        # mutual TLS to marketplace workers: certificate validity
     forecast: list[Forecast] = []
     throughput: list[Throughput] = []
     gpus: dict[str, PosFloat] = {}             # extra GPU types: name -> VRAM GiB

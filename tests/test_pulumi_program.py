@@ -30,7 +30,9 @@ from pulumi.runtime import rpc
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
 from fleet.commands import failover
-from fleet.components.gateway import PEERS_KEY, ROUTING_KEY
+from fleet.components.gateway import PEERS_KEY, ROUTING_KEY, TLS_DIR
+from fleet.components.workers import with_endpoints
+from fleet.launch import lease_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "__main__.py"
@@ -87,6 +89,12 @@ class Mocks(pulumi.runtime.Mocks):
             outs.update(lease_id=f"{args.name}-id", status="running", raw_status="running",
                         endpoint_host=f"198.51.100.{n}", endpoint_port=31820, ssh_host=f"198.51.100.{n}",
                         ssh_port=22022, ssh_user="root", price_per_hour=0.4)
+        elif args.typ == "tls:index/privateKey:PrivateKey":        # pulumi-tls: stand-in PEMs, the key secret
+            outs.update(private_key_pem={SIG: SECRET_SIG, "value": f"-----BEGIN PRIVATE KEY-----\n{args.name}\n"})
+        elif args.typ == "tls:index/certRequest:CertRequest":
+            outs.update(cert_request_pem=f"-----BEGIN CERTIFICATE REQUEST-----\n{args.name}\n")
+        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+            outs.update(cert_pem=f"-----BEGIN CERTIFICATE-----\n{args.name}\n")
         elif args.typ.startswith("docker-build:index:Image"):
             digest = "sha256:" + hashlib.sha256(json.dumps(args.inputs.get("tags")).encode()).hexdigest()
             outs.update(digest=digest, ref=f"{args.inputs['tags'][0]}@{digest}")
@@ -194,10 +202,18 @@ def test_leases_per_pool(runs, stack):
         assert (props["provider_kind"], props["gpu_type"], props["gpu_count"], props["region"], props["price_cap"]) == \
             (lease.provider_kind, lease.gpu_type, lease.gpu_count, lease.region, lease.price_cap)
         assert props["image"] == lease.image and "@sha256:" in props["image"]
-        assert "--host" in props["args"] and props["args"][props["args"].index("--host") + 1] == lease.mesh_address
-        # The worker API is never published: only WireGuard's UDP port, where the market has UDP.
-        assert all(p.endswith("/udp") for p in props["ports"])
-        assert not any(p.startswith("8000") for p in props["ports"])
+        args = props["args"]
+        if lease_channel(lease) == "mtls":
+            # a marketplace container: vLLM's port is the one published, and it serves mutual TLS only
+            assert args[args.index("--host") + 1] == "0.0.0.0" and props["ports"] == ["8000/tcp"]
+            assert args[args.index("--ssl-cert-reqs") + 1] == "2"
+            assert {"--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs"} <= set(args)
+            assert "WG_CONFIG" not in unwrap(r_env(run, lease.name))
+        else:
+            # WireGuard: the worker API is never published, only WireGuard's UDP port where the market has UDP
+            assert args[args.index("--host") + 1] == lease.mesh_address
+            assert all(p.endswith("/udp") or p == "22/tcp" for p in props["ports"])
+            assert not any(p.startswith("8000") for p in props["ports"])
     # Every lease resource passes the policy pack's resource rules (digest-pinned, under the cap).
     from fleet import policy
 
@@ -205,12 +221,21 @@ def test_leases_per_pool(runs, stack):
         assert policy.check_resource(r.typ, unwrap(r.inputs), r.name) == []
 
 
+def r_env(run: Run, lease: str) -> Any:
+    return next(r.inputs["env"] for r in run.mocks.of_type(LEASE_TYPE) if unwrap(r.inputs["name"]) == lease)
+
+
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_secrets_are_secret(runs, stack):
     run = runs[stack]
     for r in run.mocks.of_type(LEASE_TYPE):
-        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key) is not secret"
-        assert "PrivateKey = " in unwrap(r.inputs["env"])["WG_CONFIG"]
+        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key or TLS key) is not secret"
+        env = unwrap(r.inputs["env"])
+        if env["INFERMESH_CHANNEL"] == "mtls":
+            assert "PRIVATE KEY" in env["INFERMESH_TLS_KEY"] and "CERTIFICATE" in env["INFERMESH_TLS_CERT"]
+            assert env["INFERMESH_TLS_CA"].endswith("infermesh-channel-ca\n")
+        else:
+            assert "PrivateKey = " in env["WG_CONFIG"]
         assert is_secret(r.inputs["__provider"])
         # Only the NAME of the marketplace secret travels; its value appears in no input.
         assert unwrap(r.inputs["credentials"]).endswith("-api-key")
@@ -231,11 +256,21 @@ def test_secrets_are_secret(runs, stack):
     assert len(keys) == len(run.plan.mesh)
 
 
+def configmap_routing(run: Run) -> dict:
+    """The plan's routing with each mTLS endpoint at its lease's forwarded address (the mocks' outputs)."""
+    addrs = {}
+    for r in run.mocks.of_type(LEASE_TYPE):
+        name = unwrap(r.inputs["name"])
+        n = int(hashlib.sha256(r.name.encode()).hexdigest()[:4], 16) % 250
+        addrs[name] = (f"198.51.100.{n}", 31820)
+    return with_endpoints(run.plan.routing, addrs, TLS_DIR)
+
+
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_configmap_is_the_plans_routing(runs, stack):
     run = runs[stack]
     cm = run.mocks.one("kubernetes:core/v1:ConfigMap")
-    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == run.plan.routing
+    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == configmap_routing(run)
     peers = json.loads(cm.inputs["data"][PEERS_KEY])
     assert sorted(p["name"] for p in peers) == sorted(x.name for x in run.plan.leases)
     assert all("private" not in json.dumps(p).lower() for p in peers)
@@ -355,7 +390,7 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
     assert added_leases and all(not n.startswith(tuple(p for p in removed_leases)) for n in added_leases)
 
     def lease_of(key: tuple[str, str]) -> str | None:
-        name = key[1]
+        name = key[1].removeprefix("infermesh-channel-")        # the lease's certificate (pulumi-tls)
         for suffix in ("-lease", "-wg"):
             name = name.removesuffix(suffix)
         return name if name in removed_leases | added_leases else None
@@ -365,12 +400,16 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
     # Removed: each drained lease's component, lease resource and mesh key; added: the replacements'.
     assert {lease_of(k) for k in gone} == removed_leases and None not in {lease_of(k) for k in gone}
     assert {lease_of(k) for k in new} == added_leases and None not in {lease_of(k) for k in new}
+    mtls = sum(1 for x in before.plan.leases if x.name in removed_leases and lease_channel(x) == "mtls")
     assert Counter(k[0] for k in gone) == Counter({"infermesh:fleet:GpuLease": len(removed_leases),
-                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: len(removed_leases)})
+                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: len(removed_leases),
+                                                   "tls:index/privateKey:PrivateKey": mtls,
+                                                   "tls:index/certRequest:CertRequest": mtls,
+                                                   "tls:index/locallySignedCert:LocallySignedCert": mtls})
     # Changed: the routing ConfigMap, and nothing else (no Deployment roll, no Secret, no other lease).
     assert changed == {("kubernetes:core/v1:ConfigMap", "infermesh-gateway-routing")}
     cm = after.mocks.one("kubernetes:core/v1:ConfigMap")
-    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == after.plan.routing != before.plan.routing
+    assert json.loads(cm.inputs["data"][ROUTING_KEY]) == configmap_routing(after) != configmap_routing(before)
 
 
 # ---- the dynamic providers' methods (no engine) ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from fleet.routing import secret_env_name
 
 ROUTING_KEY = "routing.json"
 PEERS_KEY = "mesh-peers.json"
+TLS_DIR = "/etc/infermesh/tls"                  # the channel's TLS material (Secret infermesh-channel-tls)
 ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
 # what the public ingress routes to the gateway: the API and the status page, nothing operator-only
 PUBLIC_PATHS = (("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact"))
@@ -40,8 +41,11 @@ class GatewayFleetArgs(TypedDict):
     """The stack the gateway serves (it reads stacks/Pulumi.<stack>.yaml from its image)."""
     image: pulumi.Input[str]
     """The gateway image, pinned by digest."""
-    routing: Mapping[str, Any]
-    """The plan's routing config (models -> pools -> endpoints)."""
+    routing: pulumi.Input[Mapping[str, Any]]
+    """The plan's routing config (models -> pools -> endpoints), mTLS endpoints at their leases' addresses."""
+    channel_tls: NotRequired[Mapping[str, pulumi.Input[str]]]
+    """The gateways' side of the mTLS channel: ``ca.crt``, ``gateway.crt``, ``gateway.key`` (secret),
+    mounted at TLS_DIR, where the routing config's ``tls_dir`` points."""
     host: str
     """The public ingress host."""
     tls_issuer: str | None
@@ -110,11 +114,18 @@ class GatewayFleet(pulumi.ComponentResource):
             admin = k8s.core.v1.Secret(
                 f"{name}-admin", metadata=meta("infermesh-admin"), type="Opaque",
                 string_data={ADMIN_TOKEN_KEY: pulumi.Output.secret(args["admin_token"])}, opts=in_ns)
+        channel = None
+        if args.get("channel_tls"):
+            channel = k8s.core.v1.Secret(
+                f"{name}-channel-tls", metadata=meta("infermesh-channel-tls"), type="Opaque",
+                string_data={k: pulumi.Output.secret(v) for k, v in sorted(args["channel_tls"].items())},
+                opts=in_ns)
         config = k8s.core.v1.ConfigMap(
             f"{name}-routing", metadata=meta("infermesh-routing"),
-            data=pulumi.Output.from_input(args.get("mesh_peers", [])).apply(
-                lambda peers: {ROUTING_KEY: routing_json(args["routing"]),
-                               PEERS_KEY: json.dumps(peers, indent=1, sort_keys=True)}),
+            data=pulumi.Output.all(pulumi.Output.from_input(args.get("mesh_peers", [])),
+                                   pulumi.Output.from_input(args["routing"])).apply(
+                lambda pr: {ROUTING_KEY: routing_json(pr[1]),
+                            PEERS_KEY: json.dumps(pr[0], indent=1, sort_keys=True)}),
             opts=in_ns)
 
         container = {
@@ -134,6 +145,7 @@ class GatewayFleet(pulumi.ComponentResource):
                                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
             "volumeMounts": [{"name": "routing", "mountPath": "/etc/infermesh/routing", "readOnly": True},
                              {"name": "mesh", "mountPath": "/etc/infermesh/mesh", "readOnly": True},
+                             *([{"name": "channel-tls", "mountPath": TLS_DIR, "readOnly": True}] if channel else []),
                              {"name": "state", "mountPath": "/var/lib/infermesh"}],
         }
         deployment = k8s.apps.v1.Deployment(
@@ -153,13 +165,16 @@ class GatewayFleet(pulumi.ComponentResource):
                         "volumes": [
                             {"name": "routing", "configMap": {"name": "infermesh-routing"}},
                             {"name": "mesh", "secret": {"secretName": "infermesh-mesh", "defaultMode": 0o400}},
+                            *([{"name": "channel-tls", "secret": {"secretName": "infermesh-channel-tls",
+                                                                  "defaultMode": 0o440}}] if channel else []),
                             {"name": "state", "emptyDir": {}},
                         ],
                     },
                 },
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config,
-                                                                 *([admin] if admin is not None else [])]))
+                                                                 *([admin] if admin is not None else []),
+                                                                 *([channel] if channel is not None else [])]))
         service = k8s.core.v1.Service(
             f"{name}-service", metadata=meta("infermesh-gateway"),
             spec={"type": "ClusterIP", "selector": {"app.kubernetes.io/name": "infermesh-gateway"},

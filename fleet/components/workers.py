@@ -1,13 +1,15 @@
 """WorkerFleet: the plan's GPU leases as GpuLease resources, and the SSH ones as an Ansible hosts file.
 
-Container leases run the worker image (vLLM behind the entrypoint that brings up the mesh and
-checks the weights). SSH leases are rented the same way but run nothing of ours yet: their
-addresses are exported in the hosts-file shape ``infermesh bootstrap`` reads (fleet/inventory.py),
-and Ansible bootstraps them over SSH.
+Container leases run the worker image (vLLM behind the entrypoint that sets up the channel and
+checks the weights) with the launch the plan decided (fleet/launch.py). SSH leases are rented the
+same way but run nothing of ours yet: their addresses are exported in the hosts-file shape
+``infermesh bootstrap`` reads (fleet/inventory.py), and Ansible bootstraps them over SSH.
 
-No worker publishes its API: vLLM listens on the worker's mesh address only. The one published
-port is WireGuard's (UDP) where the marketplace supports UDP (Vast.ai, Akash), so gateways can
-also dial the worker; RunPod pods publish none and dial out with keepalive.
+The channel (fleet/kinds.py): a marketplace container cannot start WireGuard, so its worker
+publishes vLLM's port (the marketplace forwards it) and serves mutual TLS there: its certificate
+and key (fleet/components/certs.py) reach it as secret environment, the gateways' client
+certificate is required. SSH hosts join the WireGuard mesh (UDP published where the marketplace
+forwards UDP) and serve on their mesh address only.
 """
 
 from __future__ import annotations
@@ -18,44 +20,13 @@ from typing import Any, NotRequired, TypedDict
 import pulumi
 
 from fleet.components.lease import GpuLease
-from fleet.marketplaces.base import countries_for
+from fleet.kinds import UDP_KINDS
+from fleet.launch import WorkerLaunch, worker_launch
 from fleet.plan import WORKER_PORT, Lease
-from fleet.spec import Spec
 
-UDP_CAPABLE = {"vastai", "akash"}
-DISK_OVERHEAD_GB = 20          # image layers, CUDA caches, logs beyond the weights
+__all__ = ["WorkerFleet", "WorkerFleetArgs", "WorkerLaunch", "inventory", "pace", "worker_launch"]
 
-
-class WorkerLaunch(TypedDict):
-    args: Sequence[str]
-    """vLLM server flags (the image's ENTRYPOINT is kept)."""
-    env: Mapping[str, str]
-    """Non-secret environment (the mesh config is added as a secret)."""
-    disk_gb: int
-    """Container disk: weights plus overhead."""
-    countries: Sequence[str]
-    """Countries the lease's region stands for."""
-
-
-def worker_launch(spec: Spec, lease: Lease) -> WorkerLaunch:
-    """What one lease runs: a pure function of the spec (same spec, same launch)."""
-    pool, model = spec.pool(lease.pool), spec.model(lease.model)
-    args = ["--model", model.weights, "--revision", model.revision, "--served-model-name", model.id,
-            "--host", lease.mesh_address, "--port", str(WORKER_PORT),
-            "--max-num-seqs", str(pool.max_concurrency),
-            "--max-model-len", str(pool.max_model_len or model.context_length),
-            "--tensor-parallel-size", str(lease.gpu_count),
-            "--enable-prompt-tokens-details"]       # usage.prompt_tokens_details.cached_tokens (metered)
-    if model.kind == "embedding":
-        args += ["--runner", "pooling"]             # serves /v1/embeddings instead of generation
-    if model.quantization:
-        args += ["--quantization", model.quantization]
-    env = {"INFERMESH_LEASE": lease.name, "INFERMESH_MODEL": model.id, "INFERMESH_MESH_ADDRESS": lease.mesh_address}
-    if model.sha256:
-        env["INFERMESH_WEIGHTS_SHA256"] = model.sha256
-    region = next((r for r in spec.regions if r.name == lease.region), None)
-    return WorkerLaunch(args=args, env=env, disk_gb=int(model.weights_gb * 1.1) + DISK_OVERHEAD_GB,
-                        countries=list(countries_for(lease.region, region.location if region else "")))
+UDP_CAPABLE = UDP_KINDS      # marketplaces that forward a UDP port (fleet/kinds.py)
 
 
 class WorkerFleetArgs(TypedDict):
@@ -77,6 +48,8 @@ class WorkerFleetArgs(TypedDict):
     """Per pool, how many of its leases are replaced at a time (default 1)."""
     registry: NotRequired[Mapping[str, pulumi.Input[str]]]
     """Per provider name, private-registry access for the worker image (secret)."""
+    tls: NotRequired[Mapping[str, Mapping[str, pulumi.Input[str]]]]
+    """Per mTLS lease, its ``cert``, ``key`` (secret) and the stack ``ca`` (fleet/components/certs.py)."""
 
 
 def pace(leases: Sequence[Lease], surge: Mapping[str, int]) -> dict[str, str | None]:
@@ -102,6 +75,7 @@ def pace(leases: Sequence[Lease], surge: Mapping[str, int]) -> dict[str, str | N
 class WorkerFleet(pulumi.ComponentResource):
     inventory: pulumi.Output[dict[str, Any]]
     leases: dict[str, GpuLease]
+    endpoints: dict[str, pulumi.Output[list[Any]]]      # mTLS lease -> [forwarded host, port]
 
     def __init__(self, name: str, args: WorkerFleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:WorkerFleet", name, None, opts)
@@ -114,10 +88,21 @@ class WorkerFleet(pulumi.ComponentResource):
             if image is None:
                 raise ValueError(f"WorkerFleet: lease {lease.name} has no image (pool {lease.pool}.image) and no "
                                  "built worker image was given")
-            ports = [f"{args['mesh_port']}/udp"] if lease.provider_kind in UDP_CAPABLE else []
+            if launch["channel"] == "mtls":
+                # the API port, forwarded by the marketplace (the lease's endpoint): TLS with client certificates
+                ports = [f"{WORKER_PORT}/tcp"]
+                tls = args.get("tls", {}).get(lease.name)
+                if tls is None:
+                    raise ValueError(f"WorkerFleet: lease {lease.name} is on the mtls channel and has no certificate")
+                env = pulumi.Output.secret(pulumi.Output.all(tls["cert"], tls["key"], tls["ca"]).apply(
+                    lambda t, launch=launch: {**launch["env"], "INFERMESH_TLS_CERT": t[0], "INFERMESH_TLS_KEY": t[1],
+                                              "INFERMESH_TLS_CA": t[2]}))
+            else:
+                ports = [f"{args['mesh_port']}/udp"] if lease.provider_kind in UDP_CAPABLE else []
+                env = configs.apply(lambda c, lease=lease, launch=launch: {**launch["env"],
+                                                                           "WG_CONFIG": c[lease.name]})
             if lease.connection == "ssh":
                 ports.append("22/tcp")
-            env = configs.apply(lambda c, lease=lease, launch=launch: {**launch["env"], "WG_CONFIG": c[lease.name]})
             self.leases[lease.name] = GpuLease(lease.name, {
                 "provider_kind": lease.provider_kind,
                 "credentials": args["credentials"][lease.provider],
@@ -137,8 +122,33 @@ class WorkerFleet(pulumi.ComponentResource):
                               self.leases[x.name].endpoint_host)
             for x in ssh
         ]).apply(lambda rows: inventory(ssh, rows))
+        self.endpoints = {n: pulumi.Output.all(g.endpoint_host, g.endpoint_port)
+                          for n, g in self.leases.items() if args["launches"][n]["channel"] == "mtls"}
         self.register_outputs({"inventory": self.inventory,
                                "lease_ids": {n: g.lease_id for n, g in self.leases.items()}})
+
+
+    def routing(self, routing: Mapping[str, Any], tls_dir: str) -> pulumi.Output[dict[str, Any]]:
+        """The plan's routing with each mTLS endpoint at its lease's forwarded address (known once
+        rented) and ``tls_dir`` where the gateways find the channel's material."""
+        names = sorted(self.endpoints)
+        return pulumi.Output.all(*[self.endpoints[n] for n in names]).apply(
+            lambda addrs: with_endpoints(routing, dict(zip(names, addrs, strict=True)), tls_dir))
+
+
+def with_endpoints(routing: Mapping[str, Any], addrs: Mapping[str, Sequence[Any]], tls_dir: str) -> dict[str, Any]:
+    """A copy of `routing` whose mTLS endpoints (id ``<pool>/<i>``, lease ``<pool>-<i>``) point at `addrs`."""
+    import copy
+    out = copy.deepcopy(dict(routing))
+    out["tls_dir"] = tls_dir
+    for m in out["models"]:
+        for p in m["pools"]:
+            for e in p["endpoints"]:
+                lease = e["id"].rsplit("/", 1)[0] + "-" + e["id"].rsplit("/", 1)[1]
+                if e.get("channel") == "mtls" and lease in addrs:
+                    host, port = addrs[lease]
+                    e["url"] = f"https://{host}:{int(port)}"
+    return out
 
 
 def inventory(leases: Sequence[Lease], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:

@@ -1,5 +1,12 @@
 #!/usr/bin/env python3
-"""infermesh worker entrypoint: mesh up, weights verified, vLLM on the mesh address, drain on SIGTERM.
+"""infermesh worker entrypoint: channel up, weights verified, vLLM serving, drain on SIGTERM.
+
+The channel (the plan's, fleet/kinds.py): INFERMESH_CHANNEL=mtls in marketplace containers, which
+may not start WireGuard (no NET_ADMIN, no /dev/net/tun): the worker's certificate, key and the
+stack CA arrive as secret environment (INFERMESH_TLS_CERT, INFERMESH_TLS_KEY, INFERMESH_TLS_CA),
+are written to /run/infermesh/tls (0400, owned by the vLLM user) and dropped from the environment;
+vLLM's own --ssl-* arguments (in the launch) point there and require a client certificate.
+Otherwise (SSH hosts run by Ansible, or an image used by hand) the WireGuard mesh as before.
 
 Environment (set by the GpuLease): WG_CONFIG (wg-quick config, secret), INFERMESH_MESH_ADDRESS,
 INFERMESH_WEIGHTS_SHA256 (optional: checksum of the weights snapshot), INFERMESH_DRAIN_S,
@@ -24,6 +31,29 @@ def log(msg: str) -> None:
 
 def arg(argv: list[str], flag: str, default: str | None = None) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else default
+
+
+TLS_DIR = Path("/run/infermesh/tls")
+TLS_ENV = {"INFERMESH_TLS_CERT": "worker.crt", "INFERMESH_TLS_KEY": "worker.key", "INFERMESH_TLS_CA": "ca.crt"}
+
+
+def tls_up(uid: int) -> None:
+    """The mTLS material from the environment into files vLLM reads; the environment forgets it."""
+    missing = [k for k in TLS_ENV if not os.environ.get(k)]
+    if missing:
+        log(f"INFERMESH_CHANNEL=mtls but {', '.join(missing)} not set: refusing to serve without the channel")
+        sys.exit(4)
+    TLS_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for env, name in TLS_ENV.items():
+        path = TLS_DIR / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.environ.pop(env))
+        if uid and os.geteuid() == 0:
+            os.chown(path, uid, -1)
+    if uid and os.geteuid() == 0:
+        os.chown(TLS_DIR, uid, -1)
+    log("mutual TLS material in place")
 
 
 def mesh_up() -> None:
@@ -71,6 +101,14 @@ def verify_weights(argv: list[str]) -> None:
 
 
 def healthcheck() -> int:
+    if os.environ.get("INFERMESH_CHANNEL") == "mtls":
+        # the port requires a client certificate (only gateways hold one): listening is what we can see
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", 8000), timeout=4).close()
+            return 0
+        except OSError:
+            return 1
     host = os.environ.get("INFERMESH_MESH_ADDRESS", "127.0.0.1")
     try:
         urllib.request.urlopen(f"http://{host}:8000/health", timeout=4)
@@ -82,9 +120,12 @@ def healthcheck() -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--healthcheck"]:
         return healthcheck()
-    mesh_up()
-    verify_weights(argv)
     uid = int(os.environ.get("INFERMESH_RUN_AS", "0"))
+    if os.environ.get("INFERMESH_CHANNEL") == "mtls":
+        tls_up(uid)
+    else:
+        mesh_up()
+    verify_weights(argv)
     child = subprocess.Popen(["python3", "-m", "vllm.entrypoints.openai.api_server", *argv],
                              user=uid if uid and os.geteuid() == 0 else None)
     draining = {"at": None}
