@@ -33,7 +33,7 @@ from gateway.errors import ApiError
 from gateway.keys import KeyStore, Principal
 from gateway.ledger import Ledger, UsageRecord
 from gateway.metrics import Metrics
-from gateway.money import Money
+from gateway.money import Money, month_now, spent_since
 from gateway.overload import LoopLag
 from gateway.proxy import Call, SSEReader
 from gateway.probes import Prober, limits_for
@@ -256,6 +256,36 @@ class Gateway:
         adm = call.adm
         self.limiter.settle(adm.principal.tenant + adm.scope, adm.principal.key_id + adm.scope,
                             adm.prompt_tokens_estimate + adm.max_output, actual)
+        if call.rec.spend_hold is not None:
+            self.release_spend(call.rec)
+
+    async def hold_spend(self, principal: Principal, tier: Tier, rec: UsageRecord, tokens: int) -> None:
+        """Hold the most this request can cost against the key's monthly spend limit (all replicas
+        share the count on Redis), or refuse it: 429 insufficient_quota, as OpenAI does."""
+        month, since = month_now()
+        amount = self.money.reserve(tier.name, tokens)
+
+        async def seed() -> int:              # the ledger's sum, when no store knows the key's month yet
+            pg = self.state.pg
+            return await asyncio.to_thread(spent_since, principal.key_id, since,
+                                           None if pg else self.ledger.path,
+                                           self.spec.gateway.state.postgres_dsn if pg else None)
+        held = await self.limiter.reserve_spend(principal.key_id, month, principal.spend_limit, amount, tier, seed)
+        if held is None:
+            raise ApiError(503, "Spend limits for your key are briefly unavailable. Please retry shortly.",
+                           code="limits_unavailable", headers={"retry-after": "1"})
+        if not held:
+            raise ApiError(429, f"This API key has reached its monthly spend limit of "
+                                f"${principal.spend_limit / 1e6:,.2f}. Raise it or use another key.",
+                           code="insufficient_quota", type_="insufficient_quota",
+                           headers={"x-should-retry": "false"})     # the openai SDK would retry a 429
+        rec.spend_hold = (month, amount)
+
+    def release_spend(self, rec: UsageRecord) -> None:
+        """Replace the hold with what the request was charged (its ledger row's price)."""
+        month, held = rec.spend_hold
+        rec.spend_hold = None
+        self.limiter.settle_spend(rec.key_id, month, rec.price_micro_usd - held)
 
     def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
                 headers: dict[str, str]) -> int:
@@ -403,6 +433,9 @@ class Gateway:
             rec.requested_model = model[:200] if isinstance(model, str) else ""
             sizes = admission.measure(payload, self.spec.gateway.max_json_depth)
             model = self.check_model(tier, payload.get("model"))
+            if principal.models is not None and model not in principal.models:      # the key's own scope
+                raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
+                               param="model")
             kind = self.router.models[model].kind
             scope, limits = "", tier
             if route == "embeddings":
@@ -433,6 +466,8 @@ class Gateway:
             self.metrics.in_flight.inc()
             admitted = True
             self.shed(tier)
+            if principal.spend_limit is not None:     # held before dispatch, settled from the real usage
+                await self.hold_spend(principal, tier, rec, est + max_output)
             decision = await self.limiter.admit(principal.tenant + scope, principal.key_id + scope, limits,
                                                 est + max_output)
             headers.update(decision.headers)
@@ -478,6 +513,8 @@ class Gateway:
         finally:
             if call is not None:
                 self.settle(call, 0)
+            elif rec.spend_hold is not None:
+                self.release_spend(rec)
             self._count(rec)
         e.headers = headers | e.headers
         return e.reply(rec.request_id)
@@ -624,17 +661,22 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:
-            tier = gw.tier_of(gw.authenticate(request))
+            principal = gw.authenticate(request)
+            tier = gw.tier_of(principal)
         except ApiError as e:
             return e.response()
-        data = [gw.model_object(m) for m in tier.models if gw.router.has_model(m)]
+        data = [gw.model_object(m) for m in tier.models if gw.router.has_model(m)
+                and (principal.models is None or m in principal.models)]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
         try:
-            tier = gw.tier_of(gw.authenticate(request))
-            gw.check_model(tier, model_id)
+            principal = gw.authenticate(request)
+            gw.check_model(gw.tier_of(principal), model_id)
+            if principal.models is not None and model_id not in principal.models:
+                raise ApiError(403, f"This API key may not use the model '{model_id}'.", code="model_not_allowed",
+                               param="model")
         except ApiError as e:
             return e.response()
         return Response(orjson.dumps(gw.model_object(model_id)), media_type=_JSON)

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS keys (
     hash        TEXT NOT NULL UNIQUE,
     prefix      TEXT NOT NULL,      -- first characters, to recognise a key in listings
     created_at  REAL NOT NULL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    models      TEXT,               -- scope: comma-separated model ids (NULL: every model of the tier)
+    monthly_spend_micro_usd INTEGER -- scope: spend per calendar month (UTC) at the tier's prices (NULL: none)
 );
 """
 
@@ -50,6 +52,8 @@ class Principal:
     tenant: str
     tier: str
     debug_log_until: float | None
+    models: frozenset[str] | None = None     # the key's models (None: the tier's)
+    spend_limit: int | None = None           # micro-dollars a calendar month (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,29 @@ class KeyInfo:
     prefix: str
     created_at: float
     revoked_at: float | None
+    models: str | None = None                # comma-separated
+    monthly_spend_micro_usd: int | None = None
+
+
+def principal(kid: str, tenant: str, tier: str, until: float | None, models: str | None = None,
+              spend: int | None = None) -> Principal:
+    """A key's Principal from its stored row (models comma-separated)."""
+    return Principal(kid, tenant, tier, until, frozenset(models.split(",")) if models else None,
+                     int(spend) if spend is not None else None)
+
+
+def check_scope(models: list[str] | None, monthly_spend_micro_usd: int | None) -> str | None:
+    """A key's scope as stored: model ids comma-joined (each a model name: no comma, no space), and a
+    spend that is a whole, non-negative number of micro-dollars."""
+    if monthly_spend_micro_usd is not None and (not isinstance(monthly_spend_micro_usd, int)
+                                                or isinstance(monthly_spend_micro_usd, bool)
+                                                or not 0 <= monthly_spend_micro_usd <= 10**15):
+        raise ValueError(f"{monthly_spend_micro_usd!r:.40} is not a monthly spend in micro-dollars")
+    if models is None:
+        return None
+    if not models or any(not re.fullmatch(r"[a-z0-9]([a-z0-9._/-]*[a-z0-9])?", m) or len(m) > 120 for m in models):
+        raise ValueError(f"{','.join(models)!r:.80} is not a list of model ids")
+    return ",".join(sorted(set(models)))
 
 
 def hash_key(key: str) -> str:
@@ -78,6 +105,11 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(keys)")}
+    if "models" not in columns:                # a keys.db from before key scopes (issue 22)
+        conn.execute("ALTER TABLE keys ADD COLUMN models TEXT")
+    if "monthly_spend_micro_usd" not in columns:
+        conn.execute("ALTER TABLE keys ADD COLUMN monthly_spend_micro_usd INTEGER")
     return conn
 
 
@@ -99,8 +131,10 @@ class KeyAdmin:
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
 
-    def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
+    def create(self, tenant: str, tier: str | None, models: list[str] | None = None,
+               monthly_spend_micro_usd: int | None = None) -> tuple[str, KeyInfo]:
         check_tenant(tenant)
+        scope = check_scope(models, monthly_spend_micro_usd)
         now = time.time()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -114,21 +148,23 @@ class KeyAdmin:
                 self.conn.execute("UPDATE tenants SET tier = ? WHERE name = ?", (tier, tenant))
             key, key_id = new_key()
             self.conn.execute(
-                "INSERT INTO keys(id, tenant, hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key_id, tenant, hash_key(key), key[:10], now))
+                "INSERT INTO keys(id, tenant, hash, prefix, created_at, models, monthly_spend_micro_usd) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd))
         return key, self.get(key_id)
 
     def get(self, key_id: str) -> KeyInfo:
         row = self.conn.execute(
-            "SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
-            "FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.id = ?", (key_id,)).fetchone()
+            "SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, "
+            "k.monthly_spend_micro_usd FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.id = ?",
+            (key_id,)).fetchone()
         if row is None:
             raise LookupError(f"no key {key_id!r}")
         return KeyInfo(*row)
 
     def list(self, tenant: str | None = None) -> list[KeyInfo]:
-        sql = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
-               "FROM keys k JOIN tenants t ON t.name = k.tenant")
+        sql = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, "
+               "k.monthly_spend_micro_usd FROM keys k JOIN tenants t ON t.name = k.tenant")
         rows = self.conn.execute(sql + (" WHERE k.tenant = ?" if tenant else "") + " ORDER BY k.created_at",
                                  (tenant,) if tenant else ()).fetchall()
         return [KeyInfo(*r) for r in rows]
@@ -168,9 +204,9 @@ class KeyStore:
         if version == self._version:
             return
         rows = self.conn.execute(
-            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until FROM keys k "
-            "JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL").fetchall()
-        self._by_id = {kid[4:]: (h, Principal(kid, tenant, tier, until)) for h, kid, tenant, tier, until in rows}
+            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd "
+            "FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL").fetchall()
+        self._by_id = {r[1][4:]: (r[0], principal(*r[1:])) for r in rows}
         self._version = version
 
     def authenticate(self, token: str) -> Principal | None:

@@ -97,10 +97,11 @@ class UsageRecord:
     retries: int = 0
     fallback: bool = False
     created_at: float = 0.0
+    spend_hold: tuple[str, int] | None = None   # not stored: (month, micro-dollars) held on a spend-limited key
 
 
 log = logging.getLogger("infermesh.ledger")
-_COLUMNS = [f.name for f in fields(UsageRecord)]
+_COLUMNS = [f.name for f in fields(UsageRecord) if f.name != "spend_hold"]
 _ROW = operator.attrgetter(*_COLUMNS)     # the record as a tuple, without dataclasses.astuple's deep copy
 _INSERT = f"INSERT INTO usage({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 

@@ -9,6 +9,11 @@ key has its own limits (Tier.key_rpm / key_tpm) the headers show the tighter of 
 Two implementations with one interface (``await admit``, plain ``settle``): :class:`LocalLimiter`
 (in-process, one replica) and ``gateway.state.redis_limits.RedisLimiter`` (shared by replicas,
 one atomic Lua round trip per request). Both take every bucket of a request or none.
+
+Both also keep each spend-limited key's spend per calendar month (micro-dollars, at its tier's
+prices): ``reserve_spend`` holds the most a request can cost before it is dispatched (refused when
+that would pass the key's limit), ``settle_spend`` replaces the hold with what it cost. A month
+unknown to the store (a new process, Redis restarted) starts from the ledger's sum for the key.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -103,6 +109,40 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
+        self._spend: dict[tuple[str, str], int] = {}     # (key id, YYYY-MM) -> micro-dollars spent and held
+
+    # ---- spend per key and calendar month (key scopes, docs/money.md) ----------------------------
+    def reserve_spend_now(self, key_id: str, month: str, limit: int, amount: int, seed: int | None) -> bool | None:
+        """Hold `amount` micro-dollars of the key's month if that stays within `limit`: True (held),
+        False (over the limit). None: the month's spend is not known here yet (call again with `seed`,
+        what the ledger says was spent)."""
+        k = (key_id, month)
+        cur = self._spend.get(k)
+        if cur is None:
+            if seed is None:
+                return None
+            cur = self._spend[k] = seed
+        if cur + amount > limit:
+            return False
+        self._spend[k] = cur + amount
+        return True
+
+    def settle_spend_now(self, key_id: str, month: str, delta: int) -> None:
+        """What a held request really cost: delta = actual - held (negative gives back)."""
+        k = (key_id, month)
+        if k in self._spend:
+            self._spend[k] += delta
+
+    async def reserve_spend(self, key_id: str, month: str, limit: int, amount: int, tier: Tier,
+                            seed: Callable[[], Awaitable[int]]) -> bool | None:
+        got = self.reserve_spend_now(key_id, month, limit, amount, None)
+        if got is None:
+            got = self.reserve_spend_now(key_id, month, limit, amount, await seed())
+        return got
+
+    def settle_spend(self, key_id: str, month: str, delta: int) -> None:
+        if delta:
+            self.settle_spend_now(key_id, month, delta)
 
     def _bucket(self, table: dict[str, Bucket], key: str, capacity: float, now: float) -> Bucket:
         b = table.get(key)

@@ -17,8 +17,12 @@ multiplications (Gateway.finish).
 
 from __future__ import annotations
 
+import calendar
 import math
+import sqlite3
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,3 +82,28 @@ class Money:
         """The most a request of up to `tokens` tokens can be charged: what a spend limit holds back."""
         p = self.tiers.get(tier)
         return math.ceil(tokens * p.most) if p else 0
+
+
+def month_now(now: float | None = None) -> tuple[str, int]:
+    """The calendar month (UTC) as YYYY-MM and its first second: what a key's monthly spend counts."""
+    t = time.gmtime(time.time() if now is None else now)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}", calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+
+
+_SPENT = "SELECT coalesce(sum(price_micro_usd), 0) FROM usage WHERE key_id = {p} AND created_at >= {p}"
+
+
+def spent_since(key_id: str, since: float, ledger: Path | None = None, dsn: str | None = None) -> int:
+    """What the ledger says a key was charged since `since` (micro-dollars): the shared PostgreSQL
+    ledger where there is one, else this gateway's SQLite ledger. Read when a spend store does not know
+    the key's month yet (once per key and month per process, or after Redis lost its counters)."""
+    if dsn is not None:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=3) as conn:
+            return int(conn.execute(_SPENT.format(p="%s"), (key_id, since)).fetchone()[0])
+    conn = sqlite3.connect(ledger)
+    try:
+        return int(conn.execute(_SPENT.format(p="?"), (key_id, since)).fetchone()[0])
+    finally:
+        conn.close()

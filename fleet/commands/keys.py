@@ -1,5 +1,8 @@
 """`infermesh keys create|list|revoke|debug-log --stack S`: tenants and their API keys.
 
+`keys create ... [--models a,b] [--monthly-spend USD]` scopes a key: only those models, and at most
+that spend per calendar month (UTC) at the tier's prices (docs/money.md).
+
 Tenant names match gateway.keys.TENANT_PATTERN (docs/cli-inputs.md); keys.db is created 0600 in a
 0700 state dir (it holds key hashes and the debug-log opt-ins).
 """
@@ -8,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 from fleet import spec as spec_mod
-from fleet.cli import MAX_DEBUG_LOG_HOURS, UserError, cell, hours, key_id, tenant_name
+from fleet.cli import MAX_DEBUG_LOG_HOURS, UserError, cell, hours, key_id, shown, tenant_name
 from fleet.paths import ensure_state_dir
 from gateway.state import key_admin
 
@@ -23,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = ksub.add_parser("create", help="create a key (and the tenant if new); the key is shown once")
     c.add_argument("--tenant", required=True, type=tenant_name)
     c.add_argument("--tier", help="the tenant's tier (required for a new tenant)")
+    c.add_argument("--models", type=model_list, help="limit the key to these models (comma-separated; default: "
+                                                     "every model of the tier)")
+    c.add_argument("--monthly-spend", type=usd_micro, metavar="USD",
+                   help="limit the key's spend per calendar month (UTC), at the tier's prices: at the limit "
+                        "requests get 429 insufficient_quota")
     ls = ksub.add_parser("list", help="list keys (never the keys themselves)")
     ls.add_argument("--tenant", type=tenant_name)
     r = ksub.add_parser("revoke", help="revoke a key by its id; takes effect at once (shared state: on every "
@@ -38,9 +47,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(func=run)
 
 
+_MODEL = re.compile(r"[a-z0-9]([a-z0-9._/-]*[a-z0-9])?", re.ASCII)
+_USD = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?", re.ASCII)
+
+
+def model_list(text: str) -> list[str]:
+    """argparse type: model ids, comma-separated."""
+    names = [x.strip() for x in text.split(",")]
+    if not names or any(not _MODEL.fullmatch(n) or len(n) > 120 for n in names):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of model ids")
+    return names
+
+
+def usd_micro(text: str) -> int:
+    """argparse type: US dollars (digits, up to 6 decimals) as integer micro-dollars."""
+    if not _USD.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an amount in US dollars (e.g. 50 or 12.5; "
+                                         "digits, at most 6 decimals, not negative)")
+    whole, _, frac = text.partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
 def _info(k) -> dict:
     return {"id": k.id, "tenant": k.tenant, "tier": k.tier, "prefix": k.prefix,
-            "created_at": k.created_at, "revoked_at": k.revoked_at}
+            "created_at": k.created_at, "revoked_at": k.revoked_at,
+            "models": k.models.split(",") if getattr(k, "models", None) else None,
+            "monthly_spend_micro_usd": getattr(k, "monthly_spend_micro_usd", None)}
+
+
+def _scope(k) -> str:
+    parts = []
+    if getattr(k, "models", None):
+        parts.append("models " + k.models)
+    if getattr(k, "monthly_spend_micro_usd", None) is not None:
+        parts.append(f"spend ${k.monthly_spend_micro_usd / 1e6:,.2f}/month")
+    return "  " + "; ".join(cell(p) for p in parts) if parts else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +92,15 @@ def run(args: argparse.Namespace) -> int:
             tiers = [t.name for t in spec.tiers]
             if args.tier is not None and args.tier not in tiers:
                 raise UserError(f"--tier {args.tier!r}: not a tier of stack {args.stack} ({', '.join(tiers)})")
-            key, info = admin.create(args.tenant, args.tier)
+            if args.models:
+                known = {m.id for m in spec.models}
+                allowed = set(spec.tier(args.tier).models) if args.tier is not None else known
+                bad = [m for m in args.models if m not in allowed]
+                if bad:
+                    where = f"tier {args.tier}" if args.tier is not None else f"stack {args.stack}"
+                    raise UserError(f"--models: {', '.join(bad)} not served to {where} "
+                                    f"({', '.join(sorted(allowed))})")
+            key, info = admin.create(args.tenant, args.tier, args.models, args.monthly_spend)
             if args.json:
                 print(json.dumps({"key": key, **_info(info)}))
             else:
@@ -64,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 for k in keys:
                     state = "revoked" if k.revoked_at else "active"
                     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created_at))
-                    print(f"{k.id}  {cell(k.prefix)}…  {cell(k.tenant):<20} {cell(k.tier):<10} {state:<8} {when}Z")
+                    print(f"{k.id}  {cell(k.prefix)}…  {cell(k.tenant):<20} {cell(k.tier):<10} {state:<8} {when}Z"
+                          f"{_scope(k)}")
         elif args.action == "revoke":
             info = admin.revoke(args.key_id)
             print(json.dumps(_info(info)) if args.json else f"revoked {info.id} (tenant {cell(info.tenant)})")
@@ -73,6 +123,6 @@ def run(args: argparse.Namespace) -> int:
             msg = "off" if until is None else time.strftime("until %Y-%m-%d %H:%MZ", time.gmtime(until))
             print(json.dumps({"tenant": args.tenant, "debug_log_until": until}) if args.json
                   else f"debug logs for {args.tenant}: {msg}")
-    except LookupError as e:
+    except (LookupError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from None
     return 0

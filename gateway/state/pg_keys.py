@@ -27,14 +27,14 @@ from pathlib import Path
 
 import psycopg
 
-from gateway.keys import KEY_PREFIX, KeyInfo, Principal, check_tenant, hash_key, new_key
+from gateway.keys import KEY_PREFIX, KeyInfo, Principal, check_scope, check_tenant, hash_key, new_key, principal
 from gateway.state.health import Health
 
 log = logging.getLogger("infermesh.state")
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
-_LOAD = ("SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until FROM api_keys k "
-         "JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL")
-_SELECT = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at "
+_LOAD = ("SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd "
+         "FROM api_keys k JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL")
+_SELECT = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, k.monthly_spend_micro_usd "
            "FROM api_keys k JOIN tenants t ON t.name = k.tenant")
 
 
@@ -45,8 +45,10 @@ class PgKeyAdmin:
     def close(self) -> None:
         self.conn.close()
 
-    def create(self, tenant: str, tier: str | None) -> tuple[str, KeyInfo]:
+    def create(self, tenant: str, tier: str | None, models: list[str] | None = None,
+               monthly_spend_micro_usd: int | None = None) -> tuple[str, KeyInfo]:
         check_tenant(tenant)
+        scope = check_scope(models, monthly_spend_micro_usd)
         now = time.time()
         key, key_id = new_key()
         with self.conn.transaction():
@@ -58,8 +60,9 @@ class PgKeyAdmin:
                                   (tenant, tier, now))
             elif tier is not None and tier != row[0]:
                 self.conn.execute("UPDATE tenants SET tier = %s WHERE name = %s", (tier, tenant))
-            self.conn.execute("INSERT INTO api_keys (id, tenant, hash, prefix, created_at) VALUES (%s, %s, %s, %s, %s)",
-                              (key_id, tenant, hash_key(key), key[:10], now))
+            self.conn.execute("INSERT INTO api_keys (id, tenant, hash, prefix, created_at, models, "
+                              "monthly_spend_micro_usd) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                              (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd))
         return key, self.get(key_id)
 
     def get(self, key_id: str) -> KeyInfo:
@@ -92,7 +95,8 @@ class PgKeyAdmin:
 
 
 def _key_map(rows) -> dict[str, tuple[str, Principal]]:
-    return {kid[4:]: (h, Principal(kid, tenant, tier, until)) for h, kid, tenant, tier, until in rows}
+    """Rows of _LOAD (a cache from before key scopes has five columns: no scope)."""
+    return {r[1][4:]: (r[0], principal(*r[1:])) for r in rows}
 
 
 def write_cache(path: Path, version: int, rows: list) -> None:

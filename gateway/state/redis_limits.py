@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
@@ -93,6 +93,30 @@ return 0
 """
 
 
+# Spend per key and month. KEYS[1]: the key's counter for the month (micro-dollars spent and held).
+# ARGV: limit, amount to hold, the ledger's sum to start from ('' when not read yet). Returns
+# {1, level} held, {0, level} over the limit, {-1, 0} unknown month (call again with the ledger's sum).
+SPEND = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  if ARGV[3] == '' then return {-1, '0'} end
+  cur = ARGV[3]
+  redis.call('SET', KEYS[1], cur)
+end
+cur = tonumber(cur)
+local limit, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
+if cur + amount > limit then return {0, tostring(cur)} end
+redis.call('INCRBY', KEYS[1], amount)
+redis.call('EXPIRE', KEYS[1], 3456000)
+return {1, tostring(cur + amount)}
+"""
+# KEYS[1]: the counter; ARGV[1]: actual - held. A counter Redis lost is left to the next seed.
+SPEND_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
 class RedisLimiter:
     def __init__(self, url: str, prefix: str, fails_open: Callable[[Tier], bool], health: Health,
                  timeout: float = 0.25, probe_interval: float = 0.5, max_backoff: float = 2.0) -> None:
@@ -106,6 +130,9 @@ class RedisLimiter:
                                     retry=Retry(NoBackoff(), 0), decode_responses=True)
         self._admit = self.redis.register_script(ADMIT)
         self._settle = self.redis.register_script(SETTLE)
+        self._spend = self.redis.register_script(SPEND)
+        self._spend_settle = self.redis.register_script(SPEND_SETTLE)
+        self._settling: set[asyncio.Task] = set()
         self.up = True
         self._probe: asyncio.Task | None = None
         self.settle_delay = 0.02
@@ -134,6 +161,44 @@ class RedisLimiter:
         if self.fails_open(tier):
             return self.local.admit_now(tenant, key_id, tier, tokens)
         return Decision(False, {"retry-after": "1"}, 1.0, "shared limits unavailable", unavailable=True)
+
+    def _spend_key(self, key_id: str, month: str) -> str:
+        return f"{self.prefix}spend:{key_id}:{month}"
+
+    async def reserve_spend(self, key_id: str, month: str, limit: int, amount: int, tier: Tier,
+                            seed: Callable[[], Awaitable[int]]) -> bool | None:
+        """One atomic script call (two when the month must be started from the ledger): every replica
+        holds against the same counter, so a key's replicas together never pass its limit. Redis down:
+        this process's own counter (started from the ledger) for tiers that fail open; None otherwise."""
+        if self.up:
+            key = self._spend_key(key_id, month)
+            try:
+                out = await self._spend(keys=[key], args=[limit, amount, ""])
+                if int(out[0]) == -1:
+                    out = await self._spend(keys=[key], args=[limit, amount, await seed()])
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                self._down(e)
+            else:
+                return int(out[0]) == 1
+        if self.fails_open(tier):
+            return await self.local.reserve_spend(key_id, month, limit, amount, tier, seed)
+        return None
+
+    def settle_spend(self, key_id: str, month: str, delta: int) -> None:
+        if not delta:
+            return
+        if not self.up:
+            self.local.settle_spend_now(key_id, month, delta)
+            return
+        task = asyncio.create_task(self._settle_spend(key_id, month, delta))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_spend(self, key_id: str, month: str, delta: int) -> None:
+        try:
+            await self._spend_settle(keys=[self._spend_key(key_id, month)], args=[delta])
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._down(e)
 
     def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
         """Queue the correction; corrections of the next settle_delay go to Redis together
@@ -205,6 +270,8 @@ class RedisLimiter:
         self._probe = asyncio.create_task(self._probe_loop())
 
     async def stop(self) -> None:
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=1.0)
         if self._flusher is not None:
             self._flusher.cancel()
         with contextlib.suppress(Exception):

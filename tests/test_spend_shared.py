@@ -1,0 +1,122 @@
+"""A key's monthly spend limit across three gateway replicas on Redis and PostgreSQL (issue 22):
+the key admits exactly up to its limit, whichever replicas its requests reach, concurrently or not.
+
+The harness is tests/test_shared_state.py's (its own redis-server, a database of its own on the
+machine's PostgreSQL, three gateway processes), with one more tier priced at $1 per 1M tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections import Counter
+
+import aiohttp
+import pytest
+import yaml
+
+from fleet import spec as spec_mod
+from fleet.local import LocalStack
+from gateway.state import key_admin
+from tests.test_shared_state import (
+    PG_ADMIN,
+    PG_HOST,
+    PG_PORT,
+    STACK,
+    Ha,
+    RedisServer,
+    TcpProxy,
+    _config,
+    call,
+    psycopg,
+    pytestmark,  # noqa: F401  (skipped where PostgreSQL or redis-server is absent)
+    wait_for,
+    wait_key_live,
+)
+
+LIMIT = 500                   # micro-dollars
+
+
+@pytest.fixture(scope="module")
+def spend_ha(tmp_path_factory) -> Ha:
+    tmp = tmp_path_factory.mktemp("spend")
+    db = f"im_test_{secrets.token_hex(4)}"
+    redis = RedisServer(tmp)
+    redis.start()
+    proxy = TcpProxy((PG_HOST, PG_PORT))
+    stacks_dir = tmp / "stacks"
+    stacks_dir.mkdir()
+    config = _config(redis.port, proxy.port, db)
+    config["tiers"].append({"name": "spender", "models": ["demo-chat", "demo-mini"], "rpm": 100_000,
+                            "tpm": 100_000_000, "priority": 1, "price_per_1m_tokens": 1.0})
+    (stacks_dir / f"Pulumi.{STACK}.yaml").write_text(
+        yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
+    spec = spec_mod.load(STACK, stacks_dir)
+    first = spec.gateway.port + 1
+    stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir, replica_ports=[first, first + 1, first + 2])
+    try:
+        stack.start()
+        yield Ha(stack, spec, stacks_dir, redis, proxy, f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{db}")
+    finally:
+        stack.stop()
+        redis.stop()
+        proxy.close()
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+async def test_a_key_at_its_spend_limit_across_three_replicas_admits_exactly_up_to_it(spend_ha):
+    ha = spend_ha
+    admin = key_admin(ha.spec, ha.stack.state)                 # what `infermesh keys create --monthly-spend` uses
+    try:
+        key, info = admin.create(f"s-{secrets.token_hex(4)}", "spender", None, LIMIT)
+    finally:
+        admin.close()
+    await wait_key_live(ha, key)
+    # By hand, at $1 per 1M tokens (1 micro-$ a token): "hello r-<16 hex>" is 2 words + 3 = 5 prompt tokens at the
+    # sim and max_tokens=4 gives 4 completion tokens: each request costs 9. The hold before dispatch: the estimate
+    # (4 a message + role 4 + user 4 + content 7 + 24 characters = 43 -> 43 // 4 + 1 = 11 tokens) + 4 = 15. A request
+    # is admitted while spent + held + 15 <= 500: the 54th at spent 477 (492), never a 55th (486 + 15 = 501).
+    expected = (LIMIT - 15) // 9 + 1
+    assert expected == 54
+    results: list[tuple[int, object]] = []
+    counter = itertools.count()
+
+    async def worker(session):              # 150 requests, 30 at a time, round robin over the replicas
+        while (i := next(counter)) < 150:
+            results.append((i % 3, await call(session, ha.url(i % 3), key, max_tokens=4)))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(30)))
+        burst_ok = sum(1 for _, r in results if r.status == 200)
+        # then one at a time (each hold settled before the next), until every replica refuses twice in a row
+        refused_in_a_row, i = 0, 0
+        while refused_in_a_row < 6:
+            await asyncio.sleep(0.05)
+            r = await call(session, ha.url(i % 3), key, max_tokens=4)
+            results.append((i % 3, r))
+            refused_in_a_row = refused_in_a_row + 1 if r.status == 429 else 0
+            i += 1
+    statuses = Counter(r.status for _, r in results)
+    ok = [r for _, r in results if r.status == 200]
+    assert set(statuses) <= {200, 429}, statuses
+    assert all(r.tokens == (5, 4) for r in ok)
+    assert burst_ok <= expected
+    assert len(ok) == expected, (burst_ok, statuses)
+    assert {rep for rep, r in results if r.status == 200} == {0, 1, 2}, "each replica admitted some"
+    for _, r in results:
+        if r.status == 429:
+            assert r.body["error"]["code"] == "insufficient_quota" and r.headers["x-should-retry"] == "false"
+
+    async def shipped():
+        return ha.pg("SELECT count(*) FROM usage WHERE key_id = %s AND status = 200", info.id)[0][0] == expected
+    await wait_for(shipped, 15, "every admitted request in PostgreSQL")
+    [(spent, rows)] = ha.pg("SELECT sum(price_micro_usd), count(*) FROM usage WHERE key_id = %s AND status = 200",
+                            info.id)
+    assert spent == 9 * expected == 486 <= LIMIT
+    # the counter on Redis holds exactly what the ledger charged: every hold was settled
+    import redis as redis_mod
+    month = next(iter(ha.pg("SELECT to_char(to_timestamp(min(created_at)) AT TIME ZONE 'UTC', 'YYYY-MM') FROM usage "
+                            "WHERE key_id = %s", info.id)))[0]
+    r = redis_mod.Redis(port=ha.redis.port)
+    assert int(r.get(f"infermesh:{STACK}:spend:{info.id}:{month}")) == 486
