@@ -195,3 +195,19 @@ def test_a_failover_is_judged_on_the_declared_fleet():
     hobby = next(t for t in plan.costs.tiers if t.tier == "hobby")
     assert hobby.min_price_per_1m > 0.50          # runpod replacements cost more while vast is out ...
     assert policy.check(spec, plan, rules=["tier-margin"]) == []   # ... but a failover is never blocked by prices
+
+
+def test_docs_money_figures_are_the_plans():
+    """docs/money.md's prod tables are the plan's figures (a price or lease change must update the page)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "money.md").read_text()
+    c = costs_of(prod_config())
+    for m in c.models:
+        assert f"| {m.model} | {m.tokens_per_month / 1e6:,.1f}M | ${m.leases:,.2f} |" in text
+        assert f"${m.monthly:,.2f} | **${m.cost_per_1m:.4f}** |" in text
+    assert f"| fleet | {c.fleet.tokens_per_month / 1e6:,.1f}M | ${c.fleet.leases:,.2f} |" in text
+    assert f"${c.fleet.monthly:,.2f} | **${c.fleet.cost_per_1m:.4f}** |" in text
+    for t in c.tiers:
+        assert (f"| ${t.price_per_1m:.2f} | ${t.loaded_cost_per_1m:.4f} | ${t.loaded_margin_per_1m:.4f} | "
+                f"{t.loaded_margin_pct:.1f}% | ${t.min_price_per_1m:.4f} |") in text, t.tier
