@@ -120,3 +120,71 @@ async def test_a_key_at_its_spend_limit_across_three_replicas_admits_exactly_up_
                             "WHERE key_id = %s", info.id)))[0]
     r = redis_mod.Redis(port=ha.redis.port)
     assert int(r.get(f"infermesh:{STACK}:spend:{info.id}:{month}")) == 486
+
+
+async def test_a_lost_counter_starts_from_the_ledger_and_redis_down_follows_the_tier(spend_ha):
+    """Redis restarted empty: the key's month starts from PostgreSQL's sum, so a key at its limit stays
+    at it. Redis down: a tier that fails closed (hobby, the lowest) answers 503; one that fails open
+    holds against the replica's own counter, also started from the ledger."""
+    ha = spend_ha
+    admin = key_admin(ha.spec, ha.stack.state)
+    try:
+        key, info = admin.create(f"s-{secrets.token_hex(4)}", "spender", None, 30)
+        hobby_key, _ = admin.create(f"h-{secrets.token_hex(4)}", "hobby", None, 1_000_000)
+    finally:
+        admin.close()
+    await wait_key_live(ha, key)
+    await wait_key_live(ha, hobby_key)
+    async with aiohttp.ClientSession() as s:
+        # 9 each, hold 15: 0 + 15, 9 + 15 ok; 18 + 15 > 30 refused
+        got = [(await call(s, ha.url(i % 3), key, max_tokens=4)).status for i in range(2)]
+        assert got == [200, 200]
+
+        async def shipped():
+            return ha.pg("SELECT count(*) FROM usage WHERE key_id = %s AND status = 200", info.id)[0][0] == 2
+        await wait_for(shipped, 15, "both rows in PostgreSQL")
+        ha.redis.stop()
+        ha.redis.start()                                   # empty: no counter for the key any more
+        await asyncio.sleep(3.0)                           # the replicas find Redis back (probe <= ~2.5 s)
+        r = await call(s, ha.url(2), key, max_tokens=4)
+        assert r.status == 429 and r.body["error"]["code"] == "insufficient_quota"     # 18 (ledger) + 15 > 30
+        ha.redis.stop()
+        try:
+            await asyncio.sleep(1.0)
+            down = await call(s, ha.url(0), hobby_key, max_tokens=4)
+            assert down.status == 503 and down.body["error"]["code"] == "limits_unavailable"
+            local = await call(s, ha.url(1), key, max_tokens=4)         # fails open: own counter from the ledger
+            assert local.status == 429 and local.body["error"]["code"] == "insufficient_quota"
+        finally:
+            ha.redis.start()
+            await asyncio.sleep(3.0)
+
+
+async def test_invoice_from_the_shared_ledger(spend_ha):
+    """The month's invoice read from PostgreSQL (keys and ledger): provisional, usage at $1 per 1M."""
+    import time
+
+    from fleet.commands import billing
+    from gateway.money import month_now
+
+    ha = spend_ha
+    admin = key_admin(ha.spec, ha.stack.state)
+    try:
+        tenant = f"i-{secrets.token_hex(4)}"
+        key, _ = admin.create(tenant, "spender")
+    finally:
+        admin.close()
+    await wait_key_live(ha, key)
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):
+            assert (await call(s, ha.url(i), key, max_tokens=4)).status == 200
+
+    async def shipped():
+        return ha.pg("SELECT count(*) FROM usage WHERE tenant = %s", tenant)[0][0] == 3
+    await wait_for(shipped, 15, "rows in PostgreSQL")
+    doc = billing.compute(ha.spec, ha.stack.state, month_now()[0], time.time())
+    assert doc["status"] == "provisional"
+    inv = next(x for x in doc["invoices"] if x["tenant"] == tenant)
+    # 3 requests x (5 input + 4 output) tokens at $1 per 1M: 15 and 12 micro-$, 0 cents each
+    lines = {x["token_class"]: (x["tokens"], x["amount_micro_usd"]) for x in inv["lines"] if x["kind"] == "usage"}
+    assert lines == {"input": (15, 15), "output": (12, 12)} and inv["total_cents"] == 0
