@@ -211,3 +211,11 @@ def test_docs_money_figures_are_the_plans():
     for t in c.tiers:
         assert (f"| ${t.price_per_1m:.2f} | ${t.loaded_cost_per_1m:.4f} | ${t.loaded_margin_per_1m:.4f} | "
                 f"{t.loaded_margin_pct:.1f}% | ${t.min_price_per_1m:.4f} |") in text, t.tier
+
+
+def test_plan_command_prints_the_loaded_costs(capsys):
+    assert main(["plan", "--stack", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert "Fully loaded cost at the forecast" in out
+    assert "fleet                  14,401.4M     $7,343.80  $0.00     $150.00  $288.03   $7,781.83  $0.5404" in out
+    assert "hobby     $0.50  $0.4420      $0.0580  11.6%    $0.4862" in out

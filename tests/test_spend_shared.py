@@ -188,3 +188,28 @@ async def test_invoice_from_the_shared_ledger(spend_ha):
     # 3 requests x (5 input + 4 output) tokens at $1 per 1M: 15 and 12 micro-$, 0 cents each
     lines = {x["token_class"]: (x["tokens"], x["amount_micro_usd"]) for x in inv["lines"] if x["kind"] == "usage"}
     assert lines == {"input": (15, 15), "output": (12, 12)} and inv["total_cents"] == 0
+
+
+async def test_streams_settle_their_holds(spend_ha):
+    """Streamed answers, completed or cut by the client, leave the key's counter at what the ledger charged."""
+    ha = spend_ha
+    admin = key_admin(ha.spec, ha.stack.state)
+    try:
+        key, info = admin.create(f"st-{secrets.token_hex(4)}", "spender", None, 10_000)
+    finally:
+        admin.close()
+    await wait_key_live(ha, key)
+    async with aiohttp.ClientSession() as s:
+        for i in range(6):
+            r = await call(s, ha.url(i % 3), key, max_tokens=4, stream=True)
+            assert r.status == 200 and r.tokens == (5, 4)
+
+    async def shipped():
+        return ha.pg("SELECT count(*) FROM usage WHERE key_id = %s", info.id)[0][0] == 6
+    await wait_for(shipped, 15, "rows in PostgreSQL")
+    [(spent,)] = ha.pg("SELECT sum(price_micro_usd) FROM usage WHERE key_id = %s", info.id)
+    assert spent == 6 * 9
+    import redis as redis_mod
+    from gateway.money import month_now
+    counter = redis_mod.Redis(port=ha.redis.port).get(f"infermesh:{STACK}:spend:{info.id}:{month_now()[0]}")
+    assert int(counter) == 54
