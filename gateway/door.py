@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 LINGER_S = 2.0                  # after a refusal: read and drop what the client still sends, this long ...
 LINGER_BYTES = 16 << 20         # ... or this much
+DRAIN_IDLE_S = 1.0              # at SIGTERM, an idle kept-alive connection stays open this long for a request
 
 
 class _Refuse(Exception):
@@ -68,7 +69,30 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._head_timer = None
         self._lingering = False
         self._discarded = 0
+        self._drain_timer = None
         self._await_head()
+        if getattr(self.server_state, "draining", False):    # accepted in the listener's last burst
+            self.shutdown()
+
+    # ---- graceful shutdown (SIGTERM) --------------------------------------------------------
+    # uvicorn closes an idle kept-alive connection at once when it starts to drain; a request the
+    # client sent on it a moment before is then lost (the client reads a reset, no answer). Here
+    # an idle connection stays open for DRAIN_IDLE_S: a request that arrives is served with
+    # ``Connection: close`` (the client's next request opens a new connection, to a live replica),
+    # and the connection closes if none comes. A request in progress ends with Connection: close.
+    def shutdown(self) -> None:
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            if self._drain_timer is None and self.transport is not None and not self.transport.is_closing():
+                self._drain_timer = self.loop.call_later(DRAIN_IDLE_S, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        self._drain_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.close()
 
     def _await_head(self) -> None:
         """A request head is due: count its bytes, and start its deadline."""
@@ -124,6 +148,8 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        if getattr(self, "_draining", False) and self.cycle is not None:
+            self.cycle.keep_alive = False        # served, then closed: Connection: close
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -134,6 +160,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         super().connection_lost(exc)
 
     def _head_timeout(self) -> None:

@@ -40,14 +40,20 @@ class BurstListener:
         self.protocol_factory = protocol_factory
         self.accepted = 0
         self.closed = False
+        self.started = False
         self._connecting: set[asyncio.Task] = set()   # the loop keeps only weak references to tasks
 
     def start(self) -> None:
+        self.started = True
         self.sock.setblocking(False)
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
         if not self.closed:
+            if self.started and self.sock.fileno() >= 0:
+                # connections already in the kernel's queue would be reset with the socket: take them
+                # (a draining server answers each request on them with Connection: close)
+                self._accept()
             self.closed = True
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
@@ -124,6 +130,7 @@ class Server(uvicorn.Server):
                 self.listeners.append(li)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.server_state.draining = True      # gateway/door.py: how connections drain
         if self._gate is not None:
             self._gate.cancel()
         for li in [*self.listeners, *self.gated]:     # stop accepting first, as uvicorn does

@@ -229,8 +229,8 @@ async def test_sigkill_mid_load_supervised_restart_every_answered_row_in_postgre
     assert all(r.status in (0, 200) for r in results), {r.status for r in results}
     assert ha.stack.restarts.get("gateway-1", 0) == before + 1
     await wait_ledger(ha, dict(ha.completed), timeout=15)
-    print(f"\n[supervise] {len(ha.completed)} answered, {cut} refused on its own port while it was down; gateway-1 ready again "
-          f"{back:.1f}s after SIGKILL (no hand restart); every answered row in PostgreSQL once")
+    print(f"\n[supervise] {len(ha.completed)} answered, {cut} refused on its own port while it was down; "
+          f"gateway-1 ready again {back:.1f}s after SIGKILL (no hand restart); every answered row in PostgreSQL once")
     assert back < 10
     assert_spools_are_prefixes(ha)
     del t_kill
@@ -271,3 +271,50 @@ def test_supervise_backs_off_a_replica_that_keeps_dying(tmp_path):
         stack.supervise(now=clock[0])
         clock[0] += 0.05
     assert starts[-1] - t0 == pytest.approx(local.RESTART_BASE_S, abs=0.11)
+
+
+async def test_sigterm_never_leaves_a_kept_alive_client_without_an_answer(ha):
+    """Clients on the shared port, each on its own kept-alive connection in a tight loop; one
+    replica gets SIGTERM: every request is answered (served, the draining replica's with
+    Connection: close, then the client's next connection goes to a live replica)."""
+    key = ha.key("pro")
+    await wait_key_live(ha, key)
+    stop = asyncio.Event()
+    statuses: list[int | str] = []
+    closes = 0
+
+    async def client():
+        nonlocal closes
+        async with AsyncOpenAI(base_url=ha.stack.base_url, api_key=key, max_retries=0, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    raw = await c.chat.completions.with_raw_response.create(
+                        model="demo-chat", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+                    raw.parse()
+                    statuses.append(200)
+                    closes += raw.headers.get("connection", "").lower() == "close"
+                except openai.APIStatusError as e:
+                    statuses.append(e.status_code)
+                except openai.APIConnectionError as e:
+                    statuses.append(f"{type(e).__name__}: {e.__cause__!r:.80}")
+    tasks = [asyncio.create_task(client()) for _ in range(24)]
+    try:
+        await asyncio.sleep(1.5)
+        victim = next(p for n, p in ha.stack.procs if n == "gateway-1" and p.poll() is None)
+        t0 = time.monotonic()
+        victim.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(victim.wait, 30)
+        exited = time.monotonic() - t0
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    failed = [s for s in statuses if s != 200]
+    print(f"\n[sigterm] {len(statuses)} requests by 24 kept-alive clients on the shared port, one replica "
+          f"drained (exit {victim.returncode} after {exited:.1f}s): {len(failed)} unanswered {failed[:3]}, "
+          f"{closes} answered with Connection: close")
+    assert victim.returncode == 0
+    assert not failed
+    assert closes >= 1
+    ha.stack.start_replica(1)
+    await wait_key_live(ha, key)
