@@ -241,6 +241,10 @@ class Gateway(_Strict):
     max_body_bytes: PosInt = 1_048_576
     probe_interval_s: PosFloat = 30
     health_interval_s: PosFloat = 5
+    # black holes (gateway/router.py, liveness): every worker's /health this often (0: off), answered within
+    # liveness_timeout_s; two misses in a row (the second ping at once) take it out
+    liveness_interval_s: NonNegFloat = 0.5
+    liveness_timeout_s: PosFloat = 0.5
     drain_timeout_s: PosFloat = 30
     max_in_flight: PosInt = 2048               # admission sheds the lowest tier above this
     # the door (gateway/door.py): what a client may cost before it is admitted

@@ -111,6 +111,11 @@ class Gateway:
         self._tasks = [asyncio.create_task(c) for c in
                        (self._health_loop(), self._watch_routing(), self._purge_loop(), self._idle_loop(),
                         self.prober.run(), self.lag.run(self.metrics.loop_lag), self._rollup_loop())]
+        g = self.spec.gateway
+        if g.liveness_interval_s > 0:         # black holes out in about a second (gateway/router.py, liveness)
+            self.router.loop_lag = self.lag.level
+            self._tasks.append(asyncio.create_task(
+                self.router.liveness(self.session, g.liveness_interval_s, g.liveness_timeout_s)))
         self._status: tuple[float, bytes] | None = None
 
     async def stop(self) -> None:

@@ -108,7 +108,8 @@ class Call:
             except UpstreamFailure as f:
                 last_class = f.error_class
                 exclude.add(ep)
-                gw.router.failure(ep)
+                # a missed deadline counts at once (a black hole is out before the next request waits on it)
+                gw.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream))
                 pool = ep.pool
                 gw.attempts.failed(pool.name, f.error_class)     # per-pool SLIs (gateway/sli.py)
                 gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
@@ -137,6 +138,7 @@ class Call:
         ep.outstanding += 1
         released = False
         resp = None
+        waits = expiry = None
         sent = time.perf_counter()
         try:
             try:
@@ -146,6 +148,9 @@ class Call:
                 timeout = _connect_timeout(to.connect_s)
                 async with asyncio.timeout(min(left, to.ttft_s) if adm.stream else left) as expiry:
                     if adm.stream:
+                        # until its first content event: an endpoint found lost expires it (router.Endpoint.lost)
+                        waits = ep.stream_waits
+                        waits.add(expiry)
                         resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
                     else:
                         # the answer arrives whole, after the generation: the wait follows the
@@ -175,8 +180,9 @@ class Call:
                         raise UpstreamFailure("status_5xx")   # failed before any output: worth a retry
                     ttft = time.perf_counter() - sent
                     slow = ttft if gw.router.observe_ttft(ep, ttft) else 0.0
+                    waits.discard(expiry)
             except TimeoutError:
-                raise UpstreamFailure("timeout" if ep.healthy else "unhealthy") from None
+                raise UpstreamFailure("timeout" if ep.available(time.monotonic()) else "unhealthy") from None
             except aiohttp.ClientConnectorError:
                 raise UpstreamFailure("connect") from None
             except (aiohttp.ClientError, ConnectionError, OSError):
@@ -184,6 +190,8 @@ class Call:
             released = True     # the stream owns the endpoint's slot from here on
             return self._stream(ep, resp, events, head, slow)
         finally:
+            if waits is not None:
+                waits.discard(expiry)
             if not released:
                 ep.outstanding -= 1
                 if resp is not None:
@@ -253,7 +261,7 @@ class Call:
         gw, rec = self.gw, self.rec
         timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
         rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
-        gw.router.failure(ep)
+        gw.router.failure(ep, at_once=timed_out)       # a missed inter-token deadline counts at once
         pool = ep.pool
         gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                           "stream_" + ("timeout" if timed_out else "reset")).inc()
@@ -270,6 +278,7 @@ class Call:
         """Every stream's end, however it ended."""
         gw, rec = self.gw, self.rec
         gw.streams.discard(events)
+        ep.streams.discard(events)
         ep.outstanding -= 1
         resp.release() if rec.status == 200 else resp.close()
         if rec.ttlt_ms is None:
@@ -290,6 +299,7 @@ class Call:
         rec.status = 499                       # until the stream ends one way or another
         batch: list[bytes] | None = head
         gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
+        ep.streams.add(events)                 # ended at once if the endpoint is lost (router.Endpoint.lost)
         try:
             while batch is not None:
                 out: list[bytes] = []          # what goes to the client in one write
@@ -340,6 +350,7 @@ class Call:
         batch: list[bytes] | None = head
         last = head[-1]
         gw.streams.add(events)
+        ep.streams.add(events)
         try:
             while batch is not None:
                 out: list[bytes] = []

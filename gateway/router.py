@@ -25,7 +25,19 @@ Health:
 
 - Active checks: ``/health`` and ``/metrics`` of every endpoint every ``health_interval_s``.
   A failing check takes the endpoint out at once; it returns at the next passing check.
-- Passive outlier detection: ``EJECT_AFTER_FAILURES`` (3) consecutive failures eject an
+- Liveness (black holes: a worker that accepts connections and never answers): ``/health`` of
+  every available worker every ``liveness_interval_s`` (0.5 s) within ``liveness_timeout_s``
+  (0.5 s); a miss is confirmed by a second ping at once, and two misses in a row take the
+  endpoint out, so a black hole is out about 1 to 1.5 s after it stopped answering. Misses
+  while the gateway's own event loop runs late (gateway/overload.py) do not count: that lag is
+  ours, not the worker's. External upstreams are left to the active checks (their RPM is paid).
+- An endpoint found *lost* (out by a check or a ping, or ejected) lets go of its requests at
+  once: those still waiting for its first token (streams; whole answers too when it is found
+  dead) are retried elsewhere, and its started streams that have been quiet for ``STALL_S``
+  end with an error event and ``[DONE]``. A stream still flowing from an ejected endpoint
+  is alive and is left to finish.
+- Passive outlier detection: a missed deadline (connect, first token, or a stream's idle gap)
+  ejects at once; otherwise ``EJECT_AFTER_FAILURES`` (3) consecutive failures eject an
   endpoint for 5 s, doubling with each ejection up to 5 min (a success after its return
   steps the doubling back by one). A failure is a connect error, a reset, a 5xx or 429, a
   TTFT or idle timeout, a broken stream, a failed synthetic probe (gateway/probes.py), or a
@@ -76,6 +88,7 @@ KV_PRESSURE = 0.9
 SLOW_RELATIVE = 2.0               # a slow answer is also this many times the peers' median TTFT
 TTFT_EWMA_ALPHA = 0.5
 PEER_FRESH_S = 30.0
+STALL_S = 1.0                     # a started stream quiet this long on a lost endpoint is ended at once
 
 
 @dataclass(eq=False)
@@ -112,10 +125,31 @@ class Endpoint:
     # arrives whole, after the generation, so only a failed active check can tell a lost worker
     # from a long answer; it expires them at once (proxy.Call._attempt retries elsewhere)
     waiting_calls: set = field(default_factory=set)
+    stream_waits: set = field(default_factory=set)   # deadlines of streams waiting for this endpoint's first token
+    streams: set = field(default_factory=set)        # started streams' readers (proxy.SSEReader) relayed from it
+    ping_misses: int = 0
 
     def abandon_waiting(self) -> None:
         for deadline in self.waiting_calls:
             deadline.reschedule(0)         # in the past: TimeoutError in that request at once
+
+    def lost(self, dead: bool = True, now: float | None = None) -> int:
+        """Let go of what waits on this endpoint (see the module's text): streams waiting for a first
+        token retry elsewhere, whole answers too when it is ``dead``; started streams quiet for
+        STALL_S end now (the relay sends an error event and [DONE]). Returns the streams ended."""
+        for deadline in self.stream_waits:
+            deadline.reschedule(0)
+        if dead:
+            self.abandon_waiting()
+        return self.end_quiet_streams(time.monotonic() if now is None else now)
+
+    def end_quiet_streams(self, now: float) -> int:
+        """End the started streams quiet for STALL_S (the liveness loop sweeps lost endpoints with
+        this, so a stream that fell silent just before its endpoint was found lost ends soon after)."""
+        quiet = [events for events in self.streams if now - events.last > STALL_S]
+        for events in quiet:
+            events.resp.close()            # the relay's pending read fails: error event, [DONE]
+        return len(quiet)
 
     def available(self, now: float) -> bool:
         if not self.healthy:
@@ -302,10 +336,12 @@ class Router:
                        for e in p.endpoints if e is not ep and now - e.ttft_at < PEER_FRESH_S)
         return not (peers and seconds <= SLOW_RELATIVE * peers[len(peers) // 2])
 
-    def failure(self, ep: Endpoint) -> None:
+    def failure(self, ep: Endpoint, at_once: bool = False) -> None:
+        """A failed attempt; ``at_once`` (a missed connect, first-token or idle deadline) ejects
+        without waiting for EJECT_AFTER_FAILURES."""
         ep.failures += 1
         now = time.monotonic()
-        if ep.failures < EJECT_AFTER_FAILURES or now < ep.ejected_until:
+        if (ep.failures < EJECT_AFTER_FAILURES and not at_once) or now < ep.ejected_until:
             return
         pool = ep.pool
         ejected = sum(1 for e in pool.endpoints if e.ejected_until > now)
@@ -316,6 +352,7 @@ class Router:
         ep.failures = 0
         log.warning("endpoint %s of pool %s ejected for %.0fs", ep.id, pool.name, ep.ejected_until - now)
         self.on_eject(ep)
+        ep.lost(dead=False, now=now)
 
     # ---- active health ----------------------------------------------------------------
     async def check(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float = 2.0) -> bool:
@@ -346,10 +383,56 @@ class Router:
             log.warning("endpoint %s of pool %s is %s", ep.id, ep.pool.name, "healthy" if ok else "unhealthy")
         ep.healthy = ok
         if not ok:
-            ep.abandon_waiting()
+            ep.lost()
         if ok:
             ep.checked_at = time.monotonic()
+            ep.ping_misses = 0
         return ok
+
+    # ---- liveness (black holes) ---------------------------------------------------------
+    loop_lag = staticmethod(lambda: 0.0)     # seconds the gateway's event loop runs late (set by the app)
+
+    async def ping(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float) -> bool:
+        """One liveness round for an endpoint (see the module's text); False when it took it out."""
+        to = aiohttp.ClientTimeout(total=timeout)
+        for _ in range(2):
+            try:
+                async with session.get(ep.health_url, headers=ep.headers, timeout=to) as r:
+                    if r.status == 200:
+                        ep.ping_misses = 0
+                        return True
+                    reason = f"health: answered {r.status}"
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                if self.loop_lag() > timeout / 2:
+                    return True                # our lateness, not the worker's
+                ep.ping_misses += 1
+                if ep.ping_misses < 2:
+                    continue                   # confirm at once
+                reason = f"liveness: no answer within {timeout:g}s, twice"
+            except (aiohttp.ClientError, OSError) as e:
+                reason = channel.refusal_of(e, ep.channel) or f"health: {type(e).__name__}"
+            break
+        if ep.healthy:
+            log.warning("endpoint %s of pool %s is unhealthy (%s)", ep.id, ep.pool.name, reason)
+            ep.healthy, ep.refused, ep.reason = False, True, reason     # lag-checked: really out
+            self.on_eject(ep)
+            ep.lost()
+        return False
+
+    async def liveness(self, session: aiohttp.ClientSession, interval: float, timeout: float) -> None:
+        """Ping every available worker every ``interval`` (gateway.liveness_interval_s)."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            eps = []
+            for ep in self.endpoints():
+                if ep.available(now):
+                    if not ep.external and ep.pool.role != "drained":
+                        eps.append(ep)
+                elif ep.streams:
+                    ep.end_quiet_streams(now)
+            if eps:
+                await asyncio.gather(*(self.ping(session, ep, timeout) for ep in eps))
 
     @staticmethod
     async def _read_load(session: aiohttp.ClientSession, ep: Endpoint, to: aiohttp.ClientTimeout) -> None:

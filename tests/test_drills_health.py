@@ -1,0 +1,130 @@
+"""Fast, precise health (issue 17): a black-holed worker under mixed load, on the local stack,
+driven by the official openai SDK (max_retries=0: every failure the gateway lets through is seen).
+
+A black hole accepts connections and never answers: the worker process is stopped (SIGSTOP), so
+the kernel still completes TCP handshakes into its backlog while nothing reads them. Timing
+bounds are the issue's; the figures are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import openai
+
+from tests.test_drills import _http, client, mutate_with, pool_cfg
+
+STREAM_TOKENS = 60
+
+
+@dataclass
+class Seen:
+    sent: float
+    first: float | None = None       # monotonic time of the first content line
+    end: float | None = None
+    done: bool = False               # data: [DONE] seen
+    error: str | None = None         # an error event's line, or the exception
+
+
+async def raw_stream(c, i: int) -> Seen:
+    """A streamed chat completion read line by line through the SDK, to see the error event and [DONE]."""
+    s = Seen(time.monotonic())
+    try:
+        async with c.chat.completions.with_streaming_response.create(
+                model="demo-chat", messages=[{"role": "user", "content": f"black hole {i}"}],
+                max_tokens=STREAM_TOKENS, stream=True) as resp:
+            async for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                if line == "data: [DONE]":
+                    s.done = True
+                elif line.startswith('data: {"error"'):
+                    s.error = line
+                elif s.first is None:
+                    s.first = time.monotonic()
+    except openai.APIStatusError as e:
+        s.error = f"status {e.status_code}"
+    except Exception as e:               # a cut connection: judged below
+        s.error = repr(e)
+    s.end = time.monotonic()
+    return s
+
+
+async def test_black_hole_under_mixed_load_is_out_within_2s_and_no_unstarted_stream_is_lost(stack_factory):
+    def slow_streams(cfg):
+        for name in ("demo-chat-east", "demo-chat-west", "demo-chat-reserve"):
+            pool_cfg(cfg, name)["sim"] = {"ttft_ms": 40, "itl_ms": 40, "output_tokens": STREAM_TOKENS}
+    stack = stack_factory(mutate_with(slow_streams))
+    c = client(stack, timeout=60)
+    victim = dict(stack.stack.procs)["demo-chat-west-0"]
+    token = stack.admin_token()
+    stop = asyncio.Event()
+    streams: list[Seen] = []
+    whole: list[str | int] = []
+
+    async def stream_loop(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            streams.append(await raw_stream(c, k * 1000 + i))
+            i += 1
+
+    async def whole_loop() -> None:
+        while not stop.is_set():
+            try:
+                r = await c.chat.completions.create(model="demo-chat", max_tokens=4,
+                                                    messages=[{"role": "user", "content": "hi"}])
+                whole.append(200 if r.choices[0].message.content else "empty")
+            except openai.APIStatusError as e:
+                whole.append(e.status_code)
+            except openai.APIError as e:
+                whole.append(repr(e))
+
+    out_at: list[float] = []
+
+    def watch(t_stop: float) -> None:
+        while time.monotonic() - t_stop < 10:
+            _, body = _http(stack.root_url + "/admin/endpoints", token=token)
+            west = next(p for p in body["pools"] if p["pool"] == "demo-chat-west")["endpoints"][0]
+            if not west["available"]:
+                out_at.append(time.monotonic())
+                return
+            time.sleep(0.05)
+
+    tasks = [asyncio.create_task(stream_loop(k)) for k in range(12)] + \
+            [asyncio.create_task(whole_loop()) for _ in range(4)]
+    try:
+        await asyncio.sleep(3.0)
+        t_stop = time.monotonic()
+        os.kill(victim.pid, signal.SIGSTOP)                 # the black hole
+        watcher = threading.Thread(target=watch, args=(t_stop,))
+        watcher.start()
+        await asyncio.sleep(5.0)
+        await asyncio.to_thread(watcher.join, 10)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        stop.set()
+        await asyncio.gather(*tasks)
+        await c.close()
+    eject_s = out_at[0] - t_stop if out_at else None
+    # streams whose first token had not reached the client when the worker went dark
+    unstarted = [s for s in streams if s.first is None or s.first > t_stop]
+    lost = [s for s in unstarted if s.error or not s.done]
+    in_flight = [s for s in streams if s.first is not None and s.first <= t_stop and s.end > t_stop]
+    broken = [s for s in in_flight if s.error]
+    late = [s for s in broken if not s.done or s.end - t_stop > 3.0]
+    not_ok = [w for w in whole if w != 200]
+    print(f"\n[black hole] out of rotation {eject_s and round(eject_s, 2)}s after SIGSTOP; {len(streams)} streams: "
+          f"{len(unstarted) - len(lost)}/{len(unstarted)} not yet started when it went dark completed, "
+          f"{len(in_flight)} in flight of which {len(broken)} on the black hole ended with error + [DONE] within "
+          f"{max((s.end - t_stop for s in broken), default=0):.2f}s; non-stream: {len(whole)} "
+          f"({len(not_ok)} failed {not_ok[:3]})")
+    assert eject_s is not None and eject_s <= 2.0, eject_s
+    assert not lost, [(s.error, s.done) for s in lost[:5]]
+    assert broken, "some streams should have been running on the black-holed worker"
+    assert not late, [(s.error, s.done, round(s.end - t_stop, 2)) for s in late[:5]]
+    assert not not_ok
