@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from fleet.spec import Spec, Tier
+from fleet.spec import Spec, SpecError, Tier
 from gateway import admission, sla, sli
 from gateway.channel import ChannelConnector
 from gateway.door import FailureLimiter, InFlight
@@ -180,14 +180,38 @@ class Gateway:
         """Apply the routing file if it is valid; a broken file keeps the running config."""
         try:
             config = self._read_routing()
+            spec = self._config_spec(config)
             self.router.apply(config)
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError, SpecError) as e:
             log.error("routing config %s not applied: %s", self.settings.routing_path, type(e).__name__)
             return False
+        if spec is not None and spec != self.spec:
+            self.apply_spec(spec)
         self._routing_mtime = self._mtime()
         self._update_health_gauges()
         log.info("routing config applied (version %d)", self.router.version)
         return True
+
+    def _config_spec(self, config: dict[str, Any]) -> Spec | None:
+        """The spec in a gateway config (`python -m gateway --config`: fleet.routing.gateway_config), if any."""
+        if "spec" not in config:
+            return None
+        from fleet.routing import spec_from_gateway_config
+        return spec_from_gateway_config(config)
+
+    def apply_spec(self, spec: Spec) -> None:
+        """A changed gateway config, live: tiers (limits, SLOs, priorities) and the `gateway:` settings read
+        per request. State backends and listening ports are set at start: a change to them is logged."""
+        old = self.spec
+        self.spec = spec
+        self.tiers = {t.name: t for t in spec.tiers}
+        self.embedding_tiers = {t.name: _embedding_tier(t) for t in spec.tiers}
+        self.max_priority = max((t.priority for t in spec.tiers), default=0)
+        self.router.slow_s = {m.id: limits_for(spec, m.id).ttft_s for m in spec.models}
+        fixed = [f for f in ("state", "port", "replicas") if getattr(spec.gateway, f) != getattr(old.gateway, f)]
+        if fixed:
+            log.warning("gateway config: %s changed; applied at the next restart", ", ".join(fixed))
+        log.info("gateway config applied (tiers: %s)", ", ".join(sorted(self.tiers)))
 
     async def _watch_routing(self) -> None:
         while True:
@@ -572,7 +596,9 @@ def _admin_token(state_dir: Path) -> str:
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
+            # a prefix: a bare token_urlsafe starts with '-' one time in 64, which argparse then reads
+            # as an option (`--admin-token -x...`: the canary tests' old intermittent failure)
+            f.write("adm-" + secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 

@@ -135,11 +135,13 @@ def test_slow_requests_of_one_tenant_leave_other_tenants_untouched(door_stack):
     print(f"\n[door] victim p99 before {p99(before) * 1000:.1f} ms, during 2,000 stalled attacker connections "
           f"{p99(during) * 1000:.1f} ms; attacker answers {codes}")
     assert set(victim_statuses) == {200}
-    assert codes.get((408, "request_timeout")) == 40
-    assert codes.get((429, "concurrent_requests_exceeded")) == 1960
+    # 40 hold the cap until their body deadline; on a slow machine, connections still being opened
+    # when those 40 time out take the freed slots and time out in turn: more 408s, never fewer
+    timed_out, refused = codes.get((408, "request_timeout"), 0), codes.get((429, "concurrent_requests_exceeded"), 0)
+    assert timed_out >= 40 and timed_out + refused == 2000
     assert p99(during) < max(1.0, 5 * p99(before))
     rows = [r for r in ledger.query(stack.state / "ledger.db", tenant="mallory")]
-    assert sum(r["status"] == 408 for r in rows) == 40          # the stalls are metered to their tenant
+    assert sum(r["status"] == 408 for r in rows) == timed_out   # the stalls are metered to their tenant
 
 
 # ---- request heads and bodies ----------------------------------------------------------------
