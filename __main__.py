@@ -22,6 +22,7 @@ from fleet.components.certs import ChannelCerts
 from fleet.components.gateway import TLS_DIR
 from fleet.components.monitoring import Monitoring
 from fleet.launch import lease_channel
+from fleet.routing import gateway_config
 from fleet.plan import build_plan, is_local_only
 
 ROOT = Path(__file__).resolve().parent
@@ -106,7 +107,9 @@ else:
     })
     gateway_names = [g.name for g in gateways]
     gateway = GatewayFleet("infermesh-gateway", {
-        "stack": stack, "image": images.gateway_ref, "routing": workers.routing(plan.routing, TLS_DIR),
+        # the one gateway config (routing with the channel, tiers, limits, SLOs): a ConfigMap, never the image
+        "stack": stack, "image": images.gateway_ref,
+        "routing": workers.routing(plan.routing, TLS_DIR).apply(lambda r: gateway_config(spec, r)),
         "channel_tls": {"ca.crt": certs.ca_cert, "gateway.crt": certs.client_cert, "gateway.key": certs.client_key},
         "host": spec.gateway.host, "tls_issuer": spec.gateway.tls_issuer, "namespace": spec.gateway.namespace,
         "port": spec.gateway.port, "replicas": spec.gateway.replicas, "drain_timeout_s": spec.gateway.drain_timeout_s,

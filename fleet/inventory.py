@@ -34,13 +34,14 @@ from typing import Any
 
 import yaml
 
+from fleet import launch
 from fleet.plan import WORKER_PORT, Lease, MeshNode, Plan
 from fleet.spec import Spec, SpecError
 
 GATEWAYS, WORKERS = "gateways", "workers"
 _IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
 # Disk a worker needs beyond its weights (image layers, logs, caches), GiB.
-WORKER_DISK_OVERHEAD_GB = 20
+WORKER_DISK_OVERHEAD_GB = launch.DISK_OVERHEAD_GB      # the plan's (fleet/launch.py disk_gb)
 SIM_WORKER_DISK_GB = 1
 GATEWAY_ADMIN_TOKEN_FILE = "/var/lib/infermesh/gateway/admin.token"
 
@@ -200,8 +201,7 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
                 "preflight_gpu_type": "" if lease.gpu_type == "cpu" else lease.gpu_type,
                 "preflight_gpu_count": lease.gpu_count,
                 "preflight_vram_gb": vram,
-                "preflight_min_disk_gb": (model.weights_gb + WORKER_DISK_OVERHEAD_GB) if vram
-                else SIM_WORKER_DISK_GB,
+                "preflight_min_disk_gb": launch.disk_gb(spec, pool) if vram else SIM_WORKER_DISK_GB,
                 "worker_pool": lease.pool,
                 "worker_endpoint_id": endpoint_id(lease),
                 "worker_model": model.id,
@@ -212,6 +212,8 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
                 "worker_port": worker_port,
                 "worker_max_concurrency": pool.max_concurrency,
                 "worker_max_model_len": pool.max_model_len or model.context_length,
+                # the plan's launch (fleet/launch.py): SSH hosts are on the WireGuard channel, no TLS flags
+                "worker_engine_args": launch.serving_flags(spec, pool, lease.gpu_count, None),
                 "worker_gateway_host": gateway_names[0],
             })
             sim = pool.sim

@@ -14,7 +14,8 @@ A new marketplace is one row here plus its adapter (fleet/marketplaces/). Facts 
 - ``udp``: whether the marketplace forwards a UDP port (WireGuard can be dialled into the host);
 - ``adapter``: the marketplace adapter's name (fleet/marketplaces), None where nothing is rented;
 - ``regions``: how a region is matched there (``countries``: the adapter filters offers by the
-  region's countries; ``none``: not applicable).
+  region's countries; ``none``: not applicable);
+- ``key_env``: where the adapter reads its API key when no stack secret is handed to it (CI, a shell).
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ class Kind:
     udp: bool = False
     adapter: str | None = None
     regions: Literal["countries", "none"] = "none"
+    key_env: str | None = None
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("sim", local=True, channel="mtls"),
     # llama.cpp's server cannot require a client certificate: it stays on loopback, plain
     Kind("llamacpp", local=True, channel="loopback"),
-    Kind("vastai", leased=True, channel="mtls", ssh=True, udp=True, adapter="vastai", regions="countries"),
-    Kind("runpod", leased=True, channel="mtls", ssh=True, udp=False, adapter="runpod", regions="countries"),
-    Kind("akash", leased=True, channel="mtls", ssh=True, udp=True, adapter="akash", regions="countries"),
-    Kind("openai", upstream=True, channel="https"),
+    Kind("vastai", leased=True, channel="mtls", ssh=True, udp=True, adapter="vastai", regions="countries",
+         key_env="VASTAI_API_KEY"),
+    Kind("runpod", leased=True, channel="mtls", ssh=True, udp=False, adapter="runpod", regions="countries",
+         key_env="RUNPOD_API_KEY"),
+    Kind("akash", leased=True, channel="mtls", ssh=True, udp=True, adapter="akash", regions="countries",
+         key_env="AKASH_API_KEY"),
+    Kind("openai", upstream=True, channel="https", adapter="openai", key_env="OPENAI_UPSTREAM_API_KEY"),
 )}
 
 LOCAL_KINDS = tuple(k for k, v in KINDS.items() if v.local)

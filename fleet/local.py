@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.channel import LocalCerts
+from fleet.kinds import LOCAL_KINDS
+from fleet.launch import TlsFiles, sim_command
 from fleet.paths import private_dir
 from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
 from fleet.spec import ROOT, Spec
 
-LOCAL_KINDS = ("sim", "llamacpp")
 RESTART_BASE_S = 0.5      # a dead gateway replica is restarted after this, doubling while it keeps dying ...
 RESTART_MAX_S = 30.0      # ... up to this
 RESTART_RESET_S = 60.0    # a replica that ran this long before dying starts again from RESTART_BASE_S
@@ -93,18 +94,9 @@ class LocalStack:
             for i in range(pool.replicas):
                 port = ports[(pool.name, i)]
                 if kind == "sim":
-                    knobs = pool.sim or type(pool).model_fields["sim"].annotation.__args__[0]()
-                    cmd = [sys.executable, "-m", "engines.sim", "--host", self.host, "--port", str(port),
-                           "--model", pool.model, "--ttft-ms", str(knobs.ttft_ms), "--itl-ms", str(knobs.itl_ms),
-                           "--output-tokens", str(knobs.output_tokens), "--error-rate", str(knobs.error_rate),
-                           "--max-concurrency", str(pool.max_concurrency),
-                           "--max-model-len", str(pool.max_model_len or self.spec.model(pool.model).context_length),
-                           "--enable-prompt-tokens-details"]
-                    if self.spec.model(pool.model).kind == "embedding":
-                        cmd += ["--embedding-dim", str(knobs.embedding_dim)]
-                    if knobs.seed is not None:
-                        cmd += ["--seed", str(knobs.seed)]
-                    cmd += self.tls_args(f"{pool.name}-{i}")
+                    # the plan's launch (fleet/launch.py), the sim's vocabulary, on this stack's mutual TLS
+                    cmd = sim_command(self.spec, pool, sys.executable, self.host, port,
+                                      self.tls_files(f"{pool.name}-{i}"))
                 else:
                     from engines import llamacpp
                     llamacpp.check_available(pool.gguf)
@@ -116,12 +108,11 @@ class LocalStack:
     def certs(self) -> LocalCerts:
         return LocalCerts(self.state, self.spec.stack, self.host)
 
-    def tls_args(self, lease: str) -> list[str]:
-        """A local worker's mutual TLS, with vLLM's option names: its own certificate from the
-        stack's local CA (made at `infermesh up`, fleet/channel.py), client certificates required."""
+    def tls_files(self, lease: str) -> TlsFiles:
+        """A local worker's mutual TLS: its own certificate from the stack's local CA (made at
+        `infermesh up`, fleet/channel.py); fleet/launch.py requires client certificates with it."""
         cert, key = self.certs.worker(lease)
-        return ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--ssl-ca-certs", str(self.certs.ca),
-                "--ssl-cert-reqs", "2"]
+        return TlsFiles(str(cert), str(key), str(self.certs.ca))
 
     def worker_base(self, port: int, cmd: list[str]) -> str:
         """A local worker's root URL as it serves: https when it was started on mutual TLS."""

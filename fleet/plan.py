@@ -38,13 +38,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fleet.kinds import LEASED_KINDS, LOCAL_KINDS  # noqa: F401  (the table of provider kinds; policy imports them)
 from fleet.routing import local_endpoints, routing_config
 from fleet.spec import Pool, Spec
 
 HOURS_PER_MONTH = 730
 WORKER_PORT = 8000                      # vLLM's OpenAI-compatible server on each worker
-LOCAL_KINDS = ("sim", "llamacpp")       # workers run as local processes, no lease
-LEASED_KINDS = ("vastai", "runpod", "akash")
 GiB = 2 ** 30
 
 

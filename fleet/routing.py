@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.channel import tls_ref
-from fleet.kinds import channel_for
+from fleet.kinds import channel_for, kind
 from fleet.spec import Pool, Spec
 
 EndpointRule = Callable[[Pool, int], str]   # (pool, replica index) -> base URL of the worker
@@ -43,7 +43,7 @@ def canary_share(spec: Spec) -> tuple[float, float]:
     def active(p: Pool) -> bool:
         prov = spec.provider(p.provider)
         return (p.role == "primary" and not prov.drained and prov.role != "overflow"
-                and p.weight > 0 and (prov.kind == "openai" or p.replicas > 0))
+                and p.weight > 0 and (kind(prov.kind).upstream or p.replicas > 0))
 
     total = sum(p.weight for p in spec.pools if p.model == base.model and active(p))
     if not active(base) or total <= 0:
@@ -61,7 +61,7 @@ def local_endpoints(spec: Spec) -> dict[tuple[str, int], int]:
     port = spec.local_port_base
     canary = canary_pool(spec)
     for pool in [*spec.pools, *([canary] if canary is not None else []), *local_spec(spec).pools]:
-        if spec.provider(pool.provider).kind not in ("sim", "llamacpp"):
+        if not kind(spec.provider(pool.provider).kind).local:
             continue
         for i in range(pool.replicas):
             if (pool.name, i) not in ports:
@@ -81,6 +81,33 @@ def local_spec(spec: Spec) -> Spec:
 def local_rule(spec: Spec, host: str = "127.0.0.1") -> EndpointRule:
     ports = local_endpoints(spec)
     return lambda pool, i: f"https://{host}:{ports[(pool.name, i)]}"
+
+
+def gateway_config(spec: Spec, routing: dict[str, Any]) -> dict[str, Any]:
+    """The one file a gateway reads (a ConfigMap on Kubernetes): the routing config (models, pools,
+    endpoints and their channels, ``tls_dir``) and, under ``spec``, the rest of the declared service
+    the gateway serves by (tiers, limits, SLOs, the ``gateway:`` block). Secrets are never in it: only
+    their names (the values reach the pods as INFERMESH_SECRET_* environment). The gateway image
+    carries code only, so a stack change (a failover, a canary) changes this file, not the image."""
+    return {**routing, "spec": spec.model_dump(mode="json", exclude={"secrets", "stack"})}
+
+
+def spec_from_gateway_config(config: dict[str, Any]) -> Spec:
+    """The Spec a gateway serves by, from ``gateway_config``'s output. The secrets it names are
+    marked as set (their values come from the environment); a config that does not validate raises
+    fleet.spec.SpecError."""
+    from fleet.spec import SpecError
+
+    data = config.get("spec")
+    if not isinstance(data, dict):
+        raise SpecError("gateway config: no `spec` object (write it with fleet.routing.gateway_config)")
+    names = [p.get(k) for p in data.get("providers") or [] for k in ("credentials", "registry_credentials")]
+    names.append((data.get("delivery") or {}).get("admin_token"))
+    secrets = {n: "(from the environment)" for n in names if n}
+    try:
+        return Spec.model_validate({**data, "stack": config.get("stack", ""), "secrets": secrets})
+    except ValueError as e:
+        raise SpecError(f"gateway config: {str(e).splitlines()[0]} ({e})") from None
 
 
 def secret_env_name(secret: str) -> str:
@@ -110,7 +137,7 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
     }
     for pool in spec.pools:
         prov = spec.provider(pool.provider)
-        if prov.kind == "openai":
+        if kind(prov.kind).upstream:
             endpoints = [{"id": f"{pool.name}/0", "url": prov.base_url, "credentials": prov.credentials,
                           "channel": "https"}]
         else:
@@ -125,6 +152,8 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
         }
         if pool.upstream_model:
             entry["upstream_model"] = pool.upstream_model
+        if not kind(prov.kind).upstream:       # the router's N+1 (gateway/router.py, Router.standby_share)
+            entry["max_concurrency"], entry["gpus"] = pool.max_concurrency, pool.gpu.count
         models[pool.model]["pools"].append(entry)
     canary = canary_pool(spec)
     if spec.canary is not None and canary is not None:
@@ -138,6 +167,11 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
             "weight": share, "base_pool": base.name, "image": spec.canary.image,
             "endpoints": [worker_endpoint(spec, canary, 0, endpoint(canary, 0))],
         })
+    from fleet.plan import capacity      # the plan sized this much primary capacity per model (with headroom)
+    for cap in capacity(spec):
+        if cap.required_gpus:
+            m = models[cap.model]
+            m["required_gpus"] = m.get("required_gpus", 0) + cap.required_gpus
     out: dict[str, Any] = {"stack": spec.stack, "models": list(models.values())}
     if tls_dir is not None:
         out["tls_dir"] = tls_dir

@@ -1,4 +1,8 @@
-"""Run the gateway: `python -m gateway --stack S --routing FILE [--host H --port P --state-dir DIR]`.
+"""Run the gateway: `python -m gateway --stack S --routing FILE [--host H --port P --state-dir DIR]`,
+or `python -m gateway --config FILE ...` with the one gateway config the plan emits
+(fleet.routing.gateway_config: routing, tiers, limits, SLOs; a ConfigMap on Kubernetes). With
+``--config`` no stack file is read: the image carries code only. The routing in that file is
+reloaded live, as ``--routing`` is.
 
 On SIGTERM uvicorn stops accepting, lets in-flight requests and streams finish for up to
 the stack's drain timeout, runs the app's shutdown, then exits with status 0 (uvicorn re-raises
@@ -30,7 +34,9 @@ from gateway.listener import Server
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gateway", description="infermesh OpenAI-compatible gateway")
-    p.add_argument("--stack", required=True)
+    p.add_argument("--stack", default=None, help="the stack file to serve (or --config)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the gateway config the plan emits (fleet.routing.gateway_config), instead of --stack")
     p.add_argument("--stacks-dir", type=Path, default=None, help="folder holding Pulumi.<stack>.yaml")
     p.add_argument("--routing", type=Path, default=None, help="routing config JSON (default: STATE_DIR/routing.json)")
     p.add_argument("--host", default="127.0.0.1")
@@ -42,13 +48,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also listen here with SO_REUSEPORT, shared with the other replicas")
     args = p.parse_args(argv)
     logsafe.setup(args.log_level.upper())
+    if (args.stack is None) == (args.config is None):
+        print("gateway: give --stack (a stack file) or --config (the plan's gateway config), one of them",
+              file=sys.stderr)
+        return 2
     try:
-        spec = spec_mod.load(args.stack, args.stacks_dir)
+        spec = _from_config(args.config) if args.config else spec_mod.load(args.stack, args.stacks_dir)
     except spec_mod.SpecError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
-    sdir = args.state_dir or state_dir(args.stack)
-    routing = args.routing or sdir / "routing.json"
+    sdir = args.state_dir or state_dir(spec.stack)
+    routing = args.config or args.routing or sdir / "routing.json"
     if not routing.exists():
         print(f"gateway: no routing config at {routing} (infermesh up writes it)", file=sys.stderr)
         return 2
@@ -85,6 +95,19 @@ def _raise_open_files() -> None:
 
 def _drained(signum, frame) -> None:
     raise SystemExit(0)
+
+
+def _from_config(path: Path) -> spec_mod.Spec:
+    import json
+
+    from fleet.routing import spec_from_gateway_config
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise spec_mod.SpecError(f"no gateway config at {path} (the ConfigMap infermesh-routing, key gateway.json)") from None
+    except (OSError, ValueError) as e:
+        raise spec_mod.SpecError(f"{path}: not a readable JSON gateway config ({e})") from None
+    return spec_from_gateway_config(config)
 
 
 def _listen(host: str, port: int, reuse_port: bool, listen: bool = True) -> socket.socket:

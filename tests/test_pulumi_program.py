@@ -33,6 +33,7 @@ from fleet.commands import failover
 from fleet.components.gateway import PEERS_KEY, ROUTING_KEY, TLS_DIR
 from fleet.components.workers import with_endpoints
 from fleet.launch import lease_channel
+from fleet.routing import gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "__main__.py"
@@ -263,7 +264,7 @@ def configmap_routing(run: Run) -> dict:
         name = unwrap(r.inputs["name"])
         n = int(hashlib.sha256(r.name.encode()).hexdigest()[:4], 16) % 250
         addrs[name] = (f"198.51.100.{n}", 31820)
-    return with_endpoints(run.plan.routing, addrs, TLS_DIR)
+    return gateway_config(run.spec, with_endpoints(run.plan.routing, addrs, TLS_DIR))
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])
@@ -408,6 +409,12 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
                                                    "tls:index/locallySignedCert:LocallySignedCert": mtls})
     # Changed: the routing ConfigMap, and nothing else (no Deployment roll, no Secret, no other lease).
     assert changed == {("kubernetes:core/v1:ConfigMap", "infermesh-gateway-routing")}
+    # the gateway Deployment's spec and image, and the image builds, are identical: no rebuild, no roll
+    dep_a, dep_b = before.mocks.one("kubernetes:apps/v1:Deployment"), after.mocks.one("kubernetes:apps/v1:Deployment")
+    assert unwrap(dep_a.inputs["spec"]) == unwrap(dep_b.inputs["spec"])
+    assert before.exports["images"] == after.exports["images"]
+    assert {i.name: unwrap(i.inputs) for i in before.mocks.of_type("docker-build:index:Image")} == \
+        {i.name: unwrap(i.inputs) for i in after.mocks.of_type("docker-build:index:Image")}
     cm = after.mocks.one("kubernetes:core/v1:ConfigMap")
     assert json.loads(cm.inputs["data"][ROUTING_KEY]) == configmap_routing(after) != configmap_routing(before)
 

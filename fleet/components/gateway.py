@@ -23,7 +23,9 @@ import pulumi_kubernetes as k8s
 
 from fleet.routing import secret_env_name
 
-ROUTING_KEY = "routing.json"
+CONFIG_KEY = "gateway.json"                     # the plan's gateway config (fleet.routing.gateway_config)
+ROUTING_KEY = CONFIG_KEY                        # the routing is part of it (models, pools, endpoints)
+CONFIG_DIR = "/etc/infermesh/config"
 PEERS_KEY = "mesh-peers.json"
 TLS_DIR = "/etc/infermesh/tls"                  # the channel's TLS material (Secret infermesh-channel-tls)
 ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
@@ -42,7 +44,8 @@ class GatewayFleetArgs(TypedDict):
     image: pulumi.Input[str]
     """The gateway image, pinned by digest."""
     routing: pulumi.Input[Mapping[str, Any]]
-    """The plan's routing config (models -> pools -> endpoints), mTLS endpoints at their leases' addresses."""
+    """The plan's gateway config (fleet.routing.gateway_config: routing with mTLS endpoints at their
+    leases' addresses, and the spec's tiers, limits and SLOs), the ConfigMap's ``gateway.json``."""
     channel_tls: NotRequired[Mapping[str, pulumi.Input[str]]]
     """The gateways' side of the mTLS channel: ``ca.crt``, ``gateway.crt``, ``gateway.key`` (secret),
     mounted at TLS_DIR, where the routing config's ``tls_dir`` points."""
@@ -131,7 +134,7 @@ class GatewayFleet(pulumi.ComponentResource):
         container = {
             "name": "gateway",
             "image": args["image"],
-            "args": ["--stack", args["stack"], "--routing", f"/etc/infermesh/routing/{ROUTING_KEY}",
+            "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
                      "--host", "0.0.0.0", "--port", str(port), "--state-dir", "/var/lib/infermesh"],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
@@ -143,7 +146,7 @@ class GatewayFleet(pulumi.ComponentResource):
             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
             "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "routing", "mountPath": "/etc/infermesh/routing", "readOnly": True},
+            "volumeMounts": [{"name": "routing", "mountPath": CONFIG_DIR, "readOnly": True},
                              {"name": "mesh", "mountPath": "/etc/infermesh/mesh", "readOnly": True},
                              *([{"name": "channel-tls", "mountPath": TLS_DIR, "readOnly": True}] if channel else []),
                              {"name": "state", "mountPath": "/var/lib/infermesh"}],

@@ -20,10 +20,13 @@ from typing import NotRequired, TypedDict
 import pulumi
 import pulumi_docker_build as docker_build
 
-# What each image's build context copies (relative to the repository root); their content is the tag.
+# What each image's build context copies (relative to the repository root), exactly (tests/test_image_smoke.py
+# reads the Dockerfiles' COPY and bind-mount sources): their content is the tag. No stack file: a stack
+# change never changes the gateway's tag (the config reaches it as a ConfigMap).
 IMAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "gateway": ("images/gateway", "gateway", "fleet", "stacks", "pyproject.toml", "requirements.lock"),
-    "worker": ("images/worker",),
+    "gateway": ("images/gateway/Dockerfile", "requirements.lock", "pyproject.toml", "README.md", "fleet", "gateway",
+                "engines"),
+    "worker": ("images/worker/Dockerfile", "images/worker/entrypoint.py"),
 }
 _SKIP = {"__pycache__", ".pytest_cache"}
 

@@ -58,6 +58,8 @@ from pulumi.dynamic import (
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
+from fleet.kinds import LEASED_KINDS
+
 PROVIDER_VERSION = "2"
 # Inputs that change what is rented or how it starts: a new lease (created before the old one goes).
 REPLACE_ON = ("provider_kind", "project", "stack", "name", "gpu_type", "gpu_count", "region", "image", "args",
@@ -374,8 +376,10 @@ class AkashLeaseProvider(LeaseProvider):
     kind = "akash"
 
 
+# listed from the table of provider kinds (fleet/kinds.py); each keeps its own class, for its own Pulumi state
 LEASE_PROVIDERS: dict[str, type[LeaseProvider]] = {
-    "vastai": VastAiLeaseProvider, "runpod": RunPodLeaseProvider, "akash": AkashLeaseProvider,
+    k: {"vastai": VastAiLeaseProvider, "runpod": RunPodLeaseProvider, "akash": AkashLeaseProvider}[k]
+    for k in LEASED_KINDS
 }
 
 

@@ -7,6 +7,7 @@ OpenAI-compatible upstream that rents nothing and is only checked (key, model li
 
 from __future__ import annotations
 
+from fleet.kinds import KINDS
 from fleet.marketplaces.akash import Akash
 from fleet.marketplaces.base import (
     AuthFailed,
@@ -33,11 +34,13 @@ from fleet.marketplaces.openai_upstream import OpenAIUpstream
 from fleet.marketplaces.runpod import RunPod
 from fleet.marketplaces.vastai import VastAi
 
-LEASE_ADAPTERS: dict[str, type[Marketplace]] = {"vastai": VastAi, "runpod": RunPod, "akash": Akash}
-ADAPTERS: dict[str, type] = {**LEASE_ADAPTERS, "openai": OpenAIUpstream}
+_CLASSES: dict[str, type] = {"vastai": VastAi, "runpod": RunPod, "akash": Akash, "openai": OpenAIUpstream}
+# listed from the table of provider kinds (fleet/kinds.py): a kind names its adapter there
+LEASE_ADAPTERS: dict[str, type[Marketplace]] = {k.name: _CLASSES[k.adapter] for k in KINDS.values()
+                                                if k.leased and k.adapter}
+ADAPTERS: dict[str, type] = {k.name: _CLASSES[k.adapter] for k in KINDS.values() if k.adapter}
 # Where each adapter reads its key when no stack secret is handed to it (CI, a shell).
-API_KEY_ENV: dict[str, str] = {"vastai": "VASTAI_API_KEY", "runpod": "RUNPOD_API_KEY", "akash": "AKASH_API_KEY",
-                               "openai": "OPENAI_UPSTREAM_API_KEY"}
+API_KEY_ENV: dict[str, str] = {k.name: k.key_env for k in KINDS.values() if k.key_env}
 
 
 def adapter_class(kind: str) -> type:
