@@ -1,8 +1,17 @@
 """Which worker serves a request: models -> pools -> endpoints, with health.
 
 Pool roles: `primary` pools share traffic by weight; a `canary` pool takes its weight as a
-share of the model's traffic; `standby` pools take traffic only when no primary endpoint is
-available; `drained` pools take none (in-flight requests finish).
+share of the model's traffic; `standby` pools take traffic when the primaries are short (below);
+`drained` pools take none (in-flight requests finish).
+
+N+1 as planned: the standby is the plan's spare capacity, so it takes traffic as soon as the
+primaries are short, not only when none is left. (a) Declared demand: where the stack has a
+forecast for the model, the routing config carries the primary GPUs the plan sized for it
+(``required_gpus``, with headroom); while the available primary endpoints hold fewer, the
+standby pools take that missing share of new requests (2 of 4 GPUs left: half). (b) In-flight
+load: an endpoint is *full* when it runs its pool's ``max_concurrency`` requests through this
+gateway or its vLLM queues; a request whose chosen primary endpoint is full goes to a standby
+endpoint with room. With no standby available, everything stays on the primaries, as before.
 
 Choice, so that declared weights hold at any load:
 
@@ -176,6 +185,8 @@ class Pool:
     model: str
     endpoints: list[Endpoint] = field(default_factory=list)
     send_model: str = ""              # the model id the upstream knows (an external upstream's may differ)
+    max_concurrency: int = 0          # sequences one endpoint runs at once (0: unknown, e.g. an external upstream)
+    gpus: int = 1                     # GPUs per endpoint, for the plan's required_gpus
 
     @property
     def endpoint_weight(self) -> float:
@@ -189,6 +200,7 @@ class ModelRoute:
     pools: list[Pool]
     kind: str = "chat"                # chat | embedding (fleet.spec.Model.kind)
     context_length: int | None = None
+    required_gpus: int = 0            # primary GPUs the plan sized for the forecast (0: no forecast)
 
 
 class Router:
@@ -211,7 +223,8 @@ class Router:
             pools = []
             for p in m.get("pools", []):
                 pool = Pool(p["name"], p.get("provider", ""), p.get("region", ""), p.get("role", "primary"),
-                            float(p.get("weight", 1.0)), m["id"], send_model=p.get("upstream_model") or m["id"])
+                            float(p.get("weight", 1.0)), m["id"], send_model=p.get("upstream_model") or m["id"],
+                            max_concurrency=int(p.get("max_concurrency") or 0), gpus=int(p.get("gpus") or 1))
                 for e in p.get("endpoints", []):
                     ep = old.get(e["id"])
                     if ep is None or ep.url != e["url"].rstrip("/"):
@@ -221,7 +234,7 @@ class Router:
                     pool.endpoints.append(ep)
                 pools.append(pool)
             models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools, m.get("kind", "chat"),
-                                         m.get("context_length"))
+                                         m.get("context_length"), int(m.get("required_gpus") or 0))
         self.models = models
         # the upstream session's connector finds each mTLS endpoint's context by its address
         self.tls = {(ep.routes["chat"].host, ep.routes["chat"].port): ep.ssl
@@ -252,9 +265,15 @@ class Router:
         if canary and by_role["primary"]:
             if self.rng.random() < sum(pool.weight for pool, _ in canary):
                 return self._p2c(self._draw(canary)[1])
-        groups = by_role["primary"] or canary or by_role["standby"]
+        standby = by_role["standby"]
+        groups = by_role["primary"] or canary or standby
         if not groups:
             return None
+        if standby and groups is not standby:
+            # N+1 as planned: the standby takes the demand the primaries left short (Router.standby_share)
+            share = self.standby_share(route, groups)
+            if share and self.rng.random() < share:
+                groups = standby
         if affinity is not None:
             candidates = [ep for _, eps in groups for ep in eps]
             ep = self._rendezvous(candidates, affinity)
@@ -266,8 +285,29 @@ class Router:
             # the drawn pool queues: draw a second pool and keep the less loaded endpoint
             other = self._p2c(self._draw([g for g in groups if g[0] is not pool])[1])
             if other.score() < ep.score():
-                return other
+                ep = other
+        if standby and groups is not standby and self._full(ep):
+            # the excess over what the primaries run at once goes to the standby while it has room
+            spare = [e for _, s_eps in standby for e in s_eps if not self._full(e)]
+            if spare:
+                return self._p2c(spare)
         return ep
+
+    @staticmethod
+    def _full(ep: Endpoint) -> bool:
+        cap = ep.pool.max_concurrency
+        return ep.saturated() or (cap > 0 and ep.outstanding >= cap)
+
+    @staticmethod
+    def standby_share(route: ModelRoute, groups: list[tuple[Pool, list[Endpoint]]]) -> float:
+        """The share of new requests the standby pools take: the part of the plan's required primary
+        GPUs (the forecast with headroom) that the available primary endpoints no longer provide.
+        0 when the primaries carry it, or when the model has no forecast (then only the in-flight
+        excess goes to the standby: ``pick``)."""
+        if route.required_gpus <= 0:
+            return 0.0
+        have = sum(pool.gpus * len(eps) for pool, eps in groups)
+        return max(0.0, 1.0 - have / route.required_gpus)
 
     def pick_panic(self, model: str, exclude: set[Endpoint] | frozenset = frozenset()) -> Endpoint | None:
         """The last resort when no endpoint of the model is available (Envoy's panic mode):

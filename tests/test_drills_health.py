@@ -9,6 +9,7 @@ bounds are the issue's; the figures are printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import openai
 
-from tests.test_drills import _http, client, mutate_with, pool_cfg
+from gateway import ledger
+from tests.test_drills import _http, client, kill9, mutate_with, pool_cfg
 
 STREAM_TOKENS = 60
 
@@ -128,3 +130,88 @@ async def test_black_hole_under_mixed_load_is_out_within_2s_and_no_unstarted_str
     assert broken, "some streams should have been running on the black-holed worker"
     assert not late, [(s.error, s.done, round(s.end - t_stop, 2)) for s in late[:5]]
     assert not not_ok
+
+
+async def test_one_provider_down_the_standby_takes_the_excess_at_once_no_503(stack_factory):
+    """Prod-shaped: a forecast for demo-chat that needs 3 GPUs (east 2 + west 1 carry it; the
+    reserve's standby is the plan's spare). Provider sim-east dies under load: the standby takes
+    the 2/3 the primaries left short at once, not only when no primary is left; no 5xx."""
+    def prod_shaped(cfg):
+        cfg["forecast"] = [{"model": "demo-chat", "region": "local", "qps": 3, "prompt_tokens": 50,
+                            "completion_tokens": 50}]
+        cfg["throughput"] = [{"gpu": "cpu", "model": "demo-chat", "tokens_per_s": 100, "efficiency": 1.0,
+                              "utilisation": 0.6}]
+        cfg.setdefault("planning", {})["headroom"] = 1.0
+    stack = stack_factory(mutate_with(prod_shaped))
+    routing = json.loads((stack.state / "routing.json").read_text())
+    assert next(m for m in routing["models"] if m["id"] == "demo-chat")["required_gpus"] == 3
+    c = client(stack, timeout=60)
+    stop = asyncio.Event()
+    statuses: list[int | str] = []
+
+    async def loop() -> None:
+        while not stop.is_set():
+            try:
+                r = await c.chat.completions.create(model="demo-chat", max_tokens=4,
+                                                    messages=[{"role": "user", "content": "n+1"}])
+                statuses.append(200 if r.choices[0].message.content else "empty")
+            except openai.APIStatusError as e:
+                statuses.append(e.status_code)
+            except openai.APIError as e:
+                statuses.append(repr(e))
+    tasks = [asyncio.create_task(loop()) for _ in range(12)]
+    try:
+        await asyncio.sleep(2.0)
+        t_kill = time.time()
+        kill9(stack, "demo-chat-east-0", "demo-chat-east-1")
+        await asyncio.sleep(4.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await c.close()
+    rows = [r for r in ledger.query(stack.state / "ledger.db") if r["requested_model"] == "demo-chat"]
+
+    def share(sel) -> tuple[float, int]:
+        n = len(sel)
+        return (sum(r["pool"] == "demo-chat-reserve" for r in sel) / n if n else 0.0), n
+    before, n_before = share([r for r in rows if r["created_at"] < t_kill])
+    first_s, n_first = share([r for r in rows if t_kill + 0.1 <= r["created_at"] < t_kill + 1.0])
+    after, n_after = share([r for r in rows if r["created_at"] >= t_kill + 1.0])
+    failed = [s for s in statuses if s != 200]
+    print(f"\n[n+1] standby share of demo-chat: {before:.0%} of {n_before} before sim-east died, {first_s:.0%} of "
+          f"{n_first} in the first second after, {after:.0%} of {n_after} after (plan: 2/3 short); "
+          f"{len(statuses)} requests, {len(failed)} failed {failed[:3]}")
+    assert before < 0.1
+    assert 0.45 <= after <= 0.9, after
+    assert first_s >= 0.3, first_s
+    assert not failed
+
+
+def test_router_standby_takes_the_in_flight_excess_and_the_planned_shortfall():
+    """No processes: the router's choice alone. (a) A primary endpoint running its pool's
+    max_concurrency sends the next request to the standby; (b) with the plan's required_gpus
+    above the available primary GPUs, the standby takes the missing share."""
+    import random
+
+    from gateway.router import Router
+
+    def config(required: int = 0) -> dict:
+        return {"models": [{"id": "m", "required_gpus": required, "pools": [
+            {"name": "p", "role": "primary", "weight": 1, "max_concurrency": 2, "gpus": 1,
+             "endpoints": [{"id": f"p/{i}", "url": f"http://127.0.0.1:{9000 + i}"} for i in range(2)]},
+            {"name": "s", "role": "standby", "weight": 1, "max_concurrency": 2, "gpus": 1,
+             "endpoints": [{"id": "s/0", "url": "http://127.0.0.1:9100"}]}]}]}
+    r = Router(config(), rng=random.Random(1))
+    p0, p1 = r.models["m"].pools[0].endpoints
+    assert {r.pick("m").pool.name for _ in range(200)} == {"p"}
+    p0.outstanding = p1.outstanding = 2                      # both primaries full
+    assert {r.pick("m").pool.name for _ in range(50)} == {"s"}
+    r.models["m"].pools[1].endpoints[0].outstanding = 2      # the standby full too: the primaries queue
+    assert {r.pick("m").pool.name for _ in range(50)} == {"p"}
+
+    r = Router(config(required=2), rng=random.Random(2))
+    assert {r.pick("m").pool.name for _ in range(200)} == {"p"}
+    p1 = r.models["m"].pools[0].endpoints[1]
+    p1.healthy = False                                       # 1 of the 2 planned GPUs left: half to the standby
+    picks = [r.pick("m").pool.name for _ in range(2000)]
+    assert 0.4 < picks.count("s") / len(picks) < 0.6
