@@ -104,7 +104,8 @@ def _from_config(path: Path) -> spec_mod.Spec:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise spec_mod.SpecError(f"no gateway config at {path} (the ConfigMap infermesh-routing, key gateway.json)") from None
+        raise spec_mod.SpecError(f"no gateway config at {path} "
+                                 "(the ConfigMap infermesh-routing, key gateway.json)") from None
     except (OSError, ValueError) as e:
         raise spec_mod.SpecError(f"{path}: not a readable JSON gateway config ({e})") from None
     return spec_from_gateway_config(config)

@@ -291,7 +291,7 @@ def test_network_policies(runs, stack):
     # Only three doors: the ingress controller to the gateway port, WireGuard, and the mesh to the gateway port.
     assert len(rules) == 3
     assert rules[0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "envoy-gateway-system"}}}]
     assert rules[0]["ports"] == [{"protocol": "TCP", "port": port}]
     assert rules[1] == {"ports": [{"protocol": "UDP", "port": run.spec.mesh.port}]}
     assert rules[2] == {"from": [{"ipBlock": {"cidr": run.spec.mesh.cidr}}],
@@ -308,12 +308,21 @@ def test_no_public_service_and_tls_ingress(runs, stack):
 
     for r in run.mocks.resources:
         assert policy.check_resource(r.typ, unwrap(r.inputs), r.name) == [], r.name
-    ingress = run.mocks.one("kubernetes:networking.k8s.io/v1:Ingress")
-    assert ingress.inputs["spec"]["tls"] == [{"hosts": [run.spec.gateway.host], "secretName": "infermesh-gateway-tls"}]
-    assert ingress.inputs["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == run.spec.gateway.tls_issuer
-    # the public ingress routes the API and the status page only: never /metrics or /admin/*
-    paths = {(p["path"], p["pathType"]) for rule in ingress.inputs["spec"]["rules"] for p in rule["http"]["paths"]}
-    assert paths == {("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact")}
+    # the public entry is on the Gateway API: an HTTPS listener with cert-manager's certificate ...
+    assert not run.mocks.of_type("kubernetes:networking.k8s.io/v1:Ingress")
+    gw = run.mocks.one("kubernetes:gateway.networking.k8s.io/v1:Gateway")
+    [listener] = gw.inputs["spec"]["listeners"]
+    assert (listener["protocol"], listener["port"], listener["hostname"]) == ("HTTPS", 443, run.spec.gateway.host)
+    assert listener["tls"] == {"mode": "Terminate", "certificateRefs": [{"kind": "Secret",
+                                                                          "name": "infermesh-gateway-tls"}]}
+    assert gw.inputs["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == run.spec.gateway.tls_issuer
+    # ... and an HTTPRoute on it for the API and the status page only: never /metrics or /admin/*
+    route = run.mocks.one("kubernetes:gateway.networking.k8s.io/v1:HTTPRoute")
+    assert route.inputs["spec"]["parentRefs"] == [{"name": "infermesh-public", "sectionName": "https"}]
+    paths = {(m["path"]["value"], m["path"]["type"]) for rule in route.inputs["spec"]["rules"] for m in rule["matches"]}
+    assert paths == {("/v1", "PathPrefix"), ("/status", "Exact"), ("/status.json", "Exact")}
+    assert all(b == [{"name": "infermesh-gateway", "port": 80}]
+               for b in (rule["backendRefs"] for rule in route.inputs["spec"]["rules"]))
     assert run.exports["endpoint"] == f"https://{run.spec.gateway.host}/v1"
 
 
@@ -323,7 +332,16 @@ def test_gateway_deployment_hpa_pdb_images(runs, stack):
     dep = run.mocks.one("kubernetes:apps/v1:Deployment")
     pod = dep.inputs["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    assert dep.inputs["spec"]["replicas"] == run.spec.gateway.replicas
+    # the HPA owns replicas: the Deployment states none (Pulumi would reset the HPA's count on every update)
+    assert "replicas" not in dep.inputs["spec"]
+    # a terminating pod keeps serving through preStop, then drains its streams within the grace period
+    from fleet.components.gateway import PRESTOP_S
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": PRESTOP_S}}
+    assert pod["terminationGracePeriodSeconds"] >= PRESTOP_S + run.spec.gateway.drain_timeout_s + 5
+    # probes as the gateway means them: ready once it has keys, alive while it answers
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
     assert "@sha256:" in container["image"] and container["image"] == run.exports["images"]["gateway"]
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     hpa = run.mocks.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler")

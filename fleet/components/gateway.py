@@ -1,15 +1,26 @@
 """GatewayFleet: the OpenAI-compatible gateway on Kubernetes (pulumi-kubernetes).
 
-Namespace, Secret (upstream keys and the gateways' mesh interfaces), ConfigMap (the routing
-config, byte for byte the plan's, and the mesh peer list), Deployment, ClusterIP Service,
-HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicies (deny all ingress; allow only the
-ingress controller to the gateway port and WireGuard on the mesh port) and an Ingress with TLS
-from cert-manager.
+Namespace, Secrets (upstream keys, the gateways' mesh interfaces, the admin token, the channel's
+TLS material), ConfigMap (the plan's gateway config and the mesh peer list), Deployment, ClusterIP
+Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicies (deny all ingress; allow
+only the Gateway API controller to the gateway port and WireGuard on the mesh port), and the
+public entry on the Gateway API (ingress-nginx is retired): a Gateway with an HTTPS listener whose
+certificate cert-manager issues, and an HTTPRoute for the customers' paths only (/v1, /status).
 
-Secure defaults: no LoadBalancer or NodePort (the Ingress is the only way in), TLS required
+What an SRE asks of it:
+- replicas: the HPA owns them (minReplicas = the stack's gateway.replicas); the Deployment states
+  none, so a `pulumi up` never resets what the HPA scaled to.
+- rollouts and drains: a preStop sleep (``PRESTOP_S``) lets the endpoint leave the Service and the
+  Gateway's backends before SIGTERM, then the gateway drains its streams for the stack's
+  drain_timeout_s; terminationGracePeriodSeconds covers both and a margin.
+- probes as the gateway means them: readiness is /ready (503 until this replica has a key set:
+  it would refuse every key), liveness is /health (the process answers); a startupProbe gives
+  the first key load time without the liveness probe killing it.
+- /metrics and /admin/* are operator-only: the HTTPRoute routes /v1 and the status page, nothing else.
+
+Secure defaults: no LoadBalancer or NodePort of ours (the Gateway is the only way in), TLS required
 (``tls_issuer`` must be set), pods run as non-root with a read-only root filesystem, and the
-routing config is reloaded live by the gateway, so a failover changes the ConfigMap only and
-rolls no pod.
+gateway config is reloaded live, so a failover changes the ConfigMap only and rolls no pod.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ TLS_DIR = "/etc/infermesh/tls"                  # the channel's TLS material (Se
 ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
 # what the public ingress routes to the gateway: the API and the status page, nothing operator-only
 PUBLIC_PATHS = (("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact"))
+PRESTOP_S = 10          # seconds a terminating pod keeps serving while endpoints and the Gateway forget it
 
 
 def routing_json(routing: Mapping[str, Any]) -> str:
@@ -75,9 +87,10 @@ class GatewayFleetArgs(TypedDict):
     drain_timeout_s: NotRequired[float]
     """Grace for in-flight streams on SIGTERM."""
     ingress_namespace: NotRequired[str]
-    """Namespace of the ingress controller allowed to reach the gateway (default ``ingress-nginx``)."""
-    ingress_class: NotRequired[str]
-    """IngressClass (default ``nginx``)."""
+    """Namespace of the Gateway API controller's proxies allowed to reach the gateway
+    (default ``envoy-gateway-system``, Envoy Gateway's)."""
+    gateway_class: NotRequired[str]
+    """GatewayClass of the public Gateway (default ``envoy-gateway``)."""
 
 
 class GatewayFleet(pulumi.ComponentResource):
@@ -95,6 +108,7 @@ class GatewayFleet(pulumi.ComponentResource):
         port = args.get("port", 8080)
         replicas = args.get("replicas", 1)
         mesh_port = args.get("mesh_port", 51820)
+        gw_ns = args.get("ingress_namespace", "envoy-gateway-system")   # the Gateway API proxies' namespace
         labels = {"app.kubernetes.io/name": "infermesh-gateway", "app.kubernetes.io/component": "gateway",
                   "app.kubernetes.io/part-of": "infermesh", "infermesh/stack": args["stack"]}
         child = pulumi.ResourceOptions(parent=self)
@@ -140,9 +154,15 @@ class GatewayFleet(pulumi.ComponentResource):
             "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
             "env": [{"name": ADMIN_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
                 "name": "infermesh-admin", "key": ADMIN_TOKEN_KEY}}}] if admin is not None else [],
-            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
+            # readiness: /ready (a key set loaded); liveness: /health; startup: the first key load may be slow
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
+                               "timeoutSeconds": 2, "failureThreshold": 2},
             "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
-                              "failureThreshold": 6},
+                              "timeoutSeconds": 5, "failureThreshold": 6},
+            "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2,
+                             "timeoutSeconds": 2, "failureThreshold": 60},
+            # endpoints and the Gateway's proxies stop sending before SIGTERM starts the drain
+            "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
             "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
@@ -154,13 +174,15 @@ class GatewayFleet(pulumi.ComponentResource):
         deployment = k8s.apps.v1.Deployment(
             f"{name}-deployment", metadata=meta("infermesh-gateway"),
             spec={
-                "replicas": replicas,
+                # no "replicas": the HPA owns them (minReplicas below); Pulumi stating them too would
+                # reset the HPA's count on every update
                 "selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}},
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
-                        "terminationGracePeriodSeconds": int(args.get("drain_timeout_s", 30)) + 10,
+                        # preStop, then the streams' drain (the stack's drain_timeout_s), then a margin
+                        "terminationGracePeriodSeconds": PRESTOP_S + int(args.get("drain_timeout_s", 30)) + 10,
                         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                             "seccompProfile": {"type": "RuntimeDefault"}},
                         "automountServiceAccountToken": False,
@@ -204,7 +226,7 @@ class GatewayFleet(pulumi.ComponentResource):
                 "policyTypes": ["Ingress"],
                 "ingress": [
                     {"from": [{"namespaceSelector": {"matchLabels": {
-                        "kubernetes.io/metadata.name": args.get("ingress_namespace", "ingress-nginx")}}}],
+                        "kubernetes.io/metadata.name": gw_ns}}}],
                      "ports": [{"protocol": "TCP", "port": port}]},
                     # WireGuard: workers dial in from wherever they are rented; the key is the guard.
                     {"ports": [{"protocol": "UDP", "port": mesh_port}]},
@@ -214,21 +236,30 @@ class GatewayFleet(pulumi.ComponentResource):
                 ],
             },
             opts=in_ns)
-        k8s.networking.v1.Ingress(
-            f"{name}-ingress",
-            metadata={**meta("infermesh-gateway"), "annotations": {
-                "cert-manager.io/cluster-issuer": args["tls_issuer"],
-                "nginx.ingress.kubernetes.io/proxy-buffering": "off",       # SSE: never buffer a stream
-                "nginx.ingress.kubernetes.io/proxy-read-timeout": "600",
-                "nginx.ingress.kubernetes.io/ssl-redirect": "true"}},
-            spec={"ingressClassName": args.get("ingress_class", "nginx"),
-                  "tls": [{"hosts": [args["host"]], "secretName": "infermesh-gateway-tls"}],
+        public = k8s.apiextensions.CustomResource(
+            f"{name}-gateway", api_version="gateway.networking.k8s.io/v1", kind="Gateway",
+            metadata={**meta("infermesh-public"), "annotations": {
+                # cert-manager's gateway-shim issues the listener's certificate into the Secret it names
+                "cert-manager.io/cluster-issuer": args["tls_issuer"]}},
+            spec={"gatewayClassName": args.get("gateway_class", "envoy-gateway"),
+                  "listeners": [{"name": "https", "protocol": "HTTPS", "port": 443, "hostname": args["host"],
+                                 "tls": {"mode": "Terminate", "certificateRefs": [
+                                     {"kind": "Secret", "name": "infermesh-gateway-tls"}]},
+                                 "allowedRoutes": {"namespaces": {"from": "Same"}}}]},
+            opts=in_ns)
+        k8s.apiextensions.CustomResource(
+            f"{name}-route", api_version="gateway.networking.k8s.io/v1", kind="HTTPRoute",
+            metadata=meta("infermesh-gateway"),
+            spec={"parentRefs": [{"name": "infermesh-public", "sectionName": "https"}],
+                  "hostnames": [args["host"]],
                   # the customers' routes only: /metrics and /admin/* never leave the cluster
-                  "rules": [{"host": args["host"], "http": {"paths": [
-                      {"path": path, "pathType": kind,
-                       "backend": {"service": {"name": "infermesh-gateway", "port": {"name": "http"}}}}
-                      for path, kind in PUBLIC_PATHS]}}]},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[service]))
+                  "rules": [{"matches": [{"path": {"type": "PathPrefix" if kind == "Prefix" else "Exact",
+                                                   "value": path}}],
+                             "backendRefs": [{"name": "infermesh-gateway", "port": 80}],
+                             # streams: no request deadline at the proxy (the gateway keeps its own per tier)
+                             "timeouts": {"request": "0s"}}
+                            for path, kind in PUBLIC_PATHS]},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[service, public]))
         self.url = pulumi.Output.from_input(f"https://{args['host']}/v1")
         self.namespace = pulumi.Output.from_input(ns_name)
         self.register_outputs({"url": self.url, "namespace": self.namespace})
