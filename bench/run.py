@@ -455,11 +455,16 @@ class Bench:
         """direct, gateway, then LiteLLM: started only for its own runs, so that core 0 holds one proxy."""
         yield "direct", self.direct, "", self.fast.pid
         yield "gateway", self.gateway, self.key, self.gw.pid
-        if self.args.channel:       # the same gateway code with the channel on; core 0 holds one proxy at a time
+        # the same gateway code with the channel on, alternating with it for --rounds (medians compared);
+        # core 0 holds one proxy at a time (the plain one is stopped while the mTLS one runs)
+        for k in range(self.args.rounds if self.args.channel else 0):
+            suffix = "" if k == 0 else f"@{k + 1}"
+            if k > 0:
+                yield f"gateway{suffix}", self.gateway, self.key, self.gw.pid
             self.gw.send_signal(signal.SIGSTOP)
             self.start_gateway(mtls=True)
             try:
-                yield "gateway-mtls", self.gateway_mtls, self.key_mtls, self.gw_mtls.pid
+                yield f"gateway-mtls{suffix}", self.gateway_mtls, self.key_mtls, self.gw_mtls.pid
             finally:
                 self.procs.stop(self.gw_mtls)
                 self.gw.send_signal(signal.SIGCONT)
@@ -766,26 +771,35 @@ def render_channel(scenario: str, res: dict) -> str:
     runs = res.get("runs", {})
     labels = {"S1": ("nonstream-c16", "nonstream-c64", "stream32-c16"),
               "S2": ("nonstream-c1", "stream32-c1"), "S3": (f"streams{res.get('streams')}",)}.get(scenario, ())
-    lines = ["| run | metric | gateway (plain HTTP) | gateway (mTLS) | mTLS/plain |", "|---|---|---|---|---|"]
+    import re
+    import statistics
+
+    rounds = max([1] + [int(m.group(1)) for k in runs if (m := re.match(r"gateway(?:-mtls)?@(\d+)/", k))])
+    lines = [f"Medians of {rounds} alternating runs of each.", ""] if rounds > 1 else []
+    lines += ["| run | metric | gateway (plain HTTP) | gateway (mTLS) | mTLS/plain |", "|---|---|---|---|---|"]
+
+    def per_core(r: dict) -> float | None:
+        pr = next(iter(r.get("procs", {}).values()), None)
+        return round(r["rps"] / (pr["cpu_pct"] / 100), 0) if pr and pr.get("cpu_pct") and r.get("rps") else None
+
+    def median(path: str, label: str, f) -> float | None:
+        vals = [f(r) for k in range(rounds)
+                if (r := runs.get(f"{path}{'' if k == 0 else f'@{k + 1}'}/{label}")) and f(r) is not None]
+        return round(statistics.median(vals), 2) if vals else None
+
     for label in labels:
-        plain, tls = runs.get(f"gateway/{label}"), runs.get(f"gateway-mtls/{label}")
-        if not plain or not tls:
+        if not runs.get(f"gateway/{label}") or not runs.get(f"gateway-mtls/{label}"):
             continue
-
-        def per_core(r: dict) -> float | None:
-            pr = next(iter(r.get("procs", {}).values()), None)
-            return round(r["rps"] / (pr["cpu_pct"] / 100), 0) if pr and pr.get("cpu_pct") and r.get("rps") else None
-
-        rows = [("req/s", plain.get("rps"), tls.get("rps"), "ratio"),
-                ("req/s per server CPU-second", per_core(plain), per_core(tls), "ratio")]
+        metrics = [("req/s", lambda r: r.get("rps"), "ratio"), ("req/s per server CPU-second", per_core, "ratio")]
         if scenario == "S3":
-            rows += [("CPU µs per token", _us_per_token(plain), _us_per_token(tls), "ratio"),
-                     ("TTFT p99", _g(plain, "ttft_ms", "p99"), _g(tls, "ttft_ms", "p99"), "delta"),
-                     ("inter-token gap p99", _g(plain, "gap_ms", "p99"), _g(tls, "gap_ms", "p99"), "delta")]
+            metrics += [("CPU µs per token", _us_per_token, "ratio"),
+                        ("TTFT p99", lambda r: _g(r, "ttft_ms", "p99"), "delta"),
+                        ("inter-token gap p99", lambda r: _g(r, "gap_ms", "p99"), "delta")]
         else:
-            rows += [("latency p50", _g(plain, "latency_ms", "p50"), _g(tls, "latency_ms", "p50"), "delta"),
-                     ("latency p99", _g(plain, "latency_ms", "p99"), _g(tls, "latency_ms", "p99"), "delta")]
-        rows.append(("errors", plain.get("error_count"), tls.get("error_count"), "none"))
+            metrics += [("latency p50", lambda r: _g(r, "latency_ms", "p50"), "delta"),
+                        ("latency p99", lambda r: _g(r, "latency_ms", "p99"), "delta")]
+        metrics.append(("errors", lambda r: r.get("error_count"), "none"))
+        rows = [(m, median("gateway", label, f), median("gateway-mtls", label, f), kind) for m, f, kind in metrics]
         for metric, a, b, kind in rows:
             r = _ratio(b, a) if kind == "ratio" else _delta(b, a) if kind == "delta" else ""
             lines.append(f"| {label} | {metric} | {_fmt(a)} | {_fmt(b)} | {r} |")
@@ -932,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-tmp", action="store_true")
     p.add_argument("--channel", action="store_true",
                    help="also run the gateway with its upstreams on mutual TLS (gateway-mtls), side by side")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --channel: plain and mTLS runs alternate this many times; the table compares medians")
     args = p.parse_args(argv)
     if not PY.exists():
         print("bench: .venv missing: run `make install` first", file=sys.stderr)

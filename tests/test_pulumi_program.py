@@ -268,6 +268,45 @@ def configmap_routing(run: Run) -> dict:
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_channel_certificates_are_pulumi_tls_resources(runs, stack):
+    """The stack CA, one server certificate per mTLS lease naming its endpoint, the gateways' client
+    certificate: pulumi-tls resources with the declared validity and renewal; keys only as secrets."""
+    from fleet.channel import worker_server_name
+
+    run = runs[stack]
+    hours, renew = run.spec.channel.cert_validity_days * 24, run.spec.channel.renew_before_days * 24
+    keys = run.mocks.of_type("tls:index/privateKey:PrivateKey")
+    assert keys and all((unwrap(k.inputs)["algorithm"], unwrap(k.inputs)["ecdsaCurve"]) == ("ECDSA", "P256")
+                        for k in keys)
+    ca = run.mocks.one("tls:index/selfSignedCert:SelfSignedCert")
+    assert ca.inputs["isCaCertificate"] is True and "cert_signing" in ca.inputs["allowedUses"]
+    assert ca.inputs["validityPeriodHours"] == run.spec.channel.ca_validity_days * 24
+    assert is_secret(ca.inputs["privateKeyPem"])
+    certs = {c.name.removeprefix("infermesh-channel-"): c
+             for c in run.mocks.of_type("tls:index/locallySignedCert:LocallySignedCert")}
+    csrs = {c.name.removeprefix("infermesh-channel-"): c
+            for c in run.mocks.of_type("tls:index/certRequest:CertRequest")}
+    mtls = [x.name for x in run.plan.leases if lease_channel(x) == "mtls"]
+    assert mtls and sorted(certs) == sorted([*mtls, "gateway"])
+    for name, cert in certs.items():
+        assert (cert.inputs["validityPeriodHours"], cert.inputs["earlyRenewalHours"]) == (hours, renew)
+        assert is_secret(cert.inputs["caPrivateKeyPem"])
+        uses = cert.inputs["allowedUses"]
+        if name == "gateway":
+            assert "client_auth" in uses and "server_auth" not in uses
+        else:
+            assert "server_auth" in uses and "client_auth" not in uses
+            assert csrs[name].inputs["dnsNames"] == [worker_server_name(run.spec.stack, name)]
+    # the gateways get the CA and their client certificate as a Secret; no key in any ConfigMap
+    tls_secret = next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
+                      if r.inputs["metadata"]["name"] == "infermesh-channel-tls")
+    assert sorted(unwrap(tls_secret.inputs["stringData"])) == ["ca.crt", "gateway.crt", "gateway.key"]
+    data = tls_secret.inputs["stringData"]
+    assert is_secret(data) or all(is_secret(v) for v in data.values())
+    assert "PRIVATE KEY" not in json.dumps(unwrap(run.mocks.one("kubernetes:core/v1:ConfigMap").inputs))
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_configmap_is_the_plans_routing(runs, stack):
     run = runs[stack]
     cm = run.mocks.one("kubernetes:core/v1:ConfigMap")
