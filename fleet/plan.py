@@ -38,7 +38,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleet.kinds import LEASED_KINDS, LOCAL_KINDS  # noqa: F401  (the table of provider kinds; policy imports them)
+from fleet.kinds import KINDS, LEASED_KINDS, LOCAL_KINDS  # noqa: F401  (the table of provider kinds)
 from fleet.routing import local_endpoints, routing_config
 from fleet.spec import Pool, Spec
 
@@ -346,7 +346,7 @@ def effective_spec(spec: Spec) -> Spec:
         return spec
     pools = [p.model_copy(update={"role": "drained"}) if p.provider in drained else p for p in spec.pools]
     lost = [p for p in spec.pools if p.provider in drained and p.role != "drained" and p.replicas > 0
-            and spec.provider(p.provider).kind not in ("openai",)]
+            and not KINDS[spec.provider(p.provider).kind].upstream]
     groups: dict[tuple[str, str], list[Pool]] = {}
     for p in lost:
         groups.setdefault((p.model, p.region), []).append(p)
@@ -472,7 +472,7 @@ def vram(spec: Spec) -> tuple[Vram, ...]:
     out = []
     for pool in spec.pools:
         prov = spec.provider(pool.provider)
-        if prov.kind in LOCAL_KINDS + ("openai",):
+        if not KINDS[prov.kind].leased:
             continue  # CPU processes or an upstream: no GPU memory to budget
         model = spec.model(pool.model)
         tokens = pool.max_model_len or model.context_length
@@ -505,7 +505,7 @@ def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
     rows: list[PoolCost] = []
     for pool in spec.pools:
         prov = spec.provider(pool.provider)
-        if prov.kind == "openai":
+        if KINDS[prov.kind].upstream:
             cogs = (prov.price_per_1m_tokens + overhead) if prov.price_per_1m_tokens is not None else None
             rows.append(PoolCost(pool.name, prov.name, pool.model, pool.region, 0, None, "per-token",
                                  None, None, None, cogs))
@@ -731,7 +731,7 @@ def build_plan(spec: Spec) -> Plan:
     providers = tuple({
         "name": p.name, "kind": p.kind, "role": p.role, "regions": list(p.regions),
         "price_cap_per_gpu_hour": p.price_cap_per_gpu_hour, "drained": p.name in drained,
-        **({"base_url": p.base_url, "price_per_1m_tokens": p.price_per_1m_tokens} if p.kind == "openai" else {}),
+        **({"base_url": p.base_url, "price_per_1m_tokens": p.price_per_1m_tokens} if KINDS[p.kind].upstream else {}),
     } for p in eff.providers)
     return Plan(
         stack=spec.stack, leases=leases, mesh=mesh, routing=routing,

@@ -194,7 +194,7 @@ def test_local_stack_has_no_leases_and_loopback_routing():
     p = plan_mod.build_plan(spec_mod.load("local"))
     assert p.leases == () and [n.role for n in p.mesh] == ["gateway"]
     urls = [e["url"] for m in p.routing["models"] for q in m["pools"] for e in q["endpoints"]]
-    assert urls and all(u.startswith("http://127.0.0.1:") for u in urls)
+    assert urls and all(u.startswith("https://127.0.0.1:") for u in urls)      # sim workers serve mutual TLS
 
 
 def test_mesh_addresses_gateways_first_unique_in_cidr_and_peers():
@@ -242,7 +242,10 @@ def test_routing_uses_mesh_addresses_for_leased_workers():
     p = plan_mod.build_plan(spec_mod.load("prod"))
     pools = {q["name"]: q for m in p.routing["models"] for q in m["pools"]}
     eps = pools["qwen-eu-vast"]["endpoints"]
-    assert [e["url"] for e in eps] == [f"http://{p.lease(f'qwen-eu-vast-{i}').mesh_address}:8000" for i in range(2)]
+    # a marketplace container is on the mTLS channel: https, the worker's certificate name; the Pulumi
+    # program replaces the address with the lease's forwarded one (fleet/components/workers.py with_endpoints)
+    assert [e["url"] for e in eps] == [f"https://{p.lease(f'qwen-eu-vast-{i}').mesh_address}:8000" for i in range(2)]
+    assert [e["tls"]["server_name"] for e in eps] == [f"qwen-eu-vast-{i}.prod.workers.infermesh" for i in range(2)]
     assert pools["qwen-eu-gonka"]["endpoints"][0]["url"] == "https://api.gonkagate.com/v1"
     assert pools["qwen-eu-gonka"]["role"] == "standby"        # overflow never primary
 
@@ -255,7 +258,7 @@ def test_canary_gets_its_own_lease_and_mesh_address():
     c = p.lease("qwen-vast-canary-0")
     assert c.image == digest and c.role == "canary"
     pools = {q["name"]: q for m in p.routing["models"] for q in m["pools"]}
-    assert pools["qwen-vast-canary"]["endpoints"][0]["url"] == f"http://{c.mesh_address}:8000"
+    assert pools["qwen-vast-canary"]["endpoints"][0]["url"] == f"https://{c.mesh_address}:8000"
     assert next(r for r in p.costs.pools if r.pool == "qwen-vast").monthly == pytest.approx(0.40 * 2 * 730)
 
 

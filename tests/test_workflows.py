@@ -250,7 +250,7 @@ def test_the_worker_image_is_built_once_per_vllm_pin(tmp_path):
 
     from fleet.components.images import IMAGE_INPUTS, content_tag
 
-    assert IMAGE_INPUTS["worker"] == ("images/worker",)
+    assert IMAGE_INPUTS["worker"] == ("images/worker/Dockerfile", "images/worker/entrypoint.py")   # what it copies
     dockerfile = (REPO / "images" / "worker" / "Dockerfile").read_text()
     assert re.search(r"^FROM vllm/vllm-openai:v[\d.]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
     root = tmp_path / "repo"
