@@ -140,6 +140,9 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
         if kind(prov.kind).upstream:
             endpoints = [{"id": f"{pool.name}/0", "url": prov.base_url, "credentials": prov.credentials,
                           "channel": "https"}]
+            for limit in ("max_concurrency", "rpm"):       # the upstream's own (gateway/state/upstream_limits.py)
+                if getattr(prov, limit):
+                    endpoints[0][limit] = getattr(prov, limit)
         else:
             endpoints = [worker_endpoint(spec, pool, i, endpoint(pool, i)) for i in range(pool.replicas)]
         role = pool.role

@@ -87,6 +87,10 @@ class Provider(_Strict):
     # Only for kind `openai`: the upstream's base URL and its price per 1M tokens.
     base_url: str | None = None
     price_per_1m_tokens: Money | None = None
+    # Only for kind `openai`: the upstream's own limits per key (GonkaGate: 50 concurrent, 600 a minute),
+    # which the gateway never exceeds, across replicas (gateway/state/upstream_limits.py)
+    max_concurrency: PosInt | None = None
+    rpm: PosInt | None = None
     # Declarative failover (`infermesh failover drain`): the provider is out of service; the plan
     # drains its pools (no leases, weight 0) and adds replacement capacity on the others.
     drained: bool = False

@@ -66,6 +66,8 @@ class Call:
     rec: UsageRecord
     headers: dict[str, str]
     streaming: bool = False     # the response outlives handle(): the relay ends the request
+    slot: str | None = None     # a slot of an upstream's own limits (gateway/state/upstream_limits.py)
+    slot_key: str = ""
 
     # ---- the public entry ------------------------------------------------------------------
     async def run(self) -> Reply:
@@ -92,6 +94,12 @@ class Call:
                     raise self._exhausted(last_class)
             if attempts >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
                 raise self._exhausted(last_class or "timeout")
+            if ep.limits is not None:
+                key, most, rpm = ep.limits
+                self.slot, self.slot_key = await gw.state.upstream_limits.take(key, most, rpm), key
+                if self.slot is None:          # the upstream's own limit is reached: another endpoint serves
+                    exclude.add(ep)
+                    continue
             if attempts:
                 self.rec.retries += 1
                 gw.metrics.retries.labels(adm.model).inc()
@@ -160,6 +168,8 @@ class Call:
                             resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
                         finally:
                             ep.waiting_calls.discard(expiry)
+                    if ep.external and resp.status in (401, 403, 429):
+                        await self._upstream_refusal(ep, resp)
                     if resp.status >= 500 or resp.status == 429:
                         resp.release()
                         raise UpstreamFailure("status_429" if resp.status == 429 else "status_5xx")
@@ -193,9 +203,26 @@ class Call:
             if waits is not None:
                 waits.discard(expiry)
             if not released:
+                self._give_slot()
                 ep.outstanding -= 1
                 if resp is not None:
                     resp.close() if adm.stream else resp.release()
+
+    def _give_slot(self) -> None:
+        if self.slot is not None:
+            self.gw.state.upstream_limits.give_back(self.slot_key, self.slot)
+            self.slot = None
+
+    async def _upstream_refusal(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> None:
+        """An external upstream refusing our key (401, 403) or out of quota (429 insufficient_quota):
+        no retry there (it is out for a while: Router.disable); the request tries elsewhere. A plain
+        429 (its rate limit) stays an ordinary, retried failure."""
+        raw = await resp.read()
+        if resp.status == 429 and b"insufficient_quota" not in raw:
+            return
+        reason = "upstream: insufficient_quota" if resp.status == 429 else f"upstream: key refused ({resp.status})"
+        self.gw.router.disable(ep, reason)
+        raise UpstreamFailure("upstream_quota" if resp.status == 429 else "upstream_auth")
 
     async def _client_error(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Reply:
         """A 4xx from the worker (e.g. context too long): the client's fault, passed on without
@@ -279,6 +306,7 @@ class Call:
         gw, rec = self.gw, self.rec
         gw.streams.discard(events)
         ep.streams.discard(events)
+        self._give_slot()
         ep.outstanding -= 1
         resp.release() if rec.status == 200 else resp.close()
         if rec.ttlt_ms is None:

@@ -137,6 +137,7 @@ class Endpoint:
     stream_waits: set = field(default_factory=set)   # deadlines of streams waiting for this endpoint's first token
     streams: set = field(default_factory=set)        # started streams' readers (proxy.SSEReader) relayed from it
     ping_misses: int = 0
+    limits: tuple[str, int, int] | None = None   # an upstream's (key, max concurrent, rpm), enforced by the proxy
 
     def abandon_waiting(self) -> None:
         for deadline in self.waiting_calls:
@@ -231,6 +232,9 @@ class Router:
                         ep = Endpoint(e["id"], e["url"].rstrip("/"), pool)
                     ep.pool = pool
                     _configure(ep, e, tls_dir)
+                    # an external upstream's own limits, per key (gateway/state/upstream_limits.py)
+                    ep.limits = ((e.get("credentials") or ep.id, int(e.get("max_concurrency") or 0),
+                                  int(e.get("rpm") or 0)) if e.get("max_concurrency") or e.get("rpm") else None)
                     pool.endpoints.append(ep)
                 pools.append(pool)
             models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools, m.get("kind", "chat"),
@@ -428,6 +432,17 @@ class Router:
             ep.checked_at = time.monotonic()
             ep.ping_misses = 0
         return ok
+
+    def disable(self, ep: Endpoint, reason: str) -> None:
+        """An upstream that refused our key (auth) or has no quota left: out for EJECT_MAX_S, never
+        retried meanwhile (an active check answering 200 does not bring it back before then)."""
+        now = time.monotonic()
+        ep.healthy, ep.refused, ep.reason = False, True, reason
+        ep.ejections += 1
+        ep.ejected_until = now + EJECT_MAX_S
+        log.warning("endpoint %s of pool %s out for %.0fs: %s", ep.id, ep.pool.name, EJECT_MAX_S, reason)
+        self.on_eject(ep)
+        ep.lost(now=now)
 
     # ---- liveness (black holes) ---------------------------------------------------------
     loop_lag = staticmethod(lambda: 0.0)     # seconds the gateway's event loop runs late (set by the app)

@@ -318,3 +318,168 @@ async def test_sigterm_never_leaves_a_kept_alive_client_without_an_answer(ha):
     assert closes >= 1
     ha.stack.start_replica(1)
     await wait_key_live(ha, key)
+
+
+# ---------------------------------------------------------------------------------- 5. overflow
+class FakeUpstream:
+    """An OpenAI-compatible upstream (the overflow) in a thread: counts requests and the most it
+    ran at once; ``mode`` "quota" answers 429 insufficient_quota, "auth" 401."""
+
+    def __init__(self, delay_s: float = 0.4) -> None:
+        from aiohttp import web
+
+        self.delay_s, self.mode = delay_s, "ok"
+        self.running = self.most = self.calls = 0
+        self.loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self.runner = web.AppRunner(app)
+        from tests.conftest import free_port
+        self.port = free_port()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _models(self, request):
+        from aiohttp import web
+        return web.json_response({"object": "list", "data": [{"id": "qwen/qwen3-235b-a22b-instruct-2507-fp8"}]})
+
+    async def _chat(self, request):
+        from aiohttp import web
+        self.calls += 1
+        if self.mode == "quota":
+            return web.json_response({"error": {"message": "You exceeded your current quota.",
+                                                "type": "insufficient_quota", "code": "insufficient_quota"}},
+                                     status=429)
+        if self.mode == "auth":
+            return web.json_response({"error": {"message": "Invalid API key", "code": "invalid_api_key"}},
+                                     status=401)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.running -= 1
+        return web.json_response({
+            "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "upstream",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the overflow"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _with_overflow(ha: Ha, up: FakeUpstream, max_concurrency: int, rpm: int, key: str = "gonkagate-api-key") -> str:
+    """demo-chat gets an overflow pool (weight 50 against the workers' 3) with declared limits;
+    returns the routing file as it was."""
+    import json
+    path = ha.stack.state / "routing.json"
+    before = path.read_text()
+    routing = json.loads(before)
+    demo = next(m for m in routing["models"] if m["id"] == "demo-chat")
+    demo["pools"].append({"name": "overflow", "provider": "gonka", "region": "local", "role": "primary",
+                          "weight": 50, "upstream_model": "qwen/qwen3-235b-a22b-instruct-2507-fp8",
+                          "endpoints": [{"id": "overflow/0", "url": up.url, "credentials": key,
+                                         "channel": "https", "max_concurrency": max_concurrency, "rpm": rpm}]})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(routing))
+    os.replace(tmp, path)
+    return before
+
+
+async def _overflow_live(ha: Ha) -> None:
+    import json
+    import urllib.request
+    token = (ha.stack.state / "admin.token").read_text().strip()
+
+    def live(i: int) -> bool:
+        req = urllib.request.Request(ha.root(i) + "/admin/endpoints", headers={"authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            pools = json.loads(r.read())["pools"]
+        return any(p["pool"] == "overflow" and p["endpoints"][0]["available"] for p in pools)
+    await wait_for(lambda: _async(all(live(i) for i in range(3))), 10, "the overflow pool on every replica")
+
+
+def _restore_routing(ha: Ha, before: str) -> None:
+    path = ha.stack.state / "routing.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(before)
+    os.replace(tmp, path)
+
+
+async def test_overflow_upstream_limits_hold_across_replicas_and_quota_errors_take_it_out(ha):
+    key = ha.key("pro")
+    await wait_key_live(ha, key)
+    up = FakeUpstream(delay_s=0.5)
+    before = _with_overflow(ha, up, max_concurrency=50, rpm=100_000)
+    try:
+        await _overflow_live(ha)
+        clients = [AsyncOpenAI(base_url=ha.url(i), api_key=key, max_retries=0, timeout=30) for i in range(3)]
+
+        async def one(i: int):
+            try:
+                r = await clients[i % 3].chat.completions.create(
+                    model="demo-chat", max_tokens=4, messages=[{"role": "user", "content": f"overflow {i}"}])
+                return r.choices[0].message.content
+            except openai.APIError as e:
+                return repr(e)
+        t0 = time.monotonic()
+        answers = await asyncio.gather(*(one(i) for i in range(100)))
+        took = time.monotonic() - t0
+        at_upstream = sum(a == "from the overflow" for a in answers)
+        failed = [a for a in answers if not a or a.startswith(("APIError", "Internal", "APIStatus", "RateLimit",
+                                                                 "APIConnection"))]
+        print(f"\n[overflow] 100 concurrent over 3 replicas against a declared 50: at most {up.most} at once at "
+              f"the upstream ({at_upstream} answered there, the rest by the workers) in {took:.1f}s; "
+              f"{len(failed)} failed")
+        assert up.most <= 50
+        assert up.most >= 30                       # it was used up to its limit, not avoided
+        assert not failed, failed[:3]
+
+        # RPM (another key: a minute of its own): 30 a minute declared; of 60 sequential requests that
+        # nearly all pick it first, 30 reach it and the rest go to the workers
+        _restore_routing(ha, before)
+        await asyncio.sleep(1.5)
+        _with_overflow(ha, up, max_concurrency=50, rpm=30, key="rpm-test-key")
+        await _overflow_live(ha)
+        calls0 = up.calls
+        answers = [await one(i) for i in range(60)]
+        rpm_calls = up.calls - calls0
+        print(f"[overflow] rpm 30 declared: {rpm_calls} of 60 sequential requests reached it")
+        assert 25 <= rpm_calls <= 30
+        assert all(a and not a.startswith(("APIError", "Internal", "APIStatus")) for a in answers), answers[:3]
+
+        # insufficient_quota: out at once, no retry there; the workers answer
+        _restore_routing(ha, before)
+        await asyncio.sleep(1.5)
+        _with_overflow(ha, up, max_concurrency=50, rpm=100_000)
+        await _overflow_live(ha)
+        up.mode = "quota"
+        calls0 = up.calls
+        answers = [await one(i) for i in range(30)]
+        quota_calls = up.calls - calls0
+        print(f"[overflow] insufficient_quota: {quota_calls} requests reached it (one per replica at most), "
+              f"30/30 answered by the workers: {all(a and 'from' not in a for a in answers)}")
+        assert quota_calls <= 3
+        assert all(a and not a.startswith(("APIError", "Internal", "APIStatus")) for a in answers), answers[:3]
+        for c in clients:
+            await c.close()
+    finally:
+        _restore_routing(ha, before)
+        up.close()

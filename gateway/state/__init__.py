@@ -101,6 +101,10 @@ class State:
                                              lambda t: fails_open(t, tiers), self.health)
         else:
             self.limiter = LocalLimiter()
+        # an external upstream's own concurrency and rpm (gateway/state/upstream_limits.py), across replicas on Redis
+        from gateway.state import upstream_limits
+        self.upstream_limits: Any = (upstream_limits.RedisUpstreamLimits(backends.redis_url, redis_prefix(spec))
+                                     if backends.limits == "redis" else upstream_limits.LocalUpstreamLimits())
 
     @property
     def ready(self) -> bool:
@@ -143,6 +147,8 @@ class State:
         if self._migrating is not None:
             self._migrating.cancel()
         await self.limiter.stop()
+        if hasattr(self.upstream_limits, "close"):
+            await self.upstream_limits.close()
         if self.pg:
             if self.adopter is not None:
                 await self.adopter.stop()
