@@ -175,7 +175,11 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
         if cap.required_gpus:
             m = models[cap.model]
             m["required_gpus"] = m.get("required_gpus", 0) + cap.required_gpus
+            m.setdefault("required_gpus_by_region", {})[cap.region] = cap.required_gpus
     out: dict[str, Any] = {"stack": spec.stack, "models": list(models.values())}
+    backups = {r.name: r.backup for r in spec.regions if r.backup}
+    if backups:
+        out["region_backups"] = backups          # gateway/router.py: a region's failover
     if tls_dir is not None:
         out["tls_dir"] = tls_dir
     return out

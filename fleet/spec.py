@@ -62,6 +62,8 @@ class _Strict(BaseModel):
 class Region(_Strict):
     name: Name
     location: str = ""
+    # where this region's requests go while it has no healthy capacity for their model (gateway/router.py)
+    backup: Name | None = None
 
 
 class Provider(_Strict):
@@ -245,6 +247,9 @@ class Gateway(_Strict):
     max_body_bytes: PosInt = 1_048_576
     probe_interval_s: PosFloat = 30
     health_interval_s: PosFloat = 5
+    # the region the gateway serves in (requests stay there while it has healthy capacity, then go to its
+    # backup); INFERMESH_REGION overrides it per deployment, a request's x-infermesh-region header per request
+    region: Name | None = None
     # black holes (gateway/router.py, liveness): every worker's /health this often (0: off), answered within
     # liveness_timeout_s; two misses in a row (the second ping at once) take it out
     liveness_interval_s: NonNegFloat = 0.5
@@ -452,6 +457,11 @@ class Spec(_Strict):
             return seen
 
         regions = unique(self.regions, "regions")
+        for i, r in enumerate(self.regions):
+            if r.backup is not None and (r.backup not in regions or r.backup == r.name):
+                raise _At(f"regions[{i}].backup", f"{r.backup!r} is not another declared region")
+        if self.gateway.region is not None and self.gateway.region not in regions:
+            raise _At("gateway.region", f"unknown region {self.gateway.region!r}")
         providers = unique(self.providers, "providers")
         models = unique(self.models, "models", "id")
         unique(self.pools, "pools")

@@ -35,7 +35,7 @@ from gateway.ledger import Ledger, UsageRecord
 from gateway.metrics import Metrics
 from gateway.money import Money, month_now, spent_since
 from gateway.overload import LoopLag
-from gateway.proxy import Call, SSEReader
+from gateway.proxy import Call, SSEReader, request_region
 from gateway.probes import Prober, limits_for
 from gateway.redact import redact, summary
 from gateway.risk import RiskWindow
@@ -80,6 +80,7 @@ class Gateway:
         self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
         self.router.on_eject = self._ejected
+        self.router.home_region = os.environ.get("INFERMESH_REGION") or self.spec.gateway.region
         self.metrics.watch(self.router, self.state.shipper)     # per-endpoint signals, ledger lag (gateway/metrics.py)
         # TTFT above which a streamed answer may count as slow (outlier detection, gateway/router.py)
         self.router.slow_s = {m.id: limits_for(self.spec, m.id).ttft_s for m in self.spec.models}
@@ -511,6 +512,7 @@ class Gateway:
             adm = admission.Admitted(principal, tier, payload, model, stream, include_usage, est, max_output, affinity,
                                      scope)
             call = Call(self, adm, route, rid, started, rec, headers)
+            call.region = request_region(self, request.headers)     # gateway/router.py: regions
             return await call.run()
         except ApiError as e:
             if e.code == "model_not_found":

@@ -66,6 +66,7 @@ class Call:
     rec: UsageRecord
     headers: dict[str, str]
     streaming: bool = False     # the response outlives handle(): the relay ends the request
+    region: str | None = None   # where the request is to be served (request_region); None: anywhere
     slot: str | None = None     # a slot of an upstream's own limits (gateway/state/upstream_limits.py)
     slot_key: str = ""
 
@@ -78,8 +79,10 @@ class Call:
         exclude: set[Endpoint] = set()
         last_class = ""
         attempts = 0
+        refused = 0                     # attempts whose connection was refused: they cost nothing, so they
+                                        # do not count against MAX_ATTEMPTS (a dead region's workers, say)
         while True:
-            ep = gw.router.pick(model, exclude, adm.affinity)
+            ep = gw.router.pick(model, exclude, adm.affinity, self.region)
             if ep is None:
                 fallback = gw.router.models[model].fallback
                 if (not self.rec.fallback and fallback and tier.allow_fallback and gw.router.has_model(fallback)):
@@ -92,7 +95,7 @@ class Call:
                 ep = gw.router.pick_panic(model, exclude) if not attempts else None
                 if ep is None:
                     raise self._exhausted(last_class)
-            if attempts >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
+            if attempts - refused >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
                 raise self._exhausted(last_class or "timeout")
             if ep.limits is not None:
                 key, most, rpm = ep.limits
@@ -115,6 +118,7 @@ class Call:
                 return await self._attempt(ep, deadline)
             except UpstreamFailure as f:
                 last_class = f.error_class
+                refused += f.error_class == "connect"
                 exclude.add(ep)
                 # a missed deadline counts at once (a black hole is out before the next request waits on it)
                 gw.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream))
@@ -125,6 +129,12 @@ class Call:
 
     def _at(self, ep: Endpoint) -> None:
         self.rec.pool, self.rec.provider, self.rec.region = ep.pool.name, ep.pool.provider, ep.pool.region
+        if self.region is not None:
+            self.headers["x-infermesh-region"] = ep.pool.region
+            if ep.pool.region != self.region:           # served away from its region: marked
+                self.headers["x-infermesh-region-failover"] = self.region
+            else:
+                self.headers.pop("x-infermesh-region-failover", None)
 
     def _exhausted(self, error_class: str) -> ApiError:
         retry = {"retry-after": "5"}
@@ -487,6 +497,15 @@ class SSEReader:
                         out.append(b"data: " + data + b"\n\n")
             if out:
                 return out
+
+
+def request_region(gw: Gateway, headers) -> str | None:
+    """The region a request is served in: its x-infermesh-region header when it names a region
+    the routing serves, else the gateway's own (None: anywhere)."""
+    asked = headers.get("x-infermesh-region")
+    if asked is not None and asked in gw.router.regions:
+        return asked
+    return gw.router.home_region
 
 
 @functools.cache

@@ -27,6 +27,12 @@ Choice, so that declared weights hold at any load:
    90%), a second pool is drawn and the less loaded of the two endpoints wins, so an overloaded
    pool sheds to the others only while it queues.
 
+Regions: a request is served in its region (the gateway's own, ``gateway.region`` or
+INFERMESH_REGION, or the request's ``x-infermesh-region`` header naming a region) while the
+model has an available endpoint there, else in that region's declared ``backup`` while it has
+one, else anywhere. The proxy marks a failover (``x-infermesh-region-failover``) and the ledger
+records the region that served (gateway/proxy.py). Without a region, regions are pools like any.
+
 Multi-turn chats carry an affinity key (the conversation's prefix): rendezvous hashing keeps
 them on one worker while it is available and not overloaded, so vLLM's prefix cache stays warm.
 
@@ -202,6 +208,7 @@ class ModelRoute:
     kind: str = "chat"                # chat | embedding (fleet.spec.Model.kind)
     context_length: int | None = None
     required_gpus: int = 0            # primary GPUs the plan sized for the forecast (0: no forecast)
+    required_by_region: dict = field(default_factory=dict)   # the same, per region
 
 
 class Router:
@@ -212,6 +219,7 @@ class Router:
         self.on_eject = lambda ep: None   # metrics hooks, set by the app
         self.slow_s: dict[str, float] = {}  # model -> TTFT above which an answer may be "slow"
         self.tls: dict[tuple[str | None, int | None], Any] = {}   # (host, port) -> SSLContext of mTLS endpoints
+        self.home_region: str | None = None   # the gateway's region (set by the app): requests stay there
         self.apply(config)
 
     # ---- configuration ----------------------------------------------------------------
@@ -238,8 +246,11 @@ class Router:
                     pool.endpoints.append(ep)
                 pools.append(pool)
             models[m["id"]] = ModelRoute(m["id"], m.get("fallback"), pools, m.get("kind", "chat"),
-                                         m.get("context_length"), int(m.get("required_gpus") or 0))
+                                         m.get("context_length"), int(m.get("required_gpus") or 0),
+                                         dict(m.get("required_gpus_by_region") or {}))
         self.models = models
+        self.backups: dict[str, str] = dict(config.get("region_backups") or {})
+        self.regions = {p.region for m in models.values() for p in m.pools}
         # the upstream session's connector finds each mTLS endpoint's context by its address
         self.tls = {(ep.routes["chat"].host, ep.routes["chat"].port): ep.ssl
                     for ep in self.endpoints() if ep.ssl is not None}
@@ -251,14 +262,31 @@ class Router:
                 yield from p.endpoints
 
     # ---- choice -----------------------------------------------------------------------
+    def serving_region(self, route: ModelRoute, region: str, exclude: set[Endpoint] | frozenset,
+                       now: float) -> str | None:
+        """Where a request from ``region`` is served: there while the model has an available endpoint
+        there, else in its declared backup region while that has one; None: anywhere."""
+        for r in (region, self.backups.get(region)):
+            if r is not None and any(p.region == r and p.role != "drained" and p.weight > 0
+                                     and any(ep not in exclude and ep.available(now) for ep in p.endpoints)
+                                     for p in route.pools):
+                return r
+        return None
+
     def pick(self, model: str, exclude: set[Endpoint] | frozenset = frozenset(),
-             affinity: str | None = None) -> Endpoint | None:
+             affinity: str | None = None, region: str | None = None) -> Endpoint | None:
         route = self.models.get(model)
         if route is None:
             return None
         now = time.monotonic()
+        pools, required = route.pools, route.required_gpus
+        if region is not None:
+            served = self.serving_region(route, region, exclude, now)
+            if served is not None:
+                pools = [p for p in route.pools if p.region == served]
+                required = route.required_by_region.get(served, 0)
         by_role: dict[str, list[tuple[Pool, list[Endpoint]]]] = {"primary": [], "canary": [], "standby": []}
-        for pool in route.pools:
+        for pool in pools:
             groups = by_role.get(pool.role)
             if groups is None or pool.weight <= 0:
                 continue
@@ -275,7 +303,7 @@ class Router:
             return None
         if standby and groups is not standby:
             # N+1 as planned: the standby takes the demand the primaries left short (Router.standby_share)
-            share = self.standby_share(route, groups)
+            share = self.standby_share(required, groups)
             if share and self.rng.random() < share:
                 groups = standby
         if affinity is not None:
@@ -303,15 +331,15 @@ class Router:
         return ep.saturated() or (cap > 0 and ep.outstanding >= cap)
 
     @staticmethod
-    def standby_share(route: ModelRoute, groups: list[tuple[Pool, list[Endpoint]]]) -> float:
+    def standby_share(required_gpus: int, groups: list[tuple[Pool, list[Endpoint]]]) -> float:
         """The share of new requests the standby pools take: the part of the plan's required primary
         GPUs (the forecast with headroom) that the available primary endpoints no longer provide.
         0 when the primaries carry it, or when the model has no forecast (then only the in-flight
         excess goes to the standby: ``pick``)."""
-        if route.required_gpus <= 0:
+        if required_gpus <= 0:
             return 0.0
         have = sum(pool.gpus * len(eps) for pool, eps in groups)
-        return max(0.0, 1.0 - have / route.required_gpus)
+        return max(0.0, 1.0 - have / required_gpus)
 
     def pick_panic(self, model: str, exclude: set[Endpoint] | frozenset = frozenset()) -> Endpoint | None:
         """The last resort when no endpoint of the model is available (Envoy's panic mode):

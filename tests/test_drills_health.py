@@ -215,3 +215,58 @@ def test_router_standby_takes_the_in_flight_excess_and_the_planned_shortfall():
     p1.healthy = False                                       # 1 of the 2 planned GPUs left: half to the standby
     picks = [r.pick("m").pool.name for _ in range(2000)]
     assert 0.4 < picks.count("s") / len(picks) < 0.6
+
+
+async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_marked(stack_factory):
+    """Two regions: `local` (the gateway's, backup `far`) and `far` (demo-chat-far). Requests stay
+    in `local` while it has capacity (far gets nothing, though its weight would give it a share);
+    every demo-chat worker in `local` killed: the backup serves, marked in x-infermesh-region-failover
+    and in the ledger's region; no failures."""
+    def two_regions(cfg):
+        cfg["regions"] = [{"name": "local", "location": "this machine", "backup": "far"},
+                          {"name": "far", "location": "the other end of this machine"}]
+        cfg["providers"].append({"name": "sim-far", "kind": "sim", "regions": ["far"]})
+        cfg["pools"].append({"name": "demo-chat-far", "model": "demo-chat", "provider": "sim-far", "region": "far",
+                             "replicas": 1, "weight": 2, "sim": {"ttft_ms": 20, "itl_ms": 4, "output_tokens": 8}})
+        cfg["gateway"] = {**cfg.get("gateway", {}), "region": "local"}
+    stack = stack_factory(mutate_with(two_regions))
+    c = client(stack, timeout=60)
+    stop = asyncio.Event()
+    seen: list[tuple[float, int | str, str | None, str | None]] = []
+
+    async def loop() -> None:
+        while not stop.is_set():
+            try:
+                raw = await c.chat.completions.with_raw_response.create(
+                    model="demo-chat", max_tokens=4, messages=[{"role": "user", "content": "where"}])
+                raw.parse()
+                seen.append((time.time(), 200, raw.headers.get("x-infermesh-region"),
+                             raw.headers.get("x-infermesh-region-failover")))
+            except openai.APIStatusError as e:
+                seen.append((time.time(), e.status_code, None, None))
+            except openai.APIError as e:
+                seen.append((time.time(), repr(e), None, None))
+    tasks = [asyncio.create_task(loop()) for _ in range(8)]
+    try:
+        await asyncio.sleep(2.0)
+        t_kill = time.time()
+        kill9(stack, "demo-chat-east-0", "demo-chat-east-1", "demo-chat-west-0", "demo-chat-reserve-0")
+        await asyncio.sleep(3.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await c.close()
+    before = [s for s in seen if s[0] < t_kill]
+    after = [s for s in seen if s[0] >= t_kill + 0.5]
+    failed = [s for s in seen if s[1] != 200]
+    rows = [r for r in ledger.query(stack.state / "ledger.db") if r["requested_model"] == "demo-chat"]
+    far_rows_after = [r for r in rows if r["created_at"] >= t_kill + 0.5]
+    print(f"\n[regions] before: {sum(s[2] == 'local' for s in before)}/{len(before)} served in local, "
+          f"{sum(s[2] == 'far' for s in before)} in far; after local's workers died: "
+          f"{sum(s[2] == 'far' and s[3] == 'local' for s in after)}/{len(after)} in far marked failover from local; "
+          f"ledger region far for {sum(r['region'] == 'far' for r in far_rows_after)}/{len(far_rows_after)}; "
+          f"{len(failed)} failed {failed[:2]}")
+    assert before and all(s[2] == "local" and s[3] is None for s in before)
+    assert after and all(s[2] == "far" and s[3] == "local" for s in after)
+    assert far_rows_after and all(r["region"] == "far" for r in far_rows_after)
+    assert not failed
