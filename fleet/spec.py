@@ -192,6 +192,18 @@ class EmbeddingLimits(_Strict):
     max_inputs: Annotated[int, Field(ge=1, le=2048)] = 2048   # items in one request's `input` (OpenAI: 2048)
 
 
+DegradeAction = Literal["shed", "fallback", "pause_long_prompts", "cap_max_tokens"]
+
+
+class Degrade(_Strict):
+    """The latency circuit breaker (gateway/risk.py, Breaker): a model's p95 TTFT over the strictest
+    TTFT SLO of the tiers serving it, over the last ``window_s``, opens it; each tier's ``degrade``
+    says which actions may then apply to it."""
+
+    window_s: PosFloat = 180                   # the seeds: 2 to 5 minutes
+    long_prompt_tokens: PosInt = 4000          # prompts above this are paused while it is open
+
+
 class Tier(_Strict):
     name: Name
     models: list[Name] = Field(min_length=1)
@@ -202,6 +214,9 @@ class Tier(_Strict):
     max_prompt_tokens: PosInt = 8192
     max_output_tokens: PosInt = 1024
     degraded_max_output_tokens: PosInt | None = None   # max_tokens cap while an SLO is at risk (gateway/risk.py)
+    # the contract under the latency breaker (gateway.degrade): which actions may apply to this tier while a
+    # model it uses is over its TTFT SLO. shed and fallback apply only below the model's top tier
+    degrade: list[DegradeAction] = []
     priority: NonNegInt = 0                    # shed lowest first under overload
     # requests in flight per tenant (and per key), counted before the body is read (gateway/door.py)
     max_concurrent_requests: PosInt = 256
@@ -283,6 +298,7 @@ class Gateway(_Strict):
     monthly_cost_usd: Money = 0
     state: StateBackends = StateBackends()
     privacy: Privacy = Privacy()
+    degrade: Degrade = Degrade()
 
 
 class Mesh(_Strict):

@@ -38,7 +38,7 @@ from gateway.overload import LoopLag
 from gateway.proxy import Call, SSEReader, request_region
 from gateway.probes import Prober, limits_for
 from gateway.redact import redact, summary
-from gateway.risk import RiskWindow
+from gateway.risk import Breaker, RiskWindow
 from gateway.router import Router
 from gateway.state import State
 from gateway.wire import ClientGone, Incoming, Reply, send_reply
@@ -87,6 +87,7 @@ class Gateway:
         self.prober = Prober(self)           # synthetic probes per pool (gateway/probes.py)
         self.probe_log = self.prober.log     # per-pool probe pass counts for /admin/sli
         self.risk = RiskWindow()             # SLO at risk -> max_tokens capped (gateway/risk.py)
+        self.breaker = Breaker(self.spec, self.metrics.registry)   # the latency circuit breaker (gateway/risk.py)
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
         self.in_flight = 0                   # admitted requests, gateway-wide (shedding)
@@ -333,6 +334,8 @@ class Gateway:
         m = self.metrics
         if rec.requested_model and (rec.status == 200 or rec.status >= 500):
             self.risk.observe(rec.requested_model, rec.ttft_ms if rec.status == 200 else None, rec.status >= 500)
+            self.breaker.observe(rec.served_model or rec.requested_model, rec.ttft_ms if rec.status == 200 else None,
+                                 rec.status >= 500)
         # labels take only names the stack declares: a client's made-up model is one series, not many
         model_label = rec.requested_model if self.router.has_model(rec.requested_model) else (
             "unknown" if rec.requested_model else "")
@@ -466,6 +469,7 @@ class Gateway:
             if principal.models is not None and model not in principal.models:      # the key's own scope
                 raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
                                param="model")
+            model = self.breaker.route(self, tier, model, rec, headers)      # lower tiers: fallback or shed
             kind = self.router.models[model].kind
             scope, limits = "", tier
             if route == "embeddings":
@@ -489,6 +493,7 @@ class Gateway:
                     payload, tier, route == "responses", context - est if context else None)
                 if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
                     max_output = self.degrade(payload, tier, model, max_output, headers)
+                max_output = self.breaker.limit(self, tier, rec.requested_model, est, payload, max_output, headers)
                 if stream and route != "responses":     # a response stream's usage is in response.completed
                     payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             rec.stream = stream

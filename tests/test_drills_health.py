@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import openai
 
 from gateway import ledger
-from tests.test_drills import _http, client, kill9, mutate_with, pool_cfg
+from tests.test_drills import _http, client, fault, kill9, metric, mutate_with, pool_cfg, tier_cfg
 
 STREAM_TOKENS = 60
 
@@ -270,3 +270,81 @@ async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_mark
     assert after and all(s[2] == "far" and s[3] == "local" for s in after)
     assert far_rows_after and all(r["region"] == "far" for r in far_rows_after)
     assert not failed
+
+
+async def test_latency_breaker_degrades_lower_tiers_first_per_their_contract(stack_factory):
+    """demo-chat's TTFT goes over the strictest SLO (business, 300 ms) for the breaker's window
+    (3 s here; 2-5 min in a real stack): basic (contract: shed) gets 429 degraded_shed, pro
+    (fallback, pause_long_prompts) is served by demo-mini and its long prompts paused, business
+    (cap_max_tokens) keeps being served with max_tokens capped; /metrics and the ledger show each
+    action; once TTFT is back under the SLO for the window, basic is served again."""
+    def contract(cfg):
+        cfg["gateway"] = {**cfg.get("gateway", {}), "degrade": {"window_s": 3, "long_prompt_tokens": 100}}
+        business = tier_cfg(cfg, "business")
+        business["slo"] = {**business["slo"], "ttft_p95_ms": 300}
+        business.update(degrade=["cap_max_tokens"], degraded_max_output_tokens=8)
+        tier_cfg(cfg, "pro").update(degrade=["fallback", "pause_long_prompts"])
+        cfg["tiers"].append({"name": "basic", "models": ["demo-chat"], "rpm": 1_000_000, "tpm": 1_000_000_000,
+                             "priority": 0, "degrade": ["shed"],
+                             "slo": {"availability": 99.0, "ttft_p95_ms": 2500, "ttlt_p95_ms": 12000}})
+    stack = stack_factory(mutate_with(contract))
+    business, pro, basic = (client(stack, t, t) for t in ("business", "pro", "basic"))
+
+    async def ask(c, content: str = "hi", max_tokens: int = 4, stream: bool = False):
+        try:
+            raw = await c.chat.completions.with_raw_response.create(
+                model="demo-chat", max_tokens=max_tokens, stream=stream,
+                messages=[{"role": "user", "content": content}],
+                **({"stream_options": {"include_usage": True}} if stream else {}))
+            if stream:
+                text, usage = "", None
+                async for chunk in raw.parse():
+                    text += "".join(ch.delta.content or "" for ch in chunk.choices)
+                    usage = chunk.usage or usage
+                return 200, raw.headers, usage.completion_tokens if usage else None
+            r = raw.parse()
+            return 200, raw.headers, r.usage.completion_tokens
+        except openai.APIStatusError as e:
+            return e.status_code, e.response.headers, e.body
+
+    assert (await ask(basic))[0] == 200
+    for pool, n in (("demo-chat-east", 2), ("demo-chat-west", 1), ("demo-chat-reserve", 1)):
+        for i in range(n):
+            fault(stack, pool, i, ttft_ms=600)
+    t0 = time.monotonic()
+    for _ in range(2):                                    # business streams: the model's TTFT over 300 ms
+        await asyncio.gather(*(ask(business, stream=True) for _ in range(8)))
+    shed = await ask(basic)
+    fell = await ask(pro)
+    paused = await ask(pro, content="word " * 600)
+    capped = await ask(business, max_tokens=100, stream=True)
+    opened_s = time.monotonic() - t0
+    acts = {a: metric(stack, "infermesh_degradations", model="demo-chat", action=a)
+            for a in ("shed", "fallback", "pause_long_prompts", "cap_max_tokens")}
+    was_open = metric(stack, "infermesh_breaker_open", model="demo-chat")
+    for pool, n in (("demo-chat-east", 2), ("demo-chat-west", 1), ("demo-chat-reserve", 1)):
+        for i in range(n):
+            fault(stack, pool, i, ttft_ms=20)
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < 15:
+        await asyncio.gather(*(ask(business, stream=True) for _ in range(4)))
+        if (await ask(basic))[0] == 200:
+            break
+    closed_s = time.monotonic() - t1
+    again = await ask(basic)
+    rows = ledger.query(stack.state / "ledger.db")
+    errors = {r["error"] for r in rows}
+    print(f"\n[breaker] open after {opened_s:.1f}s of 600 ms TTFTs (SLO 300 ms, window 3 s): basic {shed[0]} "
+          f"{(shed[2] or {}).get('code') if isinstance(shed[2], dict) else shed[2]}, pro {fell[0]} via "
+          f"{fell[1].get('x-infermesh-fallback')}, pro long prompt {paused[0]}, business {capped[0]} with "
+          f"{capped[2]} tokens (asked 100, {capped[1].get('x-infermesh-degraded')}); /metrics {acts}, open={was_open}; "
+          f"basic served again {closed_s:.1f}s after TTFT recovered")
+    assert shed[0] == 429 and "degraded_shed" in str(shed[2])
+    assert fell[0] == 200 and fell[1].get("x-infermesh-fallback") == "demo-mini"
+    assert paused[0] == 429 and "long_prompt_paused" in str(paused[2])
+    assert capped[0] == 200 and capped[2] is not None and capped[2] <= 8
+    assert all(v >= 1 for v in acts.values()) and was_open == 1
+    assert {"degraded_shed", "long_prompt_paused"} <= errors and any(r["fallback"] for r in rows)
+    assert again[0] == 200
+    for c in (business, pro, basic):
+        await c.close()
