@@ -27,6 +27,7 @@ from fleet.kinds import LOCAL_KINDS
 from fleet.launch import TlsFiles, sim_command
 from fleet.paths import private_dir
 from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
+from fleet import project
 from fleet.spec import ROOT, Spec
 
 RESTART_BASE_S = 0.5      # a dead gateway replica is restarted after this, doubling while it keeps dying ...
@@ -141,7 +142,7 @@ class LocalStack:
     def start(self, timeout: float = 30.0) -> None:
         self.check()
         # 0700: keys.db and ledger.db (prompts, when opted in) live here; .infermesh/<stack> is ours to tighten
-        private_dir(self.state, tighten=self.state.parent == ROOT / ".infermesh")
+        private_dir(self.state, tighten=self.state.parent == project.state_root())
         workers = self.worker_commands()
         self.write_routing()
         try:

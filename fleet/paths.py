@@ -15,12 +15,13 @@ import os
 import stat
 from pathlib import Path
 
-from fleet.spec import ROOT
+from fleet import project
 
 
 def state_dir(stack: str) -> Path:
+    """.infermesh/<stack> beside the project's Pulumi.yaml (fleet/project.py), or INFERMESH_STATE_DIR."""
     env = os.environ.get("INFERMESH_STATE_DIR")
-    return Path(env) if env else ROOT / ".infermesh" / stack
+    return Path(env) if env else project.state_root() / stack
 
 
 def private_dir(path: Path, tighten: bool = False) -> Path:

@@ -31,9 +31,10 @@ from pydantic import (
     model_validator,
 )
 
+from fleet import project
+
 NAMESPACE = "infermesh"
-ROOT = Path(__file__).resolve().parent.parent
-STACKS_DIR = ROOT / "stacks"
+ROOT = project.INSTALL_ROOT        # the code's own checkout; the operator's project: fleet.project.root()
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?$", max_length=120)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -660,7 +661,12 @@ def _load_yaml(text: str) -> Any:
 def stack_path(stack: str, stacks_dir: Path | None = None) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", stack):
         raise SpecError(f"stack name {stack!r}: use letters, digits, '.', '_' or '-'")
-    return (stacks_dir or STACKS_DIR) / f"Pulumi.{stack}.yaml"
+    if stacks_dir is None:
+        try:
+            stacks_dir = project.stacks_dir()      # found from the current directory, as pulumi does
+        except project.ProjectError as e:
+            raise SpecError(str(e)) from None
+    return stacks_dir / f"Pulumi.{stack}.yaml"
 
 
 def read_text(path: Path, what: str = "stack file") -> str:

@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fleet import alerts
+from fleet import alerts, project
 from fleet import spec as spec_mod
 
-ALERTS_DIR = spec_mod.ROOT / "monitoring" / "alerts"
+ALERTS_DIR = project.root() / "monitoring" / "alerts"     # the project's (fleet/project.py)
 
 
 def rules_path(stack: str) -> Path:
