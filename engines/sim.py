@@ -87,14 +87,23 @@ _LCG_C = 1442695040888963407
 _MASK = (1 << 64) - 1
 
 
+class Continued(str):
+    """A chat's seed text when the request continues its final assistant message (vLLM's
+    ``continue_final_message``): the seed of the messages before it, and the words it already
+    holds (``offset``), so the answer is the rest of what the whole answer would have been."""
+
+    offset: int = 0
+
+
 def token_indices(seed_text: str, n: int) -> list[int]:
     """Vocabulary indices of the n tokens generated for a prompt (a 64-bit LCG seeded by crc32)."""
     x = zlib.crc32(seed_text.encode("utf-8", "surrogatepass")) or 1
+    skip = getattr(seed_text, "offset", 0)
     out = []
-    for _ in range(n):
+    for _ in range(skip + n):
         x = (x * _LCG_A + _LCG_C) & _MASK
         out.append(x >> 58)
-    return out
+    return out[skip:]
 
 
 def completion_text(seed_text: str, n: int) -> str:
@@ -283,6 +292,11 @@ class _Sim:
                            "model", "model_not_found")
         if chat:
             seed_text, prompt_tokens = _chat_prompt(body.get("messages"))
+            msgs = body.get("messages")
+            if (body.get("continue_final_message") and len(msgs) > 1 and isinstance(msgs[-1], dict)
+                    and msgs[-1].get("role") == "assistant" and isinstance(msgs[-1].get("content"), str)):
+                seed_text = Continued(_chat_prompt(msgs[:-1])[0])      # vLLM's continue_final_message
+                seed_text.offset = len(msgs[-1]["content"].split())
         else:
             seed_text, prompt_tokens = _completion_prompt(body.get("prompt"))
         max_tokens = body.get("max_completion_tokens") if chat else None
@@ -439,7 +453,8 @@ class _Sim:
                 chunks.append(head + b'"delta":{"role":"assistant","content":""},"logprobs":null,'
                                      b'"finish_reason":null}]}\n\n')
             for i, idx in enumerate(token_indices(seed_text, n)):
-                chunks.append(tok_head + (_NEXT[idx] if i else _FIRST[idx]) + tok_tail)
+                chunks.append(tok_head + (_NEXT[idx] if i or getattr(seed_text, "offset", 0) else _FIRST[idx])
+                              + tok_tail)
             finish = b'"length"' if truncated else b'"stop"'
             if chat:
                 chunks.append(head + b'"delta":{},"logprobs":null,"finish_reason":' + finish + b'}]}\n\n')

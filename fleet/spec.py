@@ -223,6 +223,9 @@ class Tier(_Strict):
     max_concurrent_requests: PosInt = 256
     key_max_concurrent_requests: PosInt | None = None
     allow_fallback: bool = False
+    # a chat stream whose worker dies after its first content event is continued from another endpoint with
+    # the text delivered so far as the assistant's prefix: one stream, one [DONE], billed once (gateway/proxy.py)
+    stream_resume: bool = False
     limits_fail_open: bool | None = None       # when shared limits are unreachable (None: open for paid tiers)
     price_per_1m_tokens: Money = 0
     price_per_1m_cached_tokens: Money | None = None   # cached prompt tokens (None: price_per_1m_tokens)

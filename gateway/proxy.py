@@ -338,10 +338,15 @@ class Call:
         batch: list[bytes] | None = head
         gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
         ep.streams.add(events)                 # ended at once if the endpoint is lost (router.Endpoint.lost)
+        # stream_resume (opt-in per tier): what the client got, to continue from it elsewhere if the worker dies
+        resume = Resume() if adm.tier.stream_resume and self.route == "chat" and (adm.payload.get("n") or 1) == 1 \
+            else None
         try:
             while batch is not None:
                 out: list[bytes] = []          # what goes to the client in one write
                 for event in batch:
+                    if resume is not None and event != DONE:
+                        resume.saw(event)
                     if event == DONE:
                         await self._completed(ep, slow, _stream_text(text) if keep else None)
                         out.append(DONE)       # the ledger row is committed: [DONE] may go
@@ -367,11 +372,94 @@ class Call:
                 batch = await events.batch()
             raise ConnectionResetError("stream ended without [DONE]")
         except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
-            # Started streams are never retried: end cleanly with an error event.
-            yield stream_error_event(*self._broken(ep, events, e))
-            yield DONE
+            failure = self._broken(ep, events, e)
+            if resume is not None and resume.ok and resume.tokens:
+                resp.close()                   # the broken stream's connection is not reused
+                async for piece in self._resume(ep, resume):     # continued elsewhere: one stream, one [DONE]
+                    yield piece
+                if resume.done:
+                    return
+            if not (resume is not None and resume.done):
+                # not resumable (or the resumption failed too): end cleanly with an error event
+                yield stream_error_event(*failure)
+                yield DONE
         finally:
             self._closed(ep, resp, events)
+
+    async def _resume(self, broken: Endpoint, resume: Resume) -> AsyncIterator[bytes]:
+        """Continue a chat stream whose worker died after its first content event, on another endpoint:
+        the text the client got is the assistant's prefix (vLLM: ``continue_final_message``,
+        ``add_generation_prompt: false``), so the new worker writes the rest. Its chunks go out under
+        the stream's own id; its usage is rebilled as the one request (the prefix is the client's
+        completion, not its prompt). Sets ``resume.done`` when the stream ended with [DONE]."""
+        gw, adm, rec = self.gw, self.adm, self.rec
+        ep = gw.router.pick(rec.served_model or adm.model, {broken}, None, self.region)
+        if ep is None or ep.external:          # an external upstream knows no continue_final_message
+            return
+        left = adm.max_output - resume.tokens if adm.max_output else None
+        if left is not None and left < 1:
+            return
+        payload = dict(adm.payload, model=ep.pool.send_model, stream=True,
+                       messages=[*adm.payload["messages"], {"role": "assistant", "content": resume.text()}],
+                       continue_final_message=True, add_generation_prompt=False,
+                       stream_options={"include_usage": True})
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in payload and left is not None:
+                payload[field] = left
+        to = adm.tier.timeouts
+        ep.outstanding += 1
+        resp = events = None
+        rec.retries += 1
+        gw.metrics.retries.labels(adm.model).inc()
+        try:
+            async with asyncio.timeout(to.ttft_s):
+                resp = await gw.session.post(ep.routes["chat"], data=orjson.dumps(payload), headers=ep.headers,
+                                             timeout=_connect_timeout(to.connect_s))
+                if resp.status != 200:
+                    return
+                events = SSEReader(resp, to.idle_s)
+                batch = await events.batch()
+            gw.streams.add(events)
+            ep.streams.add(events)
+            self._at(ep)
+            while batch is not None:
+                out: list[bytes] = []
+                for event in batch:
+                    if event == DONE:
+                        rec.error = None
+                        await self._completed(ep, 0.0, None)
+                        out.append(DONE)
+                        resume.done = True
+                        yield b"".join(out)
+                        await events.drain()
+                        return
+                    if b'"usage"' in event and _has_usage(event):
+                        u = orjson.loads(event[6:]).get("usage") or {}
+                        # one request: the prefix was the client's completion, so bill it once, as such
+                        prompt = max(0, _count(u.get("prompt_tokens")) - resume.tokens)
+                        billed = {"prompt_tokens": prompt, "completion_tokens": resume.tokens
+                                  + _count(u.get("completion_tokens")),
+                                  "total_tokens": prompt + resume.tokens + _count(u.get("completion_tokens"))}
+                        meter_usage(rec, billed)
+                        if adm.include_usage:
+                            out.append(resume.own_id(b'data: {"id":"x","object":"chat.completion.chunk","choices":[],'
+                                                     b'"usage":' + orjson.dumps(billed) + b"}\n\n"))
+                    elif event.startswith(b'data: {"error"'):
+                        return
+                    elif not resume.role_only(event):
+                        out.append(resume.own_id(event))
+                if out:
+                    yield b"".join(out)
+                batch = await events.batch()
+        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError):
+            gw.router.failure(ep)
+        finally:
+            if events is not None:
+                gw.streams.discard(events)
+                ep.streams.discard(events)
+            ep.outstanding -= 1
+            if resp is not None:
+                resp.release() if resume.done else resp.close()
 
     async def _relay_responses(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader,
                                head: list[bytes], slow: float = 0.0) -> AsyncIterator[bytes]:
@@ -421,6 +509,52 @@ class Call:
             yield response_error_event(message, code, last)
         finally:
             self._closed(ep, resp, events)
+
+
+class Resume:
+    """What a resumable chat stream delivered: its id, the content text and its token count (one per
+    content chunk, as vLLM and the sim stream them); ``ok`` is False once the stream carried
+    anything a text prefix cannot continue (tool-call deltas, several choices)."""
+
+    __slots__ = ("id", "parts", "tokens", "ok", "done")
+
+    def __init__(self) -> None:
+        self.id: bytes | None = None
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.ok = True
+        self.done = False
+
+    def saw(self, event: bytes) -> None:
+        try:
+            doc = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return
+        if self.id is None and isinstance(doc.get("id"), str):
+            self.id = doc["id"].encode()
+        for c in doc.get("choices") or []:
+            delta = c.get("delta") or {}
+            if delta.get("tool_calls") or c.get("index", 0):
+                self.ok = False
+            piece = delta.get("content")
+            if isinstance(piece, str) and piece:
+                self.parts.append(piece)
+                self.tokens += 1
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @staticmethod
+    def role_only(event: bytes) -> bool:
+        """The new stream's opening chunk (the role, no content): the client had it already."""
+        return b'"role":"assistant"' in event and b'"content":""' in event
+
+    def own_id(self, event: bytes) -> bytes:
+        """A chunk of the continuation under the stream's own id."""
+        if self.id is None or not event.startswith(b'data: {"id":"'):
+            return event
+        end = event.find(b'"', 13)
+        return event[:13] + self.id + event[end:] if end > 0 else event
 
 
 class SSEReader:

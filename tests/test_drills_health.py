@@ -348,3 +348,57 @@ async def test_latency_breaker_degrades_lower_tiers_first_per_their_contract(sta
     assert again[0] == 200
     for c in (business, pro, basic):
         await c.close()
+
+
+async def test_worker_killed_mid_stream_with_stream_resume_one_coherent_stream_billed_once(stack_factory):
+    """pro has stream_resume: a worker SIGKILLed while streaming; its streams continue from another
+    worker with the delivered text as the assistant's prefix (continue_final_message). The client
+    reads one stream, one [DONE], no error, and exactly the text one worker would have written
+    (the sim's text is a function of the prompt); the ledger has one row each, billed for the 40
+    tokens the client received."""
+    import orjson
+
+    from engines.sim import _chat_prompt, completion_text
+
+    def resumable(cfg):
+        tier_cfg(cfg, "pro")["stream_resume"] = True
+        for name in ("demo-chat-east", "demo-chat-west", "demo-chat-reserve"):
+            pool_cfg(cfg, name)["sim"] = {"ttft_ms": 20, "itl_ms": 50, "output_tokens": 40}
+    stack = stack_factory(mutate_with(resumable))
+    c = client(stack, timeout=60)
+
+    async def one(i: int) -> tuple[str, str, bool, str | None, str]:
+        rid = f"resume-{i}"
+        messages = [{"role": "user", "content": f"tell me a story {i}"}]
+        text, done, error = "", False, None
+        async with c.chat.completions.with_streaming_response.create(
+                model="demo-chat", messages=messages, max_tokens=40, stream=True,
+                stream_options={"include_usage": True}, extra_headers={"x-request-id": rid}) as resp:
+            async for line in resp.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith('data: {"error"'):
+                    error = line
+                elif line.startswith("data: "):
+                    for ch in orjson.loads(line[6:]).get("choices") or []:
+                        text += (ch.get("delta") or {}).get("content") or ""
+        return rid, text, done, error, completion_text(_chat_prompt(messages)[0], 40)
+    tasks = [asyncio.create_task(one(i)) for i in range(9)]
+    await asyncio.sleep(0.8)                      # every stream has sent some tokens
+    kill9(stack, "demo-chat-east-0")
+    results = await asyncio.gather(*tasks)
+    await c.close()
+    rows = {}
+    for r in ledger.query(stack.state / "ledger.db"):
+        rows.setdefault(r["request_id"], []).append(r)
+    resumed = [rid for rid, *_ in results if rows.get(rid) and rows[rid][0]["retries"]]
+    bad = [(rid, done, error, text == want) for rid, text, done, error, want in results
+           if not done or error or text != want]
+    billed = {rid: (len(rows.get(rid, [])), rows[rid][0]["completion_tokens"] if rows.get(rid) else None)
+              for rid, *_ in results}
+    print(f"\n[resume] {len(results)} streams, {len(resumed)} resumed on another worker after SIGKILL; "
+          f"{len(results) - len(bad)} read as one stream, one [DONE], the exact text one worker writes; "
+          f"ledger (rows, completion tokens): {sorted(set(billed.values()))}")
+    assert resumed, "some streams were on the killed worker"
+    assert not bad, bad
+    assert all(v == (1, 40) for v in billed.values()), billed
