@@ -206,8 +206,19 @@ class Prober:
         gw = self.gw
         targets = [(self._target(p), m.kind) for m in gw.router.models.values() for p in m.pools
                    if p.role != "drained" and p.endpoints]
-        results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers, kind)
-                                         for ep, kind in targets))
+        # an upstream with declared limits is probed within them (gateway/state/upstream_limits.py): no slot, no probe
+        slots = {}
+        for ep, _ in targets:
+            if ep.limits is not None:
+                slots[ep] = await gw.state.upstream_limits.take(*ep.limits)
+        targets = [(ep, kind) for ep, kind in targets if ep.limits is None or slots[ep] is not None]
+        try:
+            results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers, kind)
+                                             for ep, kind in targets))
+        finally:
+            for ep, slot in slots.items():
+                if slot is not None:
+                    gw.state.upstream_limits.give_back(ep.limits[0], slot)
         targets = [ep for ep, _ in targets]
         for ep, r in zip(targets, results, strict=True):
             self.log.record(r)
