@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import openai
+import pytest
 
 from gateway import ledger
 from tests.test_drills import _http, client, fault, kill9, metric, mutate_with, pool_cfg, tier_cfg
@@ -31,15 +32,18 @@ class Seen:
     end: float | None = None
     done: bool = False               # data: [DONE] seen
     error: str | None = None         # an error event's line, or the exception
+    rid: str = ""
+    gap: float = 0.0                 # the longest wait between two content lines
 
 
 async def raw_stream(c, i: int) -> Seen:
     """A streamed chat completion read line by line through the SDK, to see the error event and [DONE]."""
-    s = Seen(time.monotonic())
+    s = Seen(time.monotonic(), rid=f"bh-{i}-{time.monotonic_ns()}")
+    last = None
     try:
         async with c.chat.completions.with_streaming_response.create(
                 model="demo-chat", messages=[{"role": "user", "content": f"black hole {i}"}],
-                max_tokens=STREAM_TOKENS, stream=True) as resp:
+                max_tokens=STREAM_TOKENS, stream=True, extra_headers={"x-request-id": s.rid}) as resp:
             async for line in resp.iter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -47,8 +51,13 @@ async def raw_stream(c, i: int) -> Seen:
                     s.done = True
                 elif line.startswith('data: {"error"'):
                     s.error = line
-                elif s.first is None:
-                    s.first = time.monotonic()
+                else:
+                    now = time.monotonic()
+                    if s.first is None:
+                        s.first = now
+                    if last is not None:
+                        s.gap = max(s.gap, now - last)
+                    last = now
     except openai.APIStatusError as e:
         s.error = f"status {e.status_code}"
     except Exception as e:               # a cut connection: judged below
@@ -57,10 +66,12 @@ async def raw_stream(c, i: int) -> Seen:
     return s
 
 
-async def test_black_hole_under_mixed_load_is_out_within_2s_and_no_unstarted_stream_is_lost(stack_factory):
+@pytest.mark.parametrize("resume", [False, True], ids=["error-and-done", "stream_resume"])
+async def test_black_hole_under_mixed_load_is_out_within_2s_and_no_unstarted_stream_is_lost(stack_factory, resume):
     def slow_streams(cfg):
         for name in ("demo-chat-east", "demo-chat-west", "demo-chat-reserve"):
             pool_cfg(cfg, name)["sim"] = {"ttft_ms": 40, "itl_ms": 40, "output_tokens": STREAM_TOKENS}
+        tier_cfg(cfg, "pro")["stream_resume"] = resume
     stack = stack_factory(mutate_with(slow_streams))
     c = client(stack, timeout=60)
     victim = dict(stack.stack.procs)["demo-chat-west-0"]
@@ -117,13 +128,20 @@ async def test_black_hole_under_mixed_load_is_out_within_2s_and_no_unstarted_str
     unstarted = [s for s in streams if s.first is None or s.first > t_stop]
     lost = [s for s in unstarted if s.error or not s.done]
     in_flight = [s for s in streams if s.first is not None and s.first <= t_stop and s.end > t_stop]
-    broken = [s for s in in_flight if s.error]
-    late = [s for s in broken if not s.done or s.end - t_stop > 3.0]
+    if resume:      # the streams on the black hole: continued elsewhere (the ledger's retries), no error
+        retried = {r["request_id"] for r in ledger.query(stack.state / "ledger.db") if r["retries"]}
+        broken = [s for s in in_flight if s.rid in retried]
+        late = [s for s in broken if s.error or not s.done or s.gap > 3.0]
+    else:
+        broken = [s for s in in_flight if s.error]
+        late = [s for s in broken if not s.done or s.end - t_stop > 3.0]
     not_ok = [w for w in whole if w != 200]
     print(f"\n[black hole] out of rotation {eject_s and round(eject_s, 2)}s after SIGSTOP; {len(streams)} streams: "
           f"{len(unstarted) - len(lost)}/{len(unstarted)} not yet started when it went dark completed, "
-          f"{len(in_flight)} in flight of which {len(broken)} on the black hole ended with error + [DONE] within "
-          f"{max((s.end - t_stop for s in broken), default=0):.2f}s; non-stream: {len(whole)} "
+          f"{len(in_flight)} in flight of which {len(broken)} on the black hole "
+          + (f"resumed elsewhere (longest pause {max((s.gap for s in broken), default=0):.2f}s), all complete"
+             if resume else f"ended with error + [DONE] within {max((s.end - t_stop for s in broken), default=0):.2f}s")
+          + f"; non-stream: {len(whole)} "
           f"({len(not_ok)} failed {not_ok[:3]})")
     assert eject_s is not None and eject_s <= 2.0, eject_s
     assert not lost, [(s.error, s.done) for s in lost[:5]]
