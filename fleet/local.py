@@ -26,7 +26,7 @@ from fleet.channel import LocalCerts
 from fleet.kinds import LOCAL_KINDS
 from fleet.launch import TlsFiles, sim_command
 from fleet.paths import private_dir
-from fleet.routing import canary_pool, local_endpoints, local_spec, routing_config
+from fleet.routing import canary_pool, gateway_config, local_endpoints, local_spec, routing_config
 from fleet import project
 from fleet.spec import ROOT, Spec
 
@@ -122,8 +122,10 @@ class LocalStack:
     def write_routing(self) -> Path:
         host = self.host
         ports = local_endpoints(self.spec)
-        config = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}",
-                                tls_dir=str(self.certs.dir))
+        routing = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}",
+                                 tls_dir=str(self.certs.dir))
+        # the one gateway config a Kubernetes gateway reads from its ConfigMap: routing, tiers, limits, SLOs
+        config = gateway_config(self.spec, routing)
         path = self.state / "routing.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
@@ -165,10 +167,9 @@ class LocalStack:
             raise
 
     def gateway_command(self, replica: int | None = None) -> list[str]:
-        cmd = [sys.executable, "-m", "gateway", "--stack", self.spec.stack, "--routing",
-               str(self.state / "routing.json"), "--host", self.host, "--state-dir", str(self.state)]
-        if self.stacks_dir is not None:
-            cmd += ["--stacks-dir", str(self.stacks_dir)]
+        # as on Kubernetes: the gateway reads the plan's gateway config (state/routing.json), no stack file
+        cmd = [sys.executable, "-m", "gateway", "--config", str(self.state / "routing.json"),
+               "--host", self.host, "--state-dir", str(self.state)]
         if replica is None:
             return cmd + ["--port", str(self.port)]
         return cmd + ["--port", str(self.replica_port(replica)), "--shared-port", str(self.port),

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet.routing import local_endpoints, local_spec, routing_config
+from fleet.routing import gateway_config, local_endpoints, local_spec, routing_config
 from fleet.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -101,9 +101,9 @@ def switch_routing(stack: LocalStack, spec: Spec, ports: dict[tuple[str, int], i
     """Write routing.json for `spec` with endpoints on `ports`, and wait until every gateway runs it."""
     host = stack.host
     declared = local_endpoints(spec)       # a drained pool runs no worker but keeps its (idle) endpoints
-    config = routing_config(local_spec(spec), lambda pool, i:
+    config = gateway_config(spec, routing_config(local_spec(spec), lambda pool, i:
                             f"http://{host}:{ports.get((pool.name, i), declared[(pool.name, i)])}",
-                            tls_dir=str(stack.certs.dir))
+                            tls_dir=str(stack.certs.dir)))
     before = {}
     for port in _gateway_ports(stack):
         try:

@@ -574,8 +574,11 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
         assert cli.main(args) == 0
         expect(lambda ln: f"started {POOL}-canary-0" in ln)
         assert len(children()) == workers + 2
-        worker = f"http://127.0.0.1:{base + workers}/health"         # after the declared workers
-        with urllib.request.urlopen(worker, timeout=5) as r:
+        worker = f"https://127.0.0.1:{base + workers}/health"        # after the declared workers, on mutual TLS
+        [tls] = (tmp_path / "state").rglob("tls")                         # the certificates `infermesh up` made
+        from fleet.channel import CLIENT_CERT, CLIENT_KEY, client_context
+        ctx = client_context(tls / "ca.crt", tls / CLIENT_CERT, tls / CLIENT_KEY)
+        with urllib.request.urlopen(worker, timeout=5, context=ctx) as r:
             assert r.status == 200
         assert cli.main(["canary", "rollback", "--stack", "local", "--stacks-dir", str(stacks)]) == 0
         expect(lambda ln: f"stopped {POOL}-canary-0 (drained)" in ln)
