@@ -65,6 +65,7 @@ class _NamedContext(ssl.SSLContext):
     the worker's certificate is issued before it, for the name ``worker_server_name`` gives."""
 
     peer_name: str | None = None
+    stamp: tuple = ()                 # (file, mtime) of the material it was built from (gateway/channel.py)
 
     def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # noqa: ANN001
         return super().wrap_bio(incoming, outgoing, server_side=server_side,

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fleet.spec import Spec, SpecError, Tier
-from gateway import admission, sla, sli
+from gateway import admission, channel, sla, sli
 from gateway.channel import ChannelConnector
 from gateway.door import FailureLimiter, InFlight
 from gateway.errors import ApiError
@@ -218,8 +218,10 @@ class Gateway:
     async def _watch_routing(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if self._mtime() != self._routing_mtime:
+            # a new routing config, or renewed TLS material under it (a rotated Secret): apply, check at once
+            if self._mtime() != self._routing_mtime or channel.material_changed(self.router):
                 self.reload_routing()
+                self.session.connector.forget_stale()
                 await self.router.check_all(self.session)
 
     async def _health_loop(self) -> None:

@@ -51,8 +51,23 @@ def endpoint_context(entry: dict[str, Any], tls_dir: str | None) -> ssl.SSLConte
             ctx = client_context(*files, server_name=tls["server_name"])
         except (OSError, ssl.SSLError, ValueError) as e:
             raise ChannelError(f"TLS material in {base} is not usable ({e})") from None
+        ctx.stamp = stamp
         _CONTEXTS[key] = ctx
     return ctx
+
+
+def material_changed(router: Any) -> bool:
+    """Has any mTLS endpoint's TLS material changed on disk since its context was built (a renewed
+    certificate, a rotated Kubernetes Secret)? Then the routing config is applied again."""
+    for ctx in router.tls.values():
+        stamp = getattr(ctx, "stamp", ())
+        for path, mtime in stamp:
+            try:
+                if Path(path).stat().st_mtime_ns != mtime:
+                    return True
+            except OSError:
+                return True
+    return False
 
 
 def refusal_of(exc: BaseException, channel: str) -> str | None:
@@ -86,3 +101,26 @@ class ChannelConnector(aiohttp.TCPConnector):
             if ctx is not None:
                 return ctx
         return super()._get_ssl_context(req)
+
+    # A connection keeps the TLS material it was made with; after a rotation (a new context for its
+    # address) it is not reused: closed when released, and idle ones at forget_stale().
+    def _stale(self, key: Any, protocol: Any) -> bool:
+        ctx = self._router.tls.get((key.host, key.port))
+        transport = getattr(protocol, "transport", None)
+        used = transport.get_extra_info("sslcontext") if transport is not None else None
+        return ctx is not None and used is not None and used is not ctx
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close or (key.is_ssl and self._stale(key, protocol)))
+
+    def forget_stale(self) -> int:
+        """Close the idle pooled connections made with an endpoint's previous TLS material."""
+        closed = 0
+        for key, conns in list(getattr(self, "_conns", {}).items()):
+            if not key.is_ssl:
+                continue
+            for item in [c for c in conns if self._stale(key, c[0])]:
+                conns.remove(item)
+                item[0].close()
+                closed += 1
+        return closed

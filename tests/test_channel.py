@@ -170,6 +170,33 @@ def test_a_local_worker_refuses_plain_http_and_clients_without_the_stacks_certif
         assert r.status == 200                       # with the gateway's client certificate
 
 
+def test_rotated_tls_material_is_applied_live(channel_stack):
+    """The gateway watches the TLS files its endpoints name (a renewed certificate, a rotated Secret):
+    a new CA file takes effect without a reload call or a restart, and the old material back brings
+    the endpoints back."""
+    running, _ = channel_stack
+    tls = running.stack.certs.dir
+    ca = (tls / "ca.crt").read_bytes()
+
+    def reasons() -> set[str]:
+        return {e["reason"] for i, e in _endpoints(running).items() if i.startswith("demo-chat-east/")}
+
+    def wait(pred) -> None:
+        deadline = time.monotonic() + 15
+        while not pred() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    try:
+        (tls / "ca.crt").write_bytes(make_ca("a CA the workers' certificates do not chain to").cert_pem)
+        wait(lambda: reasons() == {"tls: the worker's certificate is not signed by the stack's CA"})
+        assert reasons() == {"tls: the worker's certificate is not signed by the stack's CA"}
+    finally:
+        (tls / "ca.crt").write_bytes(ca)
+    wait(lambda: reasons() == {""})
+    assert reasons() == {""} and all(e["healthy"] for i, e in _endpoints(running).items()
+                                     if i.startswith("demo-chat-east/"))
+
+
 def test_the_plan_picks_the_channel_per_provider_kind_and_ships_no_key_material():
     spec = spec_mod.load("prod")
     routing = build_plan(spec).routing
