@@ -83,8 +83,10 @@ else:
     images = Images("infermesh-images", {"repository": image_repository(cfg, spec), "context": str(ROOT),
                                          "push": cfg.get_bool("push-images") is not False})
     gateways = [n for n in plan.mesh if n.role == "gateway"]
+    # WireGuard only where it is the channel (SSH hosts): marketplace containers are on mutual TLS
+    on_mesh = [n for n in plan.mesh if n.role == "gateway" or lease_channel(plan.lease(n.name)) == "wireguard"]
     mesh = WireGuardMesh("infermesh-mesh", {
-        "nodes": [{"name": n.name, "role": n.role, "address": n.address, "peers": list(n.peers)} for n in plan.mesh],
+        "nodes": [{"name": n.name, "role": n.role, "address": n.address, "peers": list(n.peers)} for n in on_mesh],
         "cidr": spec.mesh.cidr, "port": spec.mesh.port, "keepalive_s": spec.mesh.keepalive_s,
         # Each gateway node answers WireGuard at its own name (one gateway replica per node).
         "gateway_endpoints": {g.name: f"{g.name}.mesh.{spec.gateway.host}:{spec.mesh.port}" for g in gateways},

@@ -222,6 +222,11 @@ def test_leases_per_pool(runs, stack):
         assert policy.check_resource(r.typ, unwrap(r.inputs), r.name) == []
 
 
+def on_mesh(plan: plan_mod.Plan) -> list:
+    """The WireGuard nodes: the gateways and the SSH leases (marketplace containers are on mutual TLS)."""
+    return [n for n in plan.mesh if n.role == "gateway" or lease_channel(plan.lease(n.name)) == "wireguard"]
+
+
 def r_env(run: Run, lease: str) -> Any:
     return next(r.inputs["env"] for r in run.mocks.of_type(LEASE_TYPE) if unwrap(r.inputs["name"]) == lease)
 
@@ -254,7 +259,7 @@ def test_secrets_are_secret(runs, stack):
     want = {"INFERMESH_SECRET_GONKAGATE_API_KEY": "test-secret-gonkagate-api-key"} if stack == "prod" else {}
     assert upstreams == want
     keys = run.mocks.of_type(KEY_TYPE)
-    assert len(keys) == len(run.plan.mesh)
+    assert len(keys) == len(on_mesh(run.plan))
 
 
 def configmap_routing(run: Run) -> dict:
@@ -312,7 +317,8 @@ def test_configmap_is_the_plans_routing(runs, stack):
     cm = run.mocks.one("kubernetes:core/v1:ConfigMap")
     assert json.loads(cm.inputs["data"][ROUTING_KEY]) == configmap_routing(run)
     peers = json.loads(cm.inputs["data"][PEERS_KEY])
-    assert sorted(p["name"] for p in peers) == sorted(x.name for x in run.plan.leases)
+    assert sorted(p["name"] for p in peers) == sorted(x.name for x in run.plan.leases
+                                                      if lease_channel(x) == "wireguard")     # SSH hosts only
     assert all("private" not in json.dumps(p).lower() for p in peers)
 
 
@@ -459,8 +465,9 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
     assert {lease_of(k) for k in gone} == removed_leases and None not in {lease_of(k) for k in gone}
     assert {lease_of(k) for k in new} == added_leases and None not in {lease_of(k) for k in new}
     mtls = sum(1 for x in before.plan.leases if x.name in removed_leases and lease_channel(x) == "mtls")
-    assert Counter(k[0] for k in gone) == Counter({"infermesh:fleet:GpuLease": len(removed_leases),
-                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: len(removed_leases),
+    wg = len(removed_leases) - mtls
+    assert Counter(k[0] for k in gone) == +Counter({"infermesh:fleet:GpuLease": len(removed_leases),
+                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: wg,
                                                    "tls:index/privateKey:PrivateKey": mtls,
                                                    "tls:index/certRequest:CertRequest": mtls,
                                                    "tls:index/locallySignedCert:LocallySignedCert": mtls})
@@ -485,7 +492,7 @@ def test_wireguard_key_provider_makes_a_real_stable_pair(runs):
 
     host = EngineHost(stack_config("prod")[0])
     keys = [{k: v for k, v in r.inputs.items() if v is not None} for r in runs["prod"].mocks.of_type(KEY_TYPE)]
-    assert len(keys) == len(runs["prod"].plan.mesh)
+    assert len(keys) == len(on_mesh(runs["prod"].plan))
     for props in keys:
         inputs, failures = host.check({}, props)
         assert failures == []
