@@ -949,3 +949,20 @@ def test_prometheus_rule_options_from_the_stack_config(monkeypatch, tmp_path):
                   if r.inputs["metadata"]["name"] == "prometheus-scrape")
     assert scrape.inputs["spec"]["ingress"][0]["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
+
+
+def test_scaling_the_gateway_fleet_replaces_no_lease(runs, monkeypatch, tmp_path):
+    """Issue 14: one more gateway replica changes no lease's inputs (container leases reach the
+    gateways on mutual TLS: no worker carries a list of gateway peers), so `pulumi up` replaces none."""
+    before = runs["prod"]
+    text = (ROOT / "stacks" / "Pulumi.prod.yaml").read_text()
+    n = before.spec.gateway.replicas
+    block = "  infermesh:gateway:\n    replicas: {}\n"
+    scaled = text.replace(block.format(n), block.format(n + 1), 1)
+    assert scaled != text, "prod's gateway block no longer starts with replicas"
+    (tmp_path / "Pulumi.prod.yaml").write_text(scaled)
+    after = run_program("prod", monkeypatch, stacks_dir=tmp_path)
+    assert after.spec.gateway.replicas == n + 1
+    a, b = fingerprint(before.mocks), fingerprint(after.mocks)
+    leases = {k for k in a if k[0] in (LEASE_TYPE, "infermesh:fleet:GpuLease")}
+    assert leases and all(a[k] == b.get(k) for k in leases), [k for k in leases if a[k] != b.get(k)]
