@@ -169,6 +169,25 @@ def spool_top(ha: Ha, i: int) -> tuple[str, int]:
         conn.close()
 
 
+def _where_missing(ha: Ha) -> str:
+    """For a failed ledger wait: in which replica's spool the missing rows are, and each spool's
+    top against PostgreSQL's mark."""
+    import sqlite3
+    have = {r[0] for r in ha.pg("SELECT request_id FROM usage WHERE request_id = ANY(%s)", list(ha.completed))}
+    missing = set(ha.completed) - have
+    out = []
+    for i in range(3):
+        conn = sqlite3.connect(ha.stack.state / "instances" / f"gw-{i}" / "ledger.db")
+        try:
+            ids = [r[0] for r in conn.execute("SELECT id, request_id FROM usage").fetchall() if r[1] in missing]
+        finally:
+            conn.close()
+        inst, top = spool_top(ha, i)
+        mark = ha.pg("SELECT coalesce(max(local_id), 0) FROM usage WHERE instance_id = %s", inst)[0][0]
+        out.append(f"gw-{i}: missing local ids {ids[:10]}, spool top {top}, PostgreSQL mark {mark}")
+    return "; ".join(out)
+
+
 async def test_dead_replicas_spool_is_shipped_by_a_survivor(ha):
     """Rows left in a SIGKILLed replica's spool (PostgreSQL was away, so none had shipped) reach
     PostgreSQL through the live replicas, with the dead one never started again."""
@@ -185,7 +204,10 @@ async def test_dead_replicas_spool_is_shipped_by_a_survivor(ha):
     finally:
         ha.proxy.restore()
     t0 = time.monotonic()
-    await wait_ledger(ha, dict(ha.completed), timeout=20)
+    try:
+        await wait_ledger(ha, dict(ha.completed), timeout=20)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {_where_missing(ha)}") from None
     took = time.monotonic() - t0
     adopted = sum(ha.log(i).count("from the spool of gw-1") for i in (0, 2))
     print(f"\n[spool] {len(ha.completed)} answered; {stranded} rows in the killed replica's spool, not in "

@@ -32,6 +32,7 @@ instance id: shipping twice is harmless) and lets the lock go again for the owne
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -96,6 +97,7 @@ class PgShipper:
         self._task: asyncio.Task | None = None
         self.shipped = 0
         self.backlog_gauge = None
+        self.executor = None                      # the loop's default; the Adopter gives its shippers its own
         # shipping lag (gateway/metrics.py reads lag()): before the first connection the high-water
         # mark is unknown, and rows written since this start are the ones surely not shipped
         try:
@@ -128,7 +130,7 @@ class PgShipper:
     async def ship_once(self) -> int:
         """Ship the next batch above the high-water mark; returns how many rows it held."""
         conn = await self._connect()
-        rows = await asyncio.to_thread(self._read, self.hwm)
+        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self._read, self.hwm)
         if not rows:
             return 0
         params = [(self.instance_id, *(bool(v) if i in _BOOLS else v for i, v in enumerate(r, start=1)))
@@ -250,6 +252,8 @@ class Adopter:
     def __init__(self, instances: Path, own: Path, dsn: str, every_s: float = ADOPT_S) -> None:
         self.instances, self.own, self.dsn, self.every_s = instances, own.resolve(), dsn, every_s
         self.adopted = 0                  # rows shipped from dead replicas' spools
+        # its own thread: a default pool busy with other blocking calls (PostgreSQL down) never holds it up
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-adopter")
         self._done: dict[Path, int] = {}   # spool -> its highest row id known to be in PostgreSQL
         self._task: asyncio.Task | None = None
 
@@ -261,13 +265,15 @@ class Adopter:
     async def ship(self, spool: Path) -> int:
         """Ship a spool whose owner is dead (its lock is free); 0 when it is alive or has nothing new."""
         lock = SpoolLock(spool)
-        if not await asyncio.to_thread(lock.try_acquire):
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self.executor, lock.try_acquire):
             return 0
         try:
-            top = await asyncio.to_thread(_spool_top, spool)
+            top = await loop.run_in_executor(self.executor, _spool_top, spool)
             if top == self._done.get(spool):       # shipped already, and its owner wrote nothing since
                 return 0
-            shipper = await asyncio.to_thread(PgShipper, spool, self.dsn, Health())
+            shipper = await loop.run_in_executor(self.executor, PgShipper, spool, self.dsn, Health())
+            shipper.executor = self.executor
             try:
                 before = shipper.shipped
                 await shipper.drain(timeout_s=10.0, quiet=True)
@@ -293,6 +299,10 @@ class Adopter:
             for spool in self.orphans():
                 try:
                     await asyncio.wait_for(self.ship(spool), 30.0)
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise                      # stop()
+                    log.warning("spool %s not adopted (cancelled)", spool.parent.name)
                 except Exception as e:             # never let one spool stop the adoption of the others
                     log.warning("spool %s not adopted (%s)", spool.parent.name, type(e).__name__)
 
@@ -304,6 +314,7 @@ class Adopter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.executor.shutdown(wait=False)
 
 
 def query(dsn: str, tenant: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
