@@ -250,7 +250,10 @@ async def test_sigkill_mid_load_supervised_restart_every_answered_row_in_postgre
     cut = sum(r.status == 0 for r in results)
     assert all(r.status in (0, 200) for r in results), {r.status for r in results}
     assert ha.stack.restarts.get("gateway-1", 0) == before + 1
-    await wait_ledger(ha, dict(ha.completed), timeout=15)
+    try:
+        await wait_ledger(ha, dict(ha.completed), timeout=15)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {_where_missing(ha)}") from None
     print(f"\n[supervise] {len(ha.completed)} answered, {cut} refused on its own port while it was down; "
           f"gateway-1 ready again {back:.1f}s after SIGKILL (no hand restart); every answered row in PostgreSQL once")
     assert back < 10
