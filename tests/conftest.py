@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import http.client
 import socket
 import random
@@ -22,6 +23,39 @@ from fleet.local import LocalStack
 from gateway.keys import KeyAdmin
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def kill_tree(proc) -> None:
+    """End a process we started and the children it started (`infermesh up` starts its workers and
+    gateways in sessions of their own, so killing it alone would leave them running): by PID."""
+    import signal
+    import subprocess
+    import time
+
+    if proc.poll() is not None:
+        return
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+    children = [int(x) for x in out.split()]
+    proc.kill()
+    proc.wait()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + 10
+    for pid in children:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def free_port() -> int:

@@ -535,7 +535,7 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
     import subprocess
     import sys
 
-    from .conftest import REPO, free_port, free_port_range
+    from .conftest import REPO, free_port, free_port_range, kill_tree
 
     stacks = tmp_path / "stacks"
     stacks.mkdir()
@@ -591,9 +591,7 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_tree(proc)          # with the workers and the gateway it started, whatever failed above
 
 
 def test_promoting_new_knobs_replaces_the_pools_workers_without_a_failed_request(capsys, stack_factory):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from tests.conftest import REPO, free_port, free_port_range
+from tests.conftest import REPO, free_port, free_port_range, kill_tree
 
 
 def _children(pid: int) -> list[int]:
@@ -57,9 +57,7 @@ def test_up_serves_prints_a_key_and_stops_everything(tmp_path):
         assert not [c for c in children if _alive(c)]
         assert (tmp_path / "state" / "ledger.db").exists() and (tmp_path / "state" / "keys.db").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_tree(proc)          # with the workers and the gateway it started, whatever failed above
 
 
 def test_up_refuses_a_stack_that_leases_gpus(tmp_path):
