@@ -106,6 +106,17 @@ PEER_FRESH_S = 30.0
 STALL_S = 1.0                     # a started stream quiet this long on a lost endpoint is ended at once
 
 
+def _expire(deadline) -> None:
+    """Make a waiting request's asyncio.Timeout fire now. One that is already firing (the request
+    whose own deadline passed is the one reporting the endpoint lost) or done is left alone:
+    asyncio refuses to reschedule it."""
+    if deadline.when() is None or not deadline.expired():
+        try:
+            deadline.reschedule(0)
+        except RuntimeError:
+            pass
+
+
 @dataclass(eq=False)
 class Endpoint:
     id: str
@@ -147,14 +158,14 @@ class Endpoint:
 
     def abandon_waiting(self) -> None:
         for deadline in self.waiting_calls:
-            deadline.reschedule(0)         # in the past: TimeoutError in that request at once
+            _expire(deadline)              # in the past: TimeoutError in that request at once
 
     def lost(self, dead: bool = True, now: float | None = None) -> int:
         """Let go of what waits on this endpoint (see the module's text): streams waiting for a first
         token retry elsewhere, whole answers too when it is ``dead``; started streams quiet for
         STALL_S end now (the relay sends an error event and [DONE]). Returns the streams ended."""
         for deadline in self.stream_waits:
-            deadline.reschedule(0)
+            _expire(deadline)
         if dead:
             self.abandon_waiting()
         return self.end_quiet_streams(time.monotonic() if now is None else now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shlex
+import subprocess
 from pathlib import Path
 
 import jinja2
@@ -76,9 +77,13 @@ def ansible_command(tmp_path: Path) -> list[str]:
     hv = {**yaml.safe_load((ROLE / "defaults" / "main.yml").read_text()), **host_vars(inv, f"{POOL}-0"),
           "worker_engine": "vllm", "worker_image": "registry.example/worker@sha256:" + "0" * 64,
           "ansible_managed": "managed"}
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True)    # as Ansible renders templates
     env.filters["quote"] = lambda v: shlex.quote(str(v))
     text = env.from_string((ROLE / "templates" / "run.sh.j2").read_text()).render(**hv)
+    # a script sh runs: its first command is the exec (not swallowed by a comment line above it)
+    code = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert code and code[0].startswith("exec "), text
+    subprocess.run(["sh", "-n"], input=text, text=True, check=True)
     argv = shlex.split(text.replace("\\\n", " "), comments=True)
     return argv[argv.index(hv["worker_image"]) + 1:]
 
