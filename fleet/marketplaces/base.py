@@ -2,7 +2,7 @@
 
 Every GPU marketplace adapter (fleet/marketplaces/<kind>.py) subclasses :class:`Marketplace`
 and implements five small methods against the marketplace's documented API
-(../shared/marketplace-apis.md): ``search``, ``find``, ``status``, ``destroy`` and ``_launch``.
+(docs/marketplace-apis.md): ``search``, ``find``, ``status``, ``destroy`` and ``_launch``.
 The base class builds the rest on them, the same way for every marketplace:
 
 - ``create(request)`` is idempotent: the lease's deterministic label (the plan's ``Lease.name``)

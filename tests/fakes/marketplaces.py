@@ -1,7 +1,7 @@
 """FAKE marketplace servers for the adapter tests: Vast.ai, RunPod (REST v2), Akash Console API,
 and an OpenAI-compatible upstream (GonkaGate-shaped). None of this is a marketplace.
 
-Each fake serves the request and response shapes of ../shared/marketplace-apis.md on
+Each fake serves the request and response shapes of docs/marketplace-apis.md on
 127.0.0.1 (an ``http.server`` in a thread, port 0), keeps its leases in memory, and **validates
 what it receives**: a body of the wrong shape gets the marketplace's own 400/422 error, so an
 adapter that sends the wrong shape fails its test instead of passing against a lenient fake.
