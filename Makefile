@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STACK   ?= local
 STAMP   := $(VENV)/.installed
 
-.PHONY: install up test test-mesh system-deps lint clean bench
+.PHONY: install up test test-mesh test-quarantine system-deps lint clean bench
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: install system-deps
 # The mesh tests alone: hosts as network namespaces, sshd, WireGuard (wireguard-go), real playbooks.
 test-mesh: install system-deps
 	INFERMESH_MESH_TESTS=1 $(BIN)/python -m pytest -q -m mesh
+
+# Drills that fail intermittently for a reason not yet found (each names its open issue): run them by hand.
+test-quarantine: install system-deps
+	$(BIN)/python -m pytest -q -m quarantine
 
 # System packages the mesh tests and bootstrap need (sshd, wireguard-go, wg, iptables); a no-op when present.
 system-deps:
