@@ -9,9 +9,10 @@ drills cut to simulate an outage. Figures are printed; bounds are loose for a bu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import os
-import secrets
 import signal
 import stat
 import threading
@@ -19,19 +20,15 @@ import time
 
 import openai
 import pytest
-import yaml
 from openai import AsyncOpenAI
 
 from fleet import spec as spec_mod
 from fleet.local import LocalStack
 from tests.test_shared_state import (
-    PG_ADMIN,
+    ha_stack,
     PG_HOST,
     PG_PORT,
     Ha,
-    RedisServer,
-    TcpProxy,
-    _config,
     _pg_available,
     assert_spools_are_prefixes,
     traffic,
@@ -51,29 +48,9 @@ STACK = "fail-test"
 
 
 @pytest.fixture(scope="module")
-def ha(tmp_path_factory) -> Ha:
-    tmp = tmp_path_factory.mktemp("fail")
-    db = f"im_test_{secrets.token_hex(4)}"
-    redis = RedisServer(tmp)
-    redis.start()
-    proxy = TcpProxy((PG_HOST, PG_PORT))
-    stacks_dir = tmp / "stacks"
-    stacks_dir.mkdir()
-    config = _config(redis.port, proxy.port, db)
-    (stacks_dir / f"Pulumi.{STACK}.yaml").write_text(
-        yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
-    spec = spec_mod.load(STACK, stacks_dir)
-    first = spec.gateway.port + 1
-    stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir, replica_ports=[first, first + 1, first + 2])
-    try:
-        stack.start()
-        yield Ha(stack, spec, stacks_dir, redis, proxy, f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{db}")
-    finally:
-        stack.stop()
-        redis.stop()
-        proxy.close()
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+def ha(tmp_path_factory) -> Iterator[Ha]:
+    with ha_stack(tmp_path_factory.mktemp("fail"), STACK) as running:
+        yield running
 
 
 def _get(url: str) -> int:

@@ -12,6 +12,7 @@ The gateways reach PostgreSQL only through the proxy; the assertions read it dir
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import os
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,9 +210,11 @@ def _config(redis_port: int, proxy_port: int, db: str) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
-def ha(tmp_path_factory) -> Ha:
-    tmp = tmp_path_factory.mktemp("ha")
+@contextlib.contextmanager
+def ha_stack(tmp: Path, name: str = STACK, mutate=None) -> Iterator[Ha]:
+    """Three gateway replicas on a redis-server of the test's own and a database of its own on the
+    machine's PostgreSQL (reached through a proxy the drills can cut); everything ends, whatever failed.
+    ``mutate(config)`` changes the stack before it starts. Shared by the drills on shared state."""
     db = f"im_test_{secrets.token_hex(4)}"
     redis = RedisServer(tmp)
     redis.start()
@@ -218,9 +222,11 @@ def ha(tmp_path_factory) -> Ha:
     stacks_dir = tmp / "stacks"
     stacks_dir.mkdir()
     config = _config(redis.port, proxy.port, db)
-    (stacks_dir / f"Pulumi.{STACK}.yaml").write_text(
+    if mutate is not None:
+        mutate(config)
+    (stacks_dir / f"Pulumi.{name}.yaml").write_text(
         yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
-    spec = spec_mod.load(STACK, stacks_dir)
+    spec = spec_mod.load(name, stacks_dir)
     first = spec.gateway.port + 1
     stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir, replica_ports=[first, first + 1, first + 2])
     try:
@@ -232,6 +238,12 @@ def ha(tmp_path_factory) -> Ha:
         proxy.close()
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory) -> Iterator[Ha]:
+    with ha_stack(tmp_path_factory.mktemp("ha")) as running:
+        yield running
 
 
 # ------------------------------------------------------------------------------- clients

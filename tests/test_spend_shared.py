@@ -6,6 +6,8 @@ machine's PostgreSQL, three gateway processes), with one more tier priced at $1 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import itertools
 import secrets
@@ -13,22 +15,13 @@ from collections import Counter
 
 import aiohttp
 import pytest
-import yaml
 
-from fleet import spec as spec_mod
-from fleet.local import LocalStack
 from gateway.state import key_admin
 from tests.test_shared_state import (
-    PG_ADMIN,
-    PG_HOST,
-    PG_PORT,
+    ha_stack,
     STACK,
     Ha,
-    RedisServer,
-    TcpProxy,
-    _config,
     call,
-    psycopg,
     pytestmark,  # noqa: F401  (skipped where PostgreSQL or redis-server is absent)
     wait_for,
     wait_key_live,
@@ -37,32 +30,15 @@ from tests.test_shared_state import (
 LIMIT = 500                   # micro-dollars
 
 
-@pytest.fixture(scope="module")
-def spend_ha(tmp_path_factory) -> Ha:
-    tmp = tmp_path_factory.mktemp("spend")
-    db = f"im_test_{secrets.token_hex(4)}"
-    redis = RedisServer(tmp)
-    redis.start()
-    proxy = TcpProxy((PG_HOST, PG_PORT))
-    stacks_dir = tmp / "stacks"
-    stacks_dir.mkdir()
-    config = _config(redis.port, proxy.port, db)
+def _spender(config: dict) -> None:
     config["tiers"].append({"name": "spender", "models": ["demo-chat", "demo-mini"], "rpm": 100_000,
                             "tpm": 100_000_000, "priority": 1, "price_per_1m_tokens": 1.0})
-    (stacks_dir / f"Pulumi.{STACK}.yaml").write_text(
-        yaml.safe_dump({"config": {f"infermesh:{k}": v for k, v in config.items()}}))
-    spec = spec_mod.load(STACK, stacks_dir)
-    first = spec.gateway.port + 1
-    stack = LocalStack(spec, tmp / "state", stacks_dir=stacks_dir, replica_ports=[first, first + 1, first + 2])
-    try:
-        stack.start()
-        yield Ha(stack, spec, stacks_dir, redis, proxy, f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{db}")
-    finally:
-        stack.stop()
-        redis.stop()
-        proxy.close()
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def spend_ha(tmp_path_factory) -> Iterator[Ha]:
+    with ha_stack(tmp_path_factory.mktemp("spend"), mutate=_spender) as running:
+        yield running
 
 
 async def test_a_key_at_its_spend_limit_across_three_replicas_admits_exactly_up_to_it(spend_ha):
