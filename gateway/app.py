@@ -472,7 +472,8 @@ class Gateway:
                 raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
                                param="model")
             model = self.breaker.route(self, tier, model, rec, headers)      # lower tiers: fallback or shed
-            kind = self.router.models[model].kind
+            model_route = self.router.models[model]
+            kind = model_route.kind
             scope, limits = "", tier
             if route == "embeddings":
                 if kind != "embedding":
@@ -490,7 +491,7 @@ class Gateway:
                     raise admission.bad_request(
                         f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
                         param=_PROMPT_PARAM[route], code="context_length_exceeded")
-                context = self.router.models[model].context_length
+                context = model_route.context_length
                 stream, include_usage, max_output = admission.check_common(
                     payload, tier, route == "responses", context - est if context else None)
                 if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
