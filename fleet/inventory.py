@@ -19,7 +19,12 @@ The hosts file (YAML or JSON), as the lease step records it::
         vars: {}                         # optional: overrides for this host only
 
 Only SSH-connected nodes are bootstrapped: gateways and the leases whose pool says
-``connection: ssh``. Container leases run the worker image and are not Ansible's business.
+``connection: ssh``. Container leases run the worker image and are not Ansible's business, and
+an SSH gateway does not route to them: they are reached on mutual TLS at the port their
+marketplace forwards, an address only the lease outputs hold, with material the Kubernetes
+gateways mount (fleet/components/gateway.py). The routing an SSH gateway gets (``routing_config``)
+leaves those endpoints out rather than carry a placeholder address; ``routing_left_out`` names
+them and the routing role says so.
 """
 
 from __future__ import annotations
@@ -226,12 +231,14 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
                                  "valid interface name (1-15 of A-Z a-z 0-9 _ = + . -)")
         groups[GATEWAYS if node.role == "gateway" else WORKERS][node.name] = hv
 
+    routing, left_out = ssh_gateway_routing(plan.routing)
     all_vars: dict[str, Any] = {
         "ansible_python_interpreter": "auto_silent",
         "infermesh_stack": spec.stack,
         "mesh_keys_file": str(keys_file),
         "preflight_allow_sim": spec.allow_sim_workers,
-        "routing_config": plan.routing,
+        "routing_config": routing,
+        "routing_left_out": left_out,
     }
     ssh_args = []
     if hosts.ssh_known_hosts:
@@ -245,6 +252,21 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
         GATEWAYS: {"hosts": groups[GATEWAYS]},
         WORKERS: {"hosts": groups[WORKERS]},
     }}}
+
+
+def ssh_gateway_routing(routing: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The plan's routing as an SSH gateway can use it: without the mutual-TLS endpoints (container
+    leases, whose address the plan does not know: see the module's text). Returns it and their ids."""
+    left_out: list[str] = []
+    models = []
+    for model in routing.get("models", []):
+        pools = []
+        for pool in model.get("pools", []):
+            keep = [ep for ep in pool.get("endpoints", []) if ep.get("channel") != "mtls"]
+            left_out += [ep["id"] for ep in pool.get("endpoints", []) if ep.get("channel") == "mtls"]
+            pools.append({**pool, "endpoints": keep})
+        models.append({**model, "pools": pools})
+    return {**routing, "models": models}, left_out
 
 
 def write_inventory(inventory: dict[str, Any], path: Path) -> Path:

@@ -81,11 +81,31 @@ def test_inventory_comes_from_the_plan_and_the_lease_outputs(plan_and_spec, host
     assert w0["worker_endpoint_id"] == "meshpool/0" and w0["worker_model"] == "mesh-chat"
     assert w0["worker_sim_args"] == {"ttft_ms": 20.0, "itl_ms": 3.0, "output_tokens": 8}
     assert w0["preflight_gpu_type"] == ""  # a `cpu` pool
-    assert gw["preflight_allow_sim"] is True and gw["routing_config"] == plan.routing
+    assert gw["preflight_allow_sim"] is True and gw["routing_config"] == plan.routing   # SSH workers only
+    assert gw["routing_left_out"] == []
     assert "StrictHostKeyChecking=yes" in gw["ansible_ssh_common_args"]
     # Interface names are unique per node and valid Linux names.
     names = {host_vars(inv, n)["mesh_interface"] for n in nodes_of(inv)}
     assert len(names) == 3 and all(len(n) <= 15 for n in names)
+
+
+def test_ssh_gateways_get_no_placeholder_for_container_leases(hosts_file, tmp_path) -> None:
+    """A container pool (mutual TLS at its marketplace's forwarded port) beside the SSH pool: the
+    SSH gateway's routing leaves its endpoints out instead of dialling a mesh address it never has."""
+    doc = yaml.safe_load((STACKS_DIR / "Pulumi.meshtest.yaml").read_text())
+    pools = doc["config"]["infermesh:pools"]
+    pools.append({**pools[0], "name": "boxpool", "connection": "container", "replicas": 2})
+    (tmp_path / "Pulumi.mixed.yaml").write_text(yaml.safe_dump(doc))
+    spec = load("mixed", tmp_path)
+    plan = build_plan(spec)
+    full = {e["id"]: e for m in plan.routing["models"] for p in m["pools"] for e in p["endpoints"]}
+    assert full["boxpool/0"]["channel"] == "mtls"        # the plan routes it (Pulumi fills in its address)
+    inv = build_inventory(spec, plan, load_hosts(hosts_file), keys_file=tmp_path / "keys.json")
+    gw = host_vars(inv, "gateway-0")
+    routed = {e["id"] for m in gw["routing_config"]["models"] for p in m["pools"] for e in p["endpoints"]}
+    assert routed == {"meshpool/0", "meshpool/1"}
+    assert gw["routing_left_out"] == ["boxpool/0", "boxpool/1"]
+    assert nodes_of(inv, "workers") == ["meshpool-0", "meshpool-1"]     # containers are not Ansible's
 
 
 def test_interface_names_stay_valid_for_long_node_names() -> None:
@@ -109,7 +129,7 @@ def test_inventory_refuses_missing_and_unknown_hosts(plan_and_spec, tmp_path) ->
 
 
 def test_bootstrap_command_names_what_is_missing(tmp_path) -> None:
-    r = subprocess.run([sys.executable, "-m", "fleet.cli", "bootstrap", "--stack", "meshtest", "--stacks-dir",
+    r = subprocess.run([sys.executable, "-m", "infermesh_cli", "bootstrap", "--stack", "meshtest", "--stacks-dir",
                         str(STACKS_DIR), "--state-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert "no hosts file" in r.stderr and "Traceback" not in r.stderr
