@@ -35,7 +35,7 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 lint: install
-	$(BIN)/python -m ruff check fleet gateway engines tests bench policies __main__.py
+	$(BIN)/python -m ruff check fleet infermesh_cli gateway engines tests bench policies __main__.py
 
 clean:
 	rm -rf $(VENV) .infermesh .pytest_cache

@@ -1,6 +1,6 @@
 """The policy rules: pure functions over the spec and its plan, each returning violations.
 
-The same rules run in two places: `infermesh check --stack S` (fleet/commands/check.py) and
+The same rules run in two places: `infermesh check --stack S` (infermesh_cli/commands/check.py) and
 the Pulumi CrossGuard pack in policies/ (stack validation calls :func:`check`; resource
 validations call the per-resource helpers at the bottom of this module). A violation names
 the rule, the resource, what is wrong and how to fix it::

@@ -14,7 +14,7 @@ What it can edit, block-style YAML as Pulumi writes it:
 A layout it does not understand (flow-style lists, a field on the item's dash line) raises
 ``StackEditError``, whose message says to edit by hand.
 
-The same approach as `infermesh failover` (fleet/commands/failover.py), in a reusable form.
+The same approach as `infermesh failover` (infermesh_cli/commands/failover.py), in a reusable form.
 """
 
 from __future__ import annotations

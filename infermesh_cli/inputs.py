@@ -1,34 +1,18 @@
-"""`infermesh`: one CLI for the declared service, the local stack and day-to-day operations.
-
-Each sub-command lives in fleet/commands/<name>.py and exposes ``register(subparsers)``, which
-adds its parser and sets ``func`` (args -> exit code). Errors an operator can fix (a bad stack
-file, a bad flag) print one line on stderr and exit 2; they never show a traceback.
+"""The CLI's input parsers and output cells (docs/cli-inputs.md): argparse types for tenant names,
+key ids, hours and bounded numbers, `parse_since` for --since/--until, and the table/CSV cell
+escapes. Commands import these; nothing here imports a command.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import os
 import re
-import sys
 import time
 from datetime import datetime, timezone
 
-from fleet.spec import SpecError
 from gateway.keys import TENANT_PATTERN     # the key store refuses other names too
-
-# Order is the order of `infermesh --help`.
-COMMANDS = [
-    "up", "gateway", "keys", "usage", "billing", "slo",
-    "plan", "check", "failover", "canary", "leases", "alerts",
-    "bootstrap", "ops",
-]
-
-
-class UserError(Exception):
-    """A problem with what the operator asked for; the message is shown as is (on one line)."""
+from infermesh_cli.errors import UserError
 
 
 # ---- inputs (docs/cli-inputs.md) ----------------------------------------------------------------
@@ -135,53 +119,3 @@ def csv_cell(value: object) -> object:
 def one_line(text: str) -> str:
     """An error message as one printable line (file names and values in it may hold anything)."""
     return cell(" ".join(str(text).splitlines()) or "error")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (the usage is one `--help` away)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{one_line(self.prog)}: {one_line(message)} (see {one_line(self.prog)} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="infermesh", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"fleet.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"fleet.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:                  # --help (0) or a bad argument (2, one line already printed)
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return int(args.func(args) or 0)
-    except (SpecError, UserError) as e:
-        print(f"infermesh {args.command}: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        # A bug, not an input problem: still one line (INFERMESH_TRACEBACK=1 shows the traceback).
-        if os.environ.get("INFERMESH_TRACEBACK"):
-            raise
-        print(f"infermesh {args.command}: internal error: {type(e).__name__}: {one_line(str(e))} "
-              f"(INFERMESH_TRACEBACK=1 shows where)", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    # Import by name: run as `python -m fleet.cli`, this file is __main__, and the commands'
-    # `from fleet.cli import UserError` must be the same class that main() catches.
-    from fleet.cli import main as _main
-
-    sys.exit(_main())

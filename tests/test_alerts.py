@@ -15,8 +15,8 @@ import yaml
 
 from fleet import alerts
 from fleet import spec as spec_mod
-from fleet.cli import main as cli_main
-from fleet.commands.alerts import rules_path
+from infermesh_cli.main import main as cli_main
+from infermesh_cli.commands.alerts import rules_path
 from gateway.metrics import _LATENCY_BUCKETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_cli_renders_writes_and_checks(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == alerts.to_yaml(spec_mod.load("prod"))
     assert cli_main(["alerts", "render", "--stack", "prod", "--check"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("fleet.commands.alerts.ALERTS_DIR", tmp_path)
+    monkeypatch.setattr("infermesh_cli.commands.alerts.ALERTS_DIR", tmp_path)
     assert cli_main(["alerts", "render", "--stack", "prod", "--check"]) == 1
     assert "missing: run `infermesh alerts render --stack prod --write`" in capsys.readouterr().err
     assert cli_main(["alerts", "render", "--stack", "prod", "--write", "--runbook-url",
@@ -323,7 +323,7 @@ def runbook_commands() -> list[str]:
 
 
 def test_every_command_the_runbook_names_parses():
-    from fleet.cli import build_parser
+    from infermesh_cli.main import build_parser
 
     commands = runbook_commands()
     assert len(commands) > 20

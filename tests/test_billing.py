@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from fleet import spec as spec_mod
-from fleet.cli import main
-from fleet.commands import billing
+from infermesh_cli.main import main
+from infermesh_cli.commands import billing
 from gateway import ledger
 from gateway.keys import KeyAdmin
 

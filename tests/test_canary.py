@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from fleet import canary as rules
-from fleet import cli
+from infermesh_cli import main as cli
 from fleet import spec as spec_mod
 from fleet.local import LocalStack
 from fleet.local_apply import StackWatcher
@@ -543,8 +543,9 @@ def test_infermesh_up_follows_its_stack_file(capsys, tmp_path):
     path.write_bytes(spec_mod.stack_path("local").read_bytes())
     env = {**os.environ, "INFERMESH_STATE_DIR": str(tmp_path / "state")}
     port, base = free_port(), free_port_range(12)
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--stack", "local", "--stacks-dir", str(stacks),
-                             "--port", str(port), "--port-base", str(base)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "infermesh_cli", "up", "--stack", "local",
+                             "--stacks-dir", str(stacks), "--port", str(port), "--port-base", str(base)],
+                            cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -686,7 +687,7 @@ def test_a_cluster_stack_without_an_sli_source_is_one_line(capsys, tmp_path):
 
 def test_prometheus_answers_become_the_same_sides(monkeypatch):
     """The four PromQL queries' answers (the documented /api/v1/query vector shape) feed the same sums."""
-    from fleet.commands import canary as cmd
+    from infermesh_cli.commands import canary as cmd
 
     samples = rules.parse_metrics(METRICS_TEXT)
     asked: list[str] = []

@@ -1,7 +1,7 @@
 """Issue 21, the CLI's part: every input an operator (or a file, or a client's model name) can hand
 the CLI ends in one clear line, never a traceback (docs/cli-inputs.md).
 
-Most checks run the CLI in-process (fleet.cli.main with argv) for speed; a few run it as a
+Most checks run the CLI in-process (infermesh_cli.main.main with argv) for speed; a few run it as a
 process, with argv bytes that are not UTF-8.
 """
 
@@ -25,7 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet import cli
+from infermesh_cli import inputs
+from infermesh_cli import main as cli
 from fleet import spec as spec_mod
 from fleet.paths import private_dir, private_file
 from gateway import ledger
@@ -36,7 +37,7 @@ LOCAL = spec_mod.read_config(spec_mod.stack_path("local"))
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
-    """fleet.cli.main in-process; stdout encodes strictly as UTF-8 (as a real one does), stderr
+    """infermesh_cli.main.main in-process; stdout encodes strictly as UTF-8 (as a real one does), stderr
     with backslashreplace (Python's default for it)."""
     out_b, err_b = io.BytesIO(), io.BytesIO()
     out = io.TextIOWrapper(out_b, encoding="utf-8", errors="strict", write_through=True)
@@ -87,13 +88,13 @@ def test_durations_take_ascii_digits_only(state, command, since):
 
 def test_durations_and_dates_that_are_right():
     now = 1_800_000_000.0
-    assert cli.parse_since("30m", now) == now - 1800
-    assert cli.parse_since("24h", now) == now - 86400
-    assert cli.parse_since("1.5d", now) == now - 1.5 * 86400
-    assert cli.parse_since("3660d", now) == now - 3660 * 86400
-    assert cli.parse_since("2026-11-01T00:00", now) == 1793491200.0          # UTC unless it says
-    assert cli.parse_since("2026-11-01T01:00+01:00", now) == 1793491200.0
-    assert cli.parse_since(None) is None
+    assert inputs.parse_since("30m", now) == now - 1800
+    assert inputs.parse_since("24h", now) == now - 86400
+    assert inputs.parse_since("1.5d", now) == now - 1.5 * 86400
+    assert inputs.parse_since("3660d", now) == now - 3660 * 86400
+    assert inputs.parse_since("2026-11-01T00:00", now) == 1793491200.0          # UTC unless it says
+    assert inputs.parse_since("2026-11-01T01:00+01:00", now) == 1793491200.0
+    assert inputs.parse_since(None) is None
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_argparse_errors_are_one_line(state):
 
 
 def test_an_unexpected_error_is_one_line_too(state, monkeypatch):
-    from fleet.commands import keys
+    from infermesh_cli.commands import keys
 
     def boom(args):
         raise RuntimeError("bad\nthing")
@@ -314,9 +315,9 @@ def test_csv_export_neutralises_formulas(hostile_ledger, records):
 
 
 def test_csv_cell_leaves_numbers_and_plain_text():
-    assert cli.csv_cell(-3) == -3 and cli.csv_cell(0.5) == 0.5 and cli.csv_cell(None) is None
-    assert cli.csv_cell("acme") == "acme" and cli.csv_cell("a=b") == "a=b"
-    assert [cli.csv_cell(p + "x") for p in "=+-@\t\r"] == ["'" + p + "x" for p in "=+-@\t\r"]
+    assert inputs.csv_cell(-3) == -3 and inputs.csv_cell(0.5) == 0.5 and inputs.csv_cell(None) is None
+    assert inputs.csv_cell("acme") == "acme" and inputs.csv_cell("a=b") == "a=b"
+    assert [inputs.csv_cell(p + "x") for p in "=+-@\t\r"] == ["'" + p + "x" for p in "=+-@\t\r"]
 
 
 def test_table_escapes_control_characters(hostile_ledger):
@@ -425,7 +426,7 @@ def test_as_a_process_bad_bytes_and_bombs_end_in_one_line(tmp_path):
     ]
     for argv, needle in cases:
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable.encode(), b"-m", b"fleet.cli", *argv], env=env, cwd=REPO,
+        r = subprocess.run([sys.executable.encode(), b"-m", b"infermesh_cli", *argv], env=env, cwd=REPO,
                            capture_output=True, timeout=60)
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr and needle in r.stderr, r.stderr

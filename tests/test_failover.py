@@ -13,7 +13,7 @@ import yaml
 from fleet import plan as plan_mod
 from fleet import policy
 from fleet import spec as spec_mod
-from fleet.cli import main
+from infermesh_cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 PROD = REPO / "stacks" / "Pulumi.prod.yaml"

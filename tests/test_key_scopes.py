@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from openai import OpenAI, PermissionDeniedError, RateLimitError
 
-from fleet.cli import main
+from infermesh_cli.main import main
 from gateway.keys import KeyAdmin, KeyStore
 from gateway.limits import LocalLimiter
 

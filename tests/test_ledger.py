@@ -60,12 +60,12 @@ def test_cli_usage_report_totals(local_stack):
     env = {**os.environ, "INFERMESH_STATE_DIR": str(local_stack.state)}
     import json as _json
     # The report reads the stack's ledger through the CLI (stack `local` validates; state dir points at the test's).
-    out = subprocess.run([sys.executable, "-m", "fleet.cli", "usage", "report", "--stack", "local", "--format",
+    out = subprocess.run([sys.executable, "-m", "infermesh_cli", "usage", "report", "--stack", "local", "--format",
                           "json"], env=env, capture_output=True, text=True, check=True).stdout
     totals = _json.loads(out)
     rows = ledger.query(local_stack.state / "ledger.db")
     assert sum(t["total_tokens"] for t in totals) == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-    csv_out = subprocess.run([sys.executable, "-m", "fleet.cli", "usage", "report", "--stack", "local", "--format",
+    csv_out = subprocess.run([sys.executable, "-m", "infermesh_cli", "usage", "report", "--stack", "local", "--format",
                               "csv", "--tenant", "nobody-here"], env=env, capture_output=True, text=True, check=True)
     assert csv_out.stdout == ""
 

@@ -32,7 +32,7 @@ def _alive(pid: int) -> bool:
 def test_up_serves_prints_a_key_and_stops_everything(tmp_path):
     env = {**os.environ, "INFERMESH_STATE_DIR": str(tmp_path / "state")}
     port, base = free_port(), free_port_range(8)
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "up", "--stack", "local", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "infermesh_cli", "up", "--stack", "local", "--port", str(port),
                              "--port-base", str(base)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -64,7 +64,7 @@ def test_up_refuses_a_stack_that_leases_gpus(tmp_path):
     # staging leases remote GPUs; `up` says so in one line instead of starting anything
     remote = "staging"
     env = {**os.environ, "INFERMESH_STATE_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "fleet.cli", "up", "--stack", remote], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "infermesh_cli", "up", "--stack", remote], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "pulumi up" in r.stderr

@@ -538,7 +538,7 @@ def test_registry_and_secret_free_repr():
 
 # ==== no lease outside state (every marketplace) ==========================================================
 
-from fleet.commands import leases as leases_cmd  # noqa: E402
+from infermesh_cli.commands import leases as leases_cmd  # noqa: E402
 from fleet.components.lease import lease_label  # noqa: E402
 from fleet.marketplaces import LeaseAbandoned  # noqa: E402
 
@@ -706,7 +706,7 @@ def test_audit_command_lists_terminates_and_skips_missing_credentials(tmp_path, 
 def test_audit_cli_names_each_marketplace_without_credentials(monkeypatch, capsys):
     import argparse
 
-    from fleet import cli
+    from infermesh_cli import main as cli
 
     assert "leases" in cli.COMMANDS                      # `infermesh leases ...` (the other commands not imported here)
     parser = argparse.ArgumentParser(prog="infermesh")

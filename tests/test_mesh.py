@@ -81,7 +81,7 @@ class Mesh:
         return f"http://{self.gw.ip}:{GATEWAY_PORT}"
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "fleet.cli", *args, "--stack", STACK, "--stacks-dir", str(STACKS_DIR),
+        cmd = [sys.executable, "-m", "infermesh_cli", *args, "--stack", STACK, "--stacks-dir", str(STACKS_DIR),
                "--inventory-hosts", str(self.hosts_file), "--state-dir", str(self.state_dir)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
@@ -398,8 +398,9 @@ def test_preflight_refuses_a_host_without_a_gpu_unless_the_stack_allows_sim(mesh
     doc = yaml.safe_load((STACKS_DIR / f"Pulumi.{STACK}.yaml").read_text())
     doc["config"]["infermesh:allow_sim_workers"] = False
     (strict_dir / f"Pulumi.{STACK}.yaml").write_text(yaml.safe_dump(doc))
-    cmd = [sys.executable, "-m", "fleet.cli", "bootstrap", "--json", "--stack", STACK, "--stacks-dir", str(strict_dir),
-           "--inventory-hosts", str(mesh.hosts_file), "--state-dir", str(mesh.state_dir), "--limit", "meshpool-0"]
+    cmd = [sys.executable, "-m", "infermesh_cli", "bootstrap", "--json", "--stack", STACK,
+           "--stacks-dir", str(strict_dir), "--inventory-hosts", str(mesh.hosts_file),
+           "--state-dir", str(mesh.state_dir), "--limit", "meshpool-0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     result = json.loads(r.stdout)
     assert r.returncode == 1 and not result["ok"]

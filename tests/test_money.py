@@ -10,7 +10,7 @@ import pytest
 from fleet import plan as plan_mod
 from fleet import policy
 from fleet import spec as spec_mod
-from fleet.cli import main
+from infermesh_cli.main import main
 
 HOURS = 730 * 3600                        # seconds in the plan's month
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from fleet import spec as spec_mod
-from fleet.cli import main
-from fleet.commands import usage
+from infermesh_cli.main import main
+from infermesh_cli.commands import usage
 from gateway import ledger
 
 H = calendar.timegm((2026, 11, 10, 10, 0, 0))       # an hour of November, UTC

@@ -273,7 +273,7 @@ def test_cached_tokens_are_relayed_and_metered_apart(local_stack, client):
 
 
 def test_usage_report_prices_cached_tokens_at_the_tiers_cached_price(local_stack, client):
-    from fleet.commands.usage import price_micro_usd
+    from infermesh_cli.commands.usage import price_micro_usd
     tier = local_stack.spec.tier("pro")
     row = {"tier": "pro", "prompt_tokens": 1_000_000, "cached_tokens": 2_000_000, "completion_tokens": 500_000}
     # pro: $0.60 per 1M tokens, cached input $0.15 per 1M: 0.60 + 2 x 0.15 + 0.5 x 0.60 = $1.20

@@ -12,7 +12,7 @@ import pytest
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
-from fleet.cli import main
+from infermesh_cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "tests" / "policy_fixtures" / "base.yaml"

@@ -29,7 +29,7 @@ from pulumi.runtime import rpc
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
-from fleet.commands import failover
+from infermesh_cli.commands import failover
 from fleet.components.gateway import PEERS_KEY, ROUTING_KEY, TLS_DIR
 from fleet.components.workers import with_endpoints
 from fleet.launch import lease_channel
@@ -840,7 +840,7 @@ def test_pool_replacement_never_drops_below_its_replicas(monkeypatch, tmp_path, 
 def test_two_stacks_with_the_same_pools_on_one_account(runs, monkeypatch, tmp_path, fakes):
     """staging and a copy of it named twin rent on the same FAKE accounts: each stack's audit sees its own
     leases only, and destroying twin leaves staging's running."""
-    from fleet.commands import leases as leases_cmd
+    from infermesh_cli.commands import leases as leases_cmd
     from fleet.marketplaces import LEASE_ADAPTERS
     from tests.engine import EngineHost
 

@@ -573,7 +573,7 @@ async def test_postgres_outage_spools_then_replays_in_order(ha):
 async def test_key_revoked_by_cli_is_refused_everywhere_within_bound(ha):
     # `infermesh keys` writes where the stack says: PostgreSQL
     env = {**os.environ, "INFERMESH_STATE_DIR": str(ha.stack.state)}
-    cli = [sys.executable, "-m", "fleet.cli", "keys"]
+    cli = [sys.executable, "-m", "infermesh_cli", "keys"]
     out = subprocess.run([*cli, "create", "--tenant", "revokee", "--tier", "pro", "--stack", STACK,
                           "--stacks-dir", str(ha.stacks_dir), "--json"],
                          capture_output=True, text=True, env=env, cwd=REPO, check=True)

@@ -266,7 +266,7 @@ def test_periods_and_bad_input(tmp_path, spec):
 
 def test_credits_statement_and_cli(tmp_path, spec, monkeypatch, capsys):
     """`infermesh slo credits --month` against a stack's ledger: JSON and CSV carry the same figures."""
-    from fleet import cli
+    from infermesh_cli import main as cli
     stacks = tmp_path / "stacks"
     stacks.mkdir()
     cfg = copy.deepcopy(local_config())

@@ -140,7 +140,7 @@ async def test_invoice_from_the_shared_ledger(spend_ha):
     """The month's invoice read from PostgreSQL (keys and ledger): provisional, usage at $1 per 1M."""
     import time
 
-    from fleet.commands import billing
+    from infermesh_cli.commands import billing
     from gateway.money import month_now
 
     ha = spend_ha

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError, csv_cell, tenant_name
+from infermesh_cli.errors import UserError
+from infermesh_cli.inputs import csv_cell, tenant_name
 from fleet.paths import private_dir, state_dir
 
 CLOSE_GRACE_S = 3600

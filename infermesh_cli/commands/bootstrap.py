@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fleet import mesh_keys
 from fleet.ansible_run import PLAYBOOKS, PlaybookResult, run_playbook
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 from fleet.inventory import GATEWAYS, WORKERS, load_fleet, nodes_of
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from fleet import canary as rules
 from fleet import spec as spec_mod
 from fleet import stackfile
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 from fleet.local import LOCAL_KINDS
 from fleet.paths import state_dir
 from fleet.spec import SimKnobs

@@ -26,7 +26,7 @@ from pathlib import Path
 from fleet import plan as plan_mod
 from fleet import policy
 from fleet import spec as spec_mod
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 from fleet.stackfile import write_atomically
 
 MARK_COMMENT = "# infermesh failover drain; undo with `infermesh failover restore`"

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from fleet import spec as spec_mod
-from fleet.cli import MAX_DEBUG_LOG_HOURS, UserError, cell, hours, key_id, shown, tenant_name
+from infermesh_cli.errors import UserError
+from infermesh_cli.inputs import MAX_DEBUG_LOG_HOURS, cell, hours, key_id, shown, tenant_name
 from fleet.paths import ensure_state_dir
 from gateway.state import key_admin
 

@@ -38,7 +38,7 @@ import yaml
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 
 LEASE_TYPE = "pulumi-python:dynamic/infermesh:GpuLease"
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 from fleet import mesh_keys
-from fleet.cli import UserError, bounded
-from fleet.commands.bootstrap import add_stack_args
+from infermesh_cli.errors import UserError
+from infermesh_cli.inputs import bounded
+from infermesh_cli.commands.bootstrap import add_stack_args
 from fleet.inventory import GATEWAYS, WORKERS, Fleet, host_vars, load_fleet, nodes_of
 
 HANDSHAKE_STALE_S = 180      # WireGuard rekeys every 2 minutes on a live path

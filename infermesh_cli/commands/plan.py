@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

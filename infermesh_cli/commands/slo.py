@@ -15,7 +15,8 @@ import json
 import sys
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError, cell, csv_cell, parse_since, tenant_name
+from infermesh_cli.errors import UserError
+from infermesh_cli.inputs import cell, csv_cell, parse_since, tenant_name
 from fleet.paths import state_dir
 from gateway import sla
 from gateway.state import sla_target, uses_postgres

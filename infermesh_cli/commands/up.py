@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError
+from infermesh_cli.errors import UserError
 from fleet.local import LocalStack, LocalStackError
 from fleet.local_apply import StackWatcher
 from fleet.paths import state_dir

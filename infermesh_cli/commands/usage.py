@@ -6,7 +6,7 @@ Price: what each request was charged when served (its ledger row). Cost: for a p
 billed per token, its price (recorded with the row). See docs/money.md.
 
 Model names in the ledger are what clients sent: the table escapes control characters, the CSV
-neutralises formula prefixes (fleet.cli.cell, csv_cell); JSON escapes them by itself.
+neutralises formula prefixes (infermesh_cli.inputs.cell, csv_cell); JSON escapes them by itself.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 from collections import defaultdict
 
 from fleet import spec as spec_mod
-from fleet.cli import UserError, cell, csv_cell, parse_since, shown, tenant_name
+from infermesh_cli.errors import UserError
+from infermesh_cli.inputs import cell, csv_cell, parse_since, shown, tenant_name
 from fleet.paths import state_dir
 from gateway.state import usage_rows, uses_postgres
 
