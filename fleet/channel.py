@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +63,38 @@ def client_context(ca: Path, cert: Path, key: Path, server_name: str | None = No
 class _NamedContext(ssl.SSLContext):
     """An SSLContext that verifies (and sends as SNI) the endpoint's certificate name instead of
     the host it dials: a marketplace forwards a port on an address known only after the lease, while
-    the worker's certificate is issued before it, for the name ``worker_server_name`` gives."""
+    the worker's certificate is issued before it, for the name ``worker_server_name`` gives.
+
+    It also resumes TLS sessions: asyncio and uvloop open every client connection with
+    ``wrap_bio`` and pass no session, so each new connection to a worker would cost a full
+    handshake (certificate checks both ways and a key exchange). The context keeps the SSL object of
+    its newest connection; the next ``wrap_bio`` takes the session ticket that one received (TLS 1.3
+    sends tickets after the handshake) and offers it, so the worker resumes. One context per
+    endpoint (gateway/channel.py): a ticket goes back only to the worker that issued it."""
 
     peer_name: str | None = None
     stamp: tuple = ()                 # (file, mtime) of the material it was built from (gateway/channel.py)
+    _ticket: ssl.SSLSession | None = None
+    _last: ssl.SSLObject | None = None
+
+    def resumable(self) -> ssl.SSLSession | None:
+        """The newest unexpired session ticket a connection of this context received, if any."""
+        last = self._last.session if self._last is not None else None
+        if last is not None and last.has_ticket:
+            self._ticket = last
+        t = self._ticket
+        if t is not None and time.time() >= t.time + min(t.timeout, t.ticket_lifetime_hint or t.timeout):
+            self._ticket = t = None
+        return t
 
     def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # noqa: ANN001
-        return super().wrap_bio(incoming, outgoing, server_side=server_side,
-                                server_hostname=self.peer_name or server_hostname, session=session)
+        if session is None and not server_side:
+            session = self.resumable()
+        obj = super().wrap_bio(incoming, outgoing, server_side=server_side,
+                               server_hostname=self.peer_name or server_hostname, session=session)
+        if not server_side:
+            self._last = obj
+        return obj
 
     def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,  # noqa: ANN001
                     suppress_ragged_eofs=True, server_hostname=None, session=None):

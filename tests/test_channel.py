@@ -224,3 +224,44 @@ def test_routing_config_names_tls_material_by_reference():
     ep = config["models"][0]["pools"][0]["endpoints"][0]
     assert ep["channel"] == "mtls" and ep["url"] == "https://127.0.0.1:9000"
     assert set(ep["tls"]) == {"ca", "cert", "key", "server_name"}
+
+
+def test_new_connections_to_a_worker_resume_the_tls_session(tmp_path):
+    """asyncio and uvloop open each connection with wrap_bio and no session (aiohttp goes through
+    loop.create_connection); the endpoint's context offers the ticket an earlier connection got, so
+    the worker (the sim on vLLM's TLS options) resumes instead of a full handshake. A context of
+    another endpoint never offers it."""
+    import asyncio
+
+    import uvloop
+
+    from fleet.channel import LocalCerts
+
+    certs = LocalCerts(tmp_path / "state", "resume")
+    crt, key = certs.worker("pool-0")
+    port = free_port()
+    proc = _sim(port, "--ssl-certfile", str(crt), "--ssl-keyfile", str(key), "--ssl-ca-certs", str(certs.ca),
+                "--ssl-cert-reqs", "2")
+
+    async def reused(ctx: ssl.SSLContext, n: int) -> list[bool]:
+        out = []
+        for _ in range(n):            # a fresh connection each time, as after a pooled one idled out
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+            out.append(writer.get_extra_info("ssl_object").session_reused)
+            writer.close()
+        return out
+
+    try:
+        _wait_port(port, proc)
+        name = worker_server_name("resume", "pool-0")
+        for new_loop in (asyncio.new_event_loop, uvloop.new_event_loop):
+            with asyncio.Runner(loop_factory=new_loop) as runner:
+                ctx = certs.client_context(name)
+                assert runner.run(reused(ctx, 4)) == [False, True, True, True]
+                other = certs.client_context(name)     # another endpoint's context: its own sessions
+                assert runner.run(reused(other, 1)) == [False]
+    finally:
+        proc.terminate()
+        proc.wait(10)

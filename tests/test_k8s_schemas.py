@@ -71,7 +71,7 @@ def test_every_rendered_object_is_valid_for_a_current_kubernetes(stack, monkeypa
             pytest.fail(f"{stack}: {obj['kind']} {obj['metadata'].get('name')}: {e.message} at "
                         f"{'.'.join(str(p) for p in e.path)}")
         checked.append(obj["kind"])
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Secret",
+    assert {"StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Secret",
             "ConfigMap", "Namespace"} <= set(checked)
     assert custom == CUSTOM
 

@@ -372,13 +372,27 @@ def test_no_public_service_and_tls_ingress(runs, stack):
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])
-def test_gateway_deployment_hpa_pdb_images(runs, stack):
+def test_gateway_statefulset_hpa_pdb_images(runs, stack):
     run = runs[stack]
-    dep = run.mocks.one("kubernetes:apps/v1:Deployment")
-    pod = dep.inputs["spec"]["template"]["spec"]
+    sts = run.mocks.one("kubernetes:apps/v1:StatefulSet")
+    pod = sts.inputs["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    # the HPA owns replicas: the Deployment states none (Pulumi would reset the HPA's count on every update)
-    assert "replicas" not in dep.inputs["spec"]
+    # the HPA owns replicas: the StatefulSet states none (Pulumi would reset the HPA's count on every update)
+    assert "replicas" not in sts.inputs["spec"]
+    # each pod keeps its own state volume (the spool, the key cache) at the gateway's --state-dir, retained
+    from fleet.components.gateway import PODS_SERVICE, STATE_DIR
+    [claim] = sts.inputs["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "state" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert {"name": "state", "mountPath": STATE_DIR} in container["volumeMounts"]
+    assert container["args"][container["args"].index("--state-dir") + 1] == STATE_DIR
+    assert "state" not in {v["name"] for v in pod["volumes"]}          # no emptyDir shadowing the claim
+    assert sts.inputs["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain",
+                                                                          "whenScaled": "Retain"}
+    headless = next(s for s in run.mocks.of_type("kubernetes:core/v1:Service")
+                    if s.inputs["metadata"]["name"] == sts.inputs["spec"]["serviceName"] == PODS_SERVICE)
+    assert headless.inputs["spec"]["clusterIP"] == "None"
+    assert headless.inputs["spec"]["selector"].items() <= sts.inputs["spec"]["template"]["metadata"]["labels"].items()
+    assert not run.mocks.of_type("kubernetes:apps/v1:Deployment")
     # a terminating pod keeps serving through preStop, then drains its streams within the grace period
     from fleet.components.gateway import PRESTOP_S
     assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": PRESTOP_S}}
@@ -391,6 +405,8 @@ def test_gateway_deployment_hpa_pdb_images(runs, stack):
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     hpa = run.mocks.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler")
     assert hpa.inputs["spec"]["minReplicas"] == run.spec.gateway.replicas
+    assert hpa.inputs["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                    "name": sts.inputs["metadata"]["name"]}
     assert run.mocks.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]["maxUnavailable"] == 1
     images = run.mocks.of_type("docker-build:index:Image")
     assert sorted(i.name for i in images) == ["infermesh-images-gateway", "infermesh-images-worker"]
@@ -471,10 +487,10 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
                                                    "tls:index/privateKey:PrivateKey": mtls,
                                                    "tls:index/certRequest:CertRequest": mtls,
                                                    "tls:index/locallySignedCert:LocallySignedCert": mtls})
-    # Changed: the routing ConfigMap, and nothing else (no Deployment roll, no Secret, no other lease).
+    # Changed: the routing ConfigMap, and nothing else (no StatefulSet roll, no Secret, no other lease).
     assert changed == {("kubernetes:core/v1:ConfigMap", "infermesh-gateway-routing")}
-    # the gateway Deployment's spec and image, and the image builds, are identical: no rebuild, no roll
-    dep_a, dep_b = before.mocks.one("kubernetes:apps/v1:Deployment"), after.mocks.one("kubernetes:apps/v1:Deployment")
+    # the gateway StatefulSet's spec and image, and the image builds, are identical: no rebuild, no roll
+    dep_a, dep_b = before.mocks.one("kubernetes:apps/v1:StatefulSet"), after.mocks.one("kubernetes:apps/v1:StatefulSet")
     assert unwrap(dep_a.inputs["spec"]) == unwrap(dep_b.inputs["spec"])
     assert before.exports["images"] == after.exports["images"]
     assert {i.name: unwrap(i.inputs) for i in before.mocks.of_type("docker-build:index:Image")} == \
@@ -911,8 +927,8 @@ def test_prometheus_rule_is_the_stacks_alerts_and_prometheus_may_scrape_the_gate
     assert groups == yaml.safe_load((ROOT / "monitoring" / "alerts" / f"{stack}.rules.yml").read_text())["groups"]
     fast = [r for g in groups for r in g["rules"] if r.get("alert") == "InfermeshErrorBudgetFastBurn"]
     assert {r["labels"]["tier"] for r in fast} == {t.name for t in run.spec.tiers}
-    # Prometheus reads every gateway pod: the PodMonitor selects the Deployment's pods by their labels
-    pod_labels = run.mocks.one("kubernetes:apps/v1:Deployment").inputs["spec"]["template"]["metadata"]["labels"]
+    # Prometheus reads every gateway pod: the PodMonitor selects the StatefulSet's pods by their labels
+    pod_labels = run.mocks.one("kubernetes:apps/v1:StatefulSet").inputs["spec"]["template"]["metadata"]["labels"]
     monitor = run.mocks.one("kubernetes:monitoring.coreos.com/v1:PodMonitor")
     selector = monitor.inputs["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()

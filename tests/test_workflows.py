@@ -283,8 +283,8 @@ def test_every_gateway_pod_gets_the_stacks_admin_token(monkeypatch, tmp_path):
     [secret] = [r for r in run.mocks.of_type("kubernetes:core/v1:Secret") if r.name.endswith("-admin")]
     assert is_secret(secret.inputs["stringData"])              # a Pulumi secret all the way to the cluster
     assert unwrap(secret.inputs["stringData"]) == {"INFERMESH_ADMIN_TOKEN": "test-secret-gateway-admin-token"}
-    dep = run.mocks.one("kubernetes:apps/v1:Deployment")
-    [container] = dep.inputs["spec"]["template"]["spec"]["containers"]
+    sts = run.mocks.one("kubernetes:apps/v1:StatefulSet")
+    [container] = sts.inputs["spec"]["template"]["spec"]["containers"]
     assert {"name": "INFERMESH_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": secret.inputs["metadata"]["name"], "key": "INFERMESH_ADMIN_TOKEN"}}} in container["env"]
     # a cluster stack without the secret is refused in one line naming the setting and the doc section

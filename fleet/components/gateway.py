@@ -1,15 +1,21 @@
 """GatewayFleet: the OpenAI-compatible gateway on Kubernetes (pulumi-kubernetes).
 
 Namespace, Secrets (upstream keys, the gateways' mesh interfaces, the admin token, the channel's
-TLS material), ConfigMap (the plan's gateway config and the mesh peer list), Deployment, ClusterIP
-Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicies (deny all ingress; allow
-only the Gateway API controller to the gateway port and WireGuard on the mesh port), and the
-public entry on the Gateway API (ingress-nginx is retired): a Gateway with an HTTPS listener whose
-certificate cert-manager issues, and an HTTPRoute for the customers' paths only (/v1, /status).
+TLS material), ConfigMap (the plan's gateway config and the mesh peer list), StatefulSet (with its
+headless Service and a state volume per pod), ClusterIP Service, HorizontalPodAutoscaler,
+PodDisruptionBudget, NetworkPolicies (deny all ingress; allow only the Gateway API controller to
+the gateway port and WireGuard on the mesh port), and the public entry on the Gateway API
+(ingress-nginx is retired): a Gateway with an HTTPS listener whose certificate cert-manager
+issues, and an HTTPRoute for the customers' paths only (/v1, /status).
 
 What an SRE asks of it:
-- replicas: the HPA owns them (minReplicas = the stack's gateway.replicas); the Deployment states
+- replicas: the HPA owns them (minReplicas = the stack's gateway.replicas); the StatefulSet states
   none, so a `pulumi up` never resets what the HPA scaled to.
+- a StatefulSet, not a Deployment: pod N is ``infermesh-gateway-N`` for its whole life, so it keeps
+  its own state volume (a PersistentVolumeClaim from the volumeClaimTemplate, mounted at the
+  gateway's --state-dir: the spool and the key cache survive the pod; retained when the pod is
+  deleted, scaled in, or the StatefulSet removed) and its own identity. Pods start in parallel
+  (the HPA's steps are not serialised); a rollout replaces one pod at a time, highest ordinal first.
 - rollouts and drains: a preStop sleep (``PRESTOP_S``) lets the endpoint leave the Service and the
   Gateway's backends before SIGTERM, then the gateway drains its streams for the stack's
   drain_timeout_s; terminationGracePeriodSeconds covers both and a margin.
@@ -43,6 +49,8 @@ ADMIN_TOKEN_KEY = "INFERMESH_ADMIN_TOKEN"       # what gateway/app.py reads
 # what the public ingress routes to the gateway: the API and the status page, nothing operator-only
 PUBLIC_PATHS = (("/v1", "Prefix"), ("/status", "Exact"), ("/status.json", "Exact"))
 PRESTOP_S = 10          # seconds a terminating pod keeps serving while endpoints and the Gateway forget it
+STATE_DIR = "/var/lib/infermesh"                # the gateway's --state-dir: each pod's own PersistentVolume
+PODS_SERVICE = "infermesh-gateway-pods"         # the StatefulSet's headless Service
 
 
 def routing_json(routing: Mapping[str, Any]) -> str:
@@ -91,6 +99,10 @@ class GatewayFleetArgs(TypedDict):
     (default ``envoy-gateway-system``, Envoy Gateway's)."""
     gateway_class: NotRequired[str]
     """GatewayClass of the public Gateway (default ``envoy-gateway``)."""
+    state_size: NotRequired[str]
+    """Each pod's state volume (its spool, key cache): a PersistentVolumeClaim of this size (default 1Gi)."""
+    state_storage_class: NotRequired[str]
+    """StorageClass of the state volumes (default: the cluster's default class)."""
 
 
 class GatewayFleet(pulumi.ComponentResource):
@@ -149,7 +161,7 @@ class GatewayFleet(pulumi.ComponentResource):
             "name": "gateway",
             "image": args["image"],
             "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
-                     "--host", "0.0.0.0", "--port", str(port), "--state-dir", "/var/lib/infermesh"],
+                     "--host", "0.0.0.0", "--port", str(port), "--state-dir", STATE_DIR],
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             "envFrom": [{"secretRef": {"name": "infermesh-upstreams"}}],
             "env": [{"name": ADMIN_TOKEN_KEY, "valueFrom": {"secretKeyRef": {
@@ -169,21 +181,43 @@ class GatewayFleet(pulumi.ComponentResource):
             "volumeMounts": [{"name": "routing", "mountPath": CONFIG_DIR, "readOnly": True},
                              {"name": "mesh", "mountPath": "/etc/infermesh/mesh", "readOnly": True},
                              *([{"name": "channel-tls", "mountPath": TLS_DIR, "readOnly": True}] if channel else []),
-                             {"name": "state", "mountPath": "/var/lib/infermesh"}],
+                             {"name": "state", "mountPath": STATE_DIR}],
         }
-        deployment = k8s.apps.v1.Deployment(
-            f"{name}-deployment", metadata=meta("infermesh-gateway"),
+        selector = {"app.kubernetes.io/name": "infermesh-gateway"}
+        # The headless Service the StatefulSet requires: stable per-pod DNS (infermesh-gateway-N.<it>).
+        pods_service = k8s.core.v1.Service(
+            f"{name}-pods", metadata=meta(PODS_SERVICE),
+            spec={"type": "ClusterIP", "clusterIP": "None", "selector": selector,
+                  "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
+            opts=in_ns)
+        statefulset = k8s.apps.v1.StatefulSet(
+            f"{name}-statefulset", metadata=meta("infermesh-gateway"),
             spec={
                 # no "replicas": the HPA owns them (minReplicas below); Pulumi stating them too would
                 # reset the HPA's count on every update
-                "selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}},
-                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "serviceName": PODS_SERVICE,
+                "selector": {"matchLabels": selector},
+                # pods start and stop together (the HPA's steps are not serialised); the ordinals, and
+                # so each pod's name, state volume and mesh identity, stay stable all the same
+                "podManagementPolicy": "Parallel",
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+                # a pod's state volume outlives the pod, a scale-in and the StatefulSet itself: its spool
+                # is there when the ordinal returns (or for an operator to read)
+                "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "state", "labels": labels},
+                    "spec": {"accessModes": ["ReadWriteOnce"],
+                             **({"storageClassName": args["state_storage_class"]}
+                                if args.get("state_storage_class") else {}),
+                             "resources": {"requests": {"storage": args.get("state_size", "1Gi")}}},
+                }],
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
                         # preStop, then the streams' drain (the stack's drain_timeout_s), then a margin
                         "terminationGracePeriodSeconds": PRESTOP_S + int(args.get("drain_timeout_s", 30)) + 10,
                         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                            "fsGroupChangePolicy": "OnRootMismatch",
                                             "seccompProfile": {"type": "RuntimeDefault"}},
                         "automountServiceAccountToken": False,
                         "containers": [container],
@@ -192,26 +226,25 @@ class GatewayFleet(pulumi.ComponentResource):
                             {"name": "mesh", "secret": {"secretName": "infermesh-mesh", "defaultMode": 0o400}},
                             *([{"name": "channel-tls", "secret": {"secretName": "infermesh-channel-tls",
                                                                   "defaultMode": 0o440}}] if channel else []),
-                            {"name": "state", "emptyDir": {}},
                         ],
                     },
                 },
             },
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[ns, upstreams, mesh, config, pods_service,
                                                                  *([admin] if admin is not None else []),
                                                                  *([channel] if channel is not None else [])]))
         service = k8s.core.v1.Service(
             f"{name}-service", metadata=meta("infermesh-gateway"),
-            spec={"type": "ClusterIP", "selector": {"app.kubernetes.io/name": "infermesh-gateway"},
+            spec={"type": "ClusterIP", "selector": selector,
                   "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
             opts=in_ns)
         k8s.autoscaling.v2.HorizontalPodAutoscaler(
             f"{name}-hpa", metadata=meta("infermesh-gateway"),
-            spec={"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "infermesh-gateway"},
+            spec={"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "infermesh-gateway"},
                   "minReplicas": replicas, "maxReplicas": max(replicas * 3, 2),
                   "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
                       "type": "Utilization", "averageUtilization": 70}}}]},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[deployment]))
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[statefulset]))
         k8s.policy.v1.PodDisruptionBudget(
             f"{name}-pdb", metadata=meta("infermesh-gateway"),
             spec={"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "infermesh-gateway"}}},
