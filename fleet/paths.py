@@ -49,16 +49,26 @@ def private_dir(path: Path, tighten: bool = False) -> Path:
 
 def private_file(path: Path) -> Path:
     """Create `path` (empty) 0600 in a 0700 folder unless it exists; an existing file readable by
-    group or others is tightened to 0600. SQLite then gives its -wal and -shm files the same mode."""
+    group or others is tightened to 0600. SQLite then gives its -wal and -shm files the same mode.
+
+    An existing file is never opened here, only stat'ed and chmod'ed by name: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, SQLite's included
+    (fcntl locks are per process and file, not per descriptor). A database this process already
+    had open would be left unlocked while SQLite believes it holds its SHARED lock, and the next
+    process to close a connection to it would take it for the last user: checkpoint, delete the
+    -wal file, and every commit made here after that goes into an unlinked file (issue 17: a
+    gateway replica's spool lost its rows that way when a survivor's adopter looked at it)."""
     private_dir(path.parent)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600)   # new: no lock on it to drop
+    except FileExistsError:
+        try:
+            if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+                os.chmod(path, 0o600)
+        except OSError:
+            pass
+        return path
+    os.close(fd)
     return path
 
 

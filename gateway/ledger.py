@@ -161,6 +161,7 @@ class Ledger:
         self._retry_handle: asyncio.TimerHandle | None = None
         self.lost = 0                  # rows dropped after failed commits (only past MAX_KEPT)
         self._stop = threading.Event()
+        self._closed = False
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="ledger-checkpoint", daemon=True)
         self._checkpointer.start()
 
@@ -294,6 +295,11 @@ class Ledger:
         return self.conn.execute("DELETE FROM debug_log WHERE expires_at <= ?", (now or time.time(),)).rowcount
 
     def close(self) -> None:
+        """Commit what is queued and close; a second call does nothing (State.stop closes a spool
+        before its final shipping, the app closes its ledger after)."""
+        if self._closed:
+            return
+        self._closed = True
         for handle in (self._flush_handle, self._retry_handle):
             if handle is not None:
                 handle.cancel()

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from fleet.spec import Spec, Tier
 
 
+SPOOL_LOCK_WAIT_S = 60.0   # how long a starting replica waits for its spool's lock (an adopter holds it ~10 s at most)
+
+
 def fails_open(tier: Tier, tiers: list[Tier]) -> bool:
     """When shared limits are unreachable: the tier's limits_fail_open if set; otherwise open for
     paid tiers and closed for free tiers and for the lowest tier (lowest priority)."""
@@ -82,9 +85,15 @@ class State:
             home = state_dir / "instances" / instance if instance else state_dir
             spool = home / "ledger.db"
             private_dir(spool.parent)        # 0700, like the state dir: the spool holds prompts when opted in
-            self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
-            # a replica's spool is locked while it lives; the others ship it when it is dead (pg_ledger.Adopter)
+            # a replica's spool is locked while it lives; the others ship it when it is dead
+            # (pg_ledger.Adopter). The lock comes first: no spool is opened, or written, without it,
+            # so a survivor shipping this spool (after this replica's previous process died) finishes
+            # its drain before this process touches the file, and two live processes never share it.
             self.spool_lock = SpoolLock(spool)
+            if not self.spool_lock.acquire(SPOOL_LOCK_WAIT_S):
+                raise RuntimeError(f"the ledger spool {spool} stayed locked for {SPOOL_LOCK_WAIT_S:.0f} s: another "
+                                   f"live process holds it (a second replica named {instance!r} on this state dir?)")
+            self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
             self.adopter = Adopter(state_dir / "instances", home, backends.postgres_dsn) if instance else None
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
             # the last key set loaded, on this replica's disk: a start while PostgreSQL is down serves it
@@ -123,10 +132,6 @@ class State:
             self.shipper.backlog_gauge = Gauge("infermesh_ledger_spool_backlog",
                                                "Usage records in the local spool not yet in PostgreSQL",
                                                registry=registry)
-            for _ in range(50):          # a survivor may be shipping this spool right now: a moment
-                if self.spool_lock.try_acquire():
-                    break
-                await asyncio.sleep(0.1)
             await self.keys.start()
             self.shipper.start()
             if self.adopter is not None:
@@ -153,6 +158,9 @@ class State:
             if self.adopter is not None:
                 await self.adopter.stop()
             await self.keys.stop()
+            # the rows still queued are committed, then everything unshipped goes to PostgreSQL, and only
+            # then is the spool's lock let go (a survivor's adopter ships what a failed drain left)
+            self.ledger.close()
             await self.shipper.stop()
             self.spool_lock.release()
 

@@ -23,10 +23,17 @@ reuse the ids of deleted tail rows); it is also the replica's local record.
 
 No row stranded by a replica that does not come back: each replica holds an exclusive lock
 (``flock``, released by the kernel when the process dies, however it dies) on its spool's
-``spool.lock``. Where replicas share a state dir (``infermesh up --stack local-ha``, or a shared
-volume), every replica looks every ``ADOPT_S`` for another replica's spool whose lock it can take:
-its owner is dead, so it ships that spool's rows above PostgreSQL's mark (with the spool's own
-instance id: shipping twice is harmless) and lets the lock go again for the owner's restart.
+``spool.lock``, taken before it opens the spool and let go after its last shipping at shutdown
+(gateway.state.State). Where replicas share a state dir (``infermesh up --stack local-ha``, or a
+shared volume), every replica looks every ``ADOPT_S`` for another replica's spool whose lock it
+can take: its owner is dead, so it ships that spool's rows above PostgreSQL's mark (with the
+spool's own instance id: shipping twice is harmless) and lets the lock go again. An owner starting
+meanwhile waits for that drain (at most ~10 s) and never opens its spool without the lock.
+
+Several processes open one spool (its owner, an adopter, the SLA rollup, an operator's sqlite3):
+SQLite's own POSIX locks keep that safe only while nothing else in a process opens and closes the
+file (fleet.paths.private_file no longer does; issue 17): a process whose locks were dropped that
+way let another's last close delete the -wal file it was still committing to.
 """
 
 from __future__ import annotations
@@ -238,6 +245,15 @@ class SpoolLock:
             os.close(fd)
             return False
         self.fd = fd
+        return True
+
+    def acquire(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Wait up to timeout_s for the lock (a survivor shipping this spool holds it for one drain)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
         return True
 
     def release(self) -> None:
