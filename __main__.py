@@ -115,6 +115,7 @@ else:
         "channel_tls": {"ca.crt": certs.ca_cert, "gateway.crt": certs.client_cert, "gateway.key": certs.client_key},
         "host": spec.gateway.host, "tls_issuer": spec.gateway.tls_issuer, "namespace": spec.gateway.namespace,
         "port": spec.gateway.port, "replicas": spec.gateway.replicas, "drain_timeout_s": spec.gateway.drain_timeout_s,
+        "max_replicas": spec.gateway.identities,     # the HPA's ceiling: one mesh identity per pod it may start
         # The gateway calls external upstreams itself: it needs their keys (and only theirs).
         "secrets": {p.credentials: secrets[p.credentials] for p in spec.providers
                     if p.kind == "openai" and p.credentials in secrets},

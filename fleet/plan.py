@@ -670,7 +670,7 @@ def build_plan(spec: Spec) -> Plan:
             canary_lease = base.model_copy(update={"name": f"{base.name}-canary"})
             leases_raw.append((canary_lease, 0, eff.canary.image, False))
 
-    gateways = [f"gateway-{i}" for i in range(eff.gateway.replicas)]
+    gateways = [f"gateway-{i}" for i in range(eff.gateway.identities)]     # one per pod the fleet can scale to
     worker_names = [f"{p.name}-{i}" for p, i, _, _ in leases_raw]
     try:
         addresses = assign_addresses(eff.mesh.cidr, gateways, worker_names)

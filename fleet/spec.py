@@ -259,6 +259,10 @@ class Privacy(_Strict):
 
 class Gateway(_Strict):
     replicas: PosInt = 1
+    # the most replicas the autoscaler may run (Kubernetes: the HPA's maxReplicas); the plan declares a mesh
+    # identity (gateway-N: a WireGuard key, an address, a UDP endpoint) for each, so every pod it can start is
+    # a mesh peer. Default: replicas (no autoscaling). Gateways on SSH hosts: one host per identity.
+    max_replicas: PosInt | None = None
     namespace: str = "infermesh"
     host: str = "localhost"                    # public ingress host
     tls_issuer: str | None = None              # cert-manager ClusterIssuer
@@ -283,6 +287,17 @@ class Gateway(_Strict):
     max_json_depth: Annotated[int, Field(ge=4, le=200)] = 32   # nesting of a request's JSON; deeper: 400
     failures_per_minute: PosInt = 120          # bad keys and unknown models per client address; above: 429
     trusted_proxies: list[str] = []            # CIDRs whose X-Forwarded-For names the client (the ingress)
+
+    @model_validator(mode="after")
+    def _scale(self) -> Gateway:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below replicas {self.replicas}")
+        return self
+
+    @property
+    def identities(self) -> int:
+        """How many gateway mesh identities the plan declares: as many as the fleet can scale to."""
+        return self.max_replicas or self.replicas
 
     @field_validator("trusted_proxies")
     @classmethod

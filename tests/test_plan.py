@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet import capacity
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
 from infermesh_cli.main import main
@@ -34,11 +35,11 @@ def pool(cfg: dict, name: str) -> dict:
 
 def test_gpus_formula_worked_example():
     # 2 QPS x 850 tokens / (1,500 x 0.75) = 1.51 -> 2 GPUs
-    exact = plan_mod.gpus_needed(2, 600, 250, 1500, 0.75)
+    exact = capacity.gpus_needed(2, 600, 250, 1500, 0.75)
     assert exact == pytest.approx(1.5111, abs=1e-4)
-    assert plan_mod.round_up(exact) == 2
-    assert plan_mod.round_up(2.0000000000004) == 2     # float dust does not buy a GPU
-    assert plan_mod.round_up(2.001) == 3
+    assert capacity.round_up(exact) == 2
+    assert capacity.round_up(2.0000000000004) == 2     # float dust does not buy a GPU
+    assert capacity.round_up(2.001) == 3
 
 
 def test_cogs_formula_worked_example():
@@ -203,7 +204,10 @@ def test_mesh_addresses_gateways_first_unique_in_cidr_and_peers():
     net = ipaddress.ip_network(spec.mesh.cidr)
     gws = [n for n in p.mesh if n.role == "gateway"]
     workers = [n for n in p.mesh if n.role == "worker"]
-    assert [n.address for n in gws] == ["10.90.0.1", "10.90.0.2", "10.90.0.3"]
+    # one identity per gateway pod the HPA may start (gateway.max_replicas), the first addresses of the mesh
+    assert spec.gateway.max_replicas == 9 > spec.gateway.replicas
+    assert [n.name for n in gws] == [f"gateway-{i}" for i in range(9)]
+    assert [n.address for n in gws] == [f"10.90.0.{i}" for i in range(1, 10)]
     assert len(workers) == len(p.leases)
     addrs = [n.address for n in p.mesh]
     assert len(set(addrs)) == len(addrs)
@@ -223,10 +227,23 @@ def test_mesh_addresses_are_stable_when_adding_pools_replicas_and_gateways():
     cfg["pools"].insert(0, new)                          # declared first, the worst place
     pool(cfg, "llama-us-akash")["replicas"] = 3
     cfg["gateway"]["replicas"] = 5
+    cfg["gateway"]["max_replicas"] = 11
     after = {n.name: n.address for n in plan_mod.build_plan(spec_of(cfg, "prod")).mesh}
     assert {k: after[k] for k in before} == before
     assert {"qwen-eu-vast-b-0", "qwen-eu-vast-b-1", "llama-us-akash-1", "llama-us-akash-2",
-            "gateway-3", "gateway-4"} == set(after) - set(before)
+            "gateway-9", "gateway-10"} == set(after) - set(before)
+
+
+def test_gateway_identities_follow_the_most_replicas_the_fleet_can_scale_to():
+    """One mesh identity per gateway pod the autoscaler may start: max_replicas (default: replicas);
+    a ceiling below the floor is refused."""
+    cfg = config(REPO / "stacks" / "Pulumi.prod.yaml")
+    cfg["gateway"].pop("max_replicas")
+    plan = plan_mod.build_plan(spec_of(cfg, "prod"))
+    assert [n.name for n in plan.mesh if n.role == "gateway"] == ["gateway-0", "gateway-1", "gateway-2"]
+    cfg["gateway"]["max_replicas"] = 2
+    with pytest.raises(spec_mod.SpecError, match=r"max_replicas 2 is below replicas 3"):
+        spec_of(cfg, "prod")
 
 
 def test_assign_addresses_probes_on_collision_and_refuses_overflow():

@@ -253,7 +253,8 @@ def test_secrets_are_secret(runs, stack):
         assert is_secret(secret.inputs["stringData"])
     mesh_secret = unwrap(next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
                               if r.inputs["metadata"]["name"] == "infermesh-mesh").inputs["stringData"])
-    assert sorted(mesh_secret) == [f"wg-gateway-{i}.conf" for i in range(run.spec.gateway.replicas)]
+    # an identity for every pod the HPA may start, not only the minimum
+    assert sorted(mesh_secret) == sorted(f"wg-gateway-{i}.conf" for i in range(run.spec.gateway.max_replicas))
     upstreams = unwrap(next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
                             if r.inputs["metadata"]["name"] == "infermesh-upstreams").inputs["stringData"])
     want = {"INFERMESH_SECRET_GONKAGATE_API_KEY": "test-secret-gonkagate-api-key"} if stack == "prod" else {}
@@ -405,6 +406,8 @@ def test_gateway_statefulset_hpa_pdb_images(runs, stack):
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     hpa = run.mocks.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler")
     assert hpa.inputs["spec"]["minReplicas"] == run.spec.gateway.replicas
+    assert hpa.inputs["spec"]["maxReplicas"] == run.spec.gateway.max_replicas == \
+        len([n for n in run.plan.mesh if n.role == "gateway"])
     assert hpa.inputs["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                                     "name": sts.inputs["metadata"]["name"]}
     assert run.mocks.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]["maxUnavailable"] == 1

@@ -78,7 +78,10 @@ class GatewayFleetArgs(TypedDict):
     port: NotRequired[int]
     """The gateway's container port (default 8080)."""
     replicas: NotRequired[int]
-    """Minimum replicas (the HPA may add up to three times as many)."""
+    """Minimum replicas (the HPA's minReplicas)."""
+    max_replicas: NotRequired[int]
+    """The most replicas (the HPA's maxReplicas; default ``replicas``): the plan declares one mesh identity
+    per pod up to it (``gateway-0`` .. ``gateway-<max_replicas - 1>``)."""
     secrets: NotRequired[pulumi.Input[Mapping[str, str]]]
     """Upstream credentials by stack-secret name (secret values)."""
     admin_token: NotRequired[pulumi.Input[str]]
@@ -119,6 +122,7 @@ class GatewayFleet(pulumi.ComponentResource):
         ns_name = args.get("namespace", "infermesh")
         port = args.get("port", 8080)
         replicas = args.get("replicas", 1)
+        max_replicas = max(args.get("max_replicas", replicas), replicas)
         mesh_port = args.get("mesh_port", 51820)
         gw_ns = args.get("ingress_namespace", "envoy-gateway-system")   # the Gateway API proxies' namespace
         labels = {"app.kubernetes.io/name": "infermesh-gateway", "app.kubernetes.io/component": "gateway",
@@ -241,7 +245,7 @@ class GatewayFleet(pulumi.ComponentResource):
         k8s.autoscaling.v2.HorizontalPodAutoscaler(
             f"{name}-hpa", metadata=meta("infermesh-gateway"),
             spec={"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "infermesh-gateway"},
-                  "minReplicas": replicas, "maxReplicas": max(replicas * 3, 2),
+                  "minReplicas": replicas, "maxReplicas": max_replicas,
                   "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
                       "type": "Utilization", "averageUtilization": 70}}}]},
             opts=pulumi.ResourceOptions(parent=self, depends_on=[statefulset]))
