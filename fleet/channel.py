@@ -79,7 +79,10 @@ class _NamedContext(ssl.SSLContext):
 
     def resumable(self) -> ssl.SSLSession | None:
         """The newest unexpired session ticket a connection of this context received, if any."""
-        last = self._last.session if self._last is not None else None
+        try:
+            last = self._last.session if self._last is not None else None
+        except ValueError:          # "i2d() failed": that connection is still in its handshake, no session yet
+            last = None
         if last is not None and last.has_ticket:
             self._ticket = last
         t = self._ticket
