@@ -26,7 +26,8 @@ from fleet.channel import LocalCerts
 from fleet.kinds import LOCAL_KINDS
 from fleet.launch import TlsFiles, sim_command
 from fleet.paths import private_dir
-from fleet.routing import canary_pool, gateway_config, local_endpoints, local_spec, routing_config
+from fleet.failover import effective_spec
+from fleet.routing import canary_pool, gateway_config, local_endpoints, routing_config
 from fleet import project
 from fleet.spec import ROOT, Spec
 
@@ -84,11 +85,12 @@ class LocalStack:
 
     def worker_commands(self) -> list[tuple[str, int, list[str]]]:
         out = []
-        ports = local_endpoints(self.spec)
+        # what `pulumi up` would lease: drained providers applied (fleet/failover.py), their pools
+        # run nothing, and the replacement capacity the plan adds runs instead
+        effective = effective_spec(self.spec)
+        ports = local_endpoints(self.spec, effective)
         canary = canary_pool(self.spec)        # a canary block runs one more worker, like its base pool
-        # drained providers applied (fleet.plan.effective_spec): their pools run nothing, and the
-        # replacement capacity the plan adds runs instead
-        for pool in [*local_spec(self.spec).pools, *([canary] if canary is not None else [])]:
+        for pool in [*effective.pools, *([canary] if canary is not None else [])]:
             kind = self.spec.provider(pool.provider).kind
             if kind not in LOCAL_KINDS or pool.role == "drained":
                 continue
@@ -119,13 +121,19 @@ class LocalStack:
         """A local worker's root URL as it serves: https when it was started on mutual TLS."""
         return f"{'https' if '--ssl-certfile' in cmd else 'http'}://{self.host}:{port}"
 
-    def write_routing(self) -> Path:
+    def write_routing(self, spec: Spec | None = None, ports: dict[tuple[str, int], int] | None = None) -> Path:
+        """Write the gateway config (state/routing.json, atomically) for `spec` (default: the running
+        one): its workers on `ports` where given (fleet/local_apply.py: where they really listen), else
+        on the ports ``local_endpoints`` declares (a drained pool runs no worker but keeps its idle
+        endpoints)."""
+        spec = spec or self.spec
+        effective = effective_spec(spec)
+        where = {**local_endpoints(spec, effective), **(ports or {})}
         host = self.host
-        ports = local_endpoints(self.spec)
-        routing = routing_config(local_spec(self.spec), lambda pool, i: f"http://{host}:{ports[(pool.name, i)]}",
+        routing = routing_config(effective, lambda pool, i: f"http://{host}:{where[(pool.name, i)]}",
                                  tls_dir=str(self.certs.dir))
         # the one gateway config a Kubernetes gateway reads from its ConfigMap: routing, tiers, limits, SLOs
-        config = gateway_config(self.spec, routing)
+        config = gateway_config(spec, routing)
         path = self.state / "routing.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
@@ -261,11 +269,6 @@ class LocalStack:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
-
-    def apply(self, new_spec: Spec, log=print) -> list[str]:
-        """Follow a changed stack file without dropping a request (fleet/local_apply.py)."""
-        from fleet.local_apply import apply
-        return apply(self, new_spec, log)
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]

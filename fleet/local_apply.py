@@ -34,13 +34,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fleet.routing import gateway_config, local_endpoints, local_spec, routing_config
+from fleet.local import LocalStack, LocalStackError
 from fleet.spec import Spec, SpecError
-
-if TYPE_CHECKING:
-    from fleet.local import LocalStack
 
 LIVE_FIELDS = {"pools", "canary", "providers", "models", "regions", "local_port_base"}
 SETTLE_S = 1.2        # a replica that missed /admin/reload reads the routing file within ~1 s
@@ -99,21 +95,13 @@ def _admin(stack: LocalStack, port: int, path: str, method: str = "GET", timeout
 
 def switch_routing(stack: LocalStack, spec: Spec, ports: dict[tuple[str, int], int], timeout: float = 10.0) -> None:
     """Write routing.json for `spec` with endpoints on `ports`, and wait until every gateway runs it."""
-    host = stack.host
-    declared = local_endpoints(spec)       # a drained pool runs no worker but keeps its (idle) endpoints
-    config = gateway_config(spec, routing_config(local_spec(spec), lambda pool, i:
-                            f"http://{host}:{ports.get((pool.name, i), declared[(pool.name, i)])}",
-                            tls_dir=str(stack.certs.dir)))
     before = {}
     for port in _gateway_ports(stack):
         try:
             before[port] = _admin(stack, port, "/admin/endpoints")["version"]
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             before[port] = None
-    path = stack.state / "routing.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(path)
+    stack.write_routing(spec, ports)
     deadline = time.monotonic() + timeout
     for port, version in before.items():
         try:
@@ -172,12 +160,10 @@ def drain_and_stop(stack: LocalStack, name: str, proc: subprocess.Popen, url: st
 
 def apply(stack: LocalStack, new_spec: Spec, log: Callable[[str], None] = print) -> list[str]:
     """Reconcile `stack` (running `stack.spec`) to `new_spec`. Returns one line per change."""
-    from fleet.local import LocalStack as _LS
-
     old_spec = stack.spec
     if new_spec == old_spec:
         return []
-    probe = _LS(new_spec, stack.state, host=stack.host)
+    probe = LocalStack(new_spec, stack.state, host=stack.host)
     probe.check()
     changes: list[str] = []
     ignored = sorted(f for f in Spec.model_fields
@@ -290,7 +276,6 @@ class StackWatcher:
             self.last_error = str(e)
             self.log(f"infermesh up: {e}; keeping the running stack")
             return False
-        from fleet.local import LocalStackError
         try:
             changes = apply(self.stack, spec, self.log)
         except (LocalStackError, ApplyError) as e:

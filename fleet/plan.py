@@ -5,25 +5,14 @@
 costs. Pulumi (``__main__.py``), Ansible and the gateway only carry the plan out; `infermesh
 plan` prints it and `infermesh check` judges it (fleet/policy.py).
 
-Failover. A provider marked ``drained: true`` in the stack file is out of service: its pools
-plan as role ``drained`` (no leases, weight 0, so the gateway's weighted choice moves their
-traffic to the pools left), and the plan adds *replacement capacity* deterministically:
-
-- where a forecast exists for the model and region, surviving pools of that model and region
-  get extra replicas (one at a time, always to the provider with the least capacity) until
-  the forecast is carried with N+1 again; if fewer than two providers survive there, a pool
-  on the reserved provider is added first (named ``<drained pool>-via-<reserved provider>``);
-- where no forecast exists, the drained GPUs are replaced one for one on the survivors (the
-  declared capacity is the only statement of need), or on the reserved provider if none survive.
-
-Keeping the replacement in the plan (not written into the file) makes ``failover restore``
-exact: removing the flag gives back the very same plan. The replacement replicas get the
-next replica indices of their pool, so no existing lease, name or mesh address changes.
+Failover (a drained provider's pools and their replacement capacity) is fleet/failover.py; the
+plan applies it once (``effective_spec``) and plans everything else from that effective spec.
+Capacity against the forecast is fleet/capacity.py.
 
 Formulas (the seeds'):
 
-- GPUs per model x region = ceil(QPS x (Tp + Tc) / (Rt x E) x headroom); N+1 holds when the
-  declared pools still carry that after losing the provider with the most capacity there.
+- GPUs per model x region (fleet/capacity.py) = ceil(QPS x (Tp + Tc) / (Rt x E) x headroom); N+1
+  holds when the declared pools still carry that after losing the provider with the most capacity there.
 - VRAM per pool: weights_gb + layers x kv_heads x 2 x head_dim x dtype_bytes x tokens x
   sequences / 2**30 GiB, against the GPU's VRAM x count.
 - Monthly cost = price per GPU-hour x GPUs x replicas x 730; COGS per 1M tokens =
@@ -34,13 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleet.kinds import KINDS, LEASED_KINDS, LOCAL_KINDS  # noqa: F401  (the table of provider kinds)
+from fleet.capacity import Capacity, capacity, throughput
+from fleet.failover import drained_providers, effective_spec
+from fleet.kinds import KINDS, LEASED_KINDS, LOCAL_KINDS
 from fleet.routing import local_endpoints, routing_config
 from fleet.spec import Pool, Spec
+
+_throughput = throughput     # gateway/money.py imports it (and LEASED_KINDS, effective_spec) from here
 
 HOURS_PER_MONTH = 730
 WORKER_PORT = 8000                      # vLLM's OpenAI-compatible server on each worker
@@ -99,31 +91,6 @@ class PoolPlan:
     failover_replicas: int      # replicas added by failover (replicas - declared, or all of a new pool)
     leased: bool                # replicas are GPU leases (not local processes, not an upstream)
     added_by_failover: bool = False
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """Forecast demand against declared supply for one model in one region."""
-
-    model: str
-    region: str
-    qps: float
-    tokens_per_request: int                 # Tp + Tc
-    demand_tokens_per_s: float              # QPS x (Tp + Tc)
-    headroom: float
-    gpu_type: str | None                    # reference GPU (throughput figures in its units)
-    tokens_per_s: float | None              # Rt of the reference GPU for this model
-    efficiency: float | None                # E
-    gpus_exact: float | None                # QPS x (Tp + Tc) / (Rt x E), before headroom
-    required_gpus: int | None               # ceil(gpus_exact x headroom)
-    declared_gpus: int                      # GPUs in the non-drained pools here (overflow upstreams excluded)
-    declared_equivalent: float              # declared capacity in reference GPUs (= declared_gpus if one type)
-    by_provider: tuple[tuple[str, float], ...]   # reference-GPU capacity per provider
-    largest_provider: str | None
-    after_loss: float                       # capacity left after losing the largest provider
-    ok: bool                                # declared carries the forecast with headroom
-    n_plus_1: bool                          # ... and still does after losing the largest provider
-    missing_throughput: tuple[str, ...] = ()   # pools without a throughput figure (not counted)
 
 
 @dataclass(frozen=True)
@@ -257,17 +224,6 @@ def _jsonable(x: Any) -> Any:
 
 # ---- formulas (small, named, tested with the seeds' worked examples) --------------------------
 
-def gpus_needed(qps: float, prompt_tokens: int, completion_tokens: int,
-                tokens_per_s: float, efficiency: float) -> float:
-    """QPS x (Tp + Tc) / (Rt x E): e.g. 2 x 850 / (1,500 x 0.75) = 1.51."""
-    return qps * (prompt_tokens + completion_tokens) / (tokens_per_s * efficiency)
-
-
-def round_up(x: float) -> int:
-    """Ceil that ignores float dust (2.0000000000004 is 2)."""
-    return math.ceil(round(x, 9))
-
-
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
     return layers * kv_heads * 2 * head_dim * dtype_bytes
 
@@ -324,148 +280,6 @@ def assign_addresses(cidr: str, gateways: list[str], workers: list[str]) -> dict
     return out
 
 
-# ---- failover: the effective pools ------------------------------------------------------------
-
-def _drained(spec: Spec) -> set[str]:
-    return {p.name for p in spec.providers if getattr(p, "drained", False)}
-
-
-def _counts_for_capacity(spec: Spec, pool: Pool) -> bool:
-    prov = spec.provider(pool.provider)
-    return pool.role != "drained" and prov.kind != "openai" and prov.role != "overflow"
-
-
-def _throughput(spec: Spec, gpu: str, model: str):
-    return next((t for t in spec.throughput if t.gpu == gpu and t.model == model), None)
-
-
-def effective_spec(spec: Spec) -> Spec:
-    """The spec with drained providers applied: their pools drained, replacement capacity added."""
-    drained = _drained(spec)
-    if not drained:
-        return spec
-    pools = [p.model_copy(update={"role": "drained"}) if p.provider in drained else p for p in spec.pools]
-    lost = [p for p in spec.pools if p.provider in drained and p.role != "drained" and p.replicas > 0
-            and not KINDS[spec.provider(p.provider).kind].upstream]
-    groups: dict[tuple[str, str], list[Pool]] = {}
-    for p in lost:
-        groups.setdefault((p.model, p.region), []).append(p)
-    forecasts = {(f.model, f.region): f for f in spec.forecast}
-    for (model, region), gone in groups.items():
-        fc = forecasts.get((model, region))
-
-        def survivors(model: str = model, region: str = region) -> list[int]:
-            return [i for i, p in enumerate(pools)
-                    if p.model == model and p.region == region and _counts_for_capacity(spec, p)]
-
-        providers_left = {pools[i].provider for i in survivors()}
-        need_two = fc is not None and fc.qps > 0
-        if not providers_left or (need_two and len(providers_left) < 2):
-            reserved = next((pr for pr in spec.providers if pr.role == "reserved" and pr.name not in drained
-                             and region in pr.regions and pr.name not in providers_left
-                             and pr.kind != "openai"), None)
-            if reserved is not None:
-                src = gone[0]
-                name = f"{src.name}-via-{reserved.name}"
-                if all(p.name != name for p in pools):
-                    pools.append(src.model_copy(update={
-                        "name": name, "provider": reserved.name, "replicas": 0,
-                        "price_per_gpu_hour": None, "role": src.role,
-                    }))
-        idx = survivors()
-        if not idx:
-            continue
-        if fc is None:
-            # No forecast: replace the drained GPUs one for one.
-            missing = sum(p.replicas * p.gpu.count for p in gone)
-            while missing > 0:
-                i = _smallest(spec, pools, idx)
-                pools[i] = pools[i].model_copy(update={"replicas": pools[i].replicas + 1})
-                missing -= pools[i].gpu.count
-            continue
-        # Converges: each step raises the provider with the least capacity, so the capacity left
-        # after losing the largest grows; bounded anyway (a plan never loops on odd figures).
-        for _ in range(256):
-            cap = _capacity(spec, fc, [pools[i] for i in idx])
-            if cap.required_gpus is None or (cap.ok and (cap.n_plus_1 or len({pools[i].provider for i in idx}) < 2)):
-                break
-            i = _smallest(spec, pools, idx)
-            pools[i] = pools[i].model_copy(update={"replicas": pools[i].replicas + 1})
-    return spec.model_copy(update={"pools": pools})
-
-
-def _pool_equiv(spec: Spec, pool: Pool, ref_rate: float | None) -> float:
-    t = _throughput(spec, pool.gpu.type, pool.model)
-    if t is None or not ref_rate:
-        return 0.0
-    return pool.replicas * pool.gpu.count * t.tokens_per_s * t.efficiency / ref_rate
-
-
-def _smallest(spec: Spec, pools: list[Pool], idx: list[int]) -> int:
-    """Index of the surviving pool whose provider holds the least capacity (declaration order breaks ties)."""
-    by_provider: dict[str, float] = {}
-    for i in idx:
-        p = pools[i]
-        t = _throughput(spec, p.gpu.type, p.model)
-        rate = t.tokens_per_s * t.efficiency if t else 1.0
-        by_provider[p.provider] = by_provider.get(p.provider, 0.0) + p.replicas * p.gpu.count * rate
-    smallest = min(by_provider[pools[i].provider] for i in idx)
-    cands = [i for i in idx if by_provider[pools[i].provider] == smallest]
-    prefer = [i for i in cands if pools[i].role == "primary"] or cands
-    return prefer[0]
-
-
-# ---- capacity -----------------------------------------------------------------------------------
-
-def _capacity(spec: Spec, fc, pools: list[Pool]) -> Capacity:
-    here = [p for p in pools if p.model == fc.model and p.region == fc.region and _counts_for_capacity(spec, p)]
-    # Reference GPU: the type holding the most GPUs here among those with a throughput figure.
-    gpus_by_type: dict[str, int] = {}
-    for p in here:
-        if _throughput(spec, p.gpu.type, p.model):
-            gpus_by_type[p.gpu.type] = gpus_by_type.get(p.gpu.type, 0) + p.replicas * p.gpu.count
-    ref = max(gpus_by_type, key=lambda g: (gpus_by_type[g], g)) if gpus_by_type else None
-    if ref is None:  # no pool here with a figure: any figure for the model
-        t_any = next((t for t in spec.throughput if t.model == fc.model), None)
-        ref = t_any.gpu if t_any else None
-    t_ref = _throughput(spec, ref, fc.model) if ref else None
-    demand = fc.qps * (fc.prompt_tokens + fc.completion_tokens)
-    headroom = spec.planning.headroom
-    if t_ref is None:
-        exact = required = None
-        ref_rate = None
-    else:
-        ref_rate = t_ref.tokens_per_s * t_ref.efficiency
-        exact = gpus_needed(fc.qps, fc.prompt_tokens, fc.completion_tokens, t_ref.tokens_per_s, t_ref.efficiency)
-        required = round_up(exact * headroom)
-    by_provider: dict[str, float] = {}
-    for p in here:
-        by_provider[p.provider] = by_provider.get(p.provider, 0.0) + _pool_equiv(spec, p, ref_rate)
-    declared_equiv = sum(by_provider.values())
-    largest = max(by_provider, key=lambda k: (by_provider[k], k)) if by_provider else None
-    after = declared_equiv - (by_provider[largest] if largest else 0.0)
-    eps = 1e-9
-    ok = required is not None and declared_equiv + eps >= required
-    n1 = required is not None and after + eps >= required
-    return Capacity(
-        model=fc.model, region=fc.region, qps=fc.qps,
-        tokens_per_request=fc.prompt_tokens + fc.completion_tokens,
-        demand_tokens_per_s=demand, headroom=headroom, gpu_type=ref,
-        tokens_per_s=t_ref.tokens_per_s if t_ref else None,
-        efficiency=t_ref.efficiency if t_ref else None,
-        gpus_exact=exact, required_gpus=required,
-        declared_gpus=sum(p.replicas * p.gpu.count for p in here),
-        declared_equivalent=round(declared_equiv, 6),
-        by_provider=tuple(sorted((k, round(v, 6)) for k, v in by_provider.items())),
-        largest_provider=largest, after_loss=round(after, 6), ok=ok, n_plus_1=n1,
-        missing_throughput=tuple(p.name for p in here if _throughput(spec, p.gpu.type, p.model) is None),
-    )
-
-
-def capacity(spec: Spec) -> tuple[Capacity, ...]:
-    return tuple(_capacity(spec, fc, list(spec.pools)) for fc in spec.forecast)
-
-
 # ---- VRAM ---------------------------------------------------------------------------------------
 
 def vram(spec: Spec) -> tuple[Vram, ...]:
@@ -519,7 +333,7 @@ def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
         replicas = 0 if pool.role == "drained" else pool.replicas + (extra_leases or {}).get(pool.name, 0)
         gpus = pool.gpu.count * replicas
         monthly = monthly_cost(price, pool.gpu.count, replicas) if price is not None else None
-        t = _throughput(spec, pool.gpu.type, pool.model)
+        t = throughput(spec, pool.gpu.type, pool.model)
         cogs = cogs_per_1m(price, t.tokens_per_s, t.utilisation, overhead) if (t and price is not None) else None
         rows.append(PoolCost(pool.name, prov.name, pool.model, pool.region, gpus, price, source,
                              round(monthly, 2) if monthly is not None else None,
@@ -694,7 +508,7 @@ def build_plan(spec: Spec) -> Plan:
         + [MeshNode(w.name, "worker", w.mesh_address, w.pool, tuple(gateways)) for w in leases]
     )
 
-    ports = local_endpoints(eff)
+    ports = local_endpoints(eff, eff)     # eff is already effective: no pool of it is drained twice
     next_port = max(ports.values(), default=eff.local_port_base - 1) + 1
 
     def endpoint(pool: Pool, i: int) -> str:
@@ -727,7 +541,7 @@ def build_plan(spec: Spec) -> Plan:
             failover_replicas=max(p.replicas - declared_replicas, 0),
             leased=prov.kind in LEASED_KINDS, added_by_failover=d is None,
         ))
-    drained = tuple(sorted(_drained(spec)))
+    drained = tuple(sorted(drained_providers(spec)))
     providers = tuple({
         "name": p.name, "kind": p.kind, "role": p.role, "regions": list(p.regions),
         "price_cap_per_gpu_hour": p.price_cap_per_gpu_hour, "drained": p.name in drained,

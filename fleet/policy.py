@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from fleet.plan import LEASED_KINDS, LOCAL_KINDS, Plan, build_plan, is_local_only
+from fleet.kinds import LEASED_KINDS, LOCAL_KINDS
+from fleet.plan import Plan, build_plan, is_local_only
 from fleet.spec import Spec
 
 DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fleet.capacity import capacity
 from fleet.channel import tls_ref
+from fleet.failover import effective_spec
 from fleet.kinds import channel_for, kind
-from fleet.spec import Pool, Spec
+from fleet.spec import Pool, Spec, SpecError
 
 EndpointRule = Callable[[Pool, int], str]   # (pool, replica index) -> base URL of the worker
 
@@ -51,16 +53,16 @@ def canary_share(spec: Spec) -> tuple[float, float]:
     return a * base.weight / total, base.weight * (1 - a)
 
 
-def local_endpoints(spec: Spec) -> dict[tuple[str, int], int]:
+def local_endpoints(spec: Spec, effective: Spec) -> dict[tuple[str, int], int]:
     """Loopback ports of local (sim / llamacpp) workers, in declaration order from local_port_base.
     A canary's worker comes after all pools, so starting or ending one moves no other port.
-    Capacity that a drained provider's failover adds (fleet.plan.effective_spec: more replicas
-    on the survivors, a pool on the reserved provider) comes after that, for the same reason;
-    a drained pool keeps its ports for when it is restored."""
+    Capacity that a drained provider's failover adds (``effective``, the spec's
+    fleet.failover.effective_spec: more replicas on the survivors, a pool on the reserved provider)
+    comes after that, for the same reason; a drained pool keeps its ports for when it is restored."""
     ports: dict[tuple[str, int], int] = {}
     port = spec.local_port_base
     canary = canary_pool(spec)
-    for pool in [*spec.pools, *([canary] if canary is not None else []), *local_spec(spec).pools]:
+    for pool in [*spec.pools, *([canary] if canary is not None else []), *effective.pools]:
         if not kind(spec.provider(pool.provider).kind).local:
             continue
         for i in range(pool.replicas):
@@ -70,16 +72,10 @@ def local_endpoints(spec: Spec) -> dict[tuple[str, int], int]:
     return ports
 
 
-def local_spec(spec: Spec) -> Spec:
-    """What a local stack runs: the spec with its drained providers applied, as `pulumi up` would
-    lease it (the plan's effective spec)."""
-    from fleet.plan import effective_spec     # fleet.plan builds on this module
-
-    return effective_spec(spec)
-
-
 def local_rule(spec: Spec, host: str = "127.0.0.1") -> EndpointRule:
-    ports = local_endpoints(spec)
+    """Where a declared local stack's workers listen: https on loopback, on the ports ``local_endpoints``
+    declares for it (its effective spec computed here, once)."""
+    ports = local_endpoints(spec, effective_spec(spec))
     return lambda pool, i: f"https://{host}:{ports[(pool.name, i)]}"
 
 
@@ -96,8 +92,6 @@ def spec_from_gateway_config(config: dict[str, Any]) -> Spec:
     """The Spec a gateway serves by, from ``gateway_config``'s output. The secrets it names are
     marked as set (their values come from the environment); a config that does not validate raises
     fleet.spec.SpecError."""
-    from fleet.spec import SpecError
-
     data = config.get("spec")
     if not isinstance(data, dict):
         raise SpecError("gateway config: no `spec` object (write it with fleet.routing.gateway_config)")
@@ -170,8 +164,7 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
             "weight": share, "base_pool": base.name, "image": spec.canary.image,
             "endpoints": [worker_endpoint(spec, canary, 0, endpoint(canary, 0))],
         })
-    from fleet.plan import capacity      # the plan sized this much primary capacity per model (with headroom)
-    for cap in capacity(spec):
+    for cap in capacity(spec):           # the plan sized this much primary capacity per model (with headroom)
         if cap.required_gpus:
             m = models[cap.model]
             m["required_gpus"] = m.get("required_gpus", 0) + cap.required_gpus

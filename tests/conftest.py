@@ -130,8 +130,9 @@ class RunningStack:
         return (self.state / "admin.token").read_text().strip()
 
     def worker_url(self, pool: str, replica: int = 0) -> str:
+        from fleet.failover import effective_spec
         from fleet.routing import local_endpoints
-        return f"https://127.0.0.1:{local_endpoints(self.spec)[(pool, replica)]}"
+        return f"https://127.0.0.1:{local_endpoints(self.spec, effective_spec(self.spec))[(pool, replica)]}"
 
     def gateway_proc(self):
         return next(p for n, p in self.stack.procs if n == "gateway")

@@ -30,6 +30,7 @@ from infermesh_cli import main as cli
 from fleet import spec as spec_mod
 from fleet.local import LocalStack
 from fleet.local_apply import StackWatcher
+from fleet.failover import effective_spec
 from fleet.routing import canary_share, local_endpoints, routing_config
 from gateway import ledger
 from gateway.sli import AttemptLog, pool_slis
@@ -192,8 +193,8 @@ def test_canary_takes_its_weight_of_the_base_pools_traffic_only():
     # so east serves (1 - .2) * 1.4 / 2.4 = .4667 = .7 * 2/3 and west (1 - .2) * 1 / 2.4 = 1/3, as before.
     share, east = canary_share(spec)
     assert share == pytest.approx(0.2) and east == pytest.approx(1.4)
-    ports = local_endpoints(spec)
-    plain = local_endpoints(_spec())
+    ports = local_endpoints(spec, effective_spec(spec))
+    plain = local_endpoints(_spec(), effective_spec(_spec()))
     assert {k: v for k, v in ports.items() if k in plain} == plain          # no existing port moved
     assert ports[(f"{POOL}-canary", 0)] == max(plain.values()) + 1
     cfg = routing_config(spec, lambda p, i: f"http://127.0.0.1:{ports[(p.name, i)]}")

@@ -191,7 +191,7 @@ def test_drain_preserves_crlf_and_explicit_false(stacks, capsys):
 
 
 def test_drain_and_restore_on_a_running_local_stack(stack_factory):
-    """The local stack runs what the plan would lease (fleet.routing.local_spec): after `failover
+    """The local stack runs what the plan would lease (fleet.failover.effective_spec): after `failover
     drain`, the stack-file follower stops the drained provider's workers, starts the replacement
     capacity the plan adds, and the gateway routes around the provider; `restore` undoes it.
     Every request in between is answered."""
@@ -201,7 +201,8 @@ def test_drain_and_restore_on_a_running_local_stack(stack_factory):
     from openai import OpenAI
 
     from fleet.local_apply import apply
-    from fleet.routing import local_endpoints, local_spec
+    from fleet.failover import effective_spec
+    from fleet.routing import local_endpoints
 
     stack = stack_factory()
     running = stack.stack
@@ -219,7 +220,7 @@ def test_drain_and_restore_on_a_running_local_stack(stack_factory):
                                              messages=[{"role": "user", "content": f"q{i}"}]).choices
 
     def worker_requests(pool: str, replica: int) -> int:
-        port = local_endpoints(running.spec)[(pool, replica)]
+        port = local_endpoints(running.spec, effective_spec(running.spec))[(pool, replica)]
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/sim/stats", timeout=5) as r:
             return json.loads(r.read())["requests"]
 
@@ -232,7 +233,7 @@ def test_drain_and_restore_on_a_running_local_stack(stack_factory):
     assert pools["demo-chat-west"]["role"] == "drained" and pools["demo-chat-west"]["weight"] == 0
     assert west.poll() is not None, "the drained provider's worker still runs"
     # the replacement capacity the plan adds (one for one here: the reserve pool 1 -> 2) runs and is healthy
-    plan = {p.name: p.replicas for p in local_spec(running.spec).pools if p.role != "drained"}
+    plan = {p.name: p.replicas for p in effective_spec(running.spec).pools if p.role != "drained"}
     assert plan["demo-chat-reserve"] == 2
     for name, replicas in plan.items():
         assert [e["healthy"] for e in pools[name]["endpoints"]] == [True] * replicas, name

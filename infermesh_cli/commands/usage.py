@@ -18,6 +18,8 @@ import sys
 from collections import defaultdict
 
 from fleet import spec as spec_mod
+from fleet.failover import effective_spec
+from fleet.kinds import LEASED_KINDS
 from infermesh_cli.errors import UserError
 from infermesh_cli.inputs import cell, csv_cell, parse_since, shown, tenant_name
 from fleet.paths import state_dir
@@ -73,8 +75,6 @@ def _tokens(r: dict) -> int:
 def lease_hour_micro_usd(spec: spec_mod.Spec) -> dict[str, int]:
     """Per pool billed by the hour (a lease, or a local pool the stack prices): what one hour of all its
     replicas costs, in micro-dollars (the canary's lease counts with its pool)."""
-    from fleet.plan import LEASED_KINDS, effective_spec
-
     eff = effective_spec(spec)
     out: dict[str, int] = {}
     for pool in eff.pools:
