@@ -7,6 +7,10 @@ unsalted hash is the right tool (a password KDF buys nothing here and would cost
 The gateway keeps an in-memory map hash -> key and refreshes it
 whenever another connection committed to the file (SQLite's ``PRAGMA data_version``), so a
 key created or revoked by ``infermesh keys`` takes effect on the next request.
+
+A key may be scoped (models, a monthly spend) and may carry a region (``keys create --region``):
+its requests are served in that region unless they name one in ``x-infermesh-region`` (the
+region of the gateway that took them otherwise; gateway/router.py).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at  REAL NOT NULL,
     revoked_at  REAL,
     models      TEXT,               -- scope: comma-separated model ids (NULL: every model of the tier)
-    monthly_spend_micro_usd INTEGER -- scope: spend per calendar month (UTC) at the tier's prices (NULL: none)
+    monthly_spend_micro_usd INTEGER, -- scope: spend per calendar month (UTC) at the tier's prices (NULL: none)
+    region      TEXT                -- where its requests are served when they name none (NULL: the gateway's)
 );
 """
 
@@ -54,6 +59,7 @@ class Principal:
     debug_log_until: float | None
     models: frozenset[str] | None = None     # the key's models (None: the tier's)
     spend_limit: int | None = None           # micro-dollars a calendar month (None: no limit)
+    region: str | None = None                # its requests' region unless they name one (None: the gateway's)
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,25 @@ class KeyInfo:
     revoked_at: float | None
     models: str | None = None                # comma-separated
     monthly_spend_micro_usd: int | None = None
+    region: str | None = None
 
 
 def principal(kid: str, tenant: str, tier: str, until: float | None, models: str | None = None,
-              spend: int | None = None) -> Principal:
+              spend: int | None = None, region: str | None = None) -> Principal:
     """A key's Principal from its stored row (models comma-separated)."""
     return Principal(kid, tenant, tier, until, frozenset(models.split(",")) if models else None,
-                     int(spend) if spend is not None else None)
+                     int(spend) if spend is not None else None, region or None)
+
+
+REGION_PATTERN = r"[a-z0-9]([a-z0-9._/-]*[a-z0-9])?"   # a region name as a stack file declares it (fleet/spec.py)
+
+
+def check_region(region: str | None) -> str | None:
+    """A key's region as stored: a region name (the CLI also checks that the stack declares it)."""
+    if region is not None and (not isinstance(region, str) or len(region) > 120
+                               or not re.fullmatch(REGION_PATTERN, region, re.ASCII)):
+        raise ValueError(f"{region!r:.70} is not a region name")
+    return region
 
 
 def check_scope(models: list[str] | None, monthly_spend_micro_usd: int | None) -> str | None:
@@ -110,6 +128,8 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("ALTER TABLE keys ADD COLUMN models TEXT")
     if "monthly_spend_micro_usd" not in columns:
         conn.execute("ALTER TABLE keys ADD COLUMN monthly_spend_micro_usd INTEGER")
+    if "region" not in columns:                # ... from before a key's region (issue 17)
+        conn.execute("ALTER TABLE keys ADD COLUMN region TEXT")
     return conn
 
 
@@ -132,9 +152,10 @@ class KeyAdmin:
         self.conn = connect(path)
 
     def create(self, tenant: str, tier: str | None, models: list[str] | None = None,
-               monthly_spend_micro_usd: int | None = None) -> tuple[str, KeyInfo]:
+               monthly_spend_micro_usd: int | None = None, region: str | None = None) -> tuple[str, KeyInfo]:
         check_tenant(tenant)
         scope = check_scope(models, monthly_spend_micro_usd)
+        check_region(region)
         now = time.time()
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -148,15 +169,15 @@ class KeyAdmin:
                 self.conn.execute("UPDATE tenants SET tier = ? WHERE name = ?", (tier, tenant))
             key, key_id = new_key()
             self.conn.execute(
-                "INSERT INTO keys(id, tenant, hash, prefix, created_at, models, monthly_spend_micro_usd) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd))
+                "INSERT INTO keys(id, tenant, hash, prefix, created_at, models, monthly_spend_micro_usd, region) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd, region))
         return key, self.get(key_id)
 
     def get(self, key_id: str) -> KeyInfo:
         row = self.conn.execute(
             "SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, "
-            "k.monthly_spend_micro_usd FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.id = ?",
+            "k.monthly_spend_micro_usd, k.region FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.id = ?",
             (key_id,)).fetchone()
         if row is None:
             raise LookupError(f"no key {key_id!r}")
@@ -164,7 +185,7 @@ class KeyAdmin:
 
     def list(self, tenant: str | None = None) -> list[KeyInfo]:
         sql = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, "
-               "k.monthly_spend_micro_usd FROM keys k JOIN tenants t ON t.name = k.tenant")
+               "k.monthly_spend_micro_usd, k.region FROM keys k JOIN tenants t ON t.name = k.tenant")
         rows = self.conn.execute(sql + (" WHERE k.tenant = ?" if tenant else "") + " ORDER BY k.created_at",
                                  (tenant,) if tenant else ()).fetchall()
         return [KeyInfo(*r) for r in rows]
@@ -204,7 +225,7 @@ class KeyStore:
         if version == self._version:
             return
         rows = self.conn.execute(
-            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd "
+            "SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd, k.region "
             "FROM keys k JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL").fetchall()
         self._by_id = {r[1][4:]: (r[0], principal(*r[1:])) for r in rows}
         self._version = version

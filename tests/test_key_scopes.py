@@ -57,6 +57,25 @@ def test_keys_db_from_before_scopes_gets_the_columns(tmp_path):
         admin.create("acme", None, None, -1)
 
 
+def test_keys_db_from_before_key_regions_gets_the_column(tmp_path):
+    """A key's region (issue 17, `keys create --region`) on a keys.db written before it existed."""
+    db = sqlite3.connect(tmp_path / "keys.db")
+    db.executescript("CREATE TABLE tenants (name TEXT PRIMARY KEY, tier TEXT NOT NULL, created_at REAL NOT NULL, "
+                     "debug_log_until REAL); CREATE TABLE keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+                     "hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL, "
+                     "models TEXT, monthly_spend_micro_usd INTEGER);")
+    db.close()
+    admin = KeyAdmin(tmp_path / "keys.db")
+    key, info = admin.create("acme", "pro", region="eu-west")
+    plain, _ = admin.create("acme", None)
+    assert info.region == "eu-west" and [k.region for k in admin.list("acme")] == ["eu-west", None]
+    store = KeyStore(tmp_path / "keys.db")
+    assert store.authenticate(key).region == "eu-west" and store.authenticate(plain).region is None
+    for bad in ("", "EU West", "a" * 121):
+        with pytest.raises(ValueError, match="not a region name"):
+            admin.create("acme", None, region=bad)
+
+
 @pytest.fixture
 def state(tmp_path, monkeypatch):
     monkeypatch.setenv("INFERMESH_STATE_DIR", str(tmp_path))

@@ -600,6 +600,31 @@ async def test_key_revoked_by_cli_is_refused_everywhere_within_bound(ha):
     assert took <= REVOKE_BOUND_S
 
 
+async def test_a_keys_region_is_stored_in_postgres_and_loaded_by_every_replica(ha, tmp_path):
+    """`keys create --region` on shared state (issue 17): the region is stored with the key in
+    PostgreSQL (migration 0006), comes back in the replicas' key map and in their disk cache; a
+    region that is not a region name is refused."""
+    from gateway.state.health import Health
+    from gateway.state.pg_keys import PgKeyAdmin, PgKeyStore
+    admin = PgKeyAdmin(ha.db_dsn)
+    try:
+        key, info = admin.create(f"t-{secrets.token_hex(4)}", "pro", region="local")
+        plain, _ = admin.create(info.tenant, None)
+        assert info.region == "local" and [k.region for k in admin.list(info.tenant)] == ["local", None]
+        with pytest.raises(ValueError, match="not a region name"):
+            admin.create(info.tenant, None, region="Not a region!")
+    finally:
+        admin.close()
+    store = PgKeyStore(ha.db_dsn, Health(), cache=tmp_path / "keys.cache.json")
+    try:
+        assert await store.refresh()
+        assert store.authenticate(key).region == "local" and store.authenticate(plain).region is None
+    finally:
+        await store.stop()
+    cached = PgKeyStore(ha.db_dsn, Health(), cache=tmp_path / "keys.cache.json")
+    assert cached.load_cache() and cached.authenticate(key).region == "local"
+
+
 def test_migrations_are_versioned_and_idempotent(ha):
     from gateway.state.migrate import migrate, migrations
     assert migrate(ha.db_dsn) == []                     # the gateways applied them at start

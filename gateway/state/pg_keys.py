@@ -27,15 +27,25 @@ from pathlib import Path
 
 import psycopg
 
-from gateway.keys import KEY_PREFIX, KeyInfo, Principal, check_scope, check_tenant, hash_key, new_key, principal
+from gateway.keys import (
+    KEY_PREFIX,
+    KeyInfo,
+    Principal,
+    check_region,
+    check_scope,
+    check_tenant,
+    hash_key,
+    new_key,
+    principal,
+)
 from gateway.state.health import Health
 
 log = logging.getLogger("infermesh.state")
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
-_LOAD = ("SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd "
+_LOAD = ("SELECT k.hash, k.id, k.tenant, t.tier, t.debug_log_until, k.models, k.monthly_spend_micro_usd, k.region "
          "FROM api_keys k JOIN tenants t ON t.name = k.tenant WHERE k.revoked_at IS NULL")
-_SELECT = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, k.monthly_spend_micro_usd "
-           "FROM api_keys k JOIN tenants t ON t.name = k.tenant")
+_SELECT = ("SELECT k.id, k.tenant, t.tier, k.prefix, k.created_at, k.revoked_at, k.models, k.monthly_spend_micro_usd, "
+           "k.region FROM api_keys k JOIN tenants t ON t.name = k.tenant")
 
 
 class PgKeyAdmin:
@@ -46,9 +56,10 @@ class PgKeyAdmin:
         self.conn.close()
 
     def create(self, tenant: str, tier: str | None, models: list[str] | None = None,
-               monthly_spend_micro_usd: int | None = None) -> tuple[str, KeyInfo]:
+               monthly_spend_micro_usd: int | None = None, region: str | None = None) -> tuple[str, KeyInfo]:
         check_tenant(tenant)
         scope = check_scope(models, monthly_spend_micro_usd)
+        check_region(region)
         now = time.time()
         key, key_id = new_key()
         with self.conn.transaction():
@@ -61,8 +72,8 @@ class PgKeyAdmin:
             elif tier is not None and tier != row[0]:
                 self.conn.execute("UPDATE tenants SET tier = %s WHERE name = %s", (tier, tenant))
             self.conn.execute("INSERT INTO api_keys (id, tenant, hash, prefix, created_at, models, "
-                              "monthly_spend_micro_usd) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                              (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd))
+                              "monthly_spend_micro_usd, region) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                              (key_id, tenant, hash_key(key), key[:10], now, scope, monthly_spend_micro_usd, region))
         return key, self.get(key_id)
 
     def get(self, key_id: str) -> KeyInfo:
@@ -95,7 +106,8 @@ class PgKeyAdmin:
 
 
 def _key_map(rows) -> dict[str, tuple[str, Principal]]:
-    """Rows of _LOAD (a cache from before key scopes has five columns: no scope)."""
+    """Rows of _LOAD (a cache from before key scopes has five columns: no scope; from before key
+    regions, seven: no region)."""
     return {r[1][4:]: (r[0], principal(*r[1:])) for r in rows}
 
 

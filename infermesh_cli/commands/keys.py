@@ -1,7 +1,8 @@
 """`infermesh keys create|list|revoke|debug-log --stack S`: tenants and their API keys.
 
 `keys create ... [--models a,b] [--monthly-spend USD]` scopes a key: only those models, and at most
-that spend per calendar month (UTC) at the tier's prices (docs/money.md).
+that spend per calendar month (UTC) at the tier's prices (docs/money.md). `--region R` (one of the
+stack's regions) serves the key's requests in R unless they name a region in x-infermesh-region.
 
 Tenant names match gateway.keys.TENANT_PATTERN (docs/cli-inputs.md); keys.db is created 0600 in a
 0700 state dir (it holds key hashes and the debug-log opt-ins).
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--monthly-spend", type=usd_micro, metavar="USD",
                    help="limit the key's spend per calendar month (UTC), at the tier's prices: at the limit "
                         "requests get 429 insufficient_quota")
+    c.add_argument("--region", help="serve the key's requests in this region of the stack (unless a request names "
+                                    "one in x-infermesh-region; default: the gateway's region)")
     ls = ksub.add_parser("list", help="list keys (never the keys themselves)")
     ls.add_argument("--tenant", type=tenant_name)
     r = ksub.add_parser("revoke", help="revoke a key by its id; takes effect at once (shared state: on every "
@@ -73,7 +76,8 @@ def _info(k) -> dict:
     return {"id": k.id, "tenant": k.tenant, "tier": k.tier, "prefix": k.prefix,
             "created_at": k.created_at, "revoked_at": k.revoked_at,
             "models": k.models.split(",") if getattr(k, "models", None) else None,
-            "monthly_spend_micro_usd": getattr(k, "monthly_spend_micro_usd", None)}
+            "monthly_spend_micro_usd": getattr(k, "monthly_spend_micro_usd", None),
+            "region": getattr(k, "region", None)}
 
 
 def _scope(k) -> str:
@@ -82,6 +86,8 @@ def _scope(k) -> str:
         parts.append("models " + k.models)
     if getattr(k, "monthly_spend_micro_usd", None) is not None:
         parts.append(f"spend ${k.monthly_spend_micro_usd / 1e6:,.2f}/month")
+    if getattr(k, "region", None):
+        parts.append("region " + k.region)
     return "  " + "; ".join(cell(p) for p in parts) if parts else ""
 
 
@@ -101,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
                     where = f"tier {args.tier}" if args.tier is not None else f"stack {args.stack}"
                     raise UserError(f"--models: {', '.join(bad)} not served to {where} "
                                     f"({', '.join(sorted(allowed))})")
-            key, info = admin.create(args.tenant, args.tier, args.models, args.monthly_spend)
+            regions = [r.name for r in spec.regions]
+            if args.region is not None and args.region not in regions:
+                raise UserError(f"--region {shown(args.region)}: not a region of stack {args.stack} "
+                                f"({', '.join(regions)})")
+            key, info = admin.create(args.tenant, args.tier, args.models, args.monthly_spend, region=args.region)
             if args.json:
                 print(json.dumps({"key": key, **_info(info)}))
             else:
