@@ -91,13 +91,14 @@ else:
         # Each gateway node answers WireGuard at its own name (one gateway replica per node).
         "gateway_endpoints": {g.name: f"{g.name}.mesh.{spec.gateway.host}:{spec.mesh.port}" for g in gateways},
     })
-    # the channel: mutual TLS into marketplace containers (the plan's choice per lease, fleet/kinds.py)
-    mtls = [lease.name for lease in plan.leases if lease_channel(lease) == "mtls"]
+    # the channel: mutual TLS into marketplace containers (the plan's choice per lease, fleet/kinds.py); each
+    # worker makes its own key, its lease's provider signs its certificate with the CA (no key in a marketplace)
     certs = ChannelCerts("infermesh-channel", {
-        "stack": stack, "leases": mtls, "ca_validity_days": spec.channel.ca_validity_days,
+        "stack": stack, "ca_validity_days": spec.channel.ca_validity_days,
         "cert_validity_days": spec.channel.cert_validity_days, "renew_before_days": spec.channel.renew_before_days})
     workers = WorkerFleet("infermesh-workers", {
-        "tls": {n: {"cert": c["cert"], "key": c["key"], "ca": certs.ca_cert} for n, c in certs.workers.items()},
+        "tls": {"stack": stack, "ca": certs.ca_cert, "ca_key": certs.ca_key,
+                "days": spec.channel.cert_validity_days, "renew_days": spec.channel.renew_before_days},
         "leases": list(plan.leases),
         "launches": {lease.name: worker_launch(spec, lease) for lease in plan.leases},
         "credentials": {p.name: p.credentials for p in spec.providers if p.credentials},

@@ -23,10 +23,11 @@ import pytest
 from openai import OpenAI
 
 from fleet import spec as spec_mod
-from fleet.channel import issue, make_ca, tls_ref, worker_server_name
+from fleet.channel import Issued, issue, make_ca, tls_ref, worker_server_name
 from fleet.plan import build_plan
 from fleet.routing import routing_config
 from tests.conftest import REPO, free_port
+from tests.test_pulumi_program import fakes  # noqa: F401 - the FAKE marketplaces fixture
 
 
 def _admin(stack, path: str, method: str = "GET") -> dict:
@@ -265,3 +266,218 @@ def test_new_connections_to_a_worker_resume_the_tls_session(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---- a marketplace worker's certificate, without its key ever leaving it (fleet/marketplaces/worker_tls.py) ----
+
+def _pem_key(issued) -> str:
+    return issued.key_pem.decode()
+
+
+def _refused(host: str, port: int, token: str, cert: bytes) -> str:
+    """What a certificate push gets: the worker's refusal, or why nothing took it."""
+    from fleet.marketplaces import worker_tls
+
+    try:
+        reply = worker_tls.push(host, port, token, cert, timeout_s=5)
+    except (OSError, http.client.HTTPException) as e:
+        return f"no endpoint ({type(e).__name__})"
+    assert reply.status != 204, "a second certificate was taken"
+    return f"HTTP {reply.status}"
+
+
+def test_worker_bootstrap_takes_one_certificate_for_its_own_key_from_the_stack_ca(tmp_path):
+    """The worker image's bootstrap (images/worker/entrypoint.py) and the lease provider's side: a request
+    for the worker's own key, a certificate only from the stack CA and only for that key, once."""
+    from fleet.marketplaces import worker_tls
+    from tests.fakes.marketplaces import worker_entrypoint
+
+    entry = worker_entrypoint()
+    ca, other = make_ca("infermesh test channel CA"), make_ca("some other CA")
+    ca_pem, ca_key = ca.cert_pem.decode(), _pem_key(ca)
+    token = worker_tls.bootstrap_token(ca_key, "infermesh--prod--qwen-vast-0--0123abcd")
+    assert token != worker_tls.bootstrap_token(ca_key, "infermesh--prod--qwen-vast-1--0123abcd")
+    boot = entry.Bootstrap(token, ca.cert_pem, tmp_path / "tls")
+    server = entry.bootstrap_server(boot, "127.0.0.1", 0)
+    port = server.server_address[1]
+    import threading
+
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        key_file = tmp_path / "tls" / entry.KEY_FILE
+        assert key_file.stat().st_mode & 0o777 == 0o400 and b"PRIVATE KEY" in key_file.read_bytes()
+        call = worker_tls._call
+        assert call("127.0.0.1", port, "GET", "/csr", "", None, 5).status == 401
+        assert call("127.0.0.1", port, "GET", "/csr", "not-the-token", None, 5).status == 401
+        csr = call("127.0.0.1", port, "GET", "/csr", token, None, 5)
+        assert csr.status == 200 and b"CERTIFICATE REQUEST" in csr.body and b"PRIVATE" not in csr.body
+        name = worker_server_name("prod", "qwen-vast-0")
+        # a certificate from another CA, and one from the stack CA for another key: refused, the token stays unused
+        forged = worker_tls.sign(csr.body, other.cert_pem.decode(), _pem_key(other), name, 30)
+        reply = worker_tls.push("127.0.0.1", port, token, forged)
+        assert (reply.status, reply.body.strip()) == (422, b"the certificate is not signed by the stack CA")
+        stranger = issue(ca, name, server=True, dns=(name,)).cert_pem
+        reply = worker_tls.push("127.0.0.1", port, token, stranger)
+        assert (reply.status, reply.body.strip()) == (422, b"the certificate is not for this worker's key")
+        assert worker_tls.push("127.0.0.1", port, "not-the-token", stranger).status == 401
+        assert not boot.done.is_set()
+        # the lease provider: request, signature by the stack CA for the lease's name, push
+        assert worker_tls.deliver("127.0.0.1", port, token=token, ca_cert_pem=ca_pem, ca_key_pem=ca_key,
+                                  name=name, days=30, timeout_s=5) == "issued"
+        assert boot.done.is_set()
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate((tmp_path / "tls" / entry.CERT_FILE).read_bytes())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+        assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName) == [name]
+        assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 30
+        assert (tmp_path / "tls" / entry.CA_FILE).read_bytes() == ca.cert_pem
+        # a used token is worthless
+        again = worker_tls.sign(csr.body, ca_pem, ca_key, name, 30)
+        assert _refused("127.0.0.1", port, token, again) == "HTTP 410"
+        assert call("127.0.0.1", port, "GET", "/csr", token, None, 5).status == 410
+    finally:
+        server.shutdown()
+        server.server_close()
+    # restarted on its own disk: the key and certificate are reused, the endpoint is never opened again
+    assert entry.reusable(tmp_path / "tls", ca.cert_pem)
+    assert not entry.reusable(tmp_path / "tls", other.cert_pem)
+
+
+def test_a_worker_that_does_not_take_its_certificate_is_given_back(tmp_path, monkeypatch):
+    """A lease whose worker never serves the bootstrap (not the infermesh worker image, or it broke) is a
+    failed create: given back, one line saying so."""
+    from fleet.components.lease import LeaseError, VastAiLeaseProvider
+    from fleet.marketplaces.base import forget_listings
+    from tests.engine import engine_view
+    from tests.fakes.marketplaces import FakeVastAi
+
+    forget_listings()
+    fake = FakeVastAi("k").start()
+    fake.boot_polls = 0
+    closed = free_port()
+    fake.launcher = lambda lease_id, env, args, port: ("127.0.0.1", closed, None)   # nothing answers there
+    monkeypatch.setenv("INFERMESH_VASTAI_BASE_URL", fake.url + "/api/v0")
+    monkeypatch.setenv("VASTAI_API_KEY", "k")
+    ca = make_ca("infermesh test channel CA")
+    provider = VastAiLeaseProvider("vastai-api-key")
+    props = {"name": "qwen-vast-0", "provider_kind": "vastai", "project": "infermesh", "stack": "prod",
+             "gpu_type": "RTX4090", "gpu_count": 1, "region": "eu-west", "countries": ["NL"], "price_cap": 0.5,
+             "image": "r/w@sha256:" + "a" * 64, "ports": ["8000/tcp"], "env": {"INFERMESH_CHANNEL": "mtls"},
+             "args": ["--ssl-keyfile", "/run/infermesh/tls/worker.key"], "credentials": "vastai-api-key",
+             "tls_name": worker_server_name("prod", "qwen-vast-0"), "tls_ca": ca.cert_pem.decode(),
+             "tls_ca_key": _pem_key(ca), "tls_days": 30, "tls_renew_days": 7, "wait_s": 1}
+    checked = provider.check({}, engine_view(props))
+    assert checked.failures == []
+    waits: list[float] = []
+    build = VastAiLeaseProvider.adapter
+
+    def adapter(self, p):  # noqa: ANN001, ANN202 - the provider's adapter, waiting through a recorder
+        a = build(self, p)
+        a.sleep = a.http.sleep = waits.append
+        return a
+
+    monkeypatch.setattr(VastAiLeaseProvider, "adapter", adapter)
+    try:
+        with pytest.raises(LeaseError, match=r"its worker did not take its TLS certificate .*did not take its TLS "
+                                             r"certificate within 60s.*terminated it, nothing of it bills"):
+            provider.create(dict(checked.inputs) | {"wait_s": 0.0})
+        assert fake.live() == {} and sum(waits) >= 60
+    finally:
+        fake.stop()
+        forget_listings()
+
+
+@pytest.fixture(scope="module")
+def prod_leases() -> list[dict]:
+    """Every GpuLease of the prod stack (all three marketplaces) as the Pulumi program registers it (mocked
+    engine)."""
+    from tests.test_pulumi_program import recorded_leases, run_program
+
+    mp = pytest.MonkeyPatch()
+    try:
+        return recorded_leases(run_program("prod", mp))
+    finally:
+        mp.undo()
+
+
+def test_marketplace_workers_make_their_own_keys_and_the_gateway_reaches_them_on_mutual_tls(
+        channel_stack, prod_leases, fakes, tmp_path):  # noqa: F811 - the imported fixture
+    """One mTLS lease per marketplace, created by its lease provider as the engine drives it, against the FAKE
+    marketplaces, each running a REAL worker (the image's entrypoint, the sim in place of vLLM) with exactly the
+    env the marketplace stored. No private key reaches any marketplace; each worker takes its certificate
+    once; the gateway then reaches all three on mutual TLS and no request goes elsewhere."""
+    from fleet.channel import CA_FILE, CLIENT_CERT, CLIENT_KEY
+    from fleet.marketplaces import worker_tls
+    from tests.engine import EngineHost
+    from tests.fakes.marketplaces import SimWorkerLauncher
+    from tests.test_pulumi_program import stack_config
+
+    running, _ = channel_stack
+    certs = running.stack.certs
+    ca_pem, ca_key = certs.ca.read_text(), (certs.dir / "ca.key").read_text()     # the gateway trusts this CA
+    host = EngineHost(stack_config("prod")[0])
+    launcher = SimWorkerLauncher(tmp_path)
+    made = []
+    try:
+        for kind in ("vastai", "runpod", "akash"):
+            fakes[kind].launcher = launcher
+            props = next(p for p in prod_leases if p["provider_kind"] == kind and "tls_name" in p)
+            props = {**props, "tls_ca": ca_pem, "tls_ca_key": ca_key, "wait_s": 60}
+            inputs, failures = host.check({}, props)
+            assert failures == []
+            lease_id, outs = host.create(inputs)
+            made.append((kind, lease_id, outs, inputs))
+            assert fakes[kind].live()[lease_id] == inputs["label"]
+            worker = launcher.started[lease_id]
+            assert (outs["endpoint_host"], outs["endpoint_port"]) == ("127.0.0.1", worker["port"])
+            # what the marketplace stored: the CA certificate and the lease's token, no key of any kind
+            token = worker_tls.bootstrap_token(ca_key, inputs["label"])
+            assert worker["env"]["INFERMESH_TLS_CA"] == ca_pem and worker["env"]["INFERMESH_BOOTSTRAP_TOKEN"] == token
+            stored = json.dumps([r["body"] for r in fakes[kind].requests])
+            stored += json.dumps(getattr(fakes[kind], "sdl_texts", {}))
+            assert "PRIVATE KEY" not in stored and ca_key.splitlines()[1] not in stored
+            assert token in stored                    # (the token is there: it is worthless once used)
+            # the worker's key stayed with it; a second push with the token is refused
+            assert b"PRIVATE KEY" in (worker["tls_dir"] / "worker.key").read_bytes()
+            again = issue(Issued(ca_pem.encode(), ca_key.encode()), inputs["tls_name"], server=True,
+                          dns=(inputs["tls_name"],)).cert_pem
+            assert _refused("127.0.0.1", worker["port"], token, again) != "HTTP 204"
+            # a retried create adopts the lease and leaves its worker as it is
+            assert host.create(inputs)[0] == lease_id and len(fakes[kind].live()) == 1
+
+        routing_path = running.state / "routing.json"
+        original = routing_path.read_text()
+        routing = json.loads(original)
+        chat = next(m for m in routing["models"] if m["id"] == "demo-chat")
+        pool = next(p for p in chat["pools"] if p["name"] == "demo-chat-east")
+        chat["pools"] = [{**pool, "endpoints": [
+            {"id": f"leased/{i}", "url": f"https://{outs['endpoint_host']}:{int(outs['endpoint_port'])}",
+             "channel": "mtls", "tls": {"ca": CA_FILE, "cert": CLIENT_CERT, "key": CLIENT_KEY,
+                                        "server_name": inputs["tls_name"]}}
+            for i, (_, _, outs, inputs) in enumerate(made)]}]
+        routing_path.write_text(json.dumps(routing))
+        _admin(running, "/admin/reload", "POST")
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                eps = _endpoints(running)
+                if all(eps.get(f"leased/{i}", {}).get("healthy") for i in range(3)):
+                    break
+                time.sleep(0.2)
+            assert [(eps[f"leased/{i}"]["healthy"], eps[f"leased/{i}"]["reason"]) for i in range(3)] == \
+                [(True, "")] * 3
+            client = OpenAI(base_url=running.base_url, api_key=running.key(), max_retries=0)
+            for _ in range(30):
+                out = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+                assert out.choices[0].message.content
+            served = [_stats(launcher.started[lease_id]["port"], True)["requests"] for _, lease_id, _, _ in made]
+            assert sum(served) >= 30 and all(n > 0 for n in served), served
+        finally:
+            routing_path.write_text(original)
+            _admin(running, "/admin/reload", "POST")
+    finally:
+        for kind, lease_id, outs, _ in made:
+            host.delete(lease_id, outs)
+            assert fakes[kind].live() == {}

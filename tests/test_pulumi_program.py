@@ -67,6 +67,42 @@ def stable_key(node: str) -> tuple[str, str]:
             raw(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)))
 
 
+_MOCK_PEMS: dict[tuple[str, str], str] = {}
+
+
+def mock_key(name: str) -> str:
+    """A real ECDSA key for a mocked pulumi-tls PrivateKey, the same one for a name in every run of this process
+    (so two runs of the program can be diffed)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if ("key", name) not in _MOCK_PEMS:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _MOCK_PEMS["key", name] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()).decode()
+    return _MOCK_PEMS["key", name]
+
+
+def mock_ca(name: str, key_pem: str, common_name: str) -> str:
+    """A real self-signed CA certificate for a mocked pulumi-tls SelfSignedCert (one per name and key)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    if ("ca", name + key_pem) not in _MOCK_PEMS:
+        key = serialization.load_pem_private_key(key_pem.encode(), None)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=365))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(key, hashes.SHA256()))
+        _MOCK_PEMS["ca", name + key_pem] = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return _MOCK_PEMS["ca", name + key_pem]
+
+
 @dataclass
 class Registered:
     typ: str
@@ -90,11 +126,14 @@ class Mocks(pulumi.runtime.Mocks):
             outs.update(lease_id=f"{args.name}-id", status="running", raw_status="running",
                         endpoint_host=f"198.51.100.{n}", endpoint_port=31820, ssh_host=f"198.51.100.{n}",
                         ssh_port=22022, ssh_user="root", price_per_hour=0.4)
-        elif args.typ == "tls:index/privateKey:PrivateKey":        # pulumi-tls: stand-in PEMs, the key secret
-            outs.update(private_key_pem={SIG: SECRET_SIG, "value": f"-----BEGIN PRIVATE KEY-----\n{args.name}\n"})
+        elif args.typ == "tls:index/privateKey:PrivateKey":        # pulumi-tls: real PEMs (the CA signs), the key secret
+            outs.update(private_key_pem={SIG: SECRET_SIG, "value": mock_key(args.name)})
         elif args.typ == "tls:index/certRequest:CertRequest":
             outs.update(cert_request_pem=f"-----BEGIN CERTIFICATE REQUEST-----\n{args.name}\n")
-        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+        elif args.typ == "tls:index/selfSignedCert:SelfSignedCert":
+            outs.update(cert_pem=mock_ca(args.name, unwrap(args.inputs["privateKeyPem"]),
+                                         unwrap(args.inputs["subject"])["commonName"]))
+        elif args.typ == "tls:index/locallySignedCert:LocallySignedCert":
             outs.update(cert_pem=f"-----BEGIN CERTIFICATE-----\n{args.name}\n")
         elif args.typ.startswith("docker-build:index:Image"):
             digest = "sha256:" + hashlib.sha256(json.dumps(args.inputs.get("tags")).encode()).hexdigest()
@@ -234,14 +273,21 @@ def r_env(run: Run, lease: str) -> Any:
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_secrets_are_secret(runs, stack):
     run = runs[stack]
+    from fleet.channel import worker_server_name
+
     for r in run.mocks.of_type(LEASE_TYPE):
-        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key or TLS key) is not secret"
+        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key) is not secret"
         env = unwrap(r.inputs["env"])
         if env["INFERMESH_CHANNEL"] == "mtls":
-            assert "PRIVATE KEY" in env["INFERMESH_TLS_KEY"] and "CERTIFICATE" in env["INFERMESH_TLS_CERT"]
-            assert env["INFERMESH_TLS_CA"].endswith("infermesh-channel-ca\n")
+            # no key and no certificate in the env a marketplace stores: the worker makes its own key, and the
+            # lease provider signs its request with the CA key (a secret input, never sent to the marketplace)
+            assert not any(k.startswith("INFERMESH_TLS") or "PRIVATE KEY" in v for k, v in env.items())
+            assert is_secret(r.inputs["tls_ca_key"]) and "PRIVATE KEY" in unwrap(r.inputs["tls_ca_key"])
+            assert "BEGIN CERTIFICATE" in r.inputs["tls_ca"] and "PRIVATE" not in r.inputs["tls_ca"]
+            assert r.inputs["tls_name"] == worker_server_name(stack, unwrap(r.inputs["name"]))
         else:
             assert "PrivateKey = " in env["WG_CONFIG"]
+            assert "tls_ca_key" not in r.inputs or r.inputs["tls_ca_key"] is None
         assert is_secret(r.inputs["__provider"])
         # Only the NAME of the marketplace secret travels; its value appears in no input.
         assert unwrap(r.inputs["credentials"]).endswith("-api-key")
@@ -275,10 +321,10 @@ def configmap_routing(run: Run) -> dict:
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])
 def test_channel_certificates_are_pulumi_tls_resources(runs, stack):
-    """The stack CA, one server certificate per mTLS lease naming its endpoint, the gateways' client
-    certificate: pulumi-tls resources with the declared validity and renewal; keys only as secrets."""
-    from fleet.channel import worker_server_name
-
+    """The stack CA and the gateways' client certificate: pulumi-tls resources with the declared validity and
+    renewal; keys only as secrets. Workers' certificates are not made here (no worker key in the state or
+    a marketplace): each mTLS lease carries the CA and the declared validity, and its provider signs the
+    request of the key the worker made (fleet/marketplaces/worker_tls.py)."""
     run = runs[stack]
     hours, renew = run.spec.channel.cert_validity_days * 24, run.spec.channel.renew_before_days * 24
     keys = run.mocks.of_type("tls:index/privateKey:PrivateKey")
@@ -293,16 +339,16 @@ def test_channel_certificates_are_pulumi_tls_resources(runs, stack):
     csrs = {c.name.removeprefix("infermesh-channel-"): c
             for c in run.mocks.of_type("tls:index/certRequest:CertRequest")}
     mtls = [x.name for x in run.plan.leases if lease_channel(x) == "mtls"]
-    assert mtls and sorted(certs) == sorted([*mtls, "gateway"])
-    for name, cert in certs.items():
-        assert (cert.inputs["validityPeriodHours"], cert.inputs["earlyRenewalHours"]) == (hours, renew)
-        assert is_secret(cert.inputs["caPrivateKeyPem"])
-        uses = cert.inputs["allowedUses"]
-        if name == "gateway":
-            assert "client_auth" in uses and "server_auth" not in uses
-        else:
-            assert "server_auth" in uses and "client_auth" not in uses
-            assert csrs[name].inputs["dnsNames"] == [worker_server_name(run.spec.stack, name)]
+    assert mtls and sorted(certs) == sorted(csrs) == ["gateway"] and len(keys) == 2      # the CA's, the gateways'
+    cert = certs["gateway"]
+    assert (cert.inputs["validityPeriodHours"], cert.inputs["earlyRenewalHours"]) == (hours, renew)
+    assert is_secret(cert.inputs["caPrivateKeyPem"])
+    assert "client_auth" in cert.inputs["allowedUses"] and "server_auth" not in cert.inputs["allowedUses"]
+    leases = {unwrap(r.inputs["name"]): r.inputs for r in run.mocks.of_type(LEASE_TYPE)}
+    for name in mtls:
+        assert (leases[name]["tls_days"], leases[name]["tls_renew_days"]) == \
+            (run.spec.channel.cert_validity_days, run.spec.channel.renew_before_days)
+        assert unwrap(leases[name]["tls_ca_key"]) == unwrap(ca.inputs["privateKeyPem"])
     # the gateways get the CA and their client certificate as a Secret; no key in any ConfigMap
     tls_secret = next(r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
                       if r.inputs["metadata"]["name"] == "infermesh-channel-tls")
@@ -334,14 +380,12 @@ def test_network_policies(runs, stack):
     assert allow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "infermesh-gateway"}
     rules = allow["ingress"]
     port = run.spec.gateway.port
-    # Only three doors: the ingress controller to the gateway port, WireGuard, and the mesh to the gateway port.
-    assert len(rules) == 3
+    # One door: the ingress controller to the gateway port. (No WireGuard worker in these stacks, so the pods
+    # are no mesh peers and WireGuard's UDP port stays shut: tests/test_gateway_mesh.py has a stack that is.)
+    assert len(rules) == 1
     assert rules[0]["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "envoy-gateway-system"}}}]
     assert rules[0]["ports"] == [{"protocol": "TCP", "port": port}]
-    assert rules[1] == {"ports": [{"protocol": "UDP", "port": run.spec.mesh.port}]}
-    assert rules[2] == {"from": [{"ipBlock": {"cidr": run.spec.mesh.cidr}}],
-                        "ports": [{"protocol": "TCP", "port": port}]}
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])
@@ -412,7 +456,8 @@ def test_gateway_statefulset_hpa_pdb_images(runs, stack):
                                                     "name": sts.inputs["metadata"]["name"]}
     assert run.mocks.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]["maxUnavailable"] == 1
     images = run.mocks.of_type("docker-build:index:Image")
-    assert sorted(i.name for i in images) == ["infermesh-images-gateway", "infermesh-images-worker"]
+    assert sorted(i.name for i in images) == ["infermesh-images-gateway", "infermesh-images-mesh",
+                                              "infermesh-images-worker"]
     for image in images:
         [tag] = image.inputs["tags"]
         assert not tag.endswith(":latest") and len(tag.rsplit(":", 1)[1]) == 16    # content-addressed
@@ -485,11 +530,9 @@ def test_failover_drain_changes_only_leases_and_configmap(runs, monkeypatch, tmp
     assert {lease_of(k) for k in new} == added_leases and None not in {lease_of(k) for k in new}
     mtls = sum(1 for x in before.plan.leases if x.name in removed_leases and lease_channel(x) == "mtls")
     wg = len(removed_leases) - mtls
+    # (an mTLS lease has no certificate resources of its own: its worker's certificate is issued at create)
     assert Counter(k[0] for k in gone) == +Counter({"infermesh:fleet:GpuLease": len(removed_leases),
-                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: wg,
-                                                   "tls:index/privateKey:PrivateKey": mtls,
-                                                   "tls:index/certRequest:CertRequest": mtls,
-                                                   "tls:index/locallySignedCert:LocallySignedCert": mtls})
+                                                   LEASE_TYPE: len(removed_leases), KEY_TYPE: wg})
     # Changed: the routing ConfigMap, and nothing else (no StatefulSet roll, no Secret, no other lease).
     assert changed == {("kubernetes:core/v1:ConfigMap", "infermesh-gateway-routing")}
     # the gateway StatefulSet's spec and image, and the image builds, are identical: no rebuild, no roll
@@ -645,7 +688,17 @@ def test_every_lease_lifecycle_against_the_fakes(runs, stack, fakes):
         assert updated["price_cap"] == pytest.approx(float(props["price_cap"]) + 0.1)
         assert updated["lease_id"] == lease_id
         made.append((lease_id, outs))
+        if props.get("tls_name"):
+            # its worker (a FAKE one running the image's bootstrap) made its key and took one certificate
+            worker = fakes[kind].workers[lease_id]
+            assert worker.boot.done.is_set() and worker.tls is not None
     assert sum(len(f.live()) for f in fakes.values()) == len(made)
+    # Nothing a marketplace was sent or keeps holds a TLS private key: not the workers' (they make their own),
+    # not the CA's (it stays with the lease provider). (SSH hosts' env still carries their wg-quick config.)
+    ca_key = next(unwrap(p["tls_ca_key"]) for p in recorded_leases(runs[stack]) if p.get("tls_name"))
+    for kind, fake in fakes.items():
+        stored = json.dumps([r["body"] for r in fake.requests]) + json.dumps(getattr(fake, "sdl_texts", {}))
+        assert "PRIVATE KEY" not in stored and ca_key.splitlines()[1] not in stored, kind
     for lease_id, outs in made:
         host.delete(lease_id, outs)
     assert all(f.live() == {} for f in fakes.values())

@@ -1,49 +1,50 @@
-"""ChannelCerts: the stack's CA and the channel's certificates as pulumi-tls resources.
+"""ChannelCerts: the stack's CA and the gateways' client certificate as pulumi-tls resources.
 
 - the stack CA (ECDSA P-256, self-signed, ``channel.ca_validity_days``);
-- one server certificate per mTLS lease, naming its endpoint (``fleet.channel.worker_server_name``:
-  the name the gateway verifies and sends as SNI, since a marketplace's forwarded address is
-  known only after the lease exists);
 - one client certificate for the gateways.
 
-Every private key is a pulumi-tls ``PrivateKey``: a secret in the stack's state, never in the
-plan, the routing config or an image. Rotation: each certificate has the declared
-``channel.cert_validity_days`` and ``early_renewal_hours`` of ``channel.renew_before_days``; once
-inside that window the provider marks it for renewal and the next `pulumi up` re-issues it (the
-lease that carries it is then replaced, surge-paced like any replacement). The gateways trust
-the CA, so a worker's new certificate needs no gateway change.
+Every private key here is a pulumi-tls ``PrivateKey``: a secret in the stack's state, never in the
+plan, the routing config, an image or a marketplace. The workers' server certificates are not made
+here: a marketplace stores a lease's env (or SDL) where its hosts can read it, so a worker makes its
+own key in its container and the lease provider signs its certificate request with the CA key
+(``ca_key``, handed to each mTLS GpuLease as a secret input) for the lease's endpoint name
+(``fleet.channel.worker_server_name``: the name the gateway verifies and sends as SNI, since a
+marketplace's forwarded address is known only after the lease exists); see
+fleet/marketplaces/worker_tls.py.
+
+Rotation: the gateway certificate has the declared ``channel.cert_validity_days`` and
+``early_renewal_hours`` of ``channel.renew_before_days``; once inside that window the provider marks
+it for renewal and the next `pulumi up` re-issues it. A worker's certificate is issued for the same
+validity, and its lease is replaced (surge-paced) in the first `pulumi up` of each renewal period
+(fleet/components/lease.py, ``tls_epoch``). The gateways trust the CA, so a worker's new
+certificate needs no gateway change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TypedDict
 
 import pulumi
 import pulumi_tls as tls
 
-from fleet.channel import worker_server_name
-
 
 class ChannelCertsArgs(TypedDict):
     stack: str
-    leases: Sequence[str]
-    """Names of the leases that serve mutual TLS (the plan's channel ``mtls``)."""
     ca_validity_days: int
     cert_validity_days: int
     renew_before_days: int
 
 
-class WorkerTls(TypedDict):
+class LeafTls(TypedDict):
     cert: pulumi.Output[str]
     key: pulumi.Output[str]
 
 
 class ChannelCerts(pulumi.ComponentResource):
     ca_cert: pulumi.Output[str]
+    ca_key: pulumi.Output[str]
     client_cert: pulumi.Output[str]
     client_key: pulumi.Output[str]
-    workers: dict[str, WorkerTls]
 
     def __init__(self, name: str, args: ChannelCertsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:ChannelCerts", name, None, opts)
@@ -57,7 +58,7 @@ class ChannelCerts(pulumi.ComponentResource):
             validity_period_hours=args["ca_validity_days"] * 24, early_renewal_hours=renew,
             allowed_uses=["cert_signing", "crl_signing", "digital_signature"], set_subject_key_id=True, opts=child)
 
-        def leaf(leaf_name: str, common_name: str, uses: list[str], dns: list[str]) -> WorkerTls:
+        def leaf(leaf_name: str, common_name: str, uses: list[str], dns: list[str]) -> LeafTls:
             key = tls.PrivateKey(leaf_name, algorithm="ECDSA", ecdsa_curve="P256", opts=child)
             csr = tls.CertRequest(leaf_name, private_key_pem=key.private_key_pem, dns_names=dns,
                                   subject=tls.CertRequestSubjectArgs(common_name=common_name,
@@ -66,12 +67,10 @@ class ChannelCerts(pulumi.ComponentResource):
                 leaf_name, cert_request_pem=csr.cert_request_pem, ca_private_key_pem=ca_key.private_key_pem,
                 ca_cert_pem=ca.cert_pem, validity_period_hours=hours, early_renewal_hours=renew,
                 allowed_uses=["digital_signature", "key_encipherment", *uses], opts=child)
-            return WorkerTls(cert=cert.cert_pem, key=pulumi.Output.secret(key.private_key_pem))
+            return LeafTls(cert=cert.cert_pem, key=pulumi.Output.secret(key.private_key_pem))
 
         self.ca_cert = ca.cert_pem
+        self.ca_key = pulumi.Output.secret(ca_key.private_key_pem)
         gw = leaf(f"{name}-gateway", f"infermesh {args['stack']} gateway", ["client_auth"], [])
         self.client_cert, self.client_key = gw["cert"], gw["key"]
-        self.workers = {lease: leaf(f"{name}-{lease}", worker_server_name(args["stack"], lease), ["server_auth"],
-                                    [worker_server_name(args["stack"], lease)])
-                        for lease in args["leases"]}
         self.register_outputs({"ca_cert": self.ca_cert, "client_cert": self.client_cert})

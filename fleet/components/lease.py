@@ -26,6 +26,15 @@ tests/engine.py feeds the methods exactly that.
   to do (``LeaseError``); in the provider host tracebacks are switched off for them.
 - ``read`` returns gone for a lease the marketplace no longer knows *or* reports dead (and gives a
   dead one back first), so ``pulumi refresh`` drops it and the next ``up`` replaces it.
+- The mTLS channel's certificate (inputs ``tls_name``, ``tls_ca``, ``tls_ca_key`` (secret),
+  ``tls_days``, ``tls_renew_days``): no private key goes to the marketplace. ``create`` adds the stack
+  CA's certificate and a one-time bootstrap token to the env, and once the lease runs it signs the
+  certificate request of the key the worker made itself and pushes the certificate
+  (fleet/marketplaces/worker_tls.py); a worker that does not take it is given back like one that does
+  not start. Rotation: ``check`` puts the certificate's renewal period in the label
+  (``tls_epoch`` = days since 1970 // (``tls_days`` - ``tls_renew_days``)), so the first ``pulumi up``
+  of a new period replaces each mTLS lease (surge-paced, create-before-delete) before its
+  certificate enters the last ``tls_renew_days`` of its validity.
 - Credentials never travel as inputs or outputs: the provider holds only the *name* of the stack
   secret (``credentials``) and reads the key in ``configure`` from the stack config, or from the
   adapter's env var (``VASTAI_API_KEY``, ...). Clients are built in each method, because the
@@ -34,11 +43,13 @@ tests/engine.py feeds the methods exactly that.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
@@ -62,16 +73,20 @@ from fleet.kinds import LEASED_KINDS
 
 PROVIDER_VERSION = "2"
 # Inputs that change what is rented or how it starts: a new lease (created before the old one goes).
+# The tls_* ones exist only on leases of the mTLS channel (and only then take part in the label).
 REPLACE_ON = ("provider_kind", "project", "stack", "name", "gpu_type", "gpu_count", "region", "image", "args",
-              "env", "ports", "connection")
+              "env", "ports", "connection", "tls_name", "tls_ca", "tls_epoch")
+TLS_ONLY = ("tls_name", "tls_ca", "tls_epoch")
 # Inputs that only change how we judge or reach the lease, or how the next one is rented: updated in place.
 UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version", "base_url",
-             "countries", "disk_gb", "min_cuda", "registry")
+             "countries", "disk_gb", "min_cuda", "registry", "tls_ca_key", "tls_days", "tls_renew_days")
 # min_cuda: the worker image's CUDA runtime (vLLM 0.12.0 is built on CUDA 12.9); hosts whose driver
 # cannot run it are filtered out where the marketplace can filter (Vast cuda_max_good, RunPod minCudaVersion).
 DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60,
                             "connection": "container", "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
-                            "provider_version": PROVIDER_VERSION, "min_cuda": "12.9", "registry": ""}
+                            "provider_version": PROVIDER_VERSION, "min_cuda": "12.9", "registry": "",
+                            "tls_name": None, "tls_ca": None, "tls_ca_key": None, "tls_days": None,
+                            "tls_renew_days": None, "tls_epoch": None}
 WHOLE = {"gpu_count": 1, "disk_gb": 1, "wait_s": 0}          # integer inputs and their minimum
 OUTPUTS = ("lease_id", "status", "raw_status", "price_per_hour", "endpoint_host", "endpoint_port", "ssh_host",
            "ssh_port", "ssh_user")
@@ -121,8 +136,10 @@ def label_prefix(project: str, stack: str) -> str:
 
 
 def lease_label(props: Mapping[str, Any]) -> str:
-    """``<project>--<stack>--<lease>--<generation>``: the generation hashes the replace-inputs."""
-    identity = {k: _norm(k, props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON}
+    """``<project>--<stack>--<lease>--<generation>``: the generation hashes the replace-inputs (the
+    tls_* ones only where set, so a lease of another channel keeps the label it had)."""
+    identity = {k: _norm(k, props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON
+                if k not in TLS_ONLY or props.get(k) is not None}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{label_prefix(str(props['project']), str(props['stack']))}{props['name']}{LABEL_SEP}{digest}"
 
@@ -133,6 +150,23 @@ def parse_label(label: str) -> dict[str, str] | None:
     if len(parts) != 4 or not all(parts) or len(parts[3]) != 8:
         return None
     return dict(zip(("project", "stack", "lease", "generation"), parts, strict=True))
+
+
+def tls_epoch(days: int, renew_days: int, now: float | None = None) -> int:
+    """The certificate's renewal period now: whole days since 1970 // (validity - renewal window). A
+    lease created in period n is replaced in period n + 1, before its certificate is within
+    ``renew_days`` of its end."""
+    period = max(int(days) - int(renew_days), 1)
+    return int((time.time() if now is None else now) // 86400) // period
+
+
+def tls_port(props: Mapping[str, Any]) -> int | None:
+    """The container port the worker serves (and bootstraps) on: the first TCP port but SSH's."""
+    for spec in props.get("ports") or []:
+        port, _, proto = str(spec).partition("/")
+        if proto in ("tcp", "http", "") and port.isdigit() and port != "22":
+            return int(port)
+    return None
 
 
 def pool_of(lease_name: str) -> str:
@@ -297,10 +331,38 @@ class LeaseProvider(ResourceProvider):
                 if not (isinstance(spec, str) and spec.partition("/")[0].isdigit()
                         and spec.partition("/")[2] in ("tcp", "udp", "http")):
                     fail("ports", f"{spec!r} is not PORT/tcp|udp|http")
+        if props.get("tls_name") is not None:
+            self._check_tls(props, fail)
         known = all(_known(props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON)
         if not failures:
             props["label"] = lease_label(props) if known else rpc.UNKNOWN
         return CheckResult(props, failures)
+
+    @staticmethod
+    def _check_tls(props: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+        """The mTLS channel's inputs; sets ``tls_epoch`` (the certificate's renewal period)."""
+        for prop in ("tls_name", "tls_ca", "tls_ca_key"):
+            value = props.get(prop)
+            if _known(value) and not (isinstance(value, str) and value.strip()):
+                fail(prop, "is required on the mtls channel")
+        if _known(props.get("tls_ca")) and "BEGIN CERTIFICATE" not in str(props.get("tls_ca") or ""):
+            fail("tls_ca", "must be the stack CA's PEM certificate")
+        if _known(props.get("connection")) and props.get("connection") != "container":
+            fail("tls_name", "the mtls channel is for container leases (SSH hosts join the WireGuard mesh)")
+        if _known(props.get("ports")) and tls_port(props) is None:
+            fail("ports", "an mtls lease publishes the port its worker serves (PORT/tcp)")
+        days, renew = props.get("tls_days"), props.get("tls_renew_days")
+        if not (_known(days) and _known(renew)):
+            props["tls_epoch"] = rpc.UNKNOWN
+            return
+        d, r = whole(days), whole(renew)
+        if d is None or d < 1:
+            fail("tls_days", f"must be a whole number >= 1, got {days!r}")
+        elif r is None or not 0 <= r < d:
+            fail("tls_renew_days", f"must be a whole number from 0 to tls_days - 1, got {renew!r}")
+        else:
+            props["tls_days"], props["tls_renew_days"] = d, r
+            props["tls_epoch"] = tls_epoch(d, r)
 
     @_operator_errors("diff")
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
@@ -321,10 +383,45 @@ class LeaseProvider(ResourceProvider):
     @_operator_errors("create")
     def create(self, props: dict[str, Any]) -> CreateResult:
         adapter = self.adapter(props)
-        state = adapter.rent(self.request(props), wait_s=float(props.get("wait_s") or 0),
-                             audit_hint=f"infermesh leases audit --stack {props.get('stack')}")
+        request = self.request(props)
+        hint = f"infermesh leases audit --stack {props.get('stack')}"
+        mtls = props.get("tls_name") is not None
+        if mtls:
+            from fleet.marketplaces.worker_tls import bootstrap_env
+
+            # the CA's certificate and the lease's one-time token: the env holds nothing else of the channel
+            request = dataclasses.replace(request, env={**request.env, **bootstrap_env(
+                str(props["tls_ca"]), str(props["tls_ca_key"]), request.label)})
+        wait_s = float(props.get("wait_s") or 0)
+        state = adapter.rent(request, wait_s=wait_s, audit_hint=hint)
+        if mtls:
+            state = self._deliver_certificate(adapter, props, state, request.label, wait_s, hint)
         return CreateResult(id_=state.lease_id, outs={**props, "label": state.label or props.get("label"),
                                                       **self.outputs(state)})
+
+    @staticmethod
+    def _deliver_certificate(adapter, props: Mapping[str, Any], state, label: str, wait_s: float, hint: str):  # noqa: ANN001, ANN205
+        """Sign the worker's own key's request for the lease's name and push it (worker_tls.deliver);
+        a lease whose worker does not take it is given back."""
+        from fleet.marketplaces import MarketplaceError
+        from fleet.marketplaces.worker_tls import BootstrapFailed, bootstrap_token, deliver
+
+        port = tls_port(props)
+        try:
+            if state.status != "running":
+                state = adapter.wait_running(state.lease_id, max(wait_s, 60.0))
+            endpoint = state.endpoint(port, "tcp") if port else None
+            if endpoint is None:
+                raise BootstrapFailed(f"{adapter.kind}: lease {state.lease_id} runs but forwards no port {port}/tcp "
+                                      "to reach its worker", retryable=False)
+            deliver(endpoint.host, endpoint.port, token=bootstrap_token(str(props["tls_ca_key"]), label),
+                    ca_cert_pem=str(props["tls_ca"]), ca_key_pem=str(props["tls_ca_key"]), name=str(props["tls_name"]),
+                    days=int(whole(props.get("tls_days")) or 1), timeout_s=max(wait_s, 60.0),
+                    poll_s=adapter.poll_s, sleep=adapter.sleep)
+        except MarketplaceError as e:
+            raise adapter.abandon(state.lease_id, label, "its worker did not take its TLS certificate", e,
+                                  hint) from None
+        return state
 
     @_operator_errors("read")
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -421,9 +518,11 @@ class GpuLeaseArgs(TypedDict):
     args: NotRequired[pulumi.Input[Sequence[str]]]
     """Arguments to the image's entrypoint (vLLM's flags)."""
     env: NotRequired[pulumi.Input[Mapping[str, str]]]
-    """Environment of the container; secret (it holds the worker's mesh key)."""
+    """Environment of the container; secret (on the WireGuard channel it holds the worker's mesh key; on
+    the mTLS channel nothing secret: the provider adds the CA certificate and the bootstrap token)."""
     ports: NotRequired[pulumi.Input[Sequence[str]]]
-    """Container ports to publish, ``PORT/tcp|udp|http``; the worker API is never among them."""
+    """Container ports to publish, ``PORT/tcp|udp|http``: the worker API on the mTLS channel (the first
+    TCP port), WireGuard's UDP port and SSH otherwise."""
     disk_gb: NotRequired[pulumi.Input[int]]
     """Container disk (GB): weights plus headroom."""
     connection: NotRequired[pulumi.Input[str]]
@@ -438,6 +537,16 @@ class GpuLeaseArgs(TypedDict):
     """Lowest CUDA version the image needs from the host (default 12.9, the worker image's)."""
     registry: NotRequired[pulumi.Input[str]]
     """Private registry access (secret): Vast ``image_login`` text or a RunPod registry credential id."""
+    tls_name: NotRequired[pulumi.Input[str]]
+    """On the mTLS channel: the name the worker's certificate carries (fleet.channel.worker_server_name)."""
+    tls_ca: NotRequired[pulumi.Input[str]]
+    """On the mTLS channel: the stack CA's PEM certificate (public; the worker gets it in its env)."""
+    tls_ca_key: NotRequired[pulumi.Input[str]]
+    """On the mTLS channel: the stack CA's PEM key (secret), which signs the worker's own key's request."""
+    tls_days: NotRequired[pulumi.Input[int]]
+    """On the mTLS channel: the worker certificate's validity in days."""
+    tls_renew_days: NotRequired[pulumi.Input[int]]
+    """On the mTLS channel: the lease is replaced before its certificate is this close to its end."""
     project: NotRequired[str]
     """The Pulumi project, for the label (default: the running program's)."""
     stack: NotRequired[str]
@@ -479,6 +588,12 @@ class GpuLease(pulumi.ComponentResource):
             "registry": pulumi.Output.secret(args.get("registry", "")),
             "provider_version": PROVIDER_VERSION,
         }
+        if args.get("tls_name") is not None:
+            missing = [k for k in ("tls_ca", "tls_ca_key", "tls_days", "tls_renew_days") if args.get(k) is None]
+            if missing:
+                raise ValueError(f"GpuLease {name}: tls_name without {', '.join(missing)}")
+            props.update({k: args[k] for k in ("tls_name", "tls_ca", "tls_days", "tls_renew_days")},  # type: ignore[literal-required]
+                         tls_ca_key=pulumi.Output.secret(args["tls_ca_key"]))
         # A lease waits for the leases its component waits for (WorkerFleet's surge), resource to resource.
         waits = opts.depends_on if opts is not None and opts.depends_on is not None else []
         waits = [w.resource if isinstance(w, GpuLease) else w
@@ -486,7 +601,7 @@ class GpuLease(pulumi.ComponentResource):
         self.resource = GpuLeaseResource(
             f"{name}-lease", provider, props,
             pulumi.ResourceOptions(parent=self, delete_before_replace=False, depends_on=waits,
-                                   additional_secret_outputs=["env", "registry"]))
+                                   additional_secret_outputs=["env", "registry", "tls_ca_key"]))
         self.label = self.resource.label
         self.lease_id = self.resource.lease_id
         self.status = self.resource.status

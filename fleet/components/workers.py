@@ -6,10 +6,12 @@ same way but run nothing of ours yet: their addresses are exported in the hosts-
 ``infermesh bootstrap`` reads (fleet/inventory.py), and Ansible bootstraps them over SSH.
 
 The channel (fleet/kinds.py): a marketplace container cannot start WireGuard, so its worker
-publishes vLLM's port (the marketplace forwards it) and serves mutual TLS there: its certificate
-and key (fleet/components/certs.py) reach it as secret environment, the gateways' client
-certificate is required. SSH hosts join the WireGuard mesh (UDP published where the marketplace
-forwards UDP) and serve on their mesh address only.
+publishes vLLM's port (the marketplace forwards it) and serves mutual TLS there, the gateways'
+client certificate required. Its key never leaves the container: the lease gets the stack CA (its
+key a secret input, its certificate public) and the endpoint name, and the lease provider signs the
+certificate request of the key the worker made at boot (fleet/marketplaces/worker_tls.py). SSH
+hosts join the WireGuard mesh (UDP published where the marketplace forwards UDP) and serve on
+their mesh address only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, NotRequired, TypedDict
 
 import pulumi
 
+from fleet.channel import worker_server_name
 from fleet.components.lease import GpuLease
 from fleet.kinds import UDP_KINDS
 from fleet.launch import WorkerLaunch, worker_launch
@@ -48,8 +51,9 @@ class WorkerFleetArgs(TypedDict):
     """Per pool, how many of its leases are replaced at a time (default 1)."""
     registry: NotRequired[Mapping[str, pulumi.Input[str]]]
     """Per provider name, private-registry access for the worker image (secret)."""
-    tls: NotRequired[Mapping[str, Mapping[str, pulumi.Input[str]]]]
-    """Per mTLS lease, its ``cert``, ``key`` (secret) and the stack ``ca`` (fleet/components/certs.py)."""
+    tls: NotRequired[Mapping[str, pulumi.Input[Any]]]
+    """For the mTLS leases: the ``stack`` (their names), the stack CA's ``ca`` certificate and ``ca_key``
+    (secret; fleet/components/certs.py), and the workers' certificate ``days`` and ``renew_days``."""
 
 
 def pace(leases: Sequence[Lease], surge: Mapping[str, int]) -> dict[str, str | None]:
@@ -88,15 +92,17 @@ class WorkerFleet(pulumi.ComponentResource):
             if image is None:
                 raise ValueError(f"WorkerFleet: lease {lease.name} has no image (pool {lease.pool}.image) and no "
                                  "built worker image was given")
+            channel: dict[str, Any] = {}
             if launch["channel"] == "mtls":
-                # the API port, forwarded by the marketplace (the lease's endpoint): TLS with client certificates
+                # the API port, forwarded by the marketplace (the lease's endpoint): TLS with client certificates,
+                # the certificate issued by the lease provider for the key the worker makes itself
                 ports = [f"{WORKER_PORT}/tcp"]
-                tls = args.get("tls", {}).get(lease.name)
-                if tls is None:
-                    raise ValueError(f"WorkerFleet: lease {lease.name} is on the mtls channel and has no certificate")
-                env = pulumi.Output.secret(pulumi.Output.all(tls["cert"], tls["key"], tls["ca"]).apply(
-                    lambda t, launch=launch: {**launch["env"], "INFERMESH_TLS_CERT": t[0], "INFERMESH_TLS_KEY": t[1],
-                                              "INFERMESH_TLS_CA": t[2]}))
+                tls = args.get("tls")
+                if not tls:
+                    raise ValueError(f"WorkerFleet: lease {lease.name} is on the mtls channel and there is no stack CA")
+                env = dict(launch["env"])          # nothing secret: the CA certificate and token come at create
+                channel = {"tls_name": worker_server_name(tls["stack"], lease.name), "tls_ca": tls["ca"],
+                           "tls_ca_key": tls["ca_key"], "tls_days": tls["days"], "tls_renew_days": tls["renew_days"]}
             else:
                 ports = [f"{args['mesh_port']}/udp"] if lease.provider_kind in UDP_CAPABLE else []
                 env = configs.apply(lambda c, lease=lease, launch=launch: {**launch["env"],
@@ -115,6 +121,7 @@ class WorkerFleet(pulumi.ComponentResource):
                    if lease.provider_kind in args.get("base_urls", {}) else {}),
                 **({"registry": args["registry"][lease.provider]}
                    if lease.provider in args.get("registry", {}) else {}),
+                **channel,
             }, pulumi.ResourceOptions(parent=self, depends_on=[self.leases[w]] if (w := waits_for[lease.name]) else []))
         ssh = [x for x in args["leases"] if x.connection == "ssh"]
         self.inventory = pulumi.Output.all(*[

@@ -20,11 +20,16 @@ so ``leases`` reads each active deployment by dseq and takes the label from its 
 (``consoleSettings.sdl``) **[U: that field path is from the IaC review, not the API docs we hold]**.
 The placement requires providers audited by ``AUDITORS`` (``signedBy``).
 
-What the SDL exposes (a decision, see ``sdl``): the worker API (vLLM on 8000) is never exposed
-to the internet; workers reach the gateways over the WireGuard mesh. Only the ports in the
-request are exposed, ``global: true``: the GpuLease asks for the mesh's UDP port (so gateways
-can also dial the worker; WireGuard answers nothing without a valid key) and 22/tcp for SSH
-leases.
+What the SDL exposes (a decision, see ``sdl``): only the ports in the request, ``global: true``.
+A container lease asks for the worker's port (vLLM on 8000, mutual TLS only: the gateways' client
+certificate is required), an SSH lease for 22/tcp and the mesh's UDP port.
+
+What the SDL holds: the provider that runs the lease, and the Console, keep the SDL, env included,
+so nothing secret goes there. The Console API and the SDL reference document no way to pass a
+secret apart from the env (no ``sealedSecrets`` field: the only "sealed secrets" Akash describes are
+for its confidential-compute providers, in an unmerged docs change), so a worker makes its own TLS
+key in its container and the env carries only the stack CA's certificate and a one-time bootstrap
+token (fleet/marketplaces/worker_tls.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ Switchable behaviours (attributes and methods on every fake, see :class:`FakeSer
 - ``drop(n, method, path_re)``                              the next n matching calls get no answer (closed)
 - ``timeline``                                              (seq, event, lease id, label): rented/running/destroyed
 - ``live()``                                                the leases the fake would bill for now
+- ``launcher``                                              what runs a lease's container once it runs: by
+                                                            default a :class:`FakeWorker` for a lease whose env
+                                                            asks for the TLS bootstrap; a test may start a real
+                                                            worker instead. The lease's forwarded port then
+                                                            points at it (127.0.0.1).
 
 GUESSES: where a fake's behaviour is not in marketplace-apis.md, it is a guess, and this is the one
 place that lists them (the adapters' docstrings point here):
@@ -38,17 +43,200 @@ place that lists them (the adapters' docstrings point here):
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import re
+import shutil
+import ssl
+import tempfile
 import threading
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
 Reply = tuple[int, Any, dict[str, str]]
+
+
+ENTRYPOINT = Path(__file__).resolve().parents[2] / "images" / "worker" / "entrypoint.py"
+_ENTRY: list[ModuleType] = []
+
+
+def worker_entrypoint() -> ModuleType:
+    """images/worker/entrypoint.py as a module (the worker image's own code, loaded once)."""
+    if not _ENTRY:
+        spec = importlib.util.spec_from_file_location("infermesh_worker_entrypoint", ENTRYPOINT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _ENTRY.append(module)
+    return _ENTRY[0]
+
+
+class FakeWorker:
+    """FAKE worker in a thread of the test process, for a lease whose env asks for the TLS bootstrap: the
+    worker image's own bootstrap (``Bootstrap`` and ``bootstrap_server`` of images/worker/entrypoint.py)
+    on 127.0.0.1, then, once it took its certificate, a TLS listener on the same port with it that
+    requires a client certificate from the CA (as vLLM with --ssl-cert-reqs 2) and answers /health.
+    It runs no model."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        entry = worker_entrypoint()
+        self.dir = Path(tempfile.mkdtemp(prefix="fake-worker-"))
+        self.boot = entry.Bootstrap(env["INFERMESH_BOOTSTRAP_TOKEN"], env["INFERMESH_TLS_CA"].encode(), self.dir)
+        self.server = entry.bootstrap_server(self.boot, "127.0.0.1", 0)
+        self.host, self.port = "127.0.0.1", self.server.server_address[1]
+        self.tls: ThreadingHTTPServer | None = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True, name="fake-worker-boot").start()
+        threading.Thread(target=self._serve_tls, daemon=True, name="fake-worker-tls").start()
+
+    def _serve_tls(self) -> None:
+        while not self.boot.done.wait(0.05):
+            if self._stopped.is_set():
+                return
+        self.server.shutdown()
+        self.server.server_close()
+        entry = worker_entrypoint()
+
+        class Health(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.dir / entry.CERT_FILE), str(self.dir / entry.KEY_FILE))
+            ctx.load_verify_locations(cafile=str(self.dir / entry.CA_FILE))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            server = ThreadingHTTPServer((self.host, self.port), Health, bind_and_activate=False)
+            server.allow_reuse_address = True
+            server.server_bind()
+            server.server_activate()
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+            server.daemon_threads = True
+            self.tls = server
+        server.serve_forever(0.05)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            tls = self.tls
+        if tls is not None:
+            tls.shutdown()
+            tls.server_close()
+        else:
+            self.server.shutdown()
+            self.server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+Launcher = Callable[[str, dict[str, str], list[str], int], "tuple[str, int, Any] | None"]
+
+
+def fake_worker_launcher(lease_id: str, env: dict[str, str], args: list[str], port: int) -> tuple[str, int, Any] | None:
+    """The fakes' default: a FakeWorker for a lease that asks for the TLS bootstrap, nothing otherwise."""
+    if "INFERMESH_BOOTSTRAP_TOKEN" not in env:
+        return None
+    worker = FakeWorker(env)
+    return worker.host, worker.port, worker
+
+
+class SimWorkerLauncher:
+    """A REAL worker for a FAKE marketplace's lease: the worker image's entrypoint (images/worker/entrypoint.py)
+    as a process on 127.0.0.1 with exactly the env the marketplace stored, serving the sim (engines.sim) in
+    place of vLLM. From the stored vLLM arguments it keeps the TLS ones (their container paths mapped to a
+    directory of its own); where it binds and what it serves are the test's (``--model``, the sim's knobs).
+    ``started`` keeps, per lease, the env and arguments it was given."""
+
+    def __init__(self, tmp: Path, model: str = "demo-chat") -> None:
+        self.tmp, self.model = tmp, model
+        self.started: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, lease_id: str, env: dict[str, str], args: list[str], port: int) -> tuple[str, int, Any]:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        repo = ENTRYPOINT.parents[2]
+        tls_dir = self.tmp / f"worker-{lease_id}"
+        container_dir = "/run/infermesh/tls"
+        tls = []
+        for flag in ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs"):
+            value = args[args.index(flag) + 1]
+            tls += [flag, value.replace(container_dir, str(tls_dir))]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            public = s.getsockname()[1]
+        argv = ["--host", "127.0.0.1", "--port", str(public), "--model", self.model, "--ttft-ms", "1", "--itl-ms", "1",
+                *tls]
+        run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(repo),
+                   **{k: v for k, v in env.items() if k != "INFERMESH_WEIGHTS_SHA256"},   # the sim has no weights
+                   "INFERMESH_TLS_DIR": str(tls_dir), "INFERMESH_SERVER_MODULE": "engines.sim",
+                   "INFERMESH_RUN_AS": "0", "INFERMESH_DRAIN_S": "0"}
+        log = open(self.tmp / f"worker-{lease_id}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, str(ENTRYPOINT), *argv], cwd=repo, env=run_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        handle = _Process(proc, log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                output = (self.tmp / f"worker-{lease_id}.log").read_text()
+                raise RuntimeError(f"the worker for {lease_id} exited: {output}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", public)) == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            handle.stop()
+            raise RuntimeError(f"the worker for {lease_id} did not listen on {public}")
+        self.started[lease_id] = {"env": dict(env), "args": list(args), "port": public, "tls_dir": tls_dir}
+        return "127.0.0.1", public, handle
+
+
+class _Process:
+    def __init__(self, proc: Any, log: Any) -> None:
+        self.proc, self.log = proc, log
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self.log.close()
+
+
+def worker_port(ports: list[str]) -> int | None:
+    """The container port a worker serves on: the first TCP one but SSH's (as the lease provider picks it)."""
+    for spec in ports:
+        port, _, proto = str(spec).partition("/")
+        if proto in ("tcp", "http", "") and port.isdigit() and port != "22":
+            return int(port)
+    return None
 
 
 class BadRequest(Exception):
@@ -77,6 +265,8 @@ class FakeServer:
         self._ids = itertools.count(1000)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.launcher: Launcher = fake_worker_launcher
+        self.workers: dict[str, Any] = {}          # lease id -> what the launcher started (it has .stop())
 
     # -- lifecycle --
     def start(self) -> FakeServer:
@@ -119,7 +309,27 @@ class FakeServer:
         self._thread.start()
         return self
 
+    def launch(self, lease_id: Any, env: dict[str, str], args: list[str], ports: list[str]) -> tuple[str, int] | None:
+        """A lease just runs: its container as the launcher starts it; (host, port) its worker port is
+        forwarded to, or None (the fake's own made-up address)."""
+        port = worker_port(ports)
+        if port is None:
+            return None
+        started = self.launcher(str(lease_id), dict(env), list(args), port)
+        if started is None:
+            return None
+        host, public, handle = started
+        self.workers[str(lease_id)] = handle
+        return host, public
+
+    def end_worker(self, lease_id: Any) -> None:
+        handle = self.workers.pop(str(lease_id), None)
+        if handle is not None:
+            handle.stop()
+
     def stop(self) -> None:
+        for lease_id in list(self.workers):
+            self.end_worker(lease_id)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -329,6 +539,7 @@ class FakeVastAi(FakeServer):
 
     def kill(self, instance_id: int | str, status: str = "exited") -> None:
         with self.lock:
+            self.end_worker(instance_id)
             self.instances[int(instance_id)].update(actual_status=status, intended_status="stopped",
                                                     status_msg="container exited with code 137")
 
@@ -367,6 +578,7 @@ class FakeVastAi(FakeServer):
             if method == "DELETE":
                 _require(body in (None, {}), "destroy takes an empty body")
                 gone = self.instances.pop(iid)
+                self.end_worker(iid)
                 self.record("destroyed", iid, gone.get("label"))
                 return 200, {"success": True, "msg": f"destroying instance {iid}."}, {}
         return self.error(404, f"no route {method} {path}")
@@ -453,6 +665,13 @@ class FakeVastAi(FakeServer):
         if inst["actual_status"] in (None, "loading", "created"):
             inst["actual_status"] = "running" if n > self.boot_polls else "loading"
             if inst["actual_status"] == "running":
+                env = {k: v for k, v in inst["extra_env"] if not k.startswith("-p ")}
+                exposed = list(inst["ports"])
+                worker = self.launch(iid, env, inst.get("args") or [], exposed)
+                if worker is not None:
+                    port = f"{worker_port(exposed)}/tcp"
+                    inst["public_ipaddr"] = worker[0]
+                    inst["ports"][port] = [{"HostIp": "0.0.0.0", "HostPort": str(worker[1])}]
                 self.record("running", iid, inst.get("label"))
         return dict(inst)
 
@@ -497,6 +716,7 @@ class FakeRunPod(FakeServer):
 
     def kill(self, pod_id: str, status: str = "ERROR") -> None:
         with self.lock:
+            self.end_worker(pod_id)
             self.pods[pod_id].update(status=status, runtime=None, cost=0)
 
     def error(self, status: int, message: str) -> Reply:
@@ -530,6 +750,7 @@ class FakeRunPod(FakeServer):
                 return 200, self.read(pod_id), {}
             if method == "DELETE":
                 gone = self.pods.pop(pod_id)
+                self.end_worker(pod_id)
                 self.record("destroyed", pod_id, gone.get("name"))
                 return 204, None, {}
         return self.error(404, "resource not found")
@@ -619,6 +840,13 @@ class FakeRunPod(FakeServer):
                                          "ip": "195.26.233.3"})
                     else:
                         rt_ports.append({"private": int(port), "public": None, "type": "http", "ip": None})
+                import shlex
+
+                worker = self.launch(pod_id, pod["env"], shlex.split(pod["args"] or ""), pod["ports"])
+                if worker is not None:
+                    for p in rt_ports:
+                        if p["private"] == worker_port(pod["ports"]):
+                            p.update(ip=worker[0], public=worker[1], type="tcp")
                 pod.update(status="RUNNING", startedAt="2026-06-01T12:01:00Z",
                            runtime={"uptime": 60, "gpus": [], "ports": rt_ports})
                 self.record("running", pod_id, pod["name"])
@@ -685,6 +913,7 @@ class FakeAkash(FakeServer):
     def kill(self, dseq: str) -> None:
         """The provider closes the lease (e.g. the host went away)."""
         with self.lock:
+            self.end_worker(dseq)
             for lease in self.deployments[str(dseq)]["leases"]:
                 lease.update(state="closed", closed_on="123460", status=None)
 
@@ -735,6 +964,7 @@ class FakeAkash(FakeServer):
                 if d["deployment"]["state"] != "closed":
                     self.record("destroyed", dseq, self.label(dseq))
                 d["deployment"]["state"] = "closed"
+                self.end_worker(dseq)
                 for lease in d["leases"]:
                     lease.update(state="closed", status=None)
                 return 200, {"data": {"success": True}}, {}
@@ -865,6 +1095,12 @@ class FakeAkash(FakeServer):
                     # GUESSES: UDP reaches us as an IP lease entry {IP, Port, ExternalPort, Protocol}.
                     ips[svc] = [{"IP": "198.51.100.77", "Port": e["port"], "ExternalPort": 31000 + e["port"] % 1000,
                                  "Protocol": "UDP"} for e in exposed if e.get("proto") == "udp"]
+                    tcp = [f"{e['port']}/tcp" for e in exposed if e.get("proto", "tcp") == "tcp"]
+                    env = dict(str(x).split("=", 1) for x in spec.get("env", []))
+                    worker = self.launch(dseq, env, list(spec.get("args", [])), tcp)
+                    for fp in forwarded[svc] if worker is not None else []:
+                        if fp["port"] == worker_port(tcp):
+                            fp.update(host=worker[0], externalPort=worker[1])
                 lease["status"] = {"services": services, "forwarded_ports": forwarded, "ips": ips}
                 self.record("running", dseq, self.label(dseq))
         return self.view(d)
