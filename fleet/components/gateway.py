@@ -18,7 +18,9 @@ What an SRE asks of it:
   (the HPA's steps are not serialised); a rollout replaces one pod at a time, highest ordinal first.
 - rollouts and drains: a preStop sleep (``PRESTOP_S``) lets the endpoint leave the Service and the
   Gateway's backends before SIGTERM, then the gateway drains its streams for the stack's
-  drain_timeout_s; terminationGracePeriodSeconds covers both and a margin.
+  drain_timeout_s and ships its ledger spool to PostgreSQL (trying again for up to 5 s while it
+  does not answer, gateway/state/pg_ledger.py); terminationGracePeriodSeconds covers them and a
+  margin. Rows a failed last shipping leaves wait on the pod's retained claim for its ordinal.
 - probes as the gateway means them: readiness is /ready (503 until this replica has a key set:
   it would refuse every key), liveness is /health (the process answers); a startupProbe gives
   the first key load time without the liveness probe killing it.

@@ -64,6 +64,7 @@ _INSERT = (f"INSERT INTO usage (instance_id, local_id, {', '.join(_COLUMNS)}) "
 _BOOLS = {i + 2 for i, c in enumerate(_COLUMNS) if c in ("stream", "fallback")}
 _ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
 ADOPT_S = 2.0                    # how often a replica looks for a dead replica's spool to ship
+DRAIN_RETRY_S = 0.25             # at shutdown, how often shipping is tried again while PostgreSQL does not answer
 
 
 def spool_instance_id(path: Path, name: str | None = None) -> str:
@@ -194,18 +195,30 @@ class PgShipper:
                 await asyncio.sleep(self.linger_s)   # let the records of the next ~linger_s join one batch
 
     async def drain(self, timeout_s: float = 5.0, quiet: bool = False) -> bool:
-        """Ship everything now (at shutdown, or a dead replica's spool with ``quiet``); False if
-        PostgreSQL did not take it all in time."""
+        """Ship everything now; False if PostgreSQL did not take it all in time.
+
+        At shutdown (SIGTERM: a rollout, a scale-in, a node drain) it tries again every
+        DRAIN_RETRY_S until ``timeout_s`` while PostgreSQL does not answer, so a blip at that moment
+        strands nothing on the pod's volume. With ``quiet`` (an adopter shipping a dead replica's
+        spool) one failure ends it: the adopter comes back every ADOPT_S."""
         deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
+        error: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
                 n = await asyncio.wait_for(self.ship_once(), max(0.1, deadline - time.monotonic()))
-                if n < self.batch:
-                    return True
-        except _ERRORS as e:
-            if not quiet:
-                log.warning("ledger spool not fully shipped at shutdown (%s); it ships at the next start",
-                            type(e).__name__)
+            except _ERRORS as e:
+                error = e
+                self._close()                     # the next try connects afresh
+                if quiet:
+                    break
+                await asyncio.sleep(min(DRAIN_RETRY_S, max(0.0, deadline - time.monotonic())))
+                continue
+            if n < self.batch:
+                return True
+        if not quiet:
+            log.warning("ledger spool not fully shipped at shutdown within %.0f s (%s); it ships when this "
+                        "replica starts again on its state (or from a survivor sharing the state dir)",
+                        timeout_s, type(error).__name__ if error else "slow")
         return False
 
     def start(self) -> None:
