@@ -1,25 +1,58 @@
-"""Admission: parse and check a request before it costs an upstream call.
+"""Admission: who asks, and may this request cost an upstream call?
 
-Auth (key -> tenant, tier), body size, JSON and parameter checks, tier model access, prompt
-and output caps, then limits and load shedding. Each failure is an ApiError in OpenAI's
-shape. Unknown fields pass through untouched: only what is checked here is interpreted.
+``Admission.identify`` finds the key (a failure there is answered and never metered: there is
+nobody to bill); ``Admission.admit`` does the rest, in this order, each failure an ApiError in
+OpenAI's shape that the meter records against the key: the tier, the tenant's own concurrency
+(gateway/door.py), the body (size, time, JSON), the model (tier and key scope, the latency
+breaker's fallback or shedding), the route's parameter checks and prompt estimate, the output
+caps (the SLO-risk and breaker degradations), the gateway-wide in-flight count and shedding, the
+key's spend hold, and the rate limits. What it takes (concurrency slots: ``Held``; the limiter's
+charge and the spend hold: ``Admitted``) the meter gives back at the request's end (gateway/meter.py).
+Unknown fields pass through untouched: only what is checked here is interpreted.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from fleet.spec import Tier
-from gateway.errors import bad_request
+from fleet.spec import Spec, Tier
+from gateway.backends import Keys, Limiter
+from gateway.door import FailureLimiter, InFlight
+from gateway.errors import ApiError, bad_request
 from gateway.keys import Principal
+from gateway.ledger import UsageRecord
+from gateway.metrics import Metrics
+from gateway.money import Money, month_now
+from gateway.overload import InFlightCount, LoopLag
+from gateway.risk import Breaker, RiskWindow
+from gateway.router import Router
+from gateway.wire import Incoming
+
+DRAIN_LIMIT = 16 * 1024 * 1024  # bodies above the limit but below this are read before the 413
+
+
+@dataclass(slots=True)
+class Held:
+    """What a request holds from its authentication on; ``Meter.end`` gives it back."""
+
+    principal: Principal
+    address: str                # the client's, for the failure count per address (door.FailureLimiter)
+    door: bool = False          # a slot of its tenant's and key's concurrency (door.InFlight)
+    counted: bool = False       # a slot of the gateway-wide in-flight count (overload.InFlightCount)
 
 
 @dataclass(slots=True)
 class Admitted:
+    """An admitted request: what the upstream call needs, and what the meter settles (the limiter's
+    up-front charge of prompt estimate plus max_output, in the buckets named by ``scope``)."""
+
     principal: Principal
+    held: Held                  # its concurrency slots (a started stream's relay gives them back at its end)
     tier: Tier
     payload: dict[str, Any]
     model: str
@@ -268,3 +301,228 @@ def check_common(payload: dict[str, Any], tier: Tier, responses: bool = False,
         cap = max(1, min(cap, room))
     payload[field] = cap if requested is None else min(requested, cap)
     return stream, include_usage, payload[field] * (n or 1)
+
+
+_CHECKS = {"chat": check_chat, "completions": check_completion, "responses": check_responses}
+_PROMPT_PARAM = {"chat": "messages", "completions": "prompt", "responses": "input"}
+
+
+def embedding_tier(tier: Tier) -> Tier:
+    """The limits /v1/embeddings requests are charged against: the tier's `embeddings` block,
+    or without one the tier's own rpm and tpm (in buckets apart from chat's)."""
+    e = tier.embeddings
+    if e is None:
+        return tier
+    return tier.model_copy(update={"rpm": e.rpm, "tpm": e.tpm, "key_rpm": None, "key_tpm": None})
+
+
+class Admission:
+    """The checks in front of every upstream call (see the module's text), with what they read:
+    the tiers and the `gateway:` settings (``configure``: replaced live with the gateway config),
+    the key store, the limiter, the router's catalogue, the overload signals and the breakers."""
+
+    def __init__(self, spec: Spec, keys: Keys, limiter: Limiter, router: Router, metrics: Metrics,
+                 in_flight: InFlightCount, lag: LoopLag, door: InFlight, failures: FailureLimiter,
+                 risk: RiskWindow, breaker: Breaker, money: Money,
+                 spent_since: Callable[[str, int], Awaitable[int]]) -> None:
+        self.keys, self.limiter, self.router, self.metrics = keys, limiter, router, metrics
+        self.in_flight, self.lag, self.door, self.failures = in_flight, lag, door, failures
+        self.risk, self.breaker, self.money = risk, breaker, money
+        self.spent_since = spent_since      # a key's spend in the ledger since a time: seeds a month
+        self.configure(spec)
+
+    def configure(self, spec: Spec) -> None:
+        """Tiers (limits, SLOs, priorities) and the `gateway:` settings read per request."""
+        self.spec = spec
+        self.tiers: dict[str, Tier] = {t.name: t for t in spec.tiers}
+        # /v1/embeddings: limits of their own per tier, in buckets apart from chat's (Admitted.scope)
+        self.embedding_tiers: dict[str, Tier] = {t.name: embedding_tier(t) for t in spec.tiers}
+        self.max_priority = max((t.priority for t in spec.tiers), default=0)
+
+    # ---- who asks -----------------------------------------------------------------------------
+    def identify(self, request: Incoming) -> Held:
+        """The key in the Authorization header, unless the client's address failed too often;
+        401s are counted against the address."""
+        address = self.failures.address(request.client, request.headers.get("x-forwarded-for"))
+        try:
+            if self.failures.blocked(address):
+                raise self.failures.refusal()
+            principal = self.authenticate(request.headers.get("authorization"))
+        except ApiError as e:
+            if e.status == 401:
+                self.failures.failed(address)
+            raise
+        return Held(principal, address)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer(authorization)
+        if token is None:
+            raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                           code="missing_api_key")
+        principal = self.keys.authenticate(token)
+        if principal is None:
+            if not self.keys.ready:    # no key set loaded yet (PostgreSQL down at start, no cache): never a 401
+                raise ApiError(503, "The service is starting. Please retry shortly.", code="keys_unavailable",
+                               headers={"retry-after": "1"})
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return principal
+
+    def tier_of(self, principal: Principal) -> Tier:
+        tier = self.tiers.get(principal.tier)
+        if tier is None:
+            raise ApiError(403, "Your plan is not available on this service. Contact support.", code="unknown_tier")
+        return tier
+
+    def check_model(self, tier: Tier, model: Any) -> str:
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required.", param="model")
+        if not self.router.has_model(model):
+            raise ApiError(404, f"The model '{model[:200]}' does not exist.", code="model_not_found", param="model")
+        if model not in tier.models:
+            raise ApiError(403, f"Your plan does not include the model '{model}'.", code="model_not_allowed",
+                           param="model")
+        return model
+
+    # ---- may it cost an upstream call ---------------------------------------------------------
+    async def admit(self, request: Incoming, route: str, held: Held, rec: UsageRecord,
+                    headers: dict[str, str]) -> Admitted:
+        """Every check after the key, in order; ``rec`` (the ledger row) and ``headers`` (the
+        reply's) get what was decided. Raises ApiError; ``held`` says what to give back either way."""
+        principal = held.principal
+        tier = self.tier_of(principal)
+        self.door.enter(principal, tier)          # this tenant's own concurrency, before the body
+        held.door = True
+        body = await self.read_body(request)
+        payload = parse_json(body, self.spec.gateway.max_json_depth)
+        model = payload.get("model")
+        rec.requested_model = model[:200] if isinstance(model, str) else ""
+        sizes = measure(payload, self.spec.gateway.max_json_depth)
+        try:
+            model = self.check_model(tier, payload.get("model"))
+        except ApiError as e:
+            if e.code == "model_not_found":       # guessing at model names counts like guessing at keys
+                self.failures.failed(held.address)
+            raise
+        if principal.models is not None and model not in principal.models:      # the key's own scope
+            raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
+                           param="model")
+        model = self.breaker.route(self, tier, model, rec, headers)      # lower tiers: fallback or shed
+        model_route = self.router.models[model]
+        kind = model_route.kind
+        scope, limits = "", tier
+        if route == "embeddings":
+            if kind != "embedding":
+                raise bad_request(f"The model '{model}' does not create embeddings.", param="model",
+                                  code="model_not_supported")
+            limits, scope = self.embedding_tiers[tier.name], "/embeddings"
+            est = check_embeddings(payload, tier.embeddings.max_inputs if tier.embeddings else 2048)
+            stream, include_usage, max_output, affinity = False, False, 0, None
+        else:
+            if kind != "chat":
+                raise bad_request(f"The model '{model}' is an embedding model: call /v1/embeddings.",
+                                  param="model", code="model_not_supported")
+            est, affinity = _CHECKS[route](payload, sizes)
+            if est > tier.max_prompt_tokens:
+                raise bad_request(f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
+                                  param=_PROMPT_PARAM[route], code="context_length_exceeded")
+            context = model_route.context_length
+            stream, include_usage, max_output = check_common(payload, tier, route == "responses",
+                                                             context - est if context else None)
+            if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
+                max_output = self.degrade(payload, tier, model, max_output, headers)
+            max_output = self.breaker.limit(self, tier, rec.requested_model, est, payload, max_output, headers)
+            if stream and route != "responses":     # a response stream's usage is in response.completed
+                payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        rec.stream = stream
+        self.in_flight.enter()                    # gateway-wide: admitted, well-formed requests only
+        held.counted = True
+        self.shed(tier)
+        if principal.spend_limit is not None:     # held before dispatch, settled from the real usage
+            await self.hold_spend(principal, principal.spend_limit, tier, rec, est + max_output)
+        decision = await self.limiter.admit(principal.tenant + scope, principal.key_id + scope, limits,
+                                            est + max_output)
+        headers.update(decision.headers)
+        if decision.unavailable:
+            raise ApiError(503, "Rate limits for your plan are briefly unavailable. Please retry shortly.",
+                           code="limits_unavailable", headers=decision.headers)
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(tier.name).inc()
+            raise ApiError(429, f"Rate limit reached for {decision.reason} on your plan. "
+                                f"Please retry after {decision.headers['retry-after']}s.",
+                           code="rate_limit_exceeded", headers=decision.headers)
+        return Admitted(principal, held, tier, payload, model, stream, include_usage, est, max_output, affinity,
+                        scope)
+
+    async def read_body(self, request: Incoming) -> bytes:
+        """The body, within the stack's body_timeout_s (else 408, and the connection closes: the
+        rest of a dribbled body is never read) and up to its size limit."""
+        try:
+            async with asyncio.timeout(self.spec.gateway.body_timeout_s):
+                return await self._read_body(request)
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {self.spec.gateway.body_timeout_s:g} s.",
+                           code="request_timeout", headers={"connection": "close"}) from None
+
+    async def _read_body(self, request: Incoming) -> bytes:
+        """The body, up to the stack's limit. A larger body is read to its end (up to
+        DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
+        limit = self.spec.gateway.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= limit:
+            return await request.body()        # the common case: one read, the server enforces the length
+        too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.chunks():
+            size += len(chunk)
+            if size > DRAIN_LIMIT:
+                raise too_large
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise too_large
+        return b"".join(chunks)
+
+    def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
+                headers: dict[str, str]) -> int:
+        """Cap max_tokens at the tier's degraded limit while its SLO is at risk (gateway/risk.py)."""
+        field = next((f for f in ("max_output_tokens", "max_completion_tokens") if f in payload), "max_tokens")
+        cap = tier.degraded_max_output_tokens
+        if cap is None or payload[field] <= cap:
+            return max_output
+        payload[field] = cap
+        headers["x-infermesh-degraded"] = "max_tokens"
+        self.metrics.degraded.labels(model, tier.name).inc()
+        return cap * (payload.get("n") or 1)
+
+    def shed(self, tier: Tier) -> None:
+        """Under overload the lowest tiers are refused first: each priority level gets a
+        larger share of the in-flight budget and of the event loop's lateness budget
+        (gateway/overload.py), the top tier all of it."""
+        g = self.spec.gateway
+        share = 0.7 + 0.3 * (tier.priority / self.max_priority if self.max_priority else 1.0)
+        if self.in_flight.n >= g.max_in_flight * share or (
+                g.max_loop_lag_ms and self.lag.level() * 1000 >= g.max_loop_lag_ms * share):
+            self.metrics.shed.labels(tier.name).inc()
+            raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
+                           headers={"retry-after": "2"})
+
+    async def hold_spend(self, principal: Principal, limit: int, tier: Tier, rec: UsageRecord, tokens: int) -> None:
+        """Hold the most this request can cost against the key's monthly spend ``limit`` (all replicas
+        share the count on Redis), or refuse it: 429 insufficient_quota, as OpenAI does."""
+        month, since = month_now()
+        amount = self.money.reserve(tier.name, tokens)
+
+        async def seed() -> int:              # the ledger's sum, when no store knows the key's month yet
+            return await self.spent_since(principal.key_id, since)
+        got = await self.limiter.reserve_spend(principal.key_id, month, limit, amount, tier, seed)
+        if got is None:
+            raise ApiError(503, "Spend limits for your key are briefly unavailable. Please retry shortly.",
+                           code="limits_unavailable", headers={"retry-after": "1"})
+        if not got:
+            raise ApiError(429, f"This API key has reached its monthly spend limit of "
+                                f"${limit / 1e6:,.2f}. Raise it or use another key.",
+                           code="insufficient_quota", type_="insufficient_quota",
+                           headers={"x-should-retry": "false"})     # the openai SDK would retry a 429
+        rec.spend_hold = (month, amount)

@@ -1,6 +1,9 @@
-"""The OpenAI-compatible gateway: FastAPI app, its state, and the request pipeline's wiring.
+"""The OpenAI-compatible gateway: FastAPI app, its state, and the request path's wiring.
 
-auth -> admission (limits, caps, shedding) -> route -> upstream call -> relay -> meter -> SLIs.
+A request on a hot route (``Gateway.handle``) reads top to bottom: its id, admission
+(gateway/admission.py: the key, body, tier and model checks, degradation, shedding, limits),
+the upstream call (gateway/proxy.py: routing, retries before the first byte, the relay), and
+the meter (gateway/meter.py: the ledger row, settling what admission charged, the counts).
 The hot path avoids per-request logging and JSON round trips of stream chunks; see proxy.py.
 """
 
@@ -25,28 +28,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from fleet.spec import Spec, SpecError, Tier
-from gateway import admission, channel, sla, sli
+from fleet.spec import Spec, SpecError
+from gateway import channel, sla, sli
+from gateway.admission import Admission, Admitted, bearer
+from gateway.backends import Keys, Limiter, UsageLedger
 from gateway.channel import ChannelConnector
 from gateway.door import FailureLimiter, InFlight
 from gateway.errors import ApiError
-from gateway.keys import KeyStore, Principal
-from gateway.ledger import Ledger, UsageRecord
+from gateway.ledger import UsageRecord
+from gateway.meter import Meter
 from gateway.metrics import Metrics
-from gateway.money import Money, month_now, spent_since
-from gateway.overload import LoopLag
-from gateway.proxy import Call, SSEReader, request_region
+from gateway.money import Money, spent_since
+from gateway.overload import InFlightCount, LoopLag
 from gateway.probes import Prober, limits_for
-from gateway.redact import redact, summary
+from gateway.proxy import Call, Upstreams, request_region
 from gateway.risk import Breaker, RiskWindow
-from gateway.router import Router
+from gateway.router import Endpoint, Router
 from gateway.state import State
 from gateway.wire import ClientGone, Incoming, Reply, send_reply
 
 log = logging.getLogger("infermesh.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = "application/json"
-DRAIN_LIMIT = 16 * 1024 * 1024  # bodies above the limit but below this are read before the 413
 IDLE_SWEEP_S = 0.25
 ROLLUP_S = 10.0                  # the SLA rollups (gateway/sla.py) catch up with the ledger this often
 STATUS_CACHE_S = 60.0            # the public status page is computed at most this often
@@ -67,38 +70,43 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.spec = settings.spec
-        self.tiers: dict[str, Tier] = {t.name: t for t in self.spec.tiers}
-        # /v1/embeddings: limits of their own per tier, in buckets apart from chat's (admission.scope)
-        self.embedding_tiers: dict[str, Tier] = {t.name: _embedding_tier(t) for t in self.spec.tiers}
-        self.state = State(self.spec, settings.state_dir, settings.instance)   # embedded or shared (gateway/state)
-        self.keys: KeyStore = self.state.keys
-        self.ledger: Ledger = self.state.ledger
-        self.limiter = self.state.limiter
-        self.money = Money(self.spec)        # price and cost of each request (gateway/money.py)
+        self.spec = spec = settings.spec
+        self.state = State(spec, settings.state_dir, settings.instance)   # embedded or shared (gateway/state)
+        self.keys: Keys = self.state.keys
+        self.ledger: UsageLedger = self.state.ledger
+        self.limiter: Limiter = self.state.limiter
+        self.money = Money(spec)             # price and cost of each request (gateway/money.py)
         self.metrics = Metrics()
         self.attempts = sli.AttemptLog()     # failed upstream attempts, for per-pool SLIs
         self.router = Router(self._read_routing())
         self.router.on_eject = self._ejected
-        self.router.home_region = os.environ.get("INFERMESH_REGION") or self.spec.gateway.region
+        self.router.home_region = os.environ.get("INFERMESH_REGION") or spec.gateway.region
         self.metrics.watch(self.router, self.state.shipper)     # per-endpoint signals, ledger lag (gateway/metrics.py)
         # TTFT above which a streamed answer may count as slow (outlier detection, gateway/router.py)
-        self.router.slow_s = {m.id: limits_for(self.spec, m.id).ttft_s for m in self.spec.models}
-        self.prober = Prober(self)           # synthetic probes per pool (gateway/probes.py)
+        self.router.slow_s = {m.id: limits_for(spec, m.id).ttft_s for m in spec.models}
+        self.prober = Prober(spec, self.router, self.state.upstream_limits, self.metrics,
+                             self.state.rollup)  # synthetic probes per pool (gateway/probes.py)
         self.probe_log = self.prober.log     # per-pool probe pass counts for /admin/sli
         self.risk = RiskWindow()             # SLO at risk -> max_tokens capped (gateway/risk.py)
-        self.breaker = Breaker(self.spec, self.metrics.registry)   # the latency circuit breaker (gateway/risk.py)
+        self.breaker = Breaker(spec, self.metrics.registry)   # the latency circuit breaker (gateway/risk.py)
         self._routing_mtime = self._mtime()
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in start()
-        self.in_flight = 0                   # admitted requests, gateway-wide (shedding)
+        self.in_flight = InFlightCount(self.metrics.in_flight)   # admitted requests, gateway-wide (shedding)
         self.door = InFlight()               # per tenant and key, from authentication on (gateway/door.py)
-        g = self.spec.gateway
+        g = spec.gateway
         self.failures = FailureLimiter(g.failures_per_minute, g.trusted_proxies)
         self.lag = LoopLag()                 # the event loop's lateness: overload shedding (gateway/overload.py)
-        self.streams: set[SSEReader] = set()     # started streams being relayed (idle timeouts)
-        self.max_priority = max((t.priority for t in self.spec.tiers), default=0)
+        # the request path: admission, then the upstream call (proxy.Call), then the meter
+        self.admission = Admission(spec, self.keys, self.limiter, self.router, self.metrics, self.in_flight,
+                                   self.lag, self.door, self.failures, self.risk, self.breaker, self.money,
+                                   self._spent_since)
+        self.meter = Meter(spec, self.ledger, self.limiter, self.money, self.metrics, self.router, self.risk,
+                           self.breaker, self.in_flight, self.door)
+        self.upstreams = Upstreams(self.router, self.meter, self.metrics, self.attempts, self.state.upstream_limits)
+        self.streams = self.upstreams.streams    # started streams being relayed (idle timeouts)
         self.admin_token = settings.admin_token or _admin_token(settings.state_dir)
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._status: tuple[float, bytes] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -107,18 +115,19 @@ class Gateway:
         # workers set no cookies: DummyCookieJar skips aiohttp's cookie filtering on every request
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
+        self.upstreams.session = self.session
         await self.state.start(self.metrics.registry)
         await self.router.check_all(self.session)
         self._update_health_gauges()
         self._tasks = [asyncio.create_task(c) for c in
                        (self._health_loop(), self._watch_routing(), self._purge_loop(), self._idle_loop(),
-                        self.prober.run(), self.lag.run(self.metrics.loop_lag), self._rollup_loop())]
+                        self.prober.run(self.session), self.lag.run(self.metrics.loop_lag),
+                        self._rollup_loop())]
         g = self.spec.gateway
         if g.liveness_interval_s > 0:         # black holes out in about a second (gateway/router.py, liveness)
             self.router.loop_lag = self.lag.level
             self._tasks.append(asyncio.create_task(
                 self.router.liveness(self.session, g.liveness_interval_s, g.liveness_timeout_s)))
-        self._status: tuple[float, bytes] | None = None
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -205,15 +214,13 @@ class Gateway:
         """A changed gateway config, live: tiers (limits, SLOs, priorities) and the `gateway:` settings read
         per request. State backends and listening ports are set at start: a change to them is logged."""
         old = self.spec
-        self.spec = spec
-        self.tiers = {t.name: t for t in spec.tiers}
-        self.embedding_tiers = {t.name: _embedding_tier(t) for t in spec.tiers}
-        self.max_priority = max((t.priority for t in spec.tiers), default=0)
+        self.spec = self.meter.spec = self.prober.spec = spec
+        self.admission.configure(spec)
         self.router.slow_s = {m.id: limits_for(spec, m.id).ttft_s for m in spec.models}
         fixed = [f for f in ("state", "port", "replicas") if getattr(spec.gateway, f) != getattr(old.gateway, f)]
         if fixed:
             log.warning("gateway config: %s changed; applied at the next restart", ", ".join(fixed))
-        log.info("gateway config applied (tiers: %s)", ", ".join(sorted(self.tiers)))
+        log.info("gateway config applied (tiers: %s)", ", ".join(sorted(self.admission.tiers)))
 
     async def _watch_routing(self) -> None:
         while True:
@@ -256,314 +263,51 @@ class Gateway:
                 self.metrics.healthy.labels(m.id, p.name, p.provider, p.region, p.role).set(
                     sum(1 for ep in p.endpoints if ep.available(now)))
 
-    def _ejected(self, ep) -> None:
+    def _ejected(self, ep: Endpoint) -> None:
         p = ep.pool
         self.metrics.ejections.labels(p.model, p.name, p.provider, p.region).inc()
         self._update_health_gauges()
 
-    # ---- metering -----------------------------------------------------------------------------
-    async def finish(self, call: Call) -> None:
-        """Meter a request: its ledger row is committed when this returns (group commit)."""
-        rec = call.rec
-        self.priced(rec)
-        await self.ledger.commit(rec)
-        self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
-        self._count(rec)
-
-    def finish_soon(self, call: Call) -> None:
-        """Meter a request whose client is gone or whose stream broke: nobody waits for the row."""
-        rec = call.rec
-        self.priced(rec)
-        self.ledger.commit_soon(rec)
-        self.settle(call, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
-        self._count(rec)
-
-    def priced(self, rec: UsageRecord) -> None:
-        """The request's price at its tier's prices and its cost, beside each other in its ledger row."""
-        money = self.money
-        rec.price_micro_usd = money.price(rec.tier, rec.prompt_tokens + rec.completion_tokens, rec.cached_tokens)
-        rec.cost_micro_usd = money.cost(rec.pool, rec.prompt_tokens + rec.cached_tokens + rec.completion_tokens)
-
-    def settle(self, call: Call, actual: int) -> None:
-        """Correct the limiter's up-front token charge (never waits: Redis settles are batched)."""
-        adm = call.adm
-        self.limiter.settle(adm.principal.tenant + adm.scope, adm.principal.key_id + adm.scope,
-                            adm.prompt_tokens_estimate + adm.max_output, actual)
-        if call.rec.spend_hold is not None:
-            self.release_spend(call.rec)
-
-    async def hold_spend(self, principal: Principal, tier: Tier, rec: UsageRecord, tokens: int) -> None:
-        """Hold the most this request can cost against the key's monthly spend limit (all replicas
-        share the count on Redis), or refuse it: 429 insufficient_quota, as OpenAI does."""
-        month, since = month_now()
-        amount = self.money.reserve(tier.name, tokens)
-
-        async def seed() -> int:              # the ledger's sum, when no store knows the key's month yet
-            pg = self.state.pg
-            return await asyncio.to_thread(spent_since, principal.key_id, since,
-                                           None if pg else self.ledger.path,
-                                           self.spec.gateway.state.postgres_dsn if pg else None)
-        held = await self.limiter.reserve_spend(principal.key_id, month, principal.spend_limit, amount, tier, seed)
-        if held is None:
-            raise ApiError(503, "Spend limits for your key are briefly unavailable. Please retry shortly.",
-                           code="limits_unavailable", headers={"retry-after": "1"})
-        if not held:
-            raise ApiError(429, f"This API key has reached its monthly spend limit of "
-                                f"${principal.spend_limit / 1e6:,.2f}. Raise it or use another key.",
-                           code="insufficient_quota", type_="insufficient_quota",
-                           headers={"x-should-retry": "false"})     # the openai SDK would retry a 429
-        rec.spend_hold = (month, amount)
-
-    def release_spend(self, rec: UsageRecord) -> None:
-        """Replace the hold with what the request was charged (its ledger row's price)."""
-        month, held = rec.spend_hold
-        rec.spend_hold = None
-        self.limiter.settle_spend(rec.key_id, month, rec.price_micro_usd - held)
-
-    def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
-                headers: dict[str, str]) -> int:
-        """Cap max_tokens at the tier's degraded limit while its SLO is at risk (gateway/risk.py)."""
-        field = next((f for f in ("max_output_tokens", "max_completion_tokens") if f in payload), "max_tokens")
-        cap = tier.degraded_max_output_tokens
-        if payload[field] <= cap:
-            return max_output
-        payload[field] = cap
-        headers["x-infermesh-degraded"] = "max_tokens"
-        self.metrics.degraded.labels(model, tier.name).inc()
-        return cap * (payload.get("n") or 1)
-
-    def _count(self, rec: UsageRecord) -> None:
-        m = self.metrics
-        if rec.requested_model and (rec.status == 200 or rec.status >= 500):
-            self.risk.observe(rec.requested_model, rec.ttft_ms if rec.status == 200 else None, rec.status >= 500)
-            self.breaker.observe(rec.served_model or rec.requested_model, rec.ttft_ms if rec.status == 200 else None,
-                                 rec.status >= 500)
-        # labels take only names the stack declares: a client's made-up model is one series, not many
-        model_label = rec.requested_model if self.router.has_model(rec.requested_model) else (
-            "unknown" if rec.requested_model else "")
-        m.requests.labels(rec.route, f"{rec.status // 100}xx", model_label, rec.pool or "",
-                          rec.provider or "", rec.region or "", rec.tier).inc()
-        if rec.status != 200:
-            m.tenant_errors.labels(rec.tenant, rec.tier, f"{rec.status // 100}xx", rec.error or "").inc()
-        else:
-            model, pool = rec.served_model or rec.requested_model, rec.pool or ""
-            if rec.ttft_ms is not None:
-                m.ttft.labels(model, pool, rec.tier).observe(rec.ttft_ms / 1000)
-            if rec.ttlt_ms is not None:
-                m.ttlt.labels(model, pool, rec.tier).observe(rec.ttlt_ms / 1000)
-            m.tokens.labels("in", model, rec.tier).inc(rec.prompt_tokens)
-            if rec.cached_tokens:
-                m.tokens.labels("cached_in", model, rec.tier).inc(rec.cached_tokens)
-            m.tokens.labels("out", model, rec.tier).inc(rec.completion_tokens)
-
-    def debug_logging(self, p: Principal) -> bool:
-        return bool(self.spec.gateway.privacy.log_prompts or (p.debug_log_until and p.debug_log_until > time.time()))
-
-    def keep_debug_log(self, call: Call, completion: str) -> None:
-        ttl = self.spec.gateway.privacy.debug_log_ttl_hours * 3600
-        until = min(time.time() + ttl, call.adm.principal.debug_log_until or float("inf"))
-        payload = call.adm.payload
-        prompt = next((payload[f] for f in ("messages", "prompt", "input") if f in payload), None)
-        # secrets, card numbers, emails and phone numbers never reach the file (gateway/redact.py)
-        prompt_text, a = redact(orjson.dumps(prompt).decode())
-        completion, b = redact(completion)
-        self.ledger.debug_log(call.request_id, call.rec.tenant, prompt_text, completion, until, summary(a, b))
+    async def _spent_since(self, key_id: str, since: int) -> int:
+        """A key's spend in the ledger since ``since`` (micro-dollars), in a thread: what a spend
+        limit's month starts from where no limiter store knows it yet (Admission.hold_spend)."""
+        pg = self.state.pg
+        return await asyncio.to_thread(spent_since, key_id, since, None if pg else self.ledger.path,
+                                       self.spec.gateway.state.postgres_dsn if pg else None)
 
     # ---- the request path -----------------------------------------------------------------------
-    def authenticate(self, request: Request | Incoming) -> Principal:
-        token = admission.bearer(request.headers.get("authorization"))
-        if token is None:
-            raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                           code="missing_api_key")
-        principal = self.keys.authenticate(token)
-        if principal is None:
-            if not self.keys.ready:    # no key set loaded yet (PostgreSQL down at start, no cache): never a 401
-                raise ApiError(503, "The service is starting. Please retry shortly.", code="keys_unavailable",
-                               headers={"retry-after": "1"})
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return principal
-
-    async def read_body(self, request: Incoming) -> bytes:
-        """The body, within the stack's body_timeout_s (else 408, and the connection closes: the
-        rest of a dribbled body is never read) and up to its size limit."""
-        try:
-            async with asyncio.timeout(self.spec.gateway.body_timeout_s):
-                return await self._read_body(request)
-        except TimeoutError:
-            raise ApiError(408, f"The request body did not arrive within {self.spec.gateway.body_timeout_s:g} s.",
-                           code="request_timeout", headers={"connection": "close"}) from None
-
-    async def _read_body(self, request: Incoming) -> bytes:
-        """The body, up to the stack's limit. A larger body is read to its end (up to
-        DRAIN_LIMIT) before the 413, so that the client reads the error instead of a broken pipe."""
-        limit = self.spec.gateway.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) <= limit:
-            return await request.body()        # the common case: one read, the server enforces the length
-        too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-        if length is not None and length.isdigit() and int(length) > DRAIN_LIMIT:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.chunks():
-            size += len(chunk)
-            if size > DRAIN_LIMIT:
-                raise too_large
-            if size <= limit:
-                chunks.append(chunk)
-        if size > limit:
-            raise too_large
-        return b"".join(chunks)
-
-    def tier_of(self, principal: Principal) -> Tier:
-        tier = self.tiers.get(principal.tier)
-        if tier is None:
-            raise ApiError(403, "Your plan is not available on this service. Contact support.", code="unknown_tier")
-        return tier
-
-    def check_model(self, tier: Tier, model: Any) -> str:
-        if not isinstance(model, str) or not model:
-            raise admission.bad_request("'model' is required.", param="model")
-        if not self.router.has_model(model):
-            raise ApiError(404, f"The model '{model[:200]}' does not exist.", code="model_not_found", param="model")
-        if model not in tier.models:
-            raise ApiError(403, f"Your plan does not include the model '{model}'.", code="model_not_allowed",
-                           param="model")
-        return model
-
-    def shed(self, tier: Tier) -> None:
-        """Under overload the lowest tiers are refused first: each priority level gets a
-        larger share of the in-flight budget and of the event loop's lateness budget
-        (gateway/overload.py), the top tier all of it."""
-        g = self.spec.gateway
-        share = 0.7 + 0.3 * (tier.priority / self.max_priority if self.max_priority else 1.0)
-        if self.in_flight >= g.max_in_flight * share or (
-                g.max_loop_lag_ms and self.lag.level() * 1000 >= g.max_loop_lag_ms * share):
-            self.metrics.shed.labels(tier.name).inc()
-            raise ApiError(429, "The service is under heavy load. Please retry shortly.", code="overloaded",
-                           headers={"retry-after": "2"})
-
     async def handle(self, request: Incoming, route: str) -> Reply:
+        """A request on a hot route: its id, admission, the upstream call, the meter."""
         started = time.perf_counter()
         rid = request_id(request.headers.get("x-request-id"))
-        address = self.failures.address(request.client, request.headers.get("x-forwarded-for"))
         try:
-            if self.failures.blocked(address):
-                raise self.failures.refusal()
-            principal = self.authenticate(request)
+            held = self.admission.identify(request)
         except ApiError as e:
-            if e.status == 401:
-                self.failures.failed(address)
-            return e.reply(rid)
+            return e.reply(rid)                  # no key: nobody to meter it against
+        principal = held.principal
         rec = UsageRecord(rid, principal.tenant, principal.key_id, principal.tier, route, "")
         headers = {"x-request-id": rid}
-        call = None
-        entered = admitted = False
+        adm: Admitted | None = None
+        call: Call | None = None
         try:
-            tier = self.tier_of(principal)
-            self.door.enter(principal, tier)          # this tenant's own concurrency, before the body
-            entered = True
-            body = await self.read_body(request)
-            payload = admission.parse_json(body, self.spec.gateway.max_json_depth)
-            model = payload.get("model")
-            rec.requested_model = model[:200] if isinstance(model, str) else ""
-            sizes = admission.measure(payload, self.spec.gateway.max_json_depth)
-            model = self.check_model(tier, payload.get("model"))
-            if principal.models is not None and model not in principal.models:      # the key's own scope
-                raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
-                               param="model")
-            model = self.breaker.route(self, tier, model, rec, headers)      # lower tiers: fallback or shed
-            model_route = self.router.models[model]
-            kind = model_route.kind
-            scope, limits = "", tier
-            if route == "embeddings":
-                if kind != "embedding":
-                    raise admission.bad_request(f"The model '{model}' does not create embeddings.", param="model",
-                                                code="model_not_supported")
-                limits, scope = self.embedding_tiers[tier.name], "/embeddings"
-                est = admission.check_embeddings(payload, tier.embeddings.max_inputs if tier.embeddings else 2048)
-                stream, include_usage, max_output, affinity = False, False, 0, None
-            else:
-                if kind != "chat":
-                    raise admission.bad_request(f"The model '{model}' is an embedding model: call /v1/embeddings.",
-                                                param="model", code="model_not_supported")
-                est, affinity = _CHECKS[route](payload, sizes)
-                if est > tier.max_prompt_tokens:
-                    raise admission.bad_request(
-                        f"The prompt is about {est} tokens; your plan allows {tier.max_prompt_tokens}.",
-                        param=_PROMPT_PARAM[route], code="context_length_exceeded")
-                context = model_route.context_length
-                stream, include_usage, max_output = admission.check_common(
-                    payload, tier, route == "responses", context - est if context else None)
-                if tier.degraded_max_output_tokens and self.risk.at_risk(model, tier):
-                    max_output = self.degrade(payload, tier, model, max_output, headers)
-                max_output = self.breaker.limit(self, tier, rec.requested_model, est, payload, max_output, headers)
-                if stream and route != "responses":     # a response stream's usage is in response.completed
-                    payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            rec.stream = stream
-            self.in_flight += 1                       # gateway-wide: admitted, well-formed requests only
-            self.metrics.in_flight.inc()
-            admitted = True
-            self.shed(tier)
-            if principal.spend_limit is not None:     # held before dispatch, settled from the real usage
-                await self.hold_spend(principal, tier, rec, est + max_output)
-            decision = await self.limiter.admit(principal.tenant + scope, principal.key_id + scope, limits,
-                                                est + max_output)
-            headers.update(decision.headers)
-            if decision.unavailable:
-                raise ApiError(503, "Rate limits for your plan are briefly unavailable. Please retry shortly.",
-                               code="limits_unavailable", headers=decision.headers)
-            if not decision.allowed:
-                self.metrics.rate_limited.labels(tier.name).inc()
-                raise ApiError(429, f"Rate limit reached for {decision.reason} on your plan. "
-                                    f"Please retry after {decision.headers['retry-after']}s.",
-                               code="rate_limit_exceeded", headers=decision.headers)
-            adm = admission.Admitted(principal, tier, payload, model, stream, include_usage, est, max_output, affinity,
-                                     scope)
-            call = Call(self, adm, route, rid, started, rec, headers)
-            call.region = request_region(self, request.headers)     # gateway/router.py: regions
+            adm = await self.admission.admit(request, route, held, rec, headers)
+            call = Call(self.upstreams, adm, route, rid, started, rec, headers,
+                        region=request_region(self.router, request.headers))     # gateway/router.py: regions
             return await call.run()
         except ApiError as e:
-            if e.code == "model_not_found":
-                self.failures.failed(address)
-            return await self._refused(e, rec, call, headers, started)
+            return await self.meter.refused(e, rec, adm, headers, started)
         except ClientGone:
             raise
         except Exception as exc:   # a bug: metered and counted like any 500, so the SLO sees it
             log.error("unexpected %s on %s", type(exc).__name__, route, exc_info=exc)
             err = ApiError(500, "The server had an error while processing your request.", code="internal_error")
             try:
-                return await self._refused(err, rec, call, headers, started)
+                return await self.meter.refused(err, rec, adm, headers, started)
             except Exception:      # the ledger itself failed: the client still gets the 500
                 return err.reply(rid)
         finally:
             if call is None or not call.streaming:
-                if admitted:
-                    self.end_request()
-                if entered:
-                    self.door.leave(principal)
-
-    async def _refused(self, e: ApiError, rec: UsageRecord, call: Call | None, headers: dict[str, str],
-                       started: float) -> Reply:
-        """A request that ends in an error before any answer: metered, counted, answered."""
-        rec.status, rec.error = e.status, e.code
-        rec.ttlt_ms = (time.perf_counter() - started) * 1000
-        try:
-            await self.ledger.commit(rec)
-        finally:
-            if call is not None:
-                self.settle(call, 0)
-            elif rec.spend_hold is not None:
-                self.release_spend(rec)
-            self._count(rec)
-        e.headers = headers | e.headers
-        return e.reply(rec.request_id)
-
-    def end_request(self, principal: Principal | None = None) -> None:
-        """A started stream ended (``principal`` given), or an admitted request answered."""
-        self.in_flight -= 1
-        self.metrics.in_flight.dec()
-        if principal is not None:
-            self.door.leave(principal)
+                self.meter.end(held)             # a started stream's relay ends it instead (Call._closed)
 
     # ---- models -------------------------------------------------------------------------------
     def model_object(self, model_id: str) -> dict[str, Any]:
@@ -573,20 +317,6 @@ class Gateway:
         return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "infermesh",
                 "kind": route.kind if route else "chat",
                 "max_model_len": route.context_length if route else None}
-
-
-_CHECKS = {"chat": admission.check_chat, "completions": admission.check_completion,
-           "responses": admission.check_responses}
-_PROMPT_PARAM = {"chat": "messages", "completions": "prompt", "responses": "input"}
-
-
-def _embedding_tier(tier: Tier) -> Tier:
-    """The limits /v1/embeddings requests are charged against: the tier's `embeddings` block,
-    or without one the tier's own rpm and tpm (in buckets apart from chat's)."""
-    e = tier.embeddings
-    if e is None:
-        return tier
-    return tier.model_copy(update={"rpm": e.rpm, "tpm": e.tpm, "key_rpm": None, "key_tpm": None})
 
 
 def request_id(raw: str | None) -> str:
@@ -702,8 +432,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:
-            principal = gw.authenticate(request)
-            tier = gw.tier_of(principal)
+            principal = gw.admission.authenticate(request.headers.get("authorization"))
+            tier = gw.admission.tier_of(principal)
         except ApiError as e:
             return e.response()
         data = [gw.model_object(m) for m in tier.models if gw.router.has_model(m)
@@ -713,8 +443,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
         try:
-            principal = gw.authenticate(request)
-            gw.check_model(gw.tier_of(principal), model_id)
+            principal = gw.admission.authenticate(request.headers.get("authorization"))
+            gw.admission.check_model(gw.admission.tier_of(principal), model_id)
             if principal.models is not None and model_id not in principal.models:
                 raise ApiError(403, f"This API key may not use the model '{model_id}'.", code="model_not_allowed",
                                param="model")
@@ -739,7 +469,7 @@ def create_app(settings: Settings) -> FastAPI:
         canary reads through, drops Authorization)."""
         @functools.wraps(handler)
         async def guarded(request: Request) -> Response:
-            token = (admission.bearer(request.headers.get("authorization"))
+            token = (bearer(request.headers.get("authorization"))
                      or request.headers.get("x-infermesh-admin-token") or "")
             if not secrets.compare_digest(token.encode("utf-8", "replace"), gw.admin_token.encode()):
                 return ApiError(401, "Admin token required.", code="invalid_admin_token").response()

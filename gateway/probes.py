@@ -31,16 +31,16 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
 
 from fleet.spec import Slo, Spec
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-    from gateway.router import Endpoint, Pool
+from gateway.backends import UpstreamLimits
+from gateway.metrics import Metrics
+from gateway.router import Endpoint, Pool, Router
+from gateway.sla import Rollup
 
 PROBE_PROMPT = "infermesh synthetic probe: reply with a few words."
 PROBE_MAX_TOKENS = 4
@@ -183,10 +183,14 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimit
 
 
 class Prober:
-    """Probes every pool of every model (drained pools excepted) every ``probe_interval_s``."""
+    """Probes every pool of every model (drained pools excepted) every ``probe_interval_s``. What it
+    uses: the router (targets, health), the upstreams' own limits, the metrics, the SLA rollup's probe
+    minutes, the spec (``spec``: replaced live with the gateway config); ``run`` is given the HTTP session."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, spec: Spec, router: Router, upstream_limits: UpstreamLimits, metrics: Metrics,
+                 rollup: Rollup) -> None:
+        self.spec, self.router, self.upstream_limits, self.metrics, self.rollup = (
+            spec, router, upstream_limits, metrics, rollup)
         self.log = ProbeLog()
         self._turn: dict[str, int] = {}
         self._limits: dict[str, ProbeLimits] = {}
@@ -194,7 +198,7 @@ class Prober:
     def limits(self, model: str) -> ProbeLimits:
         lim = self._limits.get(model)
         if lim is None:
-            lim = self._limits[model] = limits_for(self.gw.spec, model)
+            lim = self._limits[model] = limits_for(self.spec, model)
         return lim
 
     def _target(self, pool: Pool) -> Endpoint:
@@ -202,56 +206,56 @@ class Prober:
         self._turn[pool.name] = i + 1
         return pool.endpoints[i % len(pool.endpoints)]
 
-    async def round(self) -> list[ProbeResult]:
-        gw = self.gw
-        targets = [(self._target(p), m.kind) for m in gw.router.models.values() for p in m.pools
+    async def round(self, session: aiohttp.ClientSession) -> list[ProbeResult]:
+        router, metrics, upstream_limits = self.router, self.metrics, self.upstream_limits
+        targets = [(self._target(p), m.kind) for m in router.models.values() for p in m.pools
                    if p.role != "drained" and p.endpoints]
         # an upstream with declared limits is probed within them (gateway/state/upstream_limits.py): no slot, no probe
-        slots = {}
+        slots: dict[Endpoint, str | None] = {}
         for ep, _ in targets:
             if ep.limits is not None:
-                slots[ep] = await gw.state.upstream_limits.take(*ep.limits)
+                slots[ep] = await upstream_limits.take(*ep.limits)
         targets = [(ep, kind) for ep, kind in targets if ep.limits is None or slots[ep] is not None]
         try:
-            results = await asyncio.gather(*(probe(gw.session, ep, self.limits(ep.pool.model), ep.headers, kind)
+            results = await asyncio.gather(*(probe(session, ep, self.limits(ep.pool.model), ep.headers, kind)
                                              for ep, kind in targets))
         finally:
             for ep, slot in slots.items():
-                if slot is not None:
-                    gw.state.upstream_limits.give_back(ep.limits[0], slot)
-        targets = [ep for ep, _ in targets]
-        for ep, r in zip(targets, results, strict=True):
+                if slot is not None and ep.limits is not None:
+                    upstream_limits.give_back(ep.limits[0], slot)
+        for (ep, _), r in zip(targets, results, strict=True):
             self.log.record(r)
             pool = ep.pool
-            gw.state.rollup.probe(r.at, pool.model, pool.region, r.passed)     # the SLA's probe minutes
-            gw.metrics.probes.labels(pool.model, pool.name, r.result).inc()
+            self.rollup.probe(r.at, pool.model, pool.region, r.passed)     # the SLA's probe minutes
+            metrics.probes.labels(pool.model, pool.name, r.result).inc()
             if r.ttft_ms is not None:
-                gw.metrics.probe_ttft.labels(pool.model, pool.name).observe(r.ttft_ms / 1000)
+                metrics.probe_ttft.labels(pool.model, pool.name).observe(r.ttft_ms / 1000)
             if r.passed:
-                gw.router.observe_ttft(ep, r.ttft_ms / 1000)
-                gw.router.success(ep)
+                if r.ttft_ms is not None:      # always, for a passed probe
+                    router.observe_ttft(ep, r.ttft_ms / 1000)
+                router.success(ep)
             elif r.result == "ttft":
                 # Slowness goes through the request path's outlier test: a model slow everywhere
                 # (overload) ejects nothing. A probe that got no token in time counts just over its limit.
                 limit = self.limits(pool.model).ttft_s
                 seconds = r.ttft_ms / 1000 if r.ttft_ms is not None else limit + 0.001
-                if gw.router.observe_ttft(ep, seconds):
-                    gw.router.failure(ep)
+                if router.observe_ttft(ep, seconds):
+                    router.failure(ep)
             else:
-                gw.router.failure(ep)
+                router.failure(ep)
         rates = self.log.pass_rates(time.time() - PASS_RATE_WINDOW_S)
-        for m in gw.router.models.values():
+        for m in router.models.values():
             for p in m.pools:
                 if p.name in rates:
-                    gw.metrics.probe_pass_rate.labels(m.id, p.name).set(rates[p.name])
+                    metrics.probe_pass_rate.labels(m.id, p.name).set(rates[p.name])
         return results
 
-    async def run(self) -> None:
-        interval = self.gw.spec.gateway.probe_interval_s
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        interval = self.spec.gateway.probe_interval_s
         while True:
             started = time.monotonic()
             with contextlib.suppress(Exception):      # a probe bug must never stop the loop
-                await self.round()
+                await self.round(session)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def status(self) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The upstream call: pick an endpoint, call it, retry before the first byte, relay, meter.
+"""The upstream call: pick an endpoint, call it, retry before the first byte, relay, then the meter.
 
 A request that has not sent a byte to the client may be retried on another endpoint (and
 another pool) within its deadline. Once a stream has started it is never retried: if the
@@ -20,21 +20,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 
+from gateway.admission import Admitted
+from gateway.backends import UpstreamLimits
 from gateway.errors import ApiError, stream_error_event
 from gateway.ledger import UsageRecord
-from gateway.router import Endpoint
+from gateway.meter import Meter
+from gateway.metrics import Metrics
+from gateway.router import Endpoint, Router
+from gateway.sli import AttemptLog
 from gateway.wire import Reply
-
-if TYPE_CHECKING:
-    from gateway.admission import Admitted
-    from gateway.app import Gateway
 
 MAX_ATTEMPTS = 4
 DRAIN_S = 0.25                 # at most this long for a stream's body to end after its [DONE] (the client has it)
@@ -54,11 +54,25 @@ class UpstreamFailure(Exception):
         self.error_class = error_class      # connect | timeout | reset | status_5xx | status_429
 
 
+class Upstreams:
+    """What every Call shares, made once per process: the router, the HTTP session to the workers,
+    the meter, the metrics, the log of failed attempts (per-pool SLIs), the upstreams' own limits
+    and the started streams (Gateway._idle_loop ends those gone quiet)."""
+
+    __slots__ = ("router", "session", "meter", "metrics", "attempts", "limits", "streams")
+
+    def __init__(self, router: Router, meter: Meter, metrics: Metrics, attempts: AttemptLog,
+                 limits: UpstreamLimits) -> None:
+        self.router, self.meter, self.metrics, self.attempts, self.limits = router, meter, metrics, attempts, limits
+        self.session: aiohttp.ClientSession = None  # type: ignore[assignment]  # set in Gateway.start()
+        self.streams: set[SSEReader] = set()
+
+
 @dataclass(slots=True)
 class Call:
-    """One request's journey, for the ledger and the metrics."""
+    """One admitted request's upstream call, from the pick of an endpoint to the meter."""
 
-    gw: Gateway
+    up: Upstreams
     adm: Admitted
     route: str                  # "chat" | "completions" | "responses" | "embeddings"
     request_id: str
@@ -72,7 +86,7 @@ class Call:
 
     # ---- the public entry ------------------------------------------------------------------
     async def run(self) -> Reply:
-        gw, adm = self.gw, self.adm
+        up, adm = self.up, self.adm
         tier = adm.tier
         deadline = self.started + tier.timeouts.total_s
         model = adm.model
@@ -82,36 +96,36 @@ class Call:
         refused = 0                     # attempts whose connection was refused: they cost nothing, so they
                                         # do not count against MAX_ATTEMPTS (a dead region's workers, say)
         while True:
-            ep = gw.router.pick(model, exclude, adm.affinity, self.region)
+            ep = up.router.pick(model, exclude, adm.affinity, self.region)
             if ep is None:
-                fallback = gw.router.models[model].fallback
-                if (not self.rec.fallback and fallback and tier.allow_fallback and gw.router.has_model(fallback)):
+                fallback = up.router.models[model].fallback
+                if (not self.rec.fallback and fallback and tier.allow_fallback and up.router.has_model(fallback)):
                     model = fallback
                     self.rec.fallback = True
                     self.headers["x-infermesh-fallback"] = fallback
-                    gw.metrics.fallbacks.labels(adm.model, fallback, tier.name).inc()
+                    up.metrics.fallbacks.labels(adm.model, fallback, tier.name).inc()
                     exclude = set()
                     continue
-                ep = gw.router.pick_panic(model, exclude) if not attempts else None
+                ep = up.router.pick_panic(model, exclude) if not attempts else None
                 if ep is None:
                     raise self._exhausted(last_class)
             if attempts - refused >= MAX_ATTEMPTS or time.perf_counter() >= deadline:
                 raise self._exhausted(last_class or "timeout")
             if ep.limits is not None:
                 key, most, rpm = ep.limits
-                self.slot, self.slot_key = await gw.state.upstream_limits.take(key, most, rpm), key
+                self.slot, self.slot_key = await up.limits.take(key, most, rpm), key
                 if self.slot is None:          # the upstream's own limit is reached: another endpoint serves
                     exclude.add(ep)
                     continue
             if attempts:
                 self.rec.retries += 1
-                gw.metrics.retries.labels(adm.model).inc()
+                up.metrics.retries.labels(adm.model).inc()
             attempts += 1
             self.rec.served_model = model
             self._at(ep)
             if attempts == 1:                   # the gateway's own wait, before any worker saw the request
                 pool = ep.pool
-                gw.metrics.queue.labels(pool.model, pool.name, pool.provider, pool.region).observe(
+                up.metrics.queue.labels(pool.model, pool.name, pool.provider, pool.region).observe(
                     time.perf_counter() - self.started)
             adm.payload["model"] = ep.pool.send_model
             try:
@@ -121,10 +135,10 @@ class Call:
                 refused += f.error_class == "connect"
                 exclude.add(ep)
                 # a missed deadline counts at once (a black hole is out before the next request waits on it)
-                gw.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream))
+                up.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream))
                 pool = ep.pool
-                gw.attempts.failed(pool.name, f.error_class)     # per-pool SLIs (gateway/sli.py)
-                gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+                up.attempts.failed(pool.name, f.error_class)     # per-pool SLIs (gateway/sli.py)
+                up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                                   f.error_class).inc()
 
     def _at(self, ep: Endpoint) -> None:
@@ -148,7 +162,7 @@ class Call:
 
     # ---- one endpoint ------------------------------------------------------------------------
     async def _attempt(self, ep: Endpoint, deadline: float) -> Reply:
-        gw, adm = self.gw, self.adm
+        up, adm = self.up, self.adm
         to = adm.tier.timeouts
         left = max(0.05, deadline - time.perf_counter())
         body = orjson.dumps(adm.payload)
@@ -169,13 +183,13 @@ class Call:
                         # until its first content event: an endpoint found lost expires it (router.Endpoint.lost)
                         waits = ep.stream_waits
                         waits.add(expiry)
-                        resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
+                        resp = await up.session.post(url, data=body, headers=ep.headers, timeout=timeout)
                     else:
                         # the answer arrives whole, after the generation: the wait follows the
                         # worker's health (Endpoint.abandon_waiting expires it)
                         ep.waiting_calls.add(expiry)
                         try:
-                            resp = await gw.session.post(url, data=body, headers=ep.headers, timeout=timeout)
+                            resp = await up.session.post(url, data=body, headers=ep.headers, timeout=timeout)
                         finally:
                             ep.waiting_calls.discard(expiry)
                     if ep.external and resp.status in (401, 403, 429):
@@ -199,7 +213,7 @@ class Call:
                     if responses and event_type(first) in RESPONSE_FAILED:
                         raise UpstreamFailure("status_5xx")   # failed before any output: worth a retry
                     ttft = time.perf_counter() - sent
-                    slow = ttft if gw.router.observe_ttft(ep, ttft) else 0.0
+                    slow = ttft if up.router.observe_ttft(ep, ttft) else 0.0
                     waits.discard(expiry)
             except TimeoutError:
                 raise UpstreamFailure("timeout" if ep.available(time.monotonic()) else "unhealthy") from None
@@ -220,7 +234,7 @@ class Call:
 
     def _give_slot(self) -> None:
         if self.slot is not None:
-            self.gw.state.upstream_limits.give_back(self.slot_key, self.slot)
+            self.up.limits.give_back(self.slot_key, self.slot)
             self.slot = None
 
     async def _upstream_refusal(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> None:
@@ -231,14 +245,14 @@ class Call:
         if resp.status == 429 and b"insufficient_quota" not in raw:
             return
         reason = "upstream: insufficient_quota" if resp.status == 429 else f"upstream: key refused ({resp.status})"
-        self.gw.router.disable(ep, reason)
+        self.up.router.disable(ep, reason)
         raise UpstreamFailure("upstream_quota" if resp.status == 429 else "upstream_auth")
 
     async def _client_error(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> Reply:
         """A 4xx from the worker (e.g. context too long): the client's fault, passed on without
         anything that names the worker."""
         raw = await resp.read()
-        self.gw.router.success(ep)
+        self.up.router.success(ep)
         message, param = "The model rejected the request.", None
         try:
             err = orjson.loads(raw).get("error") or {}
@@ -259,14 +273,15 @@ class Call:
             usage = doc.get("usage") or {}
         except (orjson.JSONDecodeError, AttributeError):
             raise UpstreamFailure("status_5xx") from None
-        self.gw.router.success(ep)
-        rec = self.rec
+        up, rec = self.up, self.rec
+        up.router.success(ep)
         meter_usage(rec, usage)
         rec.status = 200
         rec.ttlt_ms = (now - self.started) * 1000    # a whole answer has no first token (gateway/sla.py)
-        if self.gw.debug_logging(self.adm.principal):
-            self.gw.keep_debug_log(self, _completion_text(doc))
-        await self.gw.finish(self)       # ledger commit before the client sees the body
+        meter = up.meter
+        if meter.debug_logging(self.adm.principal):
+            meter.keep_debug_log(self.adm, rec, _completion_text(doc))
+        await meter.finish(self.adm, rec)       # ledger commit before the client sees the body
         return Reply(200, self.headers, raw)
 
     def _stream(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
@@ -279,28 +294,28 @@ class Call:
     async def _completed(self, ep: Endpoint, slow: float, text: str | None) -> None:
         """A stream that ended well: the endpoint's health, the debug log, the ledger row
         (committed before the stream's last event reaches the client)."""
-        gw, rec = self.gw, self.rec
+        up, rec = self.up, self.rec
         rec.status = 200
         rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
-        if slow and gw.router.outlier(ep, slow):
-            gw.router.failure(ep)
+        if slow and up.router.outlier(ep, slow):
+            up.router.failure(ep)
             pool = ep.pool
-            gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region, "slow_ttft").inc()
+            up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region, "slow_ttft").inc()
         else:
-            gw.router.success(ep)
+            up.router.success(ep)
         if text is not None:
-            gw.keep_debug_log(self, text)
-        await gw.finish(self)
+            up.meter.keep_debug_log(self.adm, rec, text)
+        await up.meter.finish(self.adm, rec)
 
     def _broken(self, ep: Endpoint, events: SSEReader, e: BaseException) -> tuple[str, str]:
         """A started stream that broke (it is never retried): meter it; (message, code) for the
         error event that ends the client's stream."""
-        gw, rec = self.gw, self.rec
+        up, rec = self.up, self.rec
         timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
         rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
-        gw.router.failure(ep, at_once=timed_out)       # a missed inter-token deadline counts at once
+        up.router.failure(ep, at_once=timed_out)       # a missed inter-token deadline counts at once
         pool = ep.pool
-        gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+        up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                           "stream_" + ("timeout" if timed_out else "reset")).inc()
         return "The model stream was interrupted. Please retry.", "upstream_timeout" if timed_out else "upstream_error"
 
@@ -308,13 +323,13 @@ class Call:
         """A started stream the worker ended with an error event: an attempt that failed after its
         first byte, counted as such (the canary's per-pool SLIs read it: fleet/canary.py)."""
         pool = ep.pool
-        self.gw.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
+        self.up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                                "stream_error_event").inc()
 
     def _closed(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader) -> None:
         """Every stream's end, however it ended."""
-        gw, rec = self.gw, self.rec
-        gw.streams.discard(events)
+        up, rec = self.up, self.rec
+        up.streams.discard(events)
         ep.streams.discard(events)
         self._give_slot()
         ep.outstanding -= 1
@@ -322,21 +337,21 @@ class Call:
         if rec.ttlt_ms is None:
             rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
         if rec.status != 200:
-            gw.finish_soon(self)           # client gone (499) or upstream broke: still one record
-        gw.end_request(self.adm.principal)
+            up.meter.finish_soon(self.adm, rec)           # client gone (499) or upstream broke: still one record
+        up.meter.end(self.adm.held)
 
     async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
                      slow: float = 0.0) -> AsyncIterator[bytes]:
         """Relay a started stream. ``slow``: its TTFT (seconds) if that made it an outlier
         (router.observe_ttft). If it still is one against its peers when the stream ends, the
         endpoint gets a failure instead of a success, though the client is served."""
-        gw, rec, adm = self.gw, self.rec, self.adm
+        up, rec, adm = self.up, self.rec, self.adm
         rec.ttft_ms = (time.perf_counter() - self.started) * 1000
-        keep = gw.debug_logging(adm.principal)
+        keep = up.meter.debug_logging(adm.principal)
         text: list[bytes] = [] if keep else None  # type: ignore[assignment]
         rec.status = 499                       # until the stream ends one way or another
         batch: list[bytes] | None = head
-        gw.streams.add(events)                 # idle gaps: Gateway._idle_loop
+        up.streams.add(events)                 # idle gaps: Gateway._idle_loop
         ep.streams.add(events)                 # ended at once if the endpoint is lost (router.Endpoint.lost)
         # stream_resume (opt-in per tier): what the client got, to continue from it elsewhere if the worker dies
         resume = Resume() if adm.tier.stream_resume and self.route == "chat" and (adm.payload.get("n") or 1) == 1 \
@@ -392,8 +407,8 @@ class Call:
         ``add_generation_prompt: false``), so the new worker writes the rest. Its chunks go out under
         the stream's own id; its usage is rebilled as the one request (the prefix is the client's
         completion, not its prompt). Sets ``resume.done`` when the stream ended with [DONE]."""
-        gw, adm, rec = self.gw, self.adm, self.rec
-        ep = gw.router.pick(rec.served_model or adm.model, {broken}, None, self.region)
+        up, adm, rec = self.up, self.adm, self.rec
+        ep = up.router.pick(rec.served_model or adm.model, {broken}, None, self.region)
         if ep is None or ep.external:          # an external upstream knows no continue_final_message
             return
         left = adm.max_output - resume.tokens if adm.max_output else None
@@ -410,16 +425,16 @@ class Call:
         ep.outstanding += 1
         resp = events = None
         rec.retries += 1
-        gw.metrics.retries.labels(adm.model).inc()
+        up.metrics.retries.labels(adm.model).inc()
         try:
             async with asyncio.timeout(to.ttft_s):
-                resp = await gw.session.post(ep.routes["chat"], data=orjson.dumps(payload), headers=ep.headers,
+                resp = await up.session.post(ep.routes["chat"], data=orjson.dumps(payload), headers=ep.headers,
                                              timeout=_connect_timeout(to.connect_s))
                 if resp.status != 200:
                     return
                 events = SSEReader(resp, to.idle_s)
                 batch = await events.batch()
-            gw.streams.add(events)
+            up.streams.add(events)
             ep.streams.add(events)
             self._at(ep)
             while batch is not None:
@@ -452,10 +467,10 @@ class Call:
                     yield b"".join(out)
                 batch = await events.batch()
         except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError):
-            gw.router.failure(ep)
+            up.router.failure(ep)
         finally:
             if events is not None:
-                gw.streams.discard(events)
+                up.streams.discard(events)
                 ep.streams.discard(events)
             ep.outstanding -= 1
             if resp is not None:
@@ -468,14 +483,14 @@ class Call:
         committed before that last event leaves. A worker's ``response.failed`` or ``error``,
         or a body that ends or breaks before the end, ends the client's stream with one
         ``error`` event of our own (OpenAI's ResponseErrorEvent; nothing names the worker)."""
-        gw, rec, adm = self.gw, self.rec, self.adm
+        up, rec, adm = self.up, self.rec, self.adm
         rec.ttft_ms = (time.perf_counter() - self.started) * 1000
-        keep = gw.debug_logging(adm.principal)
+        keep = up.meter.debug_logging(adm.principal)
         text: list[bytes] = []
         rec.status = 499
         batch: list[bytes] | None = head
         last = head[-1]
-        gw.streams.add(events)
+        up.streams.add(events)
         ep.streams.add(events)
         try:
             while batch is not None:
@@ -633,13 +648,13 @@ class SSEReader:
                 return out
 
 
-def request_region(gw: Gateway, headers) -> str | None:
+def request_region(router: Router, headers: Mapping[str, str]) -> str | None:
     """The region a request is served in: its x-infermesh-region header when it names a region
     the routing serves, else the gateway's own (None: anywhere)."""
     asked = headers.get("x-infermesh-region")
-    if asked is not None and asked in gw.router.regions:
+    if asked is not None and asked in router.regions:
         return asked
-    return gw.router.home_region
+    return router.home_region
 
 
 @functools.cache

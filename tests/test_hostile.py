@@ -356,7 +356,7 @@ async def test_an_unexpected_exception_is_a_metered_500(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(gw, "check_model", boom)
+    monkeypatch.setattr(gw.admission, "check_model", boom)
     body = _chat(key)
     sent = False
 
@@ -379,4 +379,4 @@ async def test_an_unexpected_exception_is_a_metered_500(tmp_path, monkeypatch):
         "infermesh_requests_total", {"route": "chat", "status_class": "5xx", "model": "demo-mini", "pool": "",
                                      "provider": "", "region": "", "tier": "pro"})
     assert sample == 1.0, [m.samples for m in gw.metrics.registry.collect() if m.name == "infermesh_requests"]
-    assert gw.door.tenants == {} and gw.in_flight == 0     # nothing held after the failure
+    assert gw.door.tenants == {} and gw.in_flight.n == 0     # nothing held after the failure
