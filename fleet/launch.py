@@ -81,6 +81,8 @@ class WorkerLaunch(TypedDict):
     """Countries the lease's region stands for."""
     channel: str
     """mtls (container leases: the API port is published, TLS required) or wireguard (SSH hosts)."""
+    ssh_keys: Sequence[str]
+    """SSH hosts: the operator's public keys, registered on the marketplace account where it takes them."""
 
 
 def worker_launch(spec: Spec, lease: Lease) -> WorkerLaunch:
@@ -100,7 +102,7 @@ def worker_launch(spec: Spec, lease: Lease) -> WorkerLaunch:
     region = next((r for r in spec.regions if r.name == lease.region), None)
     return WorkerLaunch(args=args, env=env, disk_gb=disk_gb(spec, pool),
                         countries=list(countries_for(lease.region, region.location if region else "")),
-                        channel=channel)
+                        channel=channel, ssh_keys=list(spec.ssh_public_keys) if lease.connection == "ssh" else [])
 
 
 def sim_command(spec: Spec, pool: Pool, python: str, host: str, port: int, tls: TlsFiles | None) -> list[str]:

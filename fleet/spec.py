@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -44,6 +45,26 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 # Prices, fees and costs: a number written as a number (not a quoted string, not true/false), finite and
 # never negative; anything else is refused naming the field (docs/money.md).
 Money = Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]
+
+
+def _openssh_public_key(text: str) -> str:
+    """One OpenSSH public key line (``ssh-ed25519 AAAA... comment``), as ~/.ssh/id_*.pub holds it."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    line = text.strip()
+    if "\n" in line or "PRIVATE KEY" in line:
+        raise ValueError("one OpenSSH public key per entry (the .pub file's line), never a private key")
+    try:
+        load_ssh_public_key(line.encode())
+    except Exception:  # noqa: BLE001 - ValueError, UnsupportedAlgorithm: either way not a key we can use
+        shown = repr(line[:40]) + ("..." if len(line) > 40 else "")
+        raise ValueError(f"not an OpenSSH public key: {shown} (give the line of a .pub file, e.g. "
+                         "`ssh-ed25519 AAAAC3Nza... you@host`)") from None
+    return line
+
+
+# An operator's SSH public key (spec field ``ssh_public_keys``).
+SshPublicKey = Annotated[str, AfterValidator(_openssh_public_key)]
 
 # GPU types the plan knows, with their memory in GiB. A stack may add its own under `gpus`.
 GPU_VRAM_GB: dict[str, float] = {
@@ -460,6 +481,9 @@ class Spec(_Strict):
     canary: Canary | None = None
     delivery: Delivery = Delivery()
     allow_sim_workers: bool = False            # bootstrap may accept hosts without a GPU
+    # The operator's SSH public keys: registered on a marketplace account for its SSH-host pools where the
+    # marketplace takes account keys (RunPod: added to the account's keys, none removed; docs/leases.md)
+    ssh_public_keys: list[SshPublicKey] = []
     local_port_base: Annotated[int, Field(ge=1024, le=65000)] = 9100  # local workers' first port
     secrets: dict[str, str] = Field(default={}, repr=False)  # resolved `infermesh:<name>` secrets
 

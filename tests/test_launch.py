@@ -133,3 +133,25 @@ def test_launch_is_a_pure_function_of_the_spec():
 def test_channel_per_provider_kind(kind, connection, channel):
     from fleet.kinds import channel_for
     assert channel_for(kind, connection) == channel
+
+
+def test_ssh_hosts_carry_the_operators_keys_and_a_bad_key_is_one_clear_error():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + " op@laptop"
+    config = _config(connection="ssh")
+    config["ssh_public_keys"] = [f"  {key}\n"]
+    spec = _spec(config)
+    assert spec.ssh_public_keys == [key]
+    plan = build_plan(spec)
+    for lease in plan.leases:
+        assert worker_launch(spec, lease)["ssh_keys"] == ([key] if lease.connection == "ssh" else [])
+    assert any(x.connection == "ssh" for x in plan.leases)
+    for bad, why in (("ssh-ed25519 AAAAnot-base64-at-all op@laptop", "not an OpenSSH public key"),
+                     ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE=\n", "never a private key"),
+                     ("", "not an OpenSSH public key")):
+        config["ssh_public_keys"] = [key, bad]
+        with pytest.raises(spec_mod.SpecError, match=rf"^<config>: ssh_public_keys\[1\]: .*{why}"):
+            _spec(config)

@@ -824,3 +824,66 @@ def test_vast_waiters_share_one_listing_per_round(vast, sleeps):
     before = len(vast.requests)
     assert a.wait_running(third.lease_id).status == "running"
     assert {r["path"] for r in vast.requests[before:]} == {"/api/v0/instances/"}
+
+
+# ==== RunPod: the operator's SSH keys on the account (GET/PUT /v2/account/ssh-keys) ======================
+
+def openssh_key(comment: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    raw = Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                 serialization.PublicFormat.OpenSSH)
+    return f"{raw.decode()} {comment}"
+
+
+def test_runpod_ssh_keys_are_added_to_the_account_never_removed(runpod, sleeps):
+    """PUT replaces the account's whole set: the adapter reads it, adds what is missing, keeps every key
+    there (the operator's others, a teammate's), and writes nothing when nothing is missing."""
+    theirs, ours, again = openssh_key("teammate@box"), openssh_key("op@laptop"), openssh_key("op@desk")
+    runpod.ssh_keys = [theirs]
+    a = adapter(RunPod, runpod, sleeps)
+    assert a.register_ssh_keys([ours, again]) == [ours, again]
+    [put] = runpod.calls("PUT", r"/v2/account/ssh-keys$")
+    assert put["body"] == {"keys": [theirs, ours, again]} and runpod.ssh_keys == [theirs, ours, again]
+    # idempotent: a second run (and a key whose comment differs) reads, and writes nothing
+    renamed = " ".join(ours.split()[:2]) + " op@other-name"
+    assert a.register_ssh_keys([ours, renamed, again]) == [] and len(runpod.calls("PUT")) == 1
+    # a key removed by hand meanwhile comes back; the others stay
+    runpod.ssh_keys = [again, theirs]
+    assert a.register_ssh_keys([ours, again]) == [ours]
+    assert runpod.ssh_keys == [again, theirs, ours]
+    # an SSH pod gets the account's keys
+    state = a.create(request(label="infermesh--prod--ssh-0--0123abcd", cap=1.0, ssh=True, ports=()))
+    assert set(runpod.pods[state.lease_id]["env"]["PUBLIC_KEY"].splitlines()) == {again, theirs, ours}
+
+
+def test_runpod_ssh_keys_unreadable_answer_writes_nothing(runpod, sleeps):
+    runpod.ssh_keys = [openssh_key("teammate@box")]
+    runpod.route = _keys_answer_as(runpod, {"data": []})                  # a 200 without {"keys": [...]}
+    with pytest.raises(ProviderError, match=r"left as they are"):
+        adapter(RunPod, runpod, sleeps).register_ssh_keys([openssh_key("op@laptop")])
+    assert runpod.calls("PUT") == [] and len(runpod.ssh_keys) == 1
+
+
+def _keys_answer_as(fake, body):
+    route = fake.route
+
+    def answer(method, path, query, req_body):
+        if method == "GET" and path == "/v2/account/ssh-keys":
+            return 200, body, {}
+        return route(method, path, query, req_body)
+
+    return answer
+
+
+def test_runpod_refused_key_is_not_out_of_capacity(runpod, sleeps):
+    with pytest.raises(ProviderError, match=r"refused the keys") as e:
+        adapter(RunPod, runpod, sleeps).register_ssh_keys(["ssh-ed25519 AAAAnot-a-key op@laptop"])
+    assert not isinstance(e.value, OutOfCapacity) and "ssh_public_keys" in e.value.fix and runpod.ssh_keys == []
+
+
+def test_other_marketplaces_register_no_account_keys(vast, akash, sleeps):
+    assert vast_adapter(vast, sleeps).register_ssh_keys([openssh_key("op@laptop")]) == []
+    assert akash_adapter(akash, sleeps).register_ssh_keys([openssh_key("op@laptop")]) == []
+    assert not vast.calls("POST", "/ssh/") and not vast.calls("PUT")

@@ -126,7 +126,7 @@ class Mocks(pulumi.runtime.Mocks):
             outs.update(lease_id=f"{args.name}-id", status="running", raw_status="running",
                         endpoint_host=f"198.51.100.{n}", endpoint_port=31820, ssh_host=f"198.51.100.{n}",
                         ssh_port=22022, ssh_user="root", price_per_hour=0.4)
-        elif args.typ == "tls:index/privateKey:PrivateKey":        # pulumi-tls: real PEMs (the CA signs), the key secret
+        elif args.typ == "tls:index/privateKey:PrivateKey":        # pulumi-tls: real PEMs (the CA signs), secret
             outs.update(private_key_pem={SIG: SECRET_SIG, "value": mock_key(args.name)})
         elif args.typ == "tls:index/certRequest:CertRequest":
             outs.update(cert_request_pem=f"-----BEGIN CERTIFICATE REQUEST-----\n{args.name}\n")
@@ -438,6 +438,9 @@ def test_gateway_statefulset_hpa_pdb_images(runs, stack):
     assert headless.inputs["spec"]["clusterIP"] == "None"
     assert headless.inputs["spec"]["selector"].items() <= sts.inputs["spec"]["template"]["metadata"]["labels"].items()
     assert not run.mocks.of_type("kubernetes:apps/v1:Deployment")
+    # no WireGuard worker in these stacks: the pods are no mesh peers (no sidecar, no NET_ADMIN, no mesh key
+    # mounted anywhere; tests/test_gateway_mesh.py has a stack that is)
+    assert "initContainers" not in pod and {v["name"] for v in pod["volumes"]} <= {"routing", "channel-tls"}
     # a terminating pod keeps serving through preStop, then drains its streams within the grace period
     from fleet.components.gateway import PRESTOP_S
     assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": PRESTOP_S}}
@@ -966,6 +969,37 @@ def test_private_registry_access_reaches_the_marketplace_as_a_secret(monkeypatch
     host.create(inputs)
     [put] = fakes["vastai"].calls("PUT")
     assert put["body"]["image_login"] == "test-secret-vast-registry"
+
+
+def test_an_ssh_pool_on_runpod_registers_the_operators_keys_and_drops_none(monkeypatch, tmp_path, fakes):
+    """ssh_public_keys reach the RunPod SSH leases as an input; creating them adds the missing keys to the
+    account (one PUT, every key already there kept) before the pod starts, and nothing when all are there."""
+    from tests.engine import EngineHost
+    from tests.test_marketplaces import openssh_key
+
+    ours, theirs = openssh_key("op@laptop"), openssh_key("teammate@box")
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.staging.yaml").read_text())
+    runpod = next(p for p in doc["config"]["infermesh:providers"] if p["kind"] == "runpod")
+    for pool in doc["config"]["infermesh:pools"]:
+        if pool["provider"] == runpod["name"]:
+            pool["connection"] = "ssh"
+    doc["config"]["infermesh:ssh_public_keys"] = [ours]
+    (tmp_path / "Pulumi.sshkeys.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = run_program("sshkeys", monkeypatch, stacks_dir=tmp_path)
+    leases = [p for p in recorded_leases(run) if p["provider_kind"] == "runpod"]
+    assert leases and all(p["ssh_keys"] == [ours] and p["connection"] == "ssh" for p in leases)
+    assert all("ssh_keys" not in p for p in recorded_leases(run) if p["provider_kind"] != "runpod")
+    fakes["runpod"].ssh_keys = [theirs]
+    host = EngineHost(stack_config("sshkeys", tmp_path)[0])
+    for props in leases:
+        inputs, failures = host.check({}, props)
+        assert failures == []
+        lease_id, outs = host.create(inputs)
+        pod = fakes["runpod"].pods[lease_id]
+        assert pod["env"]["PUBLIC_KEY"].splitlines() == [theirs, ours]
+        assert host.update(lease_id, outs, inputs)["lease_id"] == lease_id       # keys there: nothing written
+    [put] = fakes["runpod"].calls("PUT", r"/v2/account/ssh-keys$")
+    assert put["body"] == {"keys": [theirs, ours]} and fakes["runpod"].ssh_keys == [theirs, ours]
 
 
 @pytest.mark.parametrize("stack", ["staging", "prod"])

@@ -79,14 +79,15 @@ REPLACE_ON = ("provider_kind", "project", "stack", "name", "gpu_type", "gpu_coun
 TLS_ONLY = ("tls_name", "tls_ca", "tls_epoch")
 # Inputs that only change how we judge or reach the lease, or how the next one is rented: updated in place.
 UPDATE_ON = ("price_cap", "price_per_gpu_hour", "wait_s", "credentials", "provider_version", "base_url",
-             "countries", "disk_gb", "min_cuda", "registry", "tls_ca_key", "tls_days", "tls_renew_days")
+             "countries", "disk_gb", "min_cuda", "registry", "tls_ca_key", "tls_days", "tls_renew_days",
+             "ssh_keys")
 # min_cuda: the worker image's CUDA runtime (vLLM 0.12.0 is built on CUDA 12.9); hosts whose driver
 # cannot run it are filtered out where the marketplace can filter (Vast cuda_max_good, RunPod minCudaVersion).
 DEFAULTS: dict[str, Any] = {"countries": [], "args": [], "env": {}, "ports": [], "disk_gb": 60,
                             "connection": "container", "wait_s": 900, "base_url": None, "price_per_gpu_hour": None,
                             "provider_version": PROVIDER_VERSION, "min_cuda": "12.9", "registry": "",
                             "tls_name": None, "tls_ca": None, "tls_ca_key": None, "tls_days": None,
-                            "tls_renew_days": None, "tls_epoch": None}
+                            "tls_renew_days": None, "tls_epoch": None, "ssh_keys": []}
 WHOLE = {"gpu_count": 1, "disk_gb": 1, "wait_s": 0}          # integer inputs and their minimum
 OUTPUTS = ("lease_id", "status", "raw_status", "price_per_hour", "endpoint_host", "endpoint_port", "ssh_host",
            "ssh_port", "ssh_user")
@@ -277,6 +278,7 @@ class LeaseProvider(ResourceProvider):
             args=tuple(props.get("args") or ()), env=dict(props.get("env") or {}), ports=tuple(ports),
             disk_gb=int(float(props.get("disk_gb") or 60)), ssh=props.get("connection") == "ssh",
             min_cuda=str(props.get("min_cuda") or ""), registry=str(props.get("registry") or ""),
+            ssh_keys=tuple(str(k) for k in props.get("ssh_keys") or ()),
         )
 
     @staticmethod
@@ -333,6 +335,12 @@ class LeaseProvider(ResourceProvider):
                     fail("ports", f"{spec!r} is not PORT/tcp|udp|http")
         if props.get("tls_name") is not None:
             self._check_tls(props, fail)
+        keys = props.get("ssh_keys")
+        if _known(keys):
+            if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) and k.strip() for k in keys):
+                fail("ssh_keys", "must be a list of OpenSSH public keys")
+            else:
+                props["ssh_keys"] = [k.strip() for k in keys]
         known = all(_known(props.get(k, DEFAULTS.get(k))) for k in REPLACE_ON)
         if not failures:
             props["label"] = lease_label(props) if known else rpc.UNKNOWN
@@ -392,6 +400,8 @@ class LeaseProvider(ResourceProvider):
             # the CA's certificate and the lease's one-time token: the env holds nothing else of the channel
             request = dataclasses.replace(request, env={**request.env, **bootstrap_env(
                 str(props["tls_ca"]), str(props["tls_ca_key"]), request.label)})
+        if request.ssh and request.ssh_keys:
+            adapter.register_ssh_keys(request.ssh_keys)        # before the host starts: it takes the account's keys
         wait_s = float(props.get("wait_s") or 0)
         state = adapter.rent(request, wait_s=wait_s, audit_hint=hint)
         if mtls:
@@ -446,7 +456,11 @@ class LeaseProvider(ResourceProvider):
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         from fleet.marketplaces import PriceAboveCap
 
-        state = self.adapter(news).status(id_)
+        adapter = self.adapter(news)
+        request = self.request(news)
+        if request.ssh and request.ssh_keys:
+            adapter.register_ssh_keys(request.ssh_keys)        # a key added since: on the account for new hosts
+        state = adapter.status(id_)
         cap, price = news.get("price_cap"), state.price_per_hour
         count = whole(news.get("gpu_count")) or 1
         if cap is not None and price is not None and price / count > float(cap) + 1e-9:
@@ -537,6 +551,8 @@ class GpuLeaseArgs(TypedDict):
     """Lowest CUDA version the image needs from the host (default 12.9, the worker image's)."""
     registry: NotRequired[pulumi.Input[str]]
     """Private registry access (secret): Vast ``image_login`` text or a RunPod registry credential id."""
+    ssh_keys: NotRequired[pulumi.Input[Sequence[str]]]
+    """SSH hosts: the operator's OpenSSH public keys, added to the marketplace account's keys (RunPod)."""
     tls_name: NotRequired[pulumi.Input[str]]
     """On the mTLS channel: the name the worker's certificate carries (fleet.channel.worker_server_name)."""
     tls_ca: NotRequired[pulumi.Input[str]]
@@ -588,6 +604,8 @@ class GpuLease(pulumi.ComponentResource):
             "registry": pulumi.Output.secret(args.get("registry", "")),
             "provider_version": PROVIDER_VERSION,
         }
+        if args.get("ssh_keys"):
+            props["ssh_keys"] = args["ssh_keys"]
         if args.get("tls_name") is not None:
             missing = [k for k in ("tls_ca", "tls_ca_key", "tls_days", "tls_renew_days") if args.get(k) is None]
             if missing:

@@ -122,6 +122,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 **({"registry": args["registry"][lease.provider]}
                    if lease.provider in args.get("registry", {}) else {}),
                 **channel,
+                **({"ssh_keys": list(launch["ssh_keys"])} if launch.get("ssh_keys") else {}),
             }, pulumi.ResourceOptions(parent=self, depends_on=[self.leases[w]] if (w := waits_for[lease.name]) else []))
         ssh = [x for x in args["leases"] if x.connection == "ssh"]
         self.inventory = pulumi.Output.all(*[

@@ -198,6 +198,9 @@ class LeaseRequest:
     # Private image registry: Vast's ``image_login`` ("-u USER -p TOKEN HOST"), RunPod's registry
     # credential id; "" for a public image.
     registry: str = field(default="", repr=False)
+    # SSH hosts: the operator's OpenSSH public keys, added to the account's keys where the marketplace
+    # injects account keys into a host (RunPod); never one removed.
+    ssh_keys: tuple[str, ...] = ()
 
     def cap_total(self) -> float | None:
         return None if self.price_cap_per_gpu_hour is None else self.price_cap_per_gpu_hour * self.gpu_count
@@ -501,6 +504,11 @@ class Marketplace(ABC):
     @abstractmethod
     def _launch(self, request: LeaseRequest, offer: Offer) -> str:
         """Rent this offer; return the lease id. Raises OutOfCapacity when the offer is gone."""
+
+    def register_ssh_keys(self, keys: tuple[str, ...] | list[str]) -> list[str]:
+        """Make sure the account holds these SSH public keys for the SSH hosts it starts; the keys added
+        (none where the marketplace has no account keys, or they are all there). Never removes one."""
+        return []
 
     # -- one listing per marketplace account per process --
     def _listing_key(self) -> tuple[str, str, str]:

@@ -10,6 +10,9 @@ list    GET  /v2/pods -> {"pods": [...]}; ``find`` matches ``name`` (our label) 
 status  GET  /v2/pods/{id}: status PROVISIONING|STARTING -> pending, RUNNING -> running,
         EXITED|ERROR|TERMINATED -> dead; endpoint from ``runtime.ports``
 destroy DELETE /v2/pods/{id} -> 204
+ssh     GET  /v2/account/ssh-keys -> {"keys": [...]}; PUT the same shape replaces the WHOLE set: an SSH
+        pod (``startSsh``) gets the account's keys (``PUBLIC_KEY``), so ``register_ssh_keys`` reads
+        them, and PUTs their union with ours only when one of ours is missing (never one removed)
 
 RunPod has no per-host offers and no bid: an "offer" is a GPU type with its on-demand price per
 GPU and its availability. The price cap is checked against the catalog before create and against
@@ -83,6 +86,38 @@ class RunPod(Marketplace):
                                                                             _NO_CAPACITY.search(detail)):
             return OutOfCapacity(f"runpod: {detail.strip()}", provider=self.kind, status=status)
         return None
+
+    def account_ssh_keys(self) -> list[str]:
+        resp = self.http.request("GET", "/v2/account/ssh-keys")
+        keys = resp.body.get("keys") if isinstance(resp.body, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            # Writing back a list we misread would replace the account's keys with it: stop here.
+            raise ProviderError(f"runpod: GET /v2/account/ssh-keys: expected {{'keys': [str]}} in "
+                                f"{str(resp.body)[:200]}; the account's keys are left as they are", provider=self.kind)
+        return keys
+
+    def register_ssh_keys(self, keys: tuple[str, ...] | list[str]) -> list[str]:
+        """Add our SSH public keys to the account's (PUT replaces the whole set, so: read, union, PUT only
+        when one is missing). A key counts as there when its type and body are, whatever its comment. The
+        PUT is not resent on an unclear outcome (the next `pulumi up` reads afresh), so it cannot undo a
+        change made meanwhile more than once; RunPod offers no conditional write [U: GUESSES]."""
+        have = self.account_ssh_keys()
+        present = {_key_id(k) for k in have}
+        missing, seen = [], set(present)
+        for key in keys:
+            if _key_id(key) not in seen:
+                missing.append(key.strip())
+                seen.add(_key_id(key))
+        if missing:
+            try:
+                self.http.request("PUT", "/v2/account/ssh-keys", json_body={"keys": [*have, *missing]},
+                                  ok=(200, 204))
+            except OutOfCapacity as e:          # a 400 here is RunPod refusing the keys, not capacity
+                err = ProviderError(f"runpod: PUT /v2/account/ssh-keys refused the keys: {e}", provider=self.kind,
+                                    status=400)
+                err.fix = "check the stack's ssh_public_keys (each the line of an OpenSSH .pub file)"
+                raise err from None
+        return missing
 
     def search(self, request: LeaseRequest) -> list[Offer]:
         gpu_id = GPU_IDS.get(request.gpu_type)
@@ -197,6 +232,11 @@ class RunPod(Marketplace):
             endpoints=endpoints, ssh=ssh, ssh_user=str(direct.get("username") or "root") if direct else "root",
             raw=dict(pod),
         )
+
+
+def _key_id(key: str) -> tuple[str, ...]:
+    """An OpenSSH public key line without its comment: (type, base64 body)."""
+    return tuple(key.split()[:2])
 
 
 def _quote(arg: str) -> str:

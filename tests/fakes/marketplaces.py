@@ -38,6 +38,8 @@ place that lists them (the adapters' docstrings point here):
   (``ListDeploymentsResponseSchema``). ``signedBy`` in the placement is accepted as ``{anyOf: [...]}``.
 - RunPod: a capacity error at create is a 400 with only a human ``detail`` (the spec says so; its
   wording is ours). Which data center has room is decided per call (``full_centers``).
+  ``PUT /v2/account/ssh-keys`` answers 200 with the new ``{"keys": [...]}`` (the adapter does not read it),
+  and a key that is not an OpenSSH public key gets a 400; there is no conditional write (If-Match).
 - Rate limits: a fixed count of 429s (``rate_limit``), not a time window.
 """
 
@@ -712,6 +714,7 @@ class FakeRunPod(FakeServer):
         self.billed_markup = 0.0            # the pod bills more than the catalog said
         self.full_centers: set[str] = set()  # data centers that answer a create with the capacity 400
         self.balance_low = False            # 402 on create
+        self.ssh_keys: list[str] = []       # the account's SSH public keys (GET/PUT /v2/account/ssh-keys)
         self._reads: dict[str, int] = {}
 
     def kill(self, pod_id: str, status: str = "ERROR") -> None:
@@ -742,6 +745,17 @@ class FakeRunPod(FakeServer):
             return self.create(body)
         if path == "/v2/pods" and method == "GET":
             return 200, {"pods": [self.view(p) for p in self.pods.values()]}, {}
+        if path == "/v2/account/ssh-keys" and method == "GET":
+            return 200, {"keys": list(self.ssh_keys)}, {}
+        if path == "/v2/account/ssh-keys" and method == "PUT":
+            # The documented shape {"keys": [...]}: it REPLACES the account's whole set.
+            _require(isinstance(body, dict) and set(body) == {"keys"} and isinstance(body["keys"], list)
+                     and all(isinstance(k, str) for k in body["keys"]),
+                     "Request validation failed: body is {keys: [string]}", 422)
+            for key in body["keys"]:
+                _require(_openssh_key(key), f"invalid public key: {key[:40]}")
+            self.ssh_keys = list(body["keys"])
+            return 200, {"keys": list(self.ssh_keys)}, {}
         if (m := re.fullmatch(r"/v2/pods/([a-z0-9]+)", path)):
             pod_id = m.group(1)
             if pod_id not in self.pods:
@@ -810,6 +824,8 @@ class FakeRunPod(FakeServer):
             return self.error(400, "There are no longer any instances available with the requested specifications. "
                                    "Please refresh and try again.")
         pod_id = f"pod{self.new_id()}"
+        if body.get("startSsh") and self.ssh_keys:
+            env = {**env, "PUBLIC_KEY": "\n".join(self.ssh_keys)}     # the account's keys, into the pod
         self.pods[pod_id] = {
             "id": pod_id, "name": body["name"], "status": "PROVISIONING", "actions": ["stop", "terminate"],
             "image": body["image"], "args": body.get("args", ""), "disk": body.get("disk", 50), "ports": ports,
@@ -860,6 +876,16 @@ class FakeRunPod(FakeServer):
     @staticmethod
     def view(pod: dict[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(pod))
+
+
+def _openssh_key(text: str) -> bool:
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    try:
+        load_ssh_public_key(text.strip().encode())
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure: not a key
+        return False
 
 
 def _version(text: str) -> tuple[int, ...]:
