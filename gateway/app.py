@@ -111,7 +111,8 @@ class Gateway:
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         # each mTLS endpoint's own SSLContext, by its address (gateway/channel.py)
-        connector = ChannelConnector(self.router, limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        connector = self._connector = ChannelConnector(self.router, limit=0, ttl_dns_cache=300,
+                                                       keepalive_timeout=30)
         # workers set no cookies: DummyCookieJar skips aiohttp's cookie filtering on every request
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
@@ -162,7 +163,7 @@ class Gateway:
         if self._status is None or now - self._status[0] > STATUS_CACHE_S:
             await self.roll_up()
             days = await asyncio.to_thread(sla.status, self.state.sla_query(), self.spec)
-            live = {}
+            live: dict[tuple[str, str], tuple[int, int]] = {}     # (model, region) -> (available, endpoints)
             t = time.monotonic()
             for m in self.router.models.values():
                 for p in m.pools:
@@ -228,7 +229,7 @@ class Gateway:
             # a new routing config, or renewed TLS material under it (a rotated Secret): apply, check at once
             if self._mtime() != self._routing_mtime or channel.material_changed(self.router):
                 self.reload_routing()
-                self.session.connector.forget_stale()
+                self._connector.forget_stale()
                 await self.router.check_all(self.session)
 
     async def _health_loop(self) -> None:

@@ -177,7 +177,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, limits: ProbeLimit
         return done("reset")
     if not content:
         return done("content")
-    if ttft > limits.ttft_s:
+    if ttft is not None and ttft > limits.ttft_s:     # (content means a first token: ttft is set)
         return done("ttft")
     return done("pass")
 

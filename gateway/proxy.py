@@ -203,18 +203,19 @@ class Call:
                         return await self._whole(ep, resp)
                     responses = self.route == "responses"
                     events = SSEReader(resp, to.idle_s, keep_event=responses)
+                    head: list[bytes] = []           # the events before content (Responses API), then the first
                     first = await events.next()
-                    head = [first]
                     while responses and first is not None and event_type(first) in PREAMBLE:
-                        first = await events.next()      # held back until content arrives
                         head.append(first)
+                        first = await events.next()      # held back until content arrives
                     if first is None:
                         raise UpstreamFailure("reset")
+                    head.append(first)
                     if responses and event_type(first) in RESPONSE_FAILED:
                         raise UpstreamFailure("status_5xx")   # failed before any output: worth a retry
                     ttft = time.perf_counter() - sent
                     slow = ttft if up.router.observe_ttft(ep, ttft) else 0.0
-                    waits.discard(expiry)
+                    ep.stream_waits.discard(expiry)
             except TimeoutError:
                 raise UpstreamFailure("timeout" if ep.available(time.monotonic()) else "unhealthy") from None
             except aiohttp.ClientConnectorError:
