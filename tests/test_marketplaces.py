@@ -8,6 +8,7 @@ giving up after N tries, and a lease that dies. No test sleeps: adapters take an
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -887,3 +888,110 @@ def test_other_marketplaces_register_no_account_keys(vast, akash, sleeps):
     assert vast_adapter(vast, sleeps).register_ssh_keys([openssh_key("op@laptop")]) == []
     assert akash_adapter(akash, sleeps).register_ssh_keys([openssh_key("op@laptop")]) == []
     assert not vast.calls("POST", "/ssh/") and not vast.calls("PUT")
+
+
+# ==== `infermesh leases audit` against `pulumi stack export` (a FAKE pulumi first on PATH) ================
+
+FAKE_PULUMI = """#!/bin/sh
+# FAKE pulumi for tests/test_marketplaces.py: records its arguments, then answers as the scenario says.
+printf '%s\\n' "$*" >> "{calls}"
+{body}
+"""
+
+
+def recorded_export(lease_id: str) -> dict:
+    """A `pulumi stack export` document (format v3) as the Pulumi CLI prints it, with one GpuLease; secret
+    outputs as the CLI writes them (a signature key and ciphertext)."""
+    secret = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270", "ciphertext": "v1:AAAA"}
+    lease_urn = ("urn:pulumi:prod::infermesh::infermesh:fleet:WorkerFleet$infermesh:fleet:GpuLease$"
+                 "pulumi-python:dynamic/infermesh:GpuLease::qwen-vast-0-lease")
+    return {"version": 3, "deployment": {
+        "manifest": {"time": "2026-12-01T10:00:00.000000+00:00", "magic": "0" * 64, "version": "v3.140.0"},
+        "secrets_providers": {"type": "passphrase", "state": {"salt": "v1:c2FsdA==:v1:AAAA:BBBB"}},
+        "resources": [
+            {"urn": "urn:pulumi:prod::infermesh::pulumi:pulumi:Stack::infermesh-prod", "custom": False,
+             "type": "pulumi:pulumi:Stack", "outputs": {"endpoint": "https://api.example/v1"}},
+            {"urn": "urn:pulumi:prod::infermesh::pulumi:providers:pulumi-python::default", "custom": True,
+             "id": "5f1c9a7e-0000-4000-8000-000000000000", "type": "pulumi:providers:pulumi-python"},
+            {"urn": lease_urn, "custom": True, "id": lease_id, "type": "pulumi-python:dynamic/infermesh:GpuLease",
+             "inputs": {"name": "qwen-vast-0", "env": secret}, "outputs": {"lease_id": lease_id, "env": secret,
+                                                                         "status": "running"},
+             "parent": "urn:pulumi:prod::infermesh::infermesh:fleet:WorkerFleet$infermesh:fleet:GpuLease::qwen-vast-0"},
+        ]}}
+
+
+@pytest.fixture
+def fake_pulumi(tmp_path, monkeypatch):
+    """Puts a FAKE `pulumi` first on PATH; ``fake_pulumi(body)`` sets what it does (a shell snippet)."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "pulumi-calls"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    def install(body: str) -> Path:
+        script = bin_dir / "pulumi"
+        script.write_text(FAKE_PULUMI.format(calls=calls, body=body))
+        script.chmod(0o755)
+        return calls
+
+    return install
+
+
+def test_audit_reads_the_state_from_pulumi_stack_export(vast, sleeps, tmp_path, monkeypatch, capsys, fake_pulumi):
+    import json
+
+    from infermesh_cli.main import main
+
+    vast.keep_offers = True
+    a = market_adapter("vastai", vast, sleeps)
+    kept = a.create(stack_request(name="qwen-vast-0"))
+    stray = a.create(stack_request(name="qwen-vast-9"))
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(recorded_export(kept.lease_id), indent=4))
+    calls = fake_pulumi(f'cat "{export}"')
+    for env in ("RUNPOD_API_KEY", "AKASH_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("VASTAI_API_KEY", KEY)
+    monkeypatch.setenv("INFERMESH_VASTAI_BASE_URL", vast.url + "/api/v0")
+    assert main(["leases", "audit", "--stack", "prod"]) == 1
+    out = capsys.readouterr().out
+    assert calls.read_text().splitlines() == ["stack export --stack prod"]
+    assert "against the stack's state:" in out and "vastai: 1 unknown" in out
+    assert f"  {stray.lease_id}  {stray.label}  " in out and f"  {kept.lease_id}  " not in out
+    assert "runpod: skipped: no credentials (set RUNPOD_API_KEY)" in out
+
+
+@pytest.mark.parametrize("scenario, body, said", [
+    ("no such stack", "echo \"error: no stack named 'prod' found\" >&2; exit 255",
+     "failed (exit status 255: error: no stack named 'prod' found); pass --state FILE instead"),
+    ("not logged in", "echo 'error: PULUMI_ACCESS_TOKEN must be set for login during non-interactive CLI sessions'"
+                      " >&2; exit 1",
+     "failed (exit status 1: error: PULUMI_ACCESS_TOKEN must be set for login during non-interactive CLI sessions)"),
+    ("silent failure", "exit 3", "failed (exit status 3); pass --state FILE instead"),
+    ("not an export", "echo 'Current stack is prod'", "printed no export document (JSONDecodeError: "),
+])
+def test_audit_says_in_one_line_when_pulumi_stack_export_fails(scenario, body, said, monkeypatch, capsys,
+                                                               fake_pulumi):
+    from infermesh_cli.main import main
+
+    for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    fake_pulumi(body)
+    assert main(["leases", "audit", "--stack", "prod"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and captured.out == "", scenario
+    assert err.startswith("infermesh leases: `pulumi stack export --stack prod` ") and said in err, err
+
+
+def test_audit_without_the_pulumi_cli_says_it_uses_the_plan(monkeypatch, capsys, tmp_path):
+    from infermesh_cli.main import main
+
+    for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))            # no pulumi anywhere on PATH
+    assert main(["leases", "audit", "--stack", "prod"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("leases labelled with stack prod, against the plan (no state: pass --state FILE, or install "
+                     "the Pulumi CLI, for an exact audit):")

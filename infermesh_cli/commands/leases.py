@@ -116,12 +116,21 @@ def load_state(stack: str, path: Path | None) -> set[str] | None:
             raise UserError(f"--state {path}: not a `pulumi stack export` JSON file ({e})") from None
     if shutil.which("pulumi") is None:
         return None
+    what = f"`pulumi stack export --stack {stack}`"
     try:
-        out = subprocess.run(["pulumi", "stack", "export", "--stack", stack], capture_output=True, text=True,
-                             timeout=120, check=True).stdout
-        return state_lease_ids(json.loads(out))
-    except (subprocess.SubprocessError, json.JSONDecodeError, OSError) as e:
-        raise UserError(f"`pulumi stack export --stack {stack}` failed ({e}); pass --state FILE instead") from None
+        done = subprocess.run(["pulumi", "stack", "export", "--stack", stack], capture_output=True, text=True,
+                              timeout=120)
+    except (subprocess.SubprocessError, OSError) as e:
+        raise UserError(f"{what} failed ({e}); pass --state FILE instead") from None
+    if done.returncode != 0:
+        said = [line.strip() for line in done.stderr.splitlines() if line.strip()]      # pulumi's own reason
+        why = f"exit status {done.returncode}" + (f": {said[-1][:200]}" if said else "")
+        raise UserError(f"{what} failed ({why}); pass --state FILE instead")
+    try:
+        return state_lease_ids(json.loads(done.stdout))
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise UserError(f"{what} printed no export document ({type(e).__name__}: {e}); pass --state FILE "
+                        "instead") from None
 
 
 def default_adapters() -> dict[str, Callable[[], object] | str]:
