@@ -293,7 +293,7 @@ class Gateway:
         try:
             adm = await self.admission.admit(request, route, held, rec, headers)
             call = Call(self.upstreams, adm, route, rid, started, rec, headers,
-                        region=request_region(self.router, request.headers))     # gateway/router.py: regions
+                        region=request_region(self.router, request.headers, principal.region))   # header, key, gateway
             return await call.run()
         except ApiError as e:
             return await self.meter.refused(e, rec, adm, headers, started)

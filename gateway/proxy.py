@@ -649,12 +649,13 @@ class SSEReader:
                 return out
 
 
-def request_region(router: Router, headers: Mapping[str, str]) -> str | None:
+def request_region(router: Router, headers: Mapping[str, str], key_region: str | None = None) -> str | None:
     """The region a request is served in: its x-infermesh-region header when it names a region
-    the routing serves, else the gateway's own (None: anywhere)."""
-    asked = headers.get("x-infermesh-region")
-    if asked is not None and asked in router.regions:
-        return asked
+    the routing serves, else its key's region (``keys create --region``) when the routing serves
+    it, else the gateway's own (None: anywhere)."""
+    for asked in (headers.get("x-infermesh-region"), key_region):
+        if asked is not None and asked in router.regions:
+            return asked
     return router.home_region
 
 

@@ -27,8 +27,9 @@ Choice, so that declared weights hold at any load:
    90%), a second pool is drawn and the less loaded of the two endpoints wins, so an overloaded
    pool sheds to the others only while it queues.
 
-Regions: a request is served in its region (the gateway's own, ``gateway.region`` or
-INFERMESH_REGION, or the request's ``x-infermesh-region`` header naming a region) while the
+Regions: a request is served in its region (the request's ``x-infermesh-region`` header naming a
+region, else its key's region from ``keys create --region``, else the gateway's own,
+``gateway.region`` or INFERMESH_REGION) while the
 model has an available endpoint there, else in that region's declared ``backup`` while it has
 one, else anywhere. The proxy marks a failover (``x-infermesh-region-failover``) and the ledger
 records the region that served (gateway/proxy.py). Without a region, regions are pools like any.

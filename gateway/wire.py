@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _WANTED = {b"authorization": "authorization", b"x-request-id": "x-request-id",
-           b"content-length": "content-length", b"x-forwarded-for": "x-forwarded-for"}
+           b"content-length": "content-length", b"x-forwarded-for": "x-forwarded-for",
+           b"x-infermesh-region": "x-infermesh-region"}    # the request's region (gateway/proxy.request_region)
 _JSON_TYPE = (b"content-type", b"application/json")
 _SSE_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 

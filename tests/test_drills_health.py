@@ -235,18 +235,21 @@ def test_router_standby_takes_the_in_flight_excess_and_the_planned_shortfall():
     assert 0.4 < picks.count("s") / len(picks) < 0.6
 
 
+def two_regions(cfg):
+    """`local` (the gateway's, backup `far`) and `far` (demo-chat-far)."""
+    cfg["regions"] = [{"name": "local", "location": "this machine", "backup": "far"},
+                      {"name": "far", "location": "the other end of this machine"}]
+    cfg["providers"].append({"name": "sim-far", "kind": "sim", "regions": ["far"]})
+    cfg["pools"].append({"name": "demo-chat-far", "model": "demo-chat", "provider": "sim-far", "region": "far",
+                         "replicas": 1, "weight": 2, "sim": {"ttft_ms": 20, "itl_ms": 4, "output_tokens": 8}})
+    cfg["gateway"] = {**cfg.get("gateway", {}), "region": "local"}
+
+
 async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_marked(stack_factory):
     """Two regions: `local` (the gateway's, backup `far`) and `far` (demo-chat-far). Requests stay
     in `local` while it has capacity (far gets nothing, though its weight would give it a share);
     every demo-chat worker in `local` killed: the backup serves, marked in x-infermesh-region-failover
     and in the ledger's region; no failures."""
-    def two_regions(cfg):
-        cfg["regions"] = [{"name": "local", "location": "this machine", "backup": "far"},
-                          {"name": "far", "location": "the other end of this machine"}]
-        cfg["providers"].append({"name": "sim-far", "kind": "sim", "regions": ["far"]})
-        cfg["pools"].append({"name": "demo-chat-far", "model": "demo-chat", "provider": "sim-far", "region": "far",
-                             "replicas": 1, "weight": 2, "sim": {"ttft_ms": 20, "itl_ms": 4, "output_tokens": 8}})
-        cfg["gateway"] = {**cfg.get("gateway", {}), "region": "local"}
     stack = stack_factory(mutate_with(two_regions))
     c = client(stack, timeout=60)
     stop = asyncio.Event()
@@ -288,6 +291,67 @@ async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_mark
     assert after and all(s[2] == "far" and s[3] == "local" for s in after)
     assert far_rows_after and all(r["region"] == "far" for r in far_rows_after)
     assert not failed
+
+
+def keys_cli(stack, *args: str):
+    """`infermesh keys ...` as an operator runs it, on the running stack's files."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    env = {**os.environ, "INFERMESH_STATE_DIR": str(stack.state)}
+    return subprocess.run([sys.executable, "-m", "infermesh_cli", "keys", *args, "--stack", stack.spec.stack,
+                           "--stacks-dir", str(stack.stacks_dir)], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+async def test_a_keys_region_serves_its_requests_there_unless_they_name_one(stack_factory):
+    """A key created with `keys create --region far` (checked against the stack's regions): its
+    requests that send no x-infermesh-region are served in far, not in the gateway's `local`, and
+    not marked as a failover; the ledger says far. The header still wins for that key; a key
+    without a region stays in local (and follows the header: the hot routes read it); a region the
+    stack does not declare is refused at creation."""
+    stack = stack_factory(mutate_with(two_regions))
+    made = keys_cli(stack, "create", "--tenant", "eu-customer", "--tier", "pro", "--region", "far", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["region"] == "far"
+    bad = keys_cli(stack, "create", "--tenant", "eu-customer", "--region", "mars")
+    assert bad.returncode != 0 and "--region 'mars': not a region of stack" in bad.stderr, bad.stderr
+    assert "local, far" in bad.stderr
+    listed = json.loads(keys_cli(stack, "list", "--tenant", "eu-customer", "--json").stdout)
+    assert [k["region"] for k in listed] == ["far"]               # the refused one was never stored
+
+    far_key, plain_key = created["key"], stack.key("plain")
+
+    async def served(key: str, header: str | None, n: int = 12) -> list[tuple[str | None, str | None, str]]:
+        out = []
+        async with openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=30) as c:
+            for i in range(n):
+                rid = f"kr-{header}-{i}-{time.monotonic_ns()}"
+                extra = {"x-request-id": rid, **({"x-infermesh-region": header} if header else {})}
+                raw = await c.chat.completions.with_raw_response.create(
+                    model="demo-chat", max_tokens=4, messages=[{"role": "user", "content": "where"}],
+                    extra_headers=extra)
+                raw.parse()
+                out.append((raw.headers.get("x-infermesh-region"), raw.headers.get("x-infermesh-region-failover"),
+                            rid))
+        return out
+    by_key = await served(far_key, None)
+    by_header = await served(far_key, "local")
+    plain = await served(plain_key, None)
+    plain_header = await served(plain_key, "far")
+    rows = {r["request_id"]: r for r in ledger.query(stack.state / "ledger.db")}
+    print(f"\n[key region] key with region far, no header: {sum(s[0] == 'far' for s in by_key)}/{len(by_key)} in far; "
+          f"same key, header local: {sum(s[0] == 'local' for s in by_header)}/{len(by_header)} in local; "
+          f"key without region: {sum(s[0] == 'local' for s in plain)}/{len(plain)} in local, with header far: "
+          f"{sum(s[0] == 'far' for s in plain_header)}/{len(plain_header)} in far")
+    assert all(region == "far" and failover is None for region, failover, _ in by_key), by_key
+    assert all(rows[rid]["region"] == "far" for _, _, rid in by_key)
+    assert all(region == "local" and failover is None for region, failover, _ in by_header), by_header
+    assert all(region == "local" and failover is None for region, failover, _ in plain), plain
+    assert all(region == "far" and failover is None for region, failover, _ in plain_header), plain_header
+    assert all(rows[rid]["region"] == "local" for _, _, rid in by_header + plain)
+    assert all(rows[rid]["region"] == "far" for _, _, rid in plain_header)
 
 
 async def test_latency_breaker_degrades_lower_tiers_first_per_their_contract(stack_factory):
