@@ -8,6 +8,7 @@ Each is taken out with its reason in /admin/endpoints and no request reaches it.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import http.client
 import json
@@ -295,6 +296,9 @@ def test_worker_bootstrap_takes_one_certificate_for_its_own_key_from_the_stack_c
     entry = worker_entrypoint()
     ca, other = make_ca("infermesh test channel CA"), make_ca("some other CA")
     ca_pem, ca_key = ca.cert_pem.decode(), _pem_key(ca)
+    env = worker_tls.bootstrap_env(ca_pem, ca_key, "infermesh--prod--qwen-vast-0--0123abcd")
+    assert entry.ca_from_env(env["INFERMESH_TLS_CA"]) == ca.cert_pem == entry.ca_from_env(ca_pem)
+    assert entry.ca_from_env("not base64!") == b"" and "PRIVATE" not in str(env)
     token = worker_tls.bootstrap_token(ca_key, "infermesh--prod--qwen-vast-0--0123abcd")
     assert token != worker_tls.bootstrap_token(ca_key, "infermesh--prod--qwen-vast-1--0123abcd")
     boot = entry.Bootstrap(token, ca.cert_pem, tmp_path / "tls")
@@ -434,7 +438,9 @@ def test_marketplace_workers_make_their_own_keys_and_the_gateway_reaches_them_on
             assert (outs["endpoint_host"], outs["endpoint_port"]) == ("127.0.0.1", worker["port"])
             # what the marketplace stored: the CA certificate and the lease's token, no key of any kind
             token = worker_tls.bootstrap_token(ca_key, inputs["label"])
-            assert worker["env"]["INFERMESH_TLS_CA"] == ca_pem and worker["env"]["INFERMESH_BOOTSTRAP_TOKEN"] == token
+            assert base64.b64decode(worker["env"]["INFERMESH_TLS_CA"]).decode() == ca_pem
+            assert worker["env"]["INFERMESH_BOOTSTRAP_TOKEN"] == token
+            assert not any("\n" in v for v in worker["env"].values())       # one line each
             stored = json.dumps([r["body"] for r in fakes[kind].requests])
             stored += json.dumps(getattr(fakes[kind], "sdl_texts", {}))
             assert "PRIVATE KEY" not in stored and ca_key.splitlines()[1] not in stored

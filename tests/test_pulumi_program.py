@@ -624,6 +624,10 @@ def test_every_lease_passes_check_as_the_engine_sends_it(runs, stack):
         # Preview of a new lease: the mesh key (env) and a built image are not known yet.
         inputs, failures = host.check({}, {**props, "env": rpc.UNKNOWN, "image": rpc.UNKNOWN})
         assert failures == [] and isinstance(inputs["label"], Unknown)
+        if props.get("tls_name"):
+            # the first preview of a stack: the CA (a pulumi-tls resource) is not made yet
+            inputs, failures = host.check({}, {**props, "tls_ca": rpc.UNKNOWN, "tls_ca_key": rpc.UNKNOWN})
+            assert failures == [] and isinstance(inputs["label"], Unknown)
         # A real mistake is still caught with engine-shaped numbers.
         _, failures = host.check({}, {**props, "gpu_count": 1.5})
         assert failures == [("gpu_count", "must be a whole number >= 1, got 1.5")]
@@ -651,6 +655,32 @@ def test_every_lease_diff_against_stored_state(runs, stack):
         assert d.changes is True and d.replaces == []
         d = host.diff("L1", stored, host.check(stored, {**props, "image": rpc.UNKNOWN})[0])
         assert d.replaces == ["image"]
+
+
+def test_an_mtls_lease_is_replaced_in_its_certificates_next_renewal_period(runs, monkeypatch):
+    """The worker's certificate is issued at create for cert_validity_days; the first `pulumi up` of the next
+    renewal period (validity minus renew_before_days) replaces the lease (a new label: create-before-delete),
+    before the certificate is within renew_before_days of its end. WireGuard leases have no tls_epoch."""
+    from fleet.components import lease as lease_mod
+    from tests.engine import EngineHost, engine_view
+
+    host = EngineHost(stack_config("prod")[0])
+    props = next(p for p in recorded_leases(runs["prod"]) if p.get("tls_name"))
+    period = (props["tls_days"] - props["tls_renew_days"]) * 86400
+    now = 1_800_000_000.0 - 1_800_000_000.0 % period                     # the start of a period
+    monkeypatch.setattr(lease_mod.time, "time", lambda: now)
+    inputs, _ = host.check({}, props)
+    stored = engine_view({**inputs, "lease_id": "L1", "status": "running"}, keep_unknowns=False)
+    monkeypatch.setattr(lease_mod.time, "time", lambda: now + period - 1)
+    later = host.check(stored, props)[0]
+    assert later["label"] == inputs["label"] and host.diff("L1", stored, later).changes is False
+    monkeypatch.setattr(lease_mod.time, "time", lambda: now + period)
+    renewal = host.check(stored, props)[0]
+    d = host.diff("L1", stored, renewal)
+    assert d.replaces == ["tls_epoch"] and d.delete_before_replace is False and renewal["label"] != inputs["label"]
+    _, failures = host.check({}, {**props, "tls_renew_days": props["tls_days"]})
+    assert failures == [("tls_renew_days", f"must be a whole number from 0 to tls_days - 1, got "
+                                           f"{float(props['tls_days'])!r}")]
 
 
 def test_a_lease_from_provider_version_1_is_updated_not_replaced(runs):

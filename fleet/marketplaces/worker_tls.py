@@ -62,8 +62,11 @@ def bootstrap_token(ca_key_pem: str, label: str) -> str:
 
 
 def bootstrap_env(ca_cert_pem: str, ca_key_pem: str, label: str) -> dict[str, str]:
-    """What the lease's env gains for the bootstrap: the CA certificate and the token, nothing secret else."""
-    return {CA_ENV: ca_cert_pem, TOKEN_ENV: bootstrap_token(ca_key_pem, label)}
+    """What the lease's env gains for the bootstrap: the CA certificate (its PEM in base64, one line: Vast
+    passes env values on a docker command line) and the token; nothing secret."""
+    import base64
+
+    return {CA_ENV: base64.b64encode(ca_cert_pem.encode()).decode(), TOKEN_ENV: bootstrap_token(ca_key_pem, label)}
 
 
 def sign(csr_pem: bytes, ca_cert_pem: str, ca_key_pem: str, name: str, days: int,

@@ -6,8 +6,9 @@ may not start WireGuard (no NET_ADMIN, no /dev/net/tun). No private key ever rea
 from outside: a marketplace stores what it is given (Vast and RunPod the env, Akash the SDL), so the
 worker makes its own key pair here and gets only a certificate for it (``tls_up``):
 
-1. The environment holds the stack CA's certificate (INFERMESH_TLS_CA, public) and a one-time
-   bootstrap token (INFERMESH_BOOTSTRAP_TOKEN); both are taken out of the environment.
+1. The environment holds the stack CA's certificate (INFERMESH_TLS_CA, public; its PEM in base64 on
+   one line) and a one-time bootstrap token (INFERMESH_BOOTSTRAP_TOKEN); both are taken out of the
+   environment.
 2. The worker makes an ECDSA P-256 key in /run/infermesh/tls (0400) and serves, on the port vLLM
    will serve (the one the marketplace forwards), a bootstrap endpoint that answers only the token:
    ``GET /infermesh/bootstrap/csr`` hands out a certificate request for that key, and
@@ -58,6 +59,21 @@ KEY_FILE, CERT_FILE, CA_FILE, USED_FILE = "worker.key", "worker.crt", "ca.crt", 
 # The bootstrap endpoint (fleet/marketplaces/worker_tls.py speaks the other side).
 BOOTSTRAP_PATH = "/infermesh/bootstrap"
 MAX_CERT_BYTES = 64 * 1024
+
+
+def ca_from_env(text: str) -> bytes:
+    """INFERMESH_TLS_CA: the CA certificate's PEM, base64-encoded on one line (marketplaces pass env values
+    through command lines and forms that do not all keep newlines), or the PEM itself."""
+    import base64
+    import binascii
+
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        return text.encode() + b"\n"
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def _write(path: Path, data: bytes, uid: int) -> None:
@@ -215,14 +231,15 @@ def reusable(tls_dir: Path, ca_pem: bytes) -> bool:
 
 def tls_up(uid: int, argv: list[str]) -> None:
     """The worker's own key, a certificate for it from the lease provider, the files vLLM reads."""
-    token, ca = os.environ.pop("INFERMESH_BOOTSTRAP_TOKEN", ""), os.environ.pop("INFERMESH_TLS_CA", "")
+    token, ca = os.environ.pop("INFERMESH_BOOTSTRAP_TOKEN", ""), ca_from_env(os.environ.pop("INFERMESH_TLS_CA", ""))
     for legacy in ("INFERMESH_TLS_CERT", "INFERMESH_TLS_KEY"):
         if os.environ.pop(legacy, None):
             log(f"{legacy} is set: ignored (a worker makes its own key; nothing secret is delivered in the env)")
-    if not ca:
-        log("INFERMESH_CHANNEL=mtls but INFERMESH_TLS_CA not set: refusing to serve without the channel")
+    if b"BEGIN CERTIFICATE" not in ca:
+        log("INFERMESH_CHANNEL=mtls but INFERMESH_TLS_CA is not set (or not a certificate): refusing to serve "
+            "without the channel")
         sys.exit(4)
-    if reusable(TLS_DIR, ca.encode()):
+    if reusable(TLS_DIR, ca):
         log("mutual TLS material from an earlier start reused (the bootstrap token is used)")
         return
     if (TLS_DIR / USED_FILE).exists():
@@ -232,7 +249,7 @@ def tls_up(uid: int, argv: list[str]) -> None:
     if not token:
         log("INFERMESH_CHANNEL=mtls but INFERMESH_BOOTSTRAP_TOKEN not set: refusing to serve without the channel")
         sys.exit(4)
-    boot = Bootstrap(token, ca.encode(), TLS_DIR, uid)
+    boot = Bootstrap(token, ca, TLS_DIR, uid)
     host, port = arg(argv, "--host", "0.0.0.0"), int(arg(argv, "--port", "8000"))
     server = bootstrap_server(boot, host, port)
     log(f"waiting for the certificate on {host}:{port}{BOOTSTRAP_PATH} (the lease provider pushes it)")

@@ -90,7 +90,8 @@ class FakeWorker:
     def __init__(self, env: dict[str, str]) -> None:
         entry = worker_entrypoint()
         self.dir = Path(tempfile.mkdtemp(prefix="fake-worker-"))
-        self.boot = entry.Bootstrap(env["INFERMESH_BOOTSTRAP_TOKEN"], env["INFERMESH_TLS_CA"].encode(), self.dir)
+        self.boot = entry.Bootstrap(env["INFERMESH_BOOTSTRAP_TOKEN"], entry.ca_from_env(env["INFERMESH_TLS_CA"]),
+                                    self.dir)
         self.server = entry.bootstrap_server(self.boot, "127.0.0.1", 0)
         self.host, self.port = "127.0.0.1", self.server.server_address[1]
         self.tls: ThreadingHTTPServer | None = None
