@@ -8,7 +8,10 @@ name. Hiding an import from the interpreter leaves the dependency in the design.
 ``FLOORS`` has one row per package: its floors bottom up, each a list of module names; a name
 ending in ``.*`` stands for a subpackage and all its modules. A module of the package on no floor
 fails the test, so a new module gets its floor when it is made. The floors of a package are
-also written in its ``__init__.py`` docstring (gateway/__init__.py).
+also written in its ``__init__.py`` docstring (gateway/__init__.py, fleet/__init__.py).
+
+Between packages, ``PACKAGES`` is the order, bottom up (the CLI on top, fleet's spec at the
+ground of everything); ``CROSSINGS`` names the imports against it, each with its reason.
 """
 
 from __future__ import annotations
@@ -41,7 +44,48 @@ FLOORS: dict[str, list[list[str]]] = {
         # 7: the process (uvicorn, the listener)
         ["gateway.__main__"],
     ],
+    "fleet": [
+        # 0: where the project is; the table of provider kinds
+        ["fleet", "fleet.project", "fleet.kinds"],
+        # 1: the schema (the stack file as a Spec); where a stack's state lives
+        ["fleet.spec", "fleet.paths"],
+        # 2: pure functions of the spec, one concept each
+        ["fleet.capacity", "fleet.channel", "fleet.mesh_keys", "fleet.stackfile", "fleet.alerts", "fleet.canary"],
+        # 3: failover: the effective spec (drained providers applied), computed once and passed on
+        ["fleet.failover"],
+        # 4: the gateway's routing config, from the effective spec
+        ["fleet.routing"],
+        # 5: the plan
+        ["fleet.plan"],
+        # 6: what judges the plan or carries a part of it: policy rules, the worker launch, the Ansible
+        #    inventory and runner, the marketplace adapters, CI's checks
+        ["fleet.policy", "fleet.launch", "fleet.inventory", "fleet.ansible_run", "fleet.marketplaces.*", "fleet.ci"],
+        # 7: the carriers: Pulumi components, the local stack
+        ["fleet.components.*", "fleet.local"],
+        # 8: the local stack following its stack file
+        ["fleet.local_apply"],
+    ],
+    "infermesh_cli": [
+        # 0: the one exception a command raises for an operator's mistake
+        ["infermesh_cli", "infermesh_cli.errors"],
+        # 1: argument parsers and output cells
+        ["infermesh_cli.inputs"],
+        # 2: the commands
+        ["infermesh_cli.commands.*"],
+        # 3: the dispatcher (it loads the commands by name)
+        ["infermesh_cli.main", "infermesh_cli.__main__"],
+    ],
 }
+
+# The packages bottom up: a module imports other packages' modules only from packages below its own.
+PACKAGES = ["engines", "fleet", "gateway", "infermesh_cli"]
+# The imports that cross that order anyway, each with its reason.
+CROSSINGS = {
+    ("fleet.local", "gateway.state.migrate"):
+        "the local stack creates and migrates the gateway's PostgreSQL database before it starts the replicas",
+}
+# The gateway stands on fleet's decisions, never on its carriers (Pulumi, Ansible, the local stack).
+GATEWAY_REACHES_FLEET_UP_TO = "fleet.plan"
 
 
 def modules(package: str) -> dict[str, Path]:
@@ -128,9 +172,8 @@ def test_imports_never_go_up_a_floor(package):
     assert not up, "imports up a floor:\n" + "\n".join(up)
 
 
-@pytest.mark.parametrize("package", sorted(FLOORS))
-def test_no_import_circle(package):
-    g = graph(package)
+def circles_in(g: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of a graph, each as the path that closes it."""
     circles: list[list[str]] = []
     state: dict[str, int] = {}                   # 1: on the current path, 2: done
     path: list[str] = []
@@ -149,6 +192,12 @@ def test_no_import_circle(package):
     for m in sorted(g):
         if m not in state:
             visit(m)
+    return circles
+
+
+@pytest.mark.parametrize("package", sorted(FLOORS))
+def test_no_import_circle(package):
+    circles = circles_in(graph(package))
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
@@ -163,3 +212,35 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
     known = {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.e"}
     assert imported(pkg / "a.py", "pkg.a", known) == {"pkg.b", "pkg.c", "pkg.d", "pkg.e"}
     assert floor_of("pkg.e.f", [["pkg.b"], ["pkg.e.*"]]) == 1 and floor_of("pkg.z", [["pkg.b"]]) is None
+
+
+def whole_house() -> dict[str, set[str]]:
+    """Every module of PACKAGES and what it imports of any of them."""
+    mods: dict[str, Path] = {}
+    for package in PACKAGES:
+        mods.update(modules(package))
+    return {name: imported(path, name, set(mods)) for name, path in mods.items()}
+
+
+def test_packages_import_only_packages_below_them():
+    rank = {p: i for i, p in enumerate(PACKAGES)}
+    up = [f"{m} imports {t}" for m, targets in whole_house().items() for t in sorted(targets)
+          if rank[t.split(".")[0]] > rank[m.split(".")[0]] and (m, t) not in CROSSINGS]
+    assert not up, "imports of a package above:\n" + "\n".join(up)
+    house = whole_house()       # an exception whose import went away goes too
+    stale = [pair for pair in CROSSINGS if pair[1] not in house.get(pair[0], ())]
+    assert not stale, f"CROSSINGS names imports that no longer exist: {stale}"
+
+
+def test_no_import_circle_across_packages():
+    circles = circles_in(whole_house())
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_gateway_stands_on_fleets_decisions_only():
+    top = floor_of(GATEWAY_REACHES_FLEET_UP_TO, FLOORS["fleet"])
+    assert top is not None
+    high = [f"{m} imports {t} (fleet floor {floor_of(t, FLOORS['fleet'])})"
+            for m, targets in whole_house().items() if m.split(".")[0] == "gateway"
+            for t in sorted(targets) if t.split(".")[0] == "fleet" and (floor_of(t, FLOORS["fleet"]) or 0) > top]
+    assert not high, "the gateway imports a fleet carrier:\n" + "\n".join(high)
