@@ -155,12 +155,17 @@ def _pem_key(key) -> bytes:  # noqa: ANN001
                              serialization.NoEncryption())
 
 
-def make_ca(common_name: str, days: int = CA_DAYS) -> Issued:
+def make_ca(common_name: str, days: int = CA_DAYS, key_pem: bytes | None = None) -> Issued:
+    """A self-signed CA. With ``key_pem``, a renewal: the same key and name, a new validity. A
+    certificate issued under the old CA certificate chains to the renewed one (same issuer name,
+    same key, same key identifier), so peers holding either trust each other across the renewal:
+    that is the rotation's overlap. pulumi-tls renews the stack CA the same way (its SelfSignedCert
+    is re-issued at early_renewal_hours; the PrivateKey resource stays: fleet/components/certs.py)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    key = _key()
+    key = serialization.load_pem_private_key(key_pem, None) if key_pem else _key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -233,11 +238,15 @@ class LocalCerts:
         crt, key = self.dir / CA_FILE, self.dir / "ca.key"
         if crt.exists() and key.exists() and _days_left(crt.read_bytes()) > RENEW_DAYS:
             return Issued(crt.read_bytes(), key.read_bytes())
-        ca = make_ca(f"infermesh {self.stack} local CA")
+        # renewed over the same key: leaves issued before still chain to it (make_ca); a new key
+        # (none yet, or lost) makes every leaf issued before it useless
+        renewal = key.exists()
+        ca = make_ca(f"infermesh {self.stack} local CA", key_pem=key.read_bytes() if renewal else None)
         _write(key, ca.key_pem, True)
         _write(crt, ca.cert_pem, False)
-        for stale in (self.dir / CLIENT_CERT, *self.dir.glob("workers/*.crt")):
-            stale.unlink(missing_ok=True)      # issued by the old CA
+        if not renewal:
+            for stale in (self.dir / CLIENT_CERT, *self.dir.glob("workers/*.crt")):
+                stale.unlink(missing_ok=True)
         return ca
 
     def _leaf(self, cert: Path, key: Path, ca: Issued, **kw) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -487,3 +488,49 @@ def test_marketplace_workers_make_their_own_keys_and_the_gateway_reaches_them_on
         for kind, lease_id, outs, _ in made:
             host.delete(lease_id, outs)
             assert fakes[kind].live() == {}
+
+
+def test_a_renewed_ca_overlaps_the_old_one_in_both_directions(tmp_path):
+    """CA rotation: the CA certificate is renewed over the same key (as pulumi-tls re-issues the
+    stack CA's SelfSignedCert while its PrivateKey stays), so a worker still holding the old CA and
+    its old certificate and a gateway holding the renewed CA and a new client certificate complete
+    mutual TLS. A CA with a new key is no such overlap: the gateway refuses the old worker."""
+    from fleet.channel import client_context, make_ca
+
+    def write(name: str, issued) -> tuple[str, str]:
+        crt, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        crt.write_bytes(issued.cert_pem)
+        key.write_bytes(issued.key_pem)
+        return str(crt), str(key)
+
+    name = worker_server_name("rot", "pool-0")
+    old = make_ca("infermesh rot channel CA", days=30)
+    renewed = make_ca("infermesh rot channel CA", days=365, key_pem=old.key_pem)
+    rekeyed = make_ca("infermesh rot channel CA", days=365)
+    assert renewed.cert_pem != old.cert_pem and renewed.key_pem == old.key_pem
+    old_ca, _ = write("old-ca", old)
+    renewed_ca, _ = write("renewed-ca", renewed)
+    rekeyed_ca, _ = write("rekeyed-ca", rekeyed)
+    worker = write("worker", issue(old, name, server=True, dns=(name,)))           # issued before the renewal
+    gateway = write("gateway", issue(renewed, "infermesh rot gateway", server=False))   # issued after it
+    port = free_port()
+    proc = _sim(port, "--ssl-certfile", worker[0], "--ssl-keyfile", worker[1], "--ssl-ca-certs", old_ca,
+                "--ssl-cert-reqs", "2")
+
+    def health(ca: str) -> int:
+        ctx = client_context(Path(ca), Path(gateway[0]), Path(gateway[1]), server_name=name)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        _wait_port(port, proc)
+        assert health(renewed_ca) == 200
+        with pytest.raises(ssl.SSLCertVerificationError):
+            health(rekeyed_ca)
+    finally:
+        proc.terminate()
+        proc.wait(10)

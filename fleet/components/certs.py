@@ -18,6 +18,14 @@ it for renewal and the next `pulumi up` re-issues it. A worker's certificate is 
 validity, and its lease is replaced (surge-paced) in the first `pulumi up` of each renewal period
 (fleet/components/lease.py, ``tls_epoch``). The gateways trust the CA, so a worker's new
 certificate needs no gateway change.
+
+The CA itself renews with an overlap: at ``early_renewal_hours`` only its SelfSignedCert is
+re-issued, over the same PrivateKey and subject, so every certificate issued under the old CA
+certificate chains to the new one and back; a gateway holding the renewed CA and a worker still
+holding the old one complete mutual TLS while the workers are replaced (tested with a real
+handshake: tests/test_channel.py, test_a_renewed_ca_overlaps_the_old_one_in_both_directions). A new
+CA *key* (``pulumi up --replace`` on the ``-ca`` PrivateKey, after a compromise) has no overlap by
+design: every lease and the gateway certificate follow it in the same `up`.
 """
 
 from __future__ import annotations
