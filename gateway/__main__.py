@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or spec.gateway.port
     _raise_open_files()
     signal.signal(signal.SIGTERM, _drained)     # uvicorn's own handler replaces it while serving
-    options = dict(log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
-                   loop="uvloop", http=protocol_class(spec.gateway), server_header=False,
-                   proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
+    options: dict[str, Any] = dict(
+        log_config=None, access_log=False, timeout_graceful_shutdown=int(spec.gateway.drain_timeout_s),
+        loop="uvloop", http=protocol_class(spec.gateway), server_header=False,
+        proxy_headers=False)   # no client address is used: skip uvicorn's X-Forwarded-* middleware
     try:
         sockets = [_listen(args.host, port, reuse_port=False)]
         # the shared port is bound now (a taken port fails here) but listened on only once the replica

@@ -48,10 +48,10 @@ def endpoint_context(entry: dict[str, Any], tls_dir: str | None) -> ssl.SSLConte
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         try:
-            ctx = client_context(*files, server_name=tls["server_name"])
+            ctx = client_context(files[0], files[1], files[2], server_name=tls["server_name"])
         except (OSError, ssl.SSLError, ValueError) as e:
             raise ChannelError(f"TLS material in {base} is not usable ({e})") from None
-        ctx.stamp = stamp
+        ctx.stamp = stamp  # type: ignore[attr-defined]  # the files' mtimes it was built from: material_changed
         _CONTEXTS[key] = ctx
     return ctx
 

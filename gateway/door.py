@@ -28,6 +28,7 @@ file (gateway: and tiers:), documented in fleet/spec.py.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections import OrderedDict
@@ -64,12 +65,12 @@ class GuardedHttpTools(HttpToolsProtocol):
     max_headers = 100
     header_timeout_s = 10.0
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._discarded = 0
-        self._drain_timer = None
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._await_head()
         if getattr(self.server_state, "draining", False):    # accepted in the listener's last burst
             self.shutdown()

@@ -64,9 +64,9 @@ class Plan:
 def plan(tenant: str, key_id: str, tier: Tier, tokens: int) -> Plan:
     req = [("t:" + tenant, tier.rpm)]
     tok = [("t:" + tenant, tier.tpm)]
-    if getattr(tier, "key_rpm", None):
+    if tier.key_rpm:
         req.append(("k:" + key_id, tier.key_rpm))
-    if getattr(tier, "key_tpm", None):
+    if tier.key_tpm:
         tok.append(("k:" + key_id, tier.key_tpm))
     return Plan(tuple(req), tuple(tok), tokens)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable, Sequence
 
 import uvicorn
 
@@ -99,7 +100,7 @@ class Server(uvicorn.Server):
     GATE_POLL_S = 0.1
 
     def __init__(self, config: uvicorn.Config, listeners: list[socket.socket],
-                 gated: list[socket.socket] = (), ready=None) -> None:
+                 gated: Sequence[socket.socket] = (), ready: Callable[[], bool] | None = None) -> None:
         super().__init__(config)
         self.listeners = [BurstListener(sock, self._protocol) for sock in listeners]
         self.gated = [BurstListener(sock, self._protocol) for sock in gated]
@@ -130,7 +131,7 @@ class Server(uvicorn.Server):
                 self.listeners.append(li)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.server_state.draining = True      # gateway/door.py: how connections drain
+        self.server_state.draining = True  # type: ignore[attr-defined]  # ours: gateway/door.py drains on it
         if self._gate is not None:
             self._gate.cancel()
         for li in [*self.listeners, *self.gated]:     # stop accepting first, as uvicorn does
@@ -139,5 +140,5 @@ class Server(uvicorn.Server):
 
     def _protocol(self) -> asyncio.Protocol:
         config = self.config
-        return config.http_protocol_class(config=config, server_state=self.server_state,
-                                          app_state=self.lifespan.state)
+        make: Callable[..., asyncio.Protocol] = config.http_protocol_class     # uvicorn's types say no arguments
+        return make(config=config, server_state=self.server_state, app_state=self.lifespan.state)

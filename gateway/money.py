@@ -23,7 +23,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fleet.spec import Spec, Tier
@@ -100,10 +100,16 @@ def spent_since(key_id: str, since: float, ledger: Path | None = None, dsn: str 
     if dsn is not None:
         import psycopg
 
-        with psycopg.connect(dsn, connect_timeout=3) as conn:
-            return int(conn.execute(_SPENT.format(p="%s"), (key_id, since)).fetchone()[0])
+        with psycopg.connect(dsn, connect_timeout=3) as pg:
+            return _sum(pg.execute(_SPENT.format(p="%s"), (key_id, since)).fetchone())
+    if ledger is None:
+        raise ValueError("spent_since: give the SQLite ledger's path or a PostgreSQL DSN")
     conn = sqlite3.connect(ledger)
     try:
-        return int(conn.execute(_SPENT.format(p="?"), (key_id, since)).fetchone()[0])
+        return _sum(conn.execute(_SPENT.format(p="?"), (key_id, since)).fetchone())
     finally:
         conn.close()
+
+
+def _sum(row: tuple[Any, ...] | None) -> int:
+    return int(row[0]) if row is not None else 0     # (coalesce: the sum's one row is never empty)

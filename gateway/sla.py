@@ -456,8 +456,8 @@ def report(q: Query, spec: Spec, period: Period, tenant: str | None = None) -> d
     tiers = {t.name: t for t in spec.tiers}
     span = [period.start, period.end]
     src, args = _source(period, tenant)
-    per = defaultdict(lambda: [0] * len(_COUNTS))          # (tenant, tier) -> sums
-    by_model = defaultdict(lambda: [0] * len(_COUNTS))     # (model, region) -> sums
+    per: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(_COUNTS))   # (tenant, tier) -> sums
+    by_model: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(_COUNTS))  # (model, region)
     used = defaultdict(set)                                # tenant -> {(model, region)}
     for t, tier_name, model, region, *sums in q(
             f"SELECT tenant, tier, model, region, {_SUMS} FROM {src} GROUP BY tenant, tier, model, region", args):
@@ -541,12 +541,12 @@ def exclusions(spec: Spec, period: Period) -> tuple[set[int], dict[str, set[int]
         if mins or extra:
             applied.append({**view, "excluded_minutes": len(mins), **extra})
     for w in spec.sla.exclusions:
-        mins = set(minutes(w))
-        if not mins:
+        window = set(minutes(w))
+        if not window:
             continue
-        (per_tenant[w.tenant] if w.tenant else everyone).update(mins)
+        (per_tenant[w.tenant] if w.tenant else everyone).update(window)
         applied.append({"kind": "misuse" if w.tenant else "exclusion", "start": w.start.isoformat(),
-                        "end": w.end.isoformat(), "reason": w.reason, "excluded_minutes": len(mins),
+                        "end": w.end.isoformat(), "reason": w.reason, "excluded_minutes": len(window),
                         **({"tenant": w.tenant} if w.tenant else {})})
     return everyone, per_tenant, applied
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncGenerator[bytes, None] | None = None
 
 
 def _header_list(headers: dict[str, str], content_type: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -93,11 +93,10 @@ async def send_reply(reply: Reply, receive, send) -> None:
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
         return
-    await _send_stream(reply, receive, send)
+    await _send_stream(reply, reply.stream, receive, send)
 
 
-async def _send_stream(reply: Reply, receive, send) -> None:
-    stream = reply.stream
+async def _send_stream(reply: Reply, stream: AsyncGenerator[bytes, None], receive, send) -> None:
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await send({"type": "http.response.start", "status": reply.status,
