@@ -19,7 +19,7 @@ from fleet import alerts
 from fleet import spec as spec_mod
 from fleet.components import GatewayFleet, Images, WireGuardMesh, WorkerFleet, worker_launch
 from fleet.components.certs import ChannelCerts
-from fleet.components.gateway import TLS_DIR
+from fleet.components.gateway import TLS_DIR, mesh_hostname
 from fleet.components.monitoring import Monitoring
 from fleet.launch import lease_channel
 from fleet.routing import gateway_config
@@ -88,8 +88,10 @@ else:
     mesh = WireGuardMesh("infermesh-mesh", {
         "nodes": [{"name": n.name, "role": n.role, "address": n.address, "peers": list(n.peers)} for n in on_mesh],
         "cidr": spec.mesh.cidr, "port": spec.mesh.port, "keepalive_s": spec.mesh.keepalive_s,
-        # Each gateway node answers WireGuard at its own name (one gateway replica per node).
-        "gateway_endpoints": {g.name: f"{g.name}.mesh.{spec.gateway.host}:{spec.mesh.port}" for g in gateways},
+        # Each gateway node answers WireGuard at its own name: gateway-N is StatefulSet pod N, behind a UDP
+        # load balancer of its own that external-dns names so (fleet/components/gateway.py, docs/mesh.md).
+        "gateway_endpoints": {g.name: f"{mesh_hostname(g.name, spec.gateway.host)}:{spec.mesh.port}"
+                              for g in gateways},
     })
     # the channel: mutual TLS into marketplace containers (the plan's choice per lease, fleet/kinds.py); each
     # worker makes its own key, its lease's provider signs its certificate with the CA (no key in a marketplace)
@@ -124,6 +126,11 @@ else:
         "admin_token": admin_token(spec, secrets),
         "mesh_interfaces": mesh.interfaces.apply(lambda i: {g: i[g] for g in gateway_names}),
         "mesh_peers": mesh.gateway_peers, "mesh_cidr": spec.mesh.cidr, "mesh_port": spec.mesh.port,
+        # the pods are mesh peers (a WireGuard sidecar, a UDP endpoint per identity) when a worker is on the mesh
+        **({"mesh_image": images.mesh_ref, "mesh_userspace": spec.mesh.userspace,
+            "mesh_lb_annotations": spec.mesh.lb_annotations,
+            "mesh_public_keys": mesh.public_keys.apply(lambda k: {g: k[g] for g in gateway_names})}
+           if any(n.role == "worker" for n in on_mesh) else {}),
     })
     # The stack's alerting rules (fleet/alerts.py) as a PrometheusRule, and a PodMonitor for the gateways.
     # infermesh:runbook-url: the runbook's web address; infermesh:prometheus-rule-labels: "release=kps,...".
@@ -136,7 +143,7 @@ else:
     }, opts=pulumi.ResourceOptions(depends_on=[gateway]))
     pulumi.export("endpoint", gateway.url)
     pulumi.export("ansible_inventory", workers.inventory)
-    pulumi.export("images", {"gateway": images.gateway_ref, "worker": images.worker_ref})
+    pulumi.export("images", {"gateway": images.gateway_ref, "worker": images.worker_ref, "mesh": images.mesh_ref})
 
 pulumi.export("routing_config", plan.routing)
 pulumi.export("costs", costs)

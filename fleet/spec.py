@@ -345,6 +345,12 @@ class Mesh(_Strict):
     cidr: str = "10.90.0.0/16"
     port: Annotated[int, Field(ge=1, le=65535)] = 51820
     keepalive_s: NonNegInt = 25
+    # Kubernetes gateway pods on nodes without the WireGuard module: their mesh sidecar runs wireguard-go
+    # on the node's /dev/net/tun (a hostPath device) instead of the kernel's WireGuard (docs/mesh.md)
+    userspace: bool = False
+    # annotations of the gateway pods' UDP load balancers (one per mesh identity): the cloud's kind of load
+    # balancer, e.g. {"service.beta.kubernetes.io/aws-load-balancer-type": "external", ...} on EKS
+    lb_annotations: dict[str, str] = {}
 
     @field_validator("cidr")
     @classmethod

@@ -49,7 +49,7 @@ def dockerfile_inputs(image: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("image", ["gateway", "worker"])
+@pytest.mark.parametrize("image", sorted(IMAGE_INPUTS))
 def test_content_tag_hashes_exactly_what_the_image_copies(image):
     assert set(IMAGE_INPUTS[image]) == dockerfile_inputs(image)
     assert not any(p.startswith("stacks") for p in IMAGE_INPUTS[image])     # a stack change never rebuilds

@@ -229,8 +229,10 @@ def test_the_program_never_builds_on_preview_and_pushes_to_the_stacks_registry(m
     from tests.test_pulumi_program import run_program
 
     run = run_program("prod", monkeypatch)
+    from fleet.components.images import IMAGE_INPUTS
+
     images = run.mocks.of_type("docker-build:index:Image")
-    assert len(images) == 2
+    assert len(images) == len(IMAGE_INPUTS) == 3            # the gateway, the worker, the gateways' mesh sidecar
     for image in images:
         name = image.name.rsplit("-", 1)[1]
         assert image.inputs["buildOnPreview"] is False

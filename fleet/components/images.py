@@ -1,10 +1,11 @@
-"""Images: the gateway and worker images, built with BuildKit and pushed, tagged by content.
+"""Images: the gateway, worker and mesh sidecar images, built with BuildKit and pushed, tagged by content.
 
-``pulumi-docker-build`` (the Pulumi provider for buildx/BuildKit) builds ``images/gateway`` and
-``images/worker``. The tag is a hash of everything that goes into the image (the Dockerfile and
-the files its context copies), so an unchanged tree means an unchanged tag, no rebuild and no
-rollout; the fleets use the pushed image's ``ref``, which is pinned by digest
-(``<repo>:<tag>@sha256:...``). Base images and vLLM are pinned inside the Dockerfiles.
+``pulumi-docker-build`` (the Pulumi provider for buildx/BuildKit) builds ``images/gateway``,
+``images/worker`` and ``images/mesh`` (the gateway pods' WireGuard sidecar). The tag is a hash of
+everything that goes into the image (the Dockerfile and the files its context copies), so an
+unchanged tree means an unchanged tag, no rebuild and no rollout; the fleets use the pushed image's
+``ref``, which is pinned by digest (``<repo>:<tag>@sha256:...``). Base images and vLLM are pinned
+inside the Dockerfiles.
 
 Pools may still pin their own worker image in the stack file (a canary, a rollback); the
 WorkerFleet uses the built worker image only for leases that name none.
@@ -27,6 +28,7 @@ IMAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "gateway": ("images/gateway/Dockerfile", "requirements.lock", "pyproject.toml", "README.md", "fleet", "gateway",
                 "engines"),
     "worker": ("images/worker/Dockerfile", "images/worker/entrypoint.py"),
+    "mesh": ("images/mesh/Dockerfile", "images/mesh/mesh-sidecar"),
 }
 _SKIP = {"__pycache__", ".pytest_cache"}
 
@@ -58,6 +60,7 @@ class ImagesArgs(TypedDict):
 class Images(pulumi.ComponentResource):
     gateway_ref: pulumi.Output[str]
     worker_ref: pulumi.Output[str]
+    mesh_ref: pulumi.Output[str]
 
     def __init__(self, name: str, args: ImagesArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:Images", name, None, opts)
@@ -93,4 +96,6 @@ class Images(pulumi.ComponentResource):
             refs[image] = self.images[image].ref
         self.gateway_ref = refs["gateway"]
         self.worker_ref = refs["worker"]
-        self.register_outputs({"gateway_ref": self.gateway_ref, "worker_ref": self.worker_ref})
+        self.mesh_ref = refs["mesh"]
+        self.register_outputs({"gateway_ref": self.gateway_ref, "worker_ref": self.worker_ref,
+                               "mesh_ref": self.mesh_ref})

@@ -13,8 +13,9 @@ What changes when the fleet changes is kept apart from what does not:
 - ``worker_configs``: per worker, its full wg-quick config (interface + one peer per gateway,
   dialing out with keepalive, since workers sit behind NAT). Changes only when gateways change.
 - ``gateway_peers``: the gateways' peer list (one entry per worker: public key, allowed IP),
-  not secret. It changes whenever a worker comes or goes, so the gateway reads it from its
-  ConfigMap and applies it live (``wg set``), rather than from a Secret that would roll the pods.
+  not secret. It changes whenever a worker comes or goes, so it reaches the gateway pods in their
+  ConfigMap (``peers_config``: wg(8) syntax), where each pod's mesh sidecar (images/mesh) applies it
+  live with ``wg syncconf``, rather than in a Secret that would roll the pods (docs/mesh.md).
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ def peer_config(public_key: str, address: str, endpoint: str | None = None, keep
     if keepalive_s:
         lines.append(f"PersistentKeepalive = {keepalive_s}")
     return "\n".join(lines) + "\n"
+
+
+def peers_config(peers: Sequence[Mapping[str, Any]]) -> str:
+    """The gateways' peer list (``gateway_peers``) in wg(8) syntax: one [Peer] per worker, with no
+    endpoint (a gateway learns a worker's from its handshake: workers dial). ``wg syncconf`` takes it
+    after an [Interface] section, as the mesh sidecar does."""
+    return "".join(f"[Peer]\n# {p['name']}\nPublicKey = {p['public_key']}\n"
+                   f"AllowedIPs = {', '.join(p['allowed_ips'])}\n\n" for p in peers)
 
 
 def _all(outputs: Mapping[str, Any]) -> pulumi.Output[dict[str, Any]]:
