@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -342,7 +342,7 @@ class Call:
         up.meter.end(self.adm.held)
 
     async def _relay(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader, head: list[bytes],
-                     slow: float = 0.0) -> AsyncIterator[bytes]:
+                     slow: float = 0.0) -> AsyncGenerator[bytes, None]:
         """Relay a started stream. ``slow``: its TTFT (seconds) if that made it an outlier
         (router.observe_ttft). If it still is one against its peers when the stream ends, the
         endpoint gets a failure instead of a success, though the client is served."""
@@ -402,7 +402,7 @@ class Call:
         finally:
             self._closed(ep, resp, events)
 
-    async def _resume(self, broken: Endpoint, resume: Resume) -> AsyncIterator[bytes]:
+    async def _resume(self, broken: Endpoint, resume: Resume) -> AsyncGenerator[bytes, None]:
         """Continue a chat stream whose worker died after its first content event, on another endpoint:
         the text the client got is the assistant's prefix (vLLM: ``continue_final_message``,
         ``add_generation_prompt: false``), so the new worker writes the rest. Its chunks go out under
@@ -478,7 +478,7 @@ class Call:
                 resp.release() if resume.done else resp.close()
 
     async def _relay_responses(self, ep: Endpoint, resp: aiohttp.ClientResponse, events: SSEReader,
-                               head: list[bytes], slow: float = 0.0) -> AsyncIterator[bytes]:
+                               head: list[bytes], slow: float = 0.0) -> AsyncGenerator[bytes, None]:
         """Relay a started Responses API stream: typed events pass through as they came; usage
         is read from ``response.completed`` (or ``response.incomplete``), whose ledger row is
         committed before that last event leaves. A worker's ``response.failed`` or ``error``,
