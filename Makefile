@@ -28,7 +28,7 @@ test-mesh: install system-deps
 
 # Drills that fail intermittently for a reason not yet found (each names its open issue): run them by hand.
 test-quarantine: install system-deps
-	$(BIN)/python -m pytest -q -m quarantine
+	$(BIN)/python -m pytest -q -m quarantine || test $$? -eq 5   # 5: none quarantined now
 
 # System packages the mesh tests and bootstrap need (sshd, wireguard-go, wg, iptables); a no-op when present.
 system-deps:
