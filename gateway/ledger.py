@@ -314,7 +314,8 @@ def query(path: Path, tenant: str | None = None, since: float | None = None) -> 
     """Rows for reports, oldest first."""
     conn = connect(path)
     conn.row_factory = sqlite3.Row
-    where, args = [], []
+    where: list[str] = []
+    args: list[str | float] = []
     if tenant:
         where.append("tenant = ?")
         args.append(tenant)
