@@ -69,7 +69,7 @@ def ensure_database(dsn: str, connect_timeout: int = 5) -> bool:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return False
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))  # type: ignore[arg-type]  # a dbname is a str
         except psycopg.errors.DuplicateDatabase:
             return False
     return True

@@ -160,7 +160,7 @@ class PgKeyStore:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=3)
         cur = await self._conn.execute("SELECT version FROM state_versions WHERE name = 'keys'")
-        version = (await cur.fetchone())[0]
+        version = (await cur.fetchone())[0]  # type: ignore[index]  # state_versions has its 'keys' row (migrations)
         if version == self._version:
             return False
         cur = await self._conn.execute(_LOAD)
