@@ -134,3 +134,42 @@ def test_a_replica_never_runs_on_a_spool_another_live_process_holds(tmp_path, mo
         assert not (home / "ledger.db").exists()
     finally:
         held.release()
+
+
+async def test_a_spooled_row_colliding_with_another_requests_row_is_said_loudly(tmp_path, caplog):
+    """Shipping is INSERT ... ON CONFLICT DO NOTHING keyed by (instance, local id): a batch shipped
+    again skips its own rows quietly, but a row of another request under the same key (a spool whose
+    ids were reused) would vanish; the shipper counts it and logs it (real PostgreSQL)."""
+    import uuid
+
+    import psycopg
+
+    from gateway.state.health import Health
+    from gateway.state.migrate import ensure_database, migrate
+    from gateway.state.pg_ledger import PgShipper
+
+    db = f"imt_collide_{uuid.uuid4().hex[:8]}"
+    dsn = f"postgresql://postgres@127.0.0.1:5432/{db}"
+    ensure_database(dsn)
+    try:
+        migrate(dsn)
+        spool = tmp_path / "ledger.db"
+        shipper = PgShipper(spool, dsn, Health(), "gw-c")
+        ledger = Ledger(spool)
+        for i in range(3):
+            ledger.record(_rec(i))
+        assert await shipper.ship_once() == 3 and shipper.collisions == 0
+        shipper.hwm = 0                         # ship the same batch again: its own rows, skipped quietly
+        assert await shipper.ship_once() == 3 and shipper.collisions == 0
+        with psycopg.connect(dsn, autocommit=True) as conn:    # id 2 now holds another request's row
+            conn.execute("UPDATE usage SET request_id = 'someone-else' WHERE instance_id = %s AND local_id = 2",
+                         (shipper.instance_id,))
+        shipper.hwm = 0
+        with caplog.at_level("ERROR", logger="infermesh.state"):
+            await shipper.ship_once()
+        assert shipper.collisions == 1
+        assert "1 spooled rows" in caplog.text and "local ids 2" in caplog.text
+        shipper._close()
+    finally:
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

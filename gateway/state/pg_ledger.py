@@ -104,6 +104,7 @@ class PgShipper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.shipped = 0
+        self.collisions = 0                       # spooled rows whose key PostgreSQL holds for another request
         self.backlog_gauge = None
         self.executor = None                      # the loop's default; the Adopter gives its shippers its own
         # shipping lag (gateway/metrics.py reads lag()): before the first connection the high-water
@@ -146,9 +147,29 @@ class PgShipper:
         async with conn.transaction():
             async with conn.cursor() as cur:
                 await cur.executemany(_INSERT, params)
+                skipped = len(rows) - cur.rowcount
+                if skipped:                       # re-shipped rows are expected; different ones are not
+                    await self._check_collisions(cur, rows)
         self.hwm = rows[-1][0]
         self.shipped += len(rows)
         return len(rows)
+
+    async def _check_collisions(self, cur: psycopg.AsyncCursor, rows: list[tuple]) -> None:
+        """Rows PostgreSQL already held under this spool's (instance, id). A batch shipped again (its
+        commit cut mid-flight, or an adopter shipping a dead replica's spool) finds its own rows
+        there; a row with another request id under the same key is a different request that will
+        never reach PostgreSQL, so it is said loudly (a spool whose ids were reused: issue 17)."""
+        rid = _COLUMNS.index("request_id") + 1
+        await cur.execute("SELECT local_id, request_id FROM usage "
+                          "WHERE instance_id = %s AND local_id BETWEEN %s AND %s",
+                          (self.instance_id, rows[0][0], rows[-1][0]))
+        there = dict(await cur.fetchall())
+        lost = [r[0] for r in rows if r[0] in there and there[r[0]] != r[rid]]
+        if lost:
+            self.collisions += len(lost)
+            log.error("ledger: %d spooled rows of %s collide with other requests' rows in PostgreSQL "
+                      "(local ids %s%s): not shipped", len(lost), self.instance_id,
+                      ", ".join(map(str, lost[:10])), " ..." if len(lost) > 10 else "")
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
