@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from fleet.spec import Spec, Tier
 
 
+# fleet/spec.py requires gateway.state.postgres_dsn with ledger: postgres and redis_url with limits: redis;
+# where this module reads them, mypy is told so (`type: ignore[arg-type]`: it sees `str | None`).
+
 SPOOL_LOCK_WAIT_S = 60.0   # how long a starting replica waits for its spool's lock (an adopter holds it ~10 s at most)
 
 
@@ -59,15 +62,15 @@ def key_admin(spec: Spec, state_dir: Path):
     if uses_postgres(spec):
         from gateway.state.migrate import migrate
         from gateway.state.pg_keys import PgKeyAdmin
-        migrate(spec.gateway.state.postgres_dsn)
-        return PgKeyAdmin(spec.gateway.state.postgres_dsn)
+        migrate(spec.gateway.state.postgres_dsn)  # type: ignore[arg-type]
+        return PgKeyAdmin(spec.gateway.state.postgres_dsn)  # type: ignore[arg-type]
     return KeyAdmin(state_dir / "keys.db")
 
 
 def usage_rows(spec: Spec, state_dir: Path, tenant: str | None = None, since: float | None = None) -> list[dict]:
     if uses_postgres(spec):
         from gateway.state import pg_ledger
-        return pg_ledger.query(spec.gateway.state.postgres_dsn, tenant, since)
+        return pg_ledger.query(spec.gateway.state.postgres_dsn, tenant, since)  # type: ignore[arg-type]
     return sqlite_ledger.query(state_dir / "ledger.db", tenant, since)
 
 
@@ -76,7 +79,7 @@ class State:
         backends = spec.gateway.state
         self.spec, self.state_dir = spec, state_dir
         self.health = Health()
-        self.shipper = None
+        self.shipper: Any = None            # a PgShipper with ledger: postgres
         self._migrating: asyncio.Task | None = None
         self.pg = uses_postgres(spec)
         if self.pg:
@@ -93,12 +96,12 @@ class State:
             if not self.spool_lock.acquire(SPOOL_LOCK_WAIT_S):
                 raise RuntimeError(f"the ledger spool {spool} stayed locked for {SPOOL_LOCK_WAIT_S:.0f} s: another "
                                    f"live process holds it (a second replica named {instance!r} on this state dir?)")
-            self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)
-            self.adopter = Adopter(state_dir / "instances", home, backends.postgres_dsn) if instance else None
+            self.shipper = PgShipper(spool, backends.postgres_dsn, self.health, instance)  # type: ignore[arg-type]
+            self.adopter = Adopter(state_dir / "instances", home, backends.postgres_dsn) if instance else None  # type: ignore[arg-type]
             self.ledger: Ledger = SpoolLedger(spool, self.shipper.wake)
             # the last key set loaded, on this replica's disk: a start while PostgreSQL is down serves it
-            self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health, cache=home / "keys.cache.json")
-            self.rollup = sla.Rollup(spec, spool, sla.PgTarget(backends.postgres_dsn), self.shipper.instance_id)
+            self.keys: Any = PgKeyStore(backends.postgres_dsn, self.health, cache=home / "keys.cache.json")  # type: ignore[arg-type]
+            self.rollup = sla.Rollup(spec, spool, sla.PgTarget(backends.postgres_dsn), self.shipper.instance_id)  # type: ignore[arg-type]
         else:
             self.ledger = Ledger(state_dir / "ledger.db")
             self.keys = KeyStore(state_dir / "keys.db")
@@ -106,13 +109,13 @@ class State:
         if backends.limits == "redis":
             from gateway.state.redis_limits import RedisLimiter
             tiers = list(spec.tiers)
-            self.limiter: Any = RedisLimiter(backends.redis_url, redis_prefix(spec),
+            self.limiter: Any = RedisLimiter(backends.redis_url, redis_prefix(spec),  # type: ignore[arg-type]
                                              lambda t: fails_open(t, tiers), self.health)
         else:
             self.limiter = LocalLimiter()
         # an external upstream's own concurrency and rpm (gateway/state/upstream_limits.py), across replicas on Redis
         from gateway.state import upstream_limits
-        self.upstream_limits: Any = (upstream_limits.RedisUpstreamLimits(backends.redis_url, redis_prefix(spec))
+        self.upstream_limits: Any = (upstream_limits.RedisUpstreamLimits(backends.redis_url, redis_prefix(spec))  # type: ignore[arg-type]
                                      if backends.limits == "redis" else upstream_limits.LocalUpstreamLimits())
 
     @property
@@ -125,7 +128,7 @@ class State:
         if self.pg:
             from gateway.state.migrate import migrate
             try:
-                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)
+                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)  # type: ignore[arg-type]
             except Exception as e:   # PostgreSQL down at start: serve from the spool, migrate when it answers
                 self.health.report("postgres", "ledger", False, e)
                 self._migrating = asyncio.create_task(self._migrate_later())
@@ -143,7 +146,7 @@ class State:
         while True:
             await asyncio.sleep(2.0)
             try:
-                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)
+                await asyncio.to_thread(migrate, self.spec.gateway.state.postgres_dsn)  # type: ignore[arg-type]
                 return
             except Exception:
                 continue
@@ -177,7 +180,7 @@ class State:
 def sla_target(spec: Spec, state_dir: Path) -> sla.SqliteTarget | sla.PgTarget:
     """Where a stack's rollups are, for the CLI's reports."""
     if uses_postgres(spec):
-        return sla.PgTarget(spec.gateway.state.postgres_dsn)
+        return sla.PgTarget(spec.gateway.state.postgres_dsn)  # type: ignore[arg-type]
     return sla.SqliteTarget(state_dir / "ledger.db")
 
 
