@@ -106,7 +106,7 @@ class PgShipper:
         self.shipped = 0
         self.collisions = 0                       # spooled rows whose key PostgreSQL holds for another request
         self.backlog_gauge = None
-        self.executor = None                      # the loop's default; the Adopter gives its shippers its own
+        self.executor: concurrent.futures.Executor | None = None   # the loop's default; the Adopter gives its own
         # shipping lag (gateway/metrics.py reads lag()): before the first connection the high-water
         # mark is unknown, and rows written since this start are the ones surely not shipped
         try:
@@ -133,13 +133,14 @@ class PgShipper:
             self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=3)
             cur = await self._conn.execute("SELECT coalesce(max(local_id), 0) FROM usage WHERE instance_id = %s",
                                            (self.instance_id,))
-            self.hwm = (await cur.fetchone())[0]
+            self.hwm = (await cur.fetchone())[0]  # type: ignore[index]  # coalesce(max(...)): always one row
         return self._conn
 
     async def ship_once(self) -> int:
         """Ship the next batch above the high-water mark; returns how many rows it held."""
         conn = await self._connect()
-        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self._read, self.hwm)
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._read, self.hwm)  # type: ignore[arg-type]  # _connect() has set the mark
         if not rows:
             return 0
         params = [(self.instance_id, *(bool(v) if i in _BOOLS else v for i, v in enumerate(r, start=1)))
@@ -163,7 +164,7 @@ class PgShipper:
         await cur.execute("SELECT local_id, request_id FROM usage "
                           "WHERE instance_id = %s AND local_id BETWEEN %s AND %s",
                           (self.instance_id, rows[0][0], rows[-1][0]))
-        there = dict(await cur.fetchall())
+        there: dict[int, str] = dict(await cur.fetchall())
         lost = [r[0] for r in rows if r[0] in there and there[r[0]] != r[rid]]
         if lost:
             self.collisions += len(lost)
@@ -350,7 +351,7 @@ class Adopter:
                 try:
                     await asyncio.wait_for(self.ship(spool), 30.0)
                 except asyncio.CancelledError:
-                    if asyncio.current_task().cancelling():
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # (in a task)
                         raise                      # stop()
                     log.warning("spool %s not adopted (cancelled)", spool.parent.name)
                 except Exception as e:             # never let one spool stop the adoption of the others
@@ -369,7 +370,8 @@ class Adopter:
 
 def query(dsn: str, tenant: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
     """Rows for reports from the shared ledger, oldest first (the same fields as ledger.query)."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[str | float] = []
     if tenant:
         where.append("tenant = %s")
         args.append(tenant)
