@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STACK   ?= local
 STAMP   := $(VENV)/.installed
 
-.PHONY: install up test test-mesh test-quarantine system-deps lint clean bench
+.PHONY: install up test test-mesh test-quarantine system-deps lint typecheck clean bench
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 up: install
 	$(BIN)/infermesh up --stack $(STACK)
 
-test: install system-deps
+test: install system-deps typecheck
 	$(BIN)/python -m pytest -q
 
 # The mesh tests alone: hosts as network namespaces, sshd, WireGuard (wireguard-go), real playbooks.
@@ -34,8 +34,12 @@ test-quarantine: install system-deps
 system-deps:
 	bash scripts/install-system-deps.sh
 
-lint: install
+lint: install typecheck
 	$(BIN)/python -m ruff check fleet infermesh_cli gateway engines tests bench policies __main__.py
 
+# mypy (config in pyproject.toml) on the packages that are clean; `make test` and `make lint` run it first.
+typecheck: install
+	$(BIN)/python -m mypy gateway
+
 clean:
-	rm -rf $(VENV) .infermesh .pytest_cache
+	rm -rf $(VENV) .infermesh .pytest_cache .mypy_cache
