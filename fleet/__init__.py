@@ -13,6 +13,6 @@ Nothing here imports the CLI (infermesh_cli/, on top); the gateway imports the f
 3     ``failover`` (the effective spec: drained providers applied, computed once, passed on)
 2     ``capacity``, ``channel``, ``mesh_keys``, ``stackfile``, ``alerts``, ``canary``: pure, one concept each
 1     ``spec`` (the schema), ``paths``
-0     ``project``, ``kinds`` (the table of provider kinds)
+0     ``project``, ``kinds`` (the table of provider kinds), ``prometheus`` (reading /metrics text)
 ====  ===============================================================================
 """

@@ -36,9 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleet.local import LocalStack, LocalStackError
+from fleet.paths import admin_token
+from fleet.prometheus import samples
 from fleet.spec import Spec, SpecError
 
 LIVE_FIELDS = {"pools", "canary", "providers", "models", "regions", "local_port_base"}
+# what a worker has running or waiting: vLLM's (and the sim's) gauges, llama.cpp's
+BUSY_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                "llamacpp:requests_processing", "llamacpp:requests_deferred")
 SETTLE_S = 1.2        # a replica that missed /admin/reload reads the routing file within ~1 s
 
 
@@ -71,23 +76,14 @@ def _retarget(cmd: list[str], port: int) -> list[str]:
 
 
 def _gateway_ports(stack: LocalStack) -> list[int]:
-    replicas = getattr(stack, "replicas", 1)
-    if replicas > 1:
-        return [stack.replica_port(i) for i in range(replicas)]
+    if stack.replicas > 1:
+        return [stack.replica_port(i) for i in range(stack.replicas)]
     return [stack.port]
-
-
-def _admin_token(stack: LocalStack) -> str:
-    import os
-    env = os.environ.get("INFERMESH_ADMIN_TOKEN")
-    if env:
-        return env
-    return (stack.state / "admin.token").read_text().strip()
 
 
 def _admin(stack: LocalStack, port: int, path: str, method: str = "GET", timeout: float = 5.0) -> dict:
     req = urllib.request.Request(f"http://{stack.host}:{port}{path}", method=method,
-                                 headers={"authorization": f"Bearer {_admin_token(stack)}"},
+                                 headers={"authorization": f"Bearer {admin_token(stack.state)}"},
                                  data=b"" if method == "POST" else None)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
@@ -126,13 +122,8 @@ def _busy(url: str, context=None) -> float | None:  # noqa: ANN001
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return None
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting",
-                            "llamacpp:requests_processing", "llamacpp:requests_deferred")):
-            total += float(line.rsplit(" ", 1)[1])
-            seen = True
-    return total if seen else None
+    found = [v for metric in BUSY_METRICS for v in samples(text, metric)]
+    return sum(found) if found else None
 
 
 def drain_and_stop(stack: LocalStack, name: str, proc: subprocess.Popen, url: str, timeout: float) -> None:

@@ -24,6 +24,23 @@ def state_dir(stack: str) -> Path:
     return Path(env) if env else project.state_root() / stack
 
 
+ADMIN_TOKEN_ENV = "INFERMESH_ADMIN_TOKEN"
+
+
+def admin_token_path(state: Path) -> Path:
+    """Where a stack's gateway keeps the operator's token for /admin/* (written at its first start)."""
+    return state / "admin.token"
+
+
+def admin_token(state: Path) -> str:
+    """The operator's token for a stack's /admin/*: INFERMESH_ADMIN_TOKEN, else the one its gateway
+    keeps in the state dir `state`. FileNotFoundError when there is neither."""
+    env = os.environ.get(ADMIN_TOKEN_ENV)
+    if env:
+        return env
+    return admin_token_path(state).read_text().strip()
+
+
 def private_dir(path: Path, tighten: bool = False) -> Path:
     """Create `path` and any missing parents 0700; with `tighten`, also take group and other
     access away from `path` itself when it already exists (best effort: not ours, left as is)."""

@@ -57,10 +57,6 @@ def _active(spec: Spec, pool) -> bool:
     return pool.role != "drained" and (pool.replicas > 0 or prov.kind == "openai")
 
 
-def _paid(tier) -> bool:
-    return tier.price_per_1m_tokens > 0 or tier.monthly_fee > 0
-
-
 # ---- the rules ------------------------------------------------------------------------------------
 
 def multi_provider(spec: Spec, plan: Plan) -> list[Violation]:
@@ -71,7 +67,7 @@ def multi_provider(spec: Spec, plan: Plan) -> list[Violation]:
     out = []
     paid: dict[str, list[str]] = {}
     for t in spec.tiers:
-        if _paid(t):
+        if t.paid:
             for m in t.models:
                 paid.setdefault(m, []).append(t.name)
     for model, tiers in paid.items():
@@ -288,7 +284,7 @@ def tier_margin(spec: Spec, plan: Plan) -> list[Violation]:
         tiers = build_plan(steady).costs.tiers
     for tm in tiers:
         t = spec.tier(tm.tier)
-        if not _paid(t) or tm.loaded_cost_per_1m is None or tm.min_price_per_1m is None:
+        if not t.paid or tm.loaded_cost_per_1m is None or tm.min_price_per_1m is None:
             continue
         if t.price_per_1m_tokens + 1e-9 < tm.min_price_per_1m:
             out.append(Violation(

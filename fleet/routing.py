@@ -176,3 +176,16 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
     if tls_dir is not None:
         out["tls_dir"] = tls_dir
     return out
+
+
+def routing_without(config: dict[str, Any], endpoint_ids: list[str] | None) -> dict[str, Any]:
+    """The routing config with the given endpoints removed (drained nodes get no new requests)."""
+    drop = set(endpoint_ids or ())
+    models = []
+    for model in config.get("models", []):
+        pools = []
+        for pool in model.get("pools", []):
+            endpoints = [ep for ep in pool.get("endpoints", []) if ep.get("id") not in drop]
+            pools.append({**pool, "endpoints": endpoints})
+        models.append({**model, "pools": pools})
+    return {**config, "models": models}

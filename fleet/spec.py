@@ -257,6 +257,11 @@ class Tier(_Strict):
     slo: Slo = Slo()
     timeouts: Timeouts = Timeouts()
 
+    @property
+    def paid(self) -> bool:
+        """A tier that charges, per token or per month (the policy rules and the limits' fail-open default)."""
+        return self.price_per_1m_tokens > 0 or self.monthly_fee > 0
+
 
 class StateBackends(_Strict):
     limits: Literal["memory", "redis"] = "memory"
@@ -382,10 +387,13 @@ class Throughput(_Strict):
     utilisation: Annotated[float, Field(gt=0, le=1)] = 0.6   # U in the cost formula
 
 
+CANARY_MAX_WEIGHT = 50                         # percent of its pool's traffic a canary takes at most (and > 0)
+
+
 class Canary(_Strict):
     pool: Name
     image: str
-    weight: Annotated[float, Field(gt=0, le=50)] = 5         # percent of the pool's traffic
+    weight: Annotated[float, Field(gt=0, le=CANARY_MAX_WEIGHT)] = 5         # percent of the pool's traffic
     sim: SimKnobs | None = None                # sim pools: how the new build behaves (default: the pool's knobs)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fleet import paths
 from fleet import spec as spec_mod
 from fleet.local import LocalStack
 from gateway.keys import KeyAdmin
@@ -127,7 +128,7 @@ class RunningStack:
         return KeyAdmin(self.state / "keys.db").create(tenant, tier)[0]
 
     def admin_token(self) -> str:
-        return (self.state / "admin.token").read_text().strip()
+        return paths.admin_token(self.state)
 
     def worker_url(self, pool: str, replica: int = 0) -> str:
         from fleet.failover import effective_spec

@@ -45,8 +45,8 @@ FLOORS: dict[str, list[list[str]]] = {
         ["gateway.__main__"],
     ],
     "fleet": [
-        # 0: where the project is; the table of provider kinds
-        ["fleet", "fleet.project", "fleet.kinds"],
+        # 0: where the project is; the table of provider kinds; reading Prometheus text
+        ["fleet", "fleet.project", "fleet.kinds", "fleet.prometheus"],
         # 1: the schema (the stack file as a Spec); where a stack's state lives
         ["fleet.spec", "fleet.paths"],
         # 2: pure functions of the spec, one concept each

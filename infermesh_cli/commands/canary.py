@@ -47,7 +47,8 @@ from fleet import canary as rules
 from fleet import spec as spec_mod
 from fleet import stackfile
 from infermesh_cli.errors import UserError
-from fleet.local import LOCAL_KINDS
+from fleet import paths
+from fleet.kinds import LOCAL_KINDS
 from fleet.paths import state_dir
 from fleet.spec import SimKnobs
 
@@ -67,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(a)
     a.add_argument("--pool", required=True)
     a.add_argument("--image", required=True, help="the new image, pinned by digest: name@sha256:<64 hex>")
-    a.add_argument("--weight", type=float, default=5.0, help="percent of the pool's traffic, >0 to 50 (default 5)")
+    a.add_argument("--weight", type=float, default=5.0,
+                   help=f"percent of the pool's traffic, >0 to {spec_mod.CANARY_MAX_WEIGHT} (default 5)")
     a.add_argument("--sim", action="append", default=[], metavar="KNOB=VALUE",
                    help="sim pools only: the new build's behaviour (ttft_ms, itl_ms, output_tokens, error_rate, seed)")
     a.set_defaults(func=start)
@@ -143,9 +145,9 @@ def start_text(text: str, spec: spec_mod.Spec, pool: str, image: str, weight: fl
                         f"image {spec.canary.image}); promote or roll it back first")
     if not IMAGE_RE.match(image):
         raise UserError(f"image {image!r} is not pinned by digest; use name@sha256:<64 hex digits>")
-    if not 0 < weight <= 50:
-        raise UserError(f"--weight {weight:g} is out of range: a canary takes more than 0 and at most 50 "
-                        "percent of its pool's traffic")
+    if not 0 < weight <= spec_mod.CANARY_MAX_WEIGHT:
+        raise UserError(f"--weight {weight:g} is out of range: a canary takes more than 0 and at most "
+                        f"{spec_mod.CANARY_MAX_WEIGHT} percent of its pool's traffic")
     base = spec.pool(pool)
     prov = spec.provider(base.provider)
     if base.role != "primary" or prov.drained:
@@ -243,15 +245,12 @@ def optional_admin_token(args: argparse.Namespace) -> str | None:
 def admin_token(args: argparse.Namespace) -> str:
     if args.admin_token:
         return args.admin_token
-    env = os.environ.get("INFERMESH_ADMIN_TOKEN")
-    if env:
-        return env
-    path = state_dir(args.stack) / "admin.token"
+    state = state_dir(args.stack)
     try:
-        return path.read_text().strip()
+        return paths.admin_token(state)
     except FileNotFoundError:
-        raise UserError(f"no admin token: pass --admin-token, set INFERMESH_ADMIN_TOKEN, or run where {path} "
-                        "exists") from None
+        raise UserError(f"no admin token: pass --admin-token, set {paths.ADMIN_TOKEN_ENV}, or run where "
+                        f"{paths.admin_token_path(state)} exists") from None
 
 
 def fetch_sli(gateway: str, token: str, window: float, since: float | None = None) -> dict:

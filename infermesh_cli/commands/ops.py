@@ -16,7 +16,6 @@ fails does not hide the others (Fabric's GroupResult).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import shlex
@@ -29,6 +28,7 @@ from infermesh_cli.errors import UserError
 from infermesh_cli.inputs import bounded
 from infermesh_cli.commands.bootstrap import add_stack_args
 from fleet.inventory import GATEWAYS, WORKERS, Fleet, host_vars, load_fleet, nodes_of
+from fleet.routing import routing_without
 
 HANDSHAKE_STALE_S = 180      # WireGuard rekeys every 2 minutes on a live path
 DEFAULTS = {                 # the roles' defaults, where the inventory does not override them
@@ -242,17 +242,6 @@ def logs(fleet: Fleet, node: str, *, lines: int, follow: bool) -> int:
     return 0 if r.ok else 1
 
 
-def _routing_without():
-    """The drain filter the playbooks use (playbooks/filter_plugins), loaded from its file."""
-    from fleet.ansible_run import PLAYBOOKS_DIR
-
-    path = PLAYBOOKS_DIR / "filter_plugins" / "infermesh.py"
-    spec = importlib.util.spec_from_file_location("infermesh_filters", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.routing_without
-
-
 def _gateway_lists(c, hv: dict[str, Any], endpoint_id: str) -> bool | None:
     """Whether the gateway on this host still routes to endpoint_id (None: cannot tell)."""
     token_file = shlex.quote(var(hv, "gateway_admin_token_file"))
@@ -271,7 +260,7 @@ def _gateway_lists(c, hv: dict[str, Any], endpoint_id: str) -> bool | None:
 def drain(fleet: Fleet, node: str, *, timeout: float) -> int:
     hv = host_vars(fleet.inventory, node)
     endpoint_id = hv["worker_endpoint_id"]
-    routing = _routing_without()(fleet.plan.routing, [endpoint_id])
+    routing = routing_without(fleet.plan.routing, [endpoint_id])
     body = json.dumps(routing, indent=4, sort_keys=True).encode()
     gateways = nodes_of(fleet.inventory, GATEWAYS)
     failed = []

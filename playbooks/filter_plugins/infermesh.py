@@ -1,7 +1,9 @@
 """Jinja filters the infermesh playbooks use: small pure functions, unit-tested in tests/test_playbooks.py.
 
 Parsing (nvidia-smi's CSV, Prometheus text) and reshaping (the routing config) are easier to
-get right, and to test, in Python than in nested Jinja.
+get right, and to test, in Python than in nested Jinja. The routing config's reshaping and the
+Prometheus reader are fleet's own (fleet/routing.py, fleet/prometheus.py; the controller runs
+Ansible from infermesh's environment): the CLI and the local stack use the same functions.
 """
 
 from __future__ import annotations
@@ -9,20 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fleet.prometheus import metric_sum as prometheus_sum
+from fleet.routing import routing_without
+
 _ALNUM = re.compile(r"[^a-z0-9]")
-
-
-def routing_without(config: dict[str, Any], endpoint_ids: list[str] | None) -> dict[str, Any]:
-    """The routing config with the given endpoints removed (drained nodes get no new requests)."""
-    drop = set(endpoint_ids or ())
-    models = []
-    for model in config.get("models", []):
-        pools = []
-        for pool in model.get("pools", []):
-            endpoints = [ep for ep in pool.get("endpoints", []) if ep.get("id") not in drop]
-            pools.append({**pool, "endpoints": endpoints})
-        models.append({**model, "pools": pools})
-    return {**config, "models": models}
 
 
 def nvidia_gpus(lines: list[str]) -> list[dict[str, Any]]:
@@ -54,22 +46,6 @@ def gpu_matches(name: str, gpu_type: str) -> bool:
     """
     family = _ALNUM.sub("", gpu_type.lower().split("-")[0])
     return bool(family) and family in _ALNUM.sub("", name.lower())
-
-
-def prometheus_sum(text: str, metric: str) -> float:
-    """Sum of a metric's samples over all label sets in Prometheus text format (0 if absent)."""
-    total = 0.0
-    for line in (text or "").splitlines():
-        if not line.startswith(metric):
-            continue
-        rest = line[len(metric):]
-        if rest[:1] not in ("{", " "):
-            continue  # a longer metric name that starts the same
-        try:
-            total += float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-    return total
 
 
 class FilterModule:
