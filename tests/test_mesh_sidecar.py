@@ -203,8 +203,9 @@ def net(request: pytest.FixtureRequest) -> Iterator[Net]:
             sh("ip", "link", "add", gw_end, "netns", GW, "type", "veth", "peer", "name", w_end, "netns", ns)
             in_ns(GW, "ip", "address", "add", f"{gw_ip}/24", "dev", gw_end)
             in_ns(ns, "ip", "address", "add", f"{w_ip}/24", "dev", w_end)
-            in_ns(GW, "ip", "link", "set", gw_end, "up")
-            in_ns(ns, "ip", "link", "set", w_end, "up")
+            in_ns(GW, "ip", "link", "set", gw_end, "mtu", "9000", "up")       # a cluster network's jumbo frames
+            in_ns(ns, "ip", "link", "set", w_end, "mtu", "9000", "up")
+        in_ns(GW, "ip", "route", "add", "default", "via", UNDERLAY[W1][1])    # the pod's default route (eth0)
         gateways = [f"gateway-{i}" for i in range(IDENTITIES)]
         addresses = assign_addresses(CIDR, gateways, [W1, W2])
         keys = {node: mesh_keys.generate() for node in addresses}
@@ -270,6 +271,8 @@ def test_the_sidecar_brings_the_interface_up_and_the_probe_says_so(net):
     assert in_ns(GW, "wg", "show", GW_IF, "listen-port").stdout.strip() == str(MESH_PORT)
     assert f"inet {net.addresses['gateway-3']}/24" in in_ns(GW, "ip", "-o", "address", "show", "dev", GW_IF).stdout
     assert in_ns(GW, "wg", "show", GW_IF, "peers").stdout.split() == [net.keys[W1]["public_key"]]
+    # the tunnel crosses the internet: 1420 at most, whatever the pod's own device carries (9000 here)
+    assert " mtu 1420 " in in_ns(GW, "ip", "-o", "link", "show", "dev", GW_IF).stdout
     log = net.log.read_text()
     # the kernel's WireGuard where it has the module, else the documented fallback
     assert "]: kernel WireGuard\n" in log or ("no kernel WireGuard module: falling back to wireguard-go" in log
