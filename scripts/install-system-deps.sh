@@ -23,6 +23,7 @@ declare -A PROVIDES=(
     [iputils-ping]=/usr/bin/ping
     [redis-server]=/usr/bin/redis-server     # tests/test_shared_state.py runs a redis-server of its own
     [prometheus]=/usr/bin/prometheus         # tests/test_canary.py: canary SLIs through a Prometheus of its own
+    [busybox-static]=/usr/bin/busybox        # tests/test_mesh_sidecar.py: the mesh sidecar's script under busybox ash, as in its image
 )
 
 missing=()
