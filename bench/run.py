@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick] [--scenarios S1,S2,S3,S4] [--soak-seconds 600]
                                   [--no-litellm] [--litellm-s3] [--profile] [--s3-itl-ms 20]
+                                  [--baseline-rev REV [--rounds N]]
 
 One session, one machine, loopback only. Core 0 runs the proxy under test alone (the gateway,
 or LiteLLM's proxy): "one gateway core". Core 1 runs the fake upstreams and the load client.
@@ -14,6 +15,10 @@ Scenarios (see bench/README.md):
       stalls, gateway CPU and RSS; also through bench/passthru.py, the floor: what any Python
       byte relay on this event loop costs per event (skip with --no-floor)
   S4  soak at moderate load: RSS growth after warm-up, errors
+
+With --baseline-rev REV the gateway of this tree and the gateway of REV (a git worktree in the
+run's temp dir, removed at the end) take turns on core 0 for --rounds rounds; the table gives
+each one's medians and this tree's ratio to REV.
 
 Results: printed as one table per scenario and written to bench/results/<date>-<scenario>.md
 and .json. Every process started here is stopped by PID at the end.
@@ -375,23 +380,26 @@ class Bench:
                     raise RuntimeError(f"TLS upstream on {port} did not start; see {self.tmp}")
                 time.sleep(0.1)
 
-    def start_gateway(self, mtls: bool = False) -> None:
+    def start_gateway(self, mtls: bool = False, root: Path = REPO) -> None:
         """The gateway on core 0; with ``mtls`` a second one (its own state) whose upstreams are the
-        mutual-TLS copies: started only for its own runs, so core 0 holds one proxy at a time."""
-        from gateway.keys import KeyAdmin
+        mutual-TLS copies: started only for its own runs, so core 0 holds one proxy at a time. With
+        ``root`` another tree's gateway (--baseline-rev's worktree), its own state and key."""
         stack, stacks = write_stack(self.tmp, self.args.max_loop_lag_ms)
         if mtls:
             routing = write_routing(self.tmp, self.fast_tls_port, self.paced_tls_port, tls_dir=self.certs.dir)
         else:
             routing = write_routing(self.tmp, self.fast_port, self.paced_port)
-        name = "gateway-mtls" if mtls else "gateway"
-        state = Path(tempfile.mkdtemp(prefix="state-mtls-" if mtls else "state-", dir=self.tmp))
-        key = KeyAdmin(state / "keys.db").create("bench", "business")[0]
+        name = "gateway-mtls" if mtls else "gateway" if root == REPO else "gateway-base"
+        state = Path(tempfile.mkdtemp(prefix=name.replace("gateway", "state") + "-", dir=self.tmp))
+        # the key made by the tree's own code (`python -m gateway` from root imports root's packages)
+        key = subprocess.run([str(PY), "-c", "import sys, pathlib; from gateway.keys import KeyAdmin; print(KeyAdmin("
+                              "pathlib.Path(sys.argv[1])).create('bench', 'business')[0])", str(state / "keys.db")],
+                             cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         port = free_port()
         proc = self.procs.start(name, [
             str(PY), "-m", "gateway", "--stack", stack, "--stacks-dir", str(stacks), "--routing", str(routing),
             "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state), "--log-level", "warning"],
-            GATEWAY_CORE, self.tmp / f"{name}.log", cwd=REPO)
+            GATEWAY_CORE, self.tmp / f"{name}.log", cwd=root)
         wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for model in (PROMPT_MODEL, STREAM_MODEL):   # both routes answer before anything is measured
@@ -402,8 +410,33 @@ class Bench:
         if mtls:
             self.gw_mtls, self.gateway_mtls, self.key_mtls = proc, url, key
             return
+        if root != REPO:
+            self.gw_base, self.gateway_base, self.key_base = proc, url, key
+            proc.send_signal(signal.SIGSTOP)       # core 0 holds one running proxy at a time
+            return
         self.gw, self.gw_port, self.gateway, self.key = proc, port, url, key
         self.state_dir = state
+
+    def start_baseline(self) -> None:
+        """--baseline-rev: REV checked out as a git worktree in the run's temp dir (removed at the end),
+        and its gateway started beside this tree's, on the same upstreams, stack and routing."""
+        rev = self.args.baseline_rev
+        sha = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        self.baseline_tree = self.tmp / f"baseline-{sha[:10]}"
+        subprocess.run(["git", "worktree", "add", "--detach", str(self.baseline_tree), sha], cwd=REPO,
+                       capture_output=True, check=True)
+        self.baseline = {"rev": rev, "commit": sha,
+                         "subject": subprocess.run(["git", "log", "-1", "--format=%s", sha], cwd=REPO,
+                                                   capture_output=True, text=True).stdout.strip()[:120]}
+        self.log(f"baseline {rev} ({sha[:10]}) in {self.baseline_tree}")
+        self.start_gateway(root=self.baseline_tree)
+
+    def remove_baseline(self) -> None:
+        tree = getattr(self, "baseline_tree", None)
+        if tree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
+            subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
 
     def start_litellm(self) -> None:
         self.litellm_ok = False
@@ -454,6 +487,9 @@ class Bench:
     def paths(self, litellm: bool = True):
         """direct, gateway, then LiteLLM: started only for its own runs, so that core 0 holds one proxy."""
         yield "direct", self.direct, "", self.fast.pid
+        if self.args.baseline_rev:
+            yield from self.baseline_rounds()
+            return
         yield "gateway", self.gateway, self.key, self.gw.pid
         # the same gateway code with the channel on, alternating with it for --rounds (medians compared);
         # core 0 holds one proxy at a time (the plain one is stopped while the mTLS one runs)
@@ -475,6 +511,22 @@ class Bench:
                     yield "litellm", self.litellm, LITELLM_MASTER_KEY, self.litellm_proc.pid
                 finally:
                     self.stop_litellm()
+
+    def baseline_rounds(self):
+        """This tree's gateway and REV's, in turns for --rounds rounds (ABBA: each round starts with the
+        one the previous round ended with, so a drift of the machine falls on both); the one not
+        measured is SIGSTOPped."""
+        mine = ("gateway", self.gateway, self.key, self.gw)
+        base = ("gateway-base", self.gateway_base, self.key_base, self.gw_base)
+        for k in range(self.args.rounds):
+            suffix = "" if k == 0 else f"@{k + 1}"
+            for name, url, key, proc in ((mine, base) if k % 2 == 0 else (base, mine)):
+                other = self.gw_base if proc is self.gw else self.gw
+                other.send_signal(signal.SIGSTOP)
+                proc.send_signal(signal.SIGCONT)
+                yield f"{name}{suffix}", url, key, proc.pid
+        self.gw_base.send_signal(signal.SIGSTOP)
+        self.gw.send_signal(signal.SIGCONT)
 
     # ---- scenarios
     def s1(self) -> dict:
@@ -634,6 +686,10 @@ class Bench:
             self.log(f"tmp dir {self.tmp}")
             self.start_upstreams()
             self.start_gateway()
+            if self.args.baseline_rev:
+                self.start_baseline()
+                self.notes.append(f"Baseline: {self.baseline['rev']} ({self.baseline['commit'][:10]}: "
+                                  f"{self.baseline['subject']}), {self.args.rounds} alternating rounds.")
             if self.args.no_litellm:
                 self.notes.append("LiteLLM not measured (--no-litellm).")
             for s in wanted:
@@ -644,10 +700,16 @@ class Bench:
                 res = fn()
                 res["wall_s"] = round(time.monotonic() - t0, 1)
                 res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+                if self.args.baseline_rev:
+                    res["baseline"] = self.baseline
                 self.results[s] = res
                 self.write(s, res)
         finally:
+            for _, p in self.procs.procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGCONT)       # a stopped process would not see the SIGTERM
             self.procs.stop_all()
+            self.remove_baseline()
             if not self.args.keep_tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         return 0
@@ -659,6 +721,7 @@ class Bench:
         if self.args.max_loop_lag_ms is not None:
             streams += f"-lag{self.args.max_loop_lag_ms:g}ms"
         streams += "-channel" if self.args.channel else ""
+        streams += "-baseline" if self.args.baseline_rev else ""
         name = f"{stamp}-{scenario}{streams}{'-quick' if self.args.quick else ''}"
         meta = {"scenario": scenario, "date": stamp, "command": " ".join(["bench/run.py"] + sys.argv[1:]),
                 "quick": self.args.quick, "cores": {"gateway": GATEWAY_CORE, "harness": HARNESS_CORE},
@@ -768,15 +831,29 @@ def _delta(a, b) -> str:
 
 def render_channel(scenario: str, res: dict) -> str:
     """The channel's cost: the same gateway with plain HTTP and with mutual TLS to its upstreams."""
+    return render_pair(scenario, res, "gateway", "gateway-mtls",
+                       ("gateway (plain HTTP)", "gateway (mTLS)", "mTLS/plain"))
+
+
+def render_baseline(scenario: str, res: dict) -> str:
+    """This tree's gateway against --baseline-rev's, alternating: medians and this/baseline."""
+    rev = (res.get("baseline") or {}).get("commit", "baseline")[:10]
+    return render_pair(scenario, res, "gateway-base", "gateway", (f"gateway at {rev}", "gateway (this tree)",
+                                                                   "this/baseline"))
+
+
+def render_pair(scenario: str, res: dict, a_path: str, b_path: str, titles: tuple[str, str, str]) -> str:
+    """Two gateways measured in alternating rounds: the median of each metric, and b/a."""
     runs = res.get("runs", {})
     labels = {"S1": ("nonstream-c16", "nonstream-c64", "stream32-c16"),
               "S2": ("nonstream-c1", "stream32-c1"), "S3": (f"streams{res.get('streams')}",)}.get(scenario, ())
     import re
     import statistics
 
-    rounds = max([1] + [int(m.group(1)) for k in runs if (m := re.match(r"gateway(?:-mtls)?@(\d+)/", k))])
+    pattern = rf"(?:{re.escape(a_path)}|{re.escape(b_path)})@(\d+)/"
+    rounds = max([1] + [int(m.group(1)) for k in runs if (m := re.match(pattern, k))])
     lines = [f"Medians of {rounds} alternating runs of each.", ""] if rounds > 1 else []
-    lines += ["| run | metric | gateway (plain HTTP) | gateway (mTLS) | mTLS/plain |", "|---|---|---|---|---|"]
+    lines += [f"| run | metric | {titles[0]} | {titles[1]} | {titles[2]} |", "|---|---|---|---|---|"]
 
     def per_core(r: dict) -> float | None:
         pr = next(iter(r.get("procs", {}).values()), None)
@@ -788,7 +865,7 @@ def render_channel(scenario: str, res: dict) -> str:
         return round(statistics.median(vals), 2) if vals else None
 
     for label in labels:
-        if not runs.get(f"gateway/{label}") or not runs.get(f"gateway-mtls/{label}"):
+        if not runs.get(f"{a_path}/{label}") or not runs.get(f"{b_path}/{label}"):
             continue
         metrics = [("req/s", lambda r: r.get("rps"), "ratio"), ("req/s per server CPU-second", per_core, "ratio")]
         if scenario == "S3":
@@ -799,7 +876,7 @@ def render_channel(scenario: str, res: dict) -> str:
             metrics += [("latency p50", lambda r: _g(r, "latency_ms", "p50"), "delta"),
                         ("latency p99", lambda r: _g(r, "latency_ms", "p99"), "delta")]
         metrics.append(("errors", lambda r: r.get("error_count"), "none"))
-        rows = [(m, median("gateway", label, f), median("gateway-mtls", label, f), kind) for m, f, kind in metrics]
+        rows = [(m, median(a_path, label, f), median(b_path, label, f), kind) for m, f, kind in metrics]
         for metric, a, b, kind in rows:
             r = _ratio(b, a) if kind == "ratio" else _delta(b, a) if kind == "delta" else ""
             lines.append(f"| {label} | {metric} | {_fmt(a)} | {_fmt(b)} | {r} |")
@@ -810,6 +887,9 @@ def render(scenario: str, res: dict) -> str:
     if any(k.startswith("gateway-mtls/") for k in res.get("runs", {})):
         return render_base(scenario, res) + "\n\nThe channel (gateway to upstream on mutual TLS):\n\n" + \
             render_channel(scenario, res)
+    if any(k.startswith("gateway-base/") for k in res.get("runs", {})):
+        return render_base(scenario, res) + "\n\nThis tree against the baseline:\n\n" + \
+            render_baseline(scenario, res)
     return render_base(scenario, res)
 
 
@@ -947,8 +1027,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channel", action="store_true",
                    help="also run the gateway with its upstreams on mutual TLS (gateway-mtls), side by side")
     p.add_argument("--rounds", type=int, default=1,
-                   help="with --channel: plain and mTLS runs alternate this many times; the table compares medians")
+                   help="with --channel or --baseline-rev: the two gateways alternate this many times; the table "
+                        "compares medians")
+    p.add_argument("--baseline-rev", metavar="REV",
+                   help="also run the gateway of git revision REV (a worktree in the temp dir), alternating with "
+                        "this tree's (S1, S2, S3)")
     args = p.parse_args(argv)
+    if args.baseline_rev and args.channel:
+        p.error("--baseline-rev and --channel each alternate two gateways: one at a time")
     if not PY.exists():
         print("bench: .venv missing: run `make install` first", file=sys.stderr)
         return 2
