@@ -10,13 +10,13 @@ huge or endless headers, or dribbles a body, would otherwise starve every other 
   on a kept-alive connection), else 408. Both close the connection. A silent connection holds a
   socket for header_timeout_s at most; the head's bytes are counted as they arrive, so a
   64 MiB header block is refused after max_header_bytes, not buffered.
-- *Bodies* (Gateway.read_body): the body within ``body_timeout_s`` of the head, else 408; by
+- *Bodies* (Admission.read_body): the body within ``body_timeout_s`` of the head, else 408; by
   then the key is known, so the 408 is metered against its tenant.
 - *Concurrency per tenant and per key* (``InFlight``): counted from authentication, before the
   body is read, against the tier's ``max_concurrent_requests`` and
   ``key_max_concurrent_requests``; above them the request gets a 429 that names the tenant's
   own limit. A tenant holding slow requests exhausts its own allowance, never another's: the
-  gateway-wide shedding (Gateway.shed) counts only requests that were admitted.
+  gateway-wide shedding (Admission.shed) counts only requests that were admitted.
 - *Failures per client address* (``FailureLimiter``): requests that fail authentication or name
   a model that does not exist are counted per address; above ``failures_per_minute`` the
   address gets 429 before any work. Behind a proxy listed in ``trusted_proxies``, the address

@@ -12,7 +12,7 @@ its tier's prices: uncached input and output at ``price_per_1m_tokens``, cached 
 - a local process (sim, llama.cpp): nothing, unless its pool declares price_per_gpu_hour (then like a lease).
 
 Everything here is computed once per stack load; the request path does one dict lookup and a few
-multiplications (Gateway.finish).
+multiplications (Meter.priced).
 """
 
 from __future__ import annotations

@@ -20,10 +20,13 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from fleet.spec import Tier
+    from gateway.ledger import UsageRecord
+    from gateway.metrics import Metrics
+    from gateway.router import Router
 
 WINDOW_S = 60.0
 MIN_SAMPLES = 10
@@ -64,6 +67,16 @@ class RiskWindow:
         if n < MIN_SAMPLES:
             return False
         return p95 > tier.slo.ttft_p95_ms or error_share > 1 - tier.slo.availability / 100
+
+
+class Degrading(Protocol):
+    """What the breaker uses of admission (gateway/admission.py): the catalogue, the metrics and its cap."""
+
+    router: Router
+    metrics: Metrics
+
+    def degrade(self, payload: dict[str, Any], tier: Tier, model: str, max_output: int,
+                headers: dict[str, str]) -> int: ...
 
 
 class Breaker:
@@ -110,12 +123,12 @@ class Breaker:
         self.state.labels(model).set(1 if is_open else 0)
         return is_open
 
-    def route(self, gw, tier: Tier, model: str, rec, headers: dict[str, str]) -> str:
+    def route(self, admission: Degrading, tier: Tier, model: str, rec: UsageRecord, headers: dict[str, str]) -> str:
         """The model a request is served by, or an ApiError (shed) while the model's breaker is open."""
         if not tier.degrade or not self.open(model) or tier.priority >= self.top.get(model, 0):
             return model
         fallback = self.fallback.get(model)
-        if "fallback" in tier.degrade and fallback and gw.router.has_model(fallback):
+        if "fallback" in tier.degrade and fallback and admission.router.has_model(fallback):
             rec.fallback = True
             headers["x-infermesh-fallback"] = fallback      # counted in limit(), once it is not paused
             return fallback
@@ -126,8 +139,8 @@ class Breaker:
                                 "Please retry shortly.", code="degraded_shed", headers={"retry-after": "30"})
         return model
 
-    def limit(self, gw, tier: Tier, model: str, prompt_tokens: int, payload: dict, max_output: int,
-              headers: dict[str, str]) -> int:
+    def limit(self, admission: Degrading, tier: Tier, model: str, prompt_tokens: int, payload: dict[str, Any],
+              max_output: int, headers: dict[str, str]) -> int:
         """Long prompts paused and max_tokens capped, per the tier's contract, while the breaker of the
         model the client asked for (``model``) is open."""
         if not tier.degrade or not self.open(model):
@@ -141,9 +154,9 @@ class Breaker:
         fallback = headers.get("x-infermesh-fallback")
         if fallback is not None:
             self.actions.labels(model, tier.name, "fallback").inc()
-            gw.metrics.fallbacks.labels(model, fallback, tier.name).inc()
+            admission.metrics.fallbacks.labels(model, fallback, tier.name).inc()
         if "cap_max_tokens" in tier.degrade and tier.degraded_max_output_tokens:
-            max_output = gw.degrade(payload, tier, model, max_output, headers)
+            max_output = admission.degrade(payload, tier, model, max_output, headers)
             if headers.get("x-infermesh-degraded") == "max_tokens":     # capped (here or by the SLO-risk cap)
                 self.actions.labels(model, tier.name, "cap_max_tokens").inc()
         return max_output
