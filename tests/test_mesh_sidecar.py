@@ -262,8 +262,9 @@ def test_the_identity_step_takes_this_pods_own_key_only(net):
 
 def test_the_sidecar_brings_the_interface_up_and_the_probe_says_so(net):
     assert net.script("ready").returncode != 0                    # not ready before it runs
-    net.sidecar = subprocess.Popen(["ip", "netns", "exec", GW, *net.shell, str(SCRIPT), "run"], env=net.env,
-                                   stdout=open(net.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(net.log, "w") as log:          # the sidecar keeps its own descriptor of it
+        net.sidecar = subprocess.Popen(["ip", "netns", "exec", GW, *net.shell, str(SCRIPT), "run"], env=net.env,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_until("the probe passes", lambda: net.script("ready").returncode == 0, log=net.log)
     assert net.sidecar.poll() is None
     # the pod's interface: its own key, address and port, and the ConfigMap's peer (W1) only
