@@ -203,7 +203,8 @@ def test_every_secret_and_variable_is_documented_with_who_needs_it_and_how():
     # every section a one-line error points to exists (GitHub's anchors: lower case, spaces -> dashes)
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", DOC, re.M)}
     named = {c.anchor for c in ci.CREDENTIALS} | set(re.findall(r"docs/ci\.md#([a-z-]+)", "\n".join(
-        p.read_text() for p in [*FILES, ACTION, REPO / "fleet" / "ci.py", REPO / "fleet" / "commands" / "canary.py",
+        p.read_text() for p in [*FILES, ACTION, REPO / "fleet" / "ci.py",
+                                REPO / "infermesh_cli" / "commands" / "canary.py",
                                 REPO / "__main__.py", REPO / "scripts" / "canary-commit.sh"])))
     assert named and named <= anchors, named - anchors
 
