@@ -73,9 +73,9 @@ def free_port_range(n: int) -> int:
         try:
             for p in range(base, base + n):
                 s = socket.socket()
+                socks.append(s)                 # closed below, also when its bind fails
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", p))
-                socks.append(s)
             return base
         except OSError:
             continue

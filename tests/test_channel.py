@@ -69,8 +69,11 @@ def _stats(port: int, tls: bool) -> dict:
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.load_cert_chain(*_stats.client)
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
-    conn.request("GET", "/sim/stats")
-    return json.loads(conn.getresponse().read())
+    try:
+        conn.request("GET", "/sim/stats")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="module")
