@@ -249,9 +249,9 @@ def evaluate(canary: Side, baseline: Side, t: Thresholds = Thresholds()) -> Deci
         return Decision("wait", "; ".join(waits), canary, baseline, checks)
     summary = (f"canary matches baseline over {canary.attempts}+{baseline.attempts} attempts: "
                f"{err_text}")
-    for c in checks:
-        if c["check"] in ("ttft_p95", "ttlt_p95") and c["result"] == "pass":
-            summary += f"; {c['detail']}"
+    for check in checks:
+        if check["check"] in ("ttft_p95", "ttlt_p95") and check["result"] == "pass":
+            summary += f"; {check['detail']}"
     return Decision("promote", summary, canary, baseline, checks)
 
 

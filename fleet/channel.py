@@ -24,6 +24,10 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_FILE, CLIENT_CERT, CLIENT_KEY = "ca.crt", "gateway.crt", "gateway.key"
 CA_DAYS, LEAF_DAYS, RENEW_DAYS = 365, 30, 7     # local validity; a leaf within RENEW_DAYS of its end is re-issued
@@ -144,7 +148,7 @@ class Issued:
     key_pem: bytes
 
 
-def _key():
+def _key() -> ec.EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives.asymmetric import ec
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -165,7 +169,8 @@ def make_ca(common_name: str, days: int = CA_DAYS, key_pem: bytes | None = None)
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    key = serialization.load_pem_private_key(key_pem, None) if key_pem else _key()
+    # the stack CA's key is P-256, made by _key() (or by pulumi-tls as ECDSA P256: fleet/components/certs.py)
+    key = cast("ec.EllipticCurvePrivateKey", serialization.load_pem_private_key(key_pem, None)) if key_pem else _key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -188,7 +193,7 @@ def issue(ca: Issued, common_name: str, *, server: bool, dns: tuple[str, ...] = 
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    ca_key = cast("ec.EllipticCurvePrivateKey", serialization.load_pem_private_key(ca.key_pem, None))   # P-256
     key = _key()
     start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     builder = (x509.CertificateBuilder()
@@ -199,7 +204,8 @@ def issue(ca: Issued, common_name: str, *, server: bool, dns: tuple[str, ...] = 
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                                      else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                   cast("ec.EllipticCurvePublicKey", ca_cert.public_key())),
                               critical=False))
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     if sans:

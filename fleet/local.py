@@ -102,6 +102,7 @@ class LocalStack:
                                       self.tls_files(f"{pool.name}-{i}"))
                 else:
                     from engines import llamacpp
+                    assert pool.gguf, "the spec refuses a llamacpp pool without its GGUF file"
                     llamacpp.check_available(pool.gguf)
                     cmd = llamacpp.command(pool.gguf, pool.model, self.host, port)
                 out.append((f"{pool.name}-{i}", port, cmd))
@@ -223,6 +224,7 @@ class LocalStack:
     def _ensure_database(self) -> None:
         from gateway.state.migrate import ensure_database, migrate
         dsn = self.spec.gateway.state.postgres_dsn
+        assert dsn, "the spec refuses a postgres ledger without postgres_dsn"
         try:
             ensure_database(dsn)
             migrate(dsn)

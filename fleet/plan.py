@@ -348,37 +348,37 @@ def costs(spec: Spec, extra_leases: dict[str, int] | None = None) -> Costs:
     by_name = {p.name: p for p in spec.pools}
     model_cogs: dict[str, float | None] = {}
     for m in spec.models:
-        cands = [(by_name[r.pool], r) for r in rows if r.model == m.id and r.cogs_per_1m is not None]
-        prim = [(p, r) for p, r in cands if p.role == "primary" and p.weight > 0
+        cands = [(by_name[r.pool], r.cogs_per_1m) for r in rows if r.model == m.id and r.cogs_per_1m is not None]
+        prim = [(p, c) for p, c in cands if p.role == "primary" and p.weight > 0
                 and spec.provider(p.provider).role != "overflow"]
-        use = prim or [(p, r) for p, r in cands if p.role != "drained"]
+        use = prim or [(p, c) for p, c in cands if p.role != "drained"]
         wsum = sum(max(p.weight, 0.0) * max(p.replicas, 1) for p, _ in use)
         if not use:
             model_cogs[m.id] = None
         elif wsum <= 0:
-            model_cogs[m.id] = sum(r.cogs_per_1m for _, r in use) / len(use)
+            model_cogs[m.id] = sum(c for _, c in use) / len(use)
         else:
-            model_cogs[m.id] = sum(p.weight * max(p.replicas, 1) * r.cogs_per_1m for p, r in use) / wsum
+            model_cogs[m.id] = sum(p.weight * max(p.replicas, 1) * c for p, c in use) / wsum
     # Tier COGS: models weighted by forecast token volume (equal when there is no forecast).
     volume: dict[str, float] = {}
     for f in spec.forecast:
         volume[f.model] = volume.get(f.model, 0.0) + f.qps * (f.prompt_tokens + f.completion_tokens)
     tiers = []
-    for t in spec.tiers:
-        known = [(m, model_cogs.get(m)) for m in t.models]
+    for tier in spec.tiers:
+        known = [(m, model_cogs.get(m)) for m in tier.models]
         vals = [(m, c) for m, c in known if c is not None]
         if vals:
             weights = [volume.get(m, 0.0) for m, _ in vals]
             if sum(weights) <= 0:
                 weights = [1.0] * len(vals)
-            cogs = sum(w * c for w, (_, c) in zip(weights, vals, strict=True)) / sum(weights)
-            margin = t.price_per_1m_tokens - cogs
-            pct = margin / t.price_per_1m_tokens * 100 if t.price_per_1m_tokens > 0 else None
-            tiers.append(TierMargin(t.name, t.price_per_1m_tokens, round(cogs, 4), round(margin, 4),
+            tier_cogs = sum(w * c for w, (_, c) in zip(weights, vals, strict=True)) / sum(weights)
+            margin = tier.price_per_1m_tokens - tier_cogs
+            pct = margin / tier.price_per_1m_tokens * 100 if tier.price_per_1m_tokens > 0 else None
+            tiers.append(TierMargin(tier.name, tier.price_per_1m_tokens, round(tier_cogs, 4), round(margin, 4),
                                     round(pct, 1) if pct is not None else None,
                                     tuple((m, round(c, 4) if c is not None else None) for m, c in known)))
         else:
-            tiers.append(TierMargin(t.name, t.price_per_1m_tokens, None, None, None, tuple(known)))
+            tiers.append(TierMargin(tier.name, tier.price_per_1m_tokens, None, None, None, tuple(known)))
     models, fleet = loaded_costs(spec, rows)
     tiers = [_with_loaded(spec, tm, models) for tm in tiers]
     return Costs(pools=tuple(rows), providers=tuple(sorted((k, round(v, 2)) for k, v in per_provider.items())),
@@ -414,9 +414,9 @@ def loaded_costs(spec: Spec, rows: list[PoolCost]) -> tuple[tuple[ModelCost, ...
     out = []
     for m in spec.models:
         leases = sum(r.monthly or 0.0 for r in rows if r.model == m.id)
-        ups = [(by_pool[r.pool], spec.provider(r.provider).price_per_1m_tokens) for r in rows
-               if r.model == m.id and r.price_source == "per-token" and by_pool[r.pool].role != "drained"]
-        ups = [(p, price) for p, price in ups if price is not None]
+        per_token = [(by_pool[r.pool], spec.provider(r.provider).price_per_1m_tokens) for r in rows
+                     if r.model == m.id and r.price_source == "per-token" and by_pool[r.pool].role != "drained"]
+        ups = [(p, x) for p, x in per_token if x is not None]
         share = _overflow_share(spec, m.id) if ups else 0.0
         wsum = sum(max(p.weight, 0.0) for p, _ in ups)
         price = (sum(max(p.weight, 0.0) * x for p, x in ups) / wsum if wsum > 0
@@ -443,11 +443,11 @@ def loaded_costs(spec: Spec, rows: list[PoolCost]) -> tuple[tuple[ModelCost, ...
 def _with_loaded(spec: Spec, tm: TierMargin, models: tuple[ModelCost, ...]) -> TierMargin:
     """A tier's fully loaded cost: its models' monthly cost over their forecast tokens."""
     t = spec.tier(tm.tier)
-    mine = [c for c in models if c.model in t.models and c.cost_per_1m is not None]
-    tokens = sum(c.tokens_per_month for c in mine)
+    mine = [(c.cost_per_1m, c.tokens_per_month) for c in models if c.model in t.models and c.cost_per_1m is not None]
+    tokens = sum(n for _, n in mine)
     if not mine or tokens <= 0:
         return tm
-    cost = sum(c.cost_per_1m * c.tokens_per_month for c in mine) / tokens
+    cost = sum(x * n for x, n in mine) / tokens
     margin = t.price_per_1m_tokens - cost
     pct = margin / t.price_per_1m_tokens * 100 if t.price_per_1m_tokens > 0 else None
     from dataclasses import replace
@@ -477,12 +477,12 @@ def build_plan(spec: Spec) -> Plan:
         base_replicas = base.replicas if base is not None and base.provider == pool.provider else 0
         for i in range(pool.replicas):
             leases_raw.append((pool, i, None, i >= base_replicas))
-    canary_lease = None
+    canary_leases: dict[str, int] | None = None     # the canary's lease, billed like its base pool
     if eff.canary is not None:
         base = eff.pool(eff.canary.pool)
         if eff.provider(base.provider).kind in LEASED_KINDS and base.role != "drained":
-            canary_lease = base.model_copy(update={"name": f"{base.name}-canary"})
-            leases_raw.append((canary_lease, 0, eff.canary.image, False))
+            leases_raw.append((base.model_copy(update={"name": f"{base.name}-canary"}), 0, eff.canary.image, False))
+            canary_leases = {eff.canary.pool: 1}
 
     gateways = [f"gateway-{i}" for i in range(eff.gateway.identities)]     # one per pod the fleet can scale to
     worker_names = [f"{p.name}-{i}" for p, i, _, _ in leases_raw]
@@ -550,7 +550,7 @@ def build_plan(spec: Spec) -> Plan:
     return Plan(
         stack=spec.stack, leases=leases, mesh=mesh, routing=routing,
         capacity=capacity(eff), vram=vram(eff),
-        costs=costs(eff, {eff.canary.pool: 1} if canary_lease is not None else None),
+        costs=costs(eff, canary_leases),
         pools=tuple(pools), providers=providers, drained=drained, effective=eff,
     )
 
@@ -577,7 +577,7 @@ def diff(old: Plan, new: Plan) -> dict[str, Any]:
     for key in sorted(set(ra) | set(rb)):
         pa, pb = ra.get(key), rb.get(key)
         if pa is None or pb is None:
-            p = pa or pb
+            p = rb[key] if pa is None else ra[key]
             routing.append({"model": key[0], "pool": key[1], "change": "added" if pa is None else "removed",
                             "role": p["role"], "weight": p["weight"], "endpoints": len(p["endpoints"])})
             continue

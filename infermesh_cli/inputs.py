@@ -10,6 +10,7 @@ import math
 import re
 import time
 from datetime import datetime, timezone
+from typing import overload
 
 from gateway.keys import TENANT_PATTERN     # the key store refuses other names too
 from infermesh_cli.errors import UserError
@@ -72,6 +73,14 @@ def bounded(kind: type, low: float, high: float):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+@overload
+def parse_since(text: str, now: float | None = None, flag: str = "--since") -> float: ...
+@overload
+def parse_since(text: None, now: float | None = None, flag: str = "--since") -> None: ...
+@overload
+def parse_since(text: str | None, now: float | None = None, flag: str = "--since") -> float | None: ...
 
 
 def parse_since(text: str | None, now: float | None = None, flag: str = "--since") -> float | None:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from fleet.spec import SpecError
 from infermesh_cli.errors import UserError
@@ -27,7 +28,7 @@ COMMANDS = [
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (the usage is one `--help` away)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{one_line(self.prog)}: {one_line(message)} (see {one_line(self.prog)} --help)\n")
 
 

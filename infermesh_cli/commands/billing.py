@@ -93,8 +93,9 @@ def invoice(spec: spec_mod.Spec, tenant: str, tier_name: str, rows: list[dict], 
         if cls == "cached_input" and t.price_per_1m_cached_tokens is not None:
             price = t.price_per_1m_cached_tokens
         amount = micro(tokens, price)
-        line = {"kind": "usage", "tier": row_tier, "model": model, "token_class": cls, "tokens": tokens,
-                "price_per_1m_usd": str(_dec(price)), "amount_micro_usd": amount, "amount_cents": cents(amount)}
+        line: dict[str, Any] = {"kind": "usage", "tier": row_tier, "model": model, "token_class": cls,
+                                "tokens": tokens, "price_per_1m_usd": str(_dec(price)), "amount_micro_usd": amount,
+                                "amount_cents": cents(amount)}
         usage += line["amount_cents"]
         lines.append(line)
     minimum = usd_cents(tier.monthly_minimum) if tier else 0

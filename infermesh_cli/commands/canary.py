@@ -181,7 +181,7 @@ def end_text(text: str, spec: spec_mod.Spec, promote: bool) -> tuple[str, spec_m
     try:
         if promote:
             base = spec.pool(c.pool)
-            update = {"image": c.image}
+            update: dict[str, object] = {"image": c.image}
             text = stackfile.set_item_field(text, "pools", c.pool, "image", c.image)
             if c.sim is not None and c.sim != base.sim:
                 text = stackfile.set_item_field(text, "pools", c.pool, "sim", c.sim.model_dump(exclude_none=True))

@@ -202,6 +202,7 @@ def diag(fleet: Fleet, nodes: list[str], *, as_json: bool = False) -> int:
     for n in nodes:
         hv = host_vars(fleet.inventory, n)
         r = results[n]
+        rep: dict[str, Any]
         if isinstance(r, Exception):
             rep = {"node": n, "role": hv.get("mesh_role"), "problems": [f"unreachable: {type(r).__name__}: {r}"]}
         else:

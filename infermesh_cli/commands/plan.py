@@ -104,13 +104,14 @@ def render(plan: plan_mod.Plan) -> str:
         out += ["", "Capacity (GPUs = ceil(QPS x (Tp+Tc) / (Rt x E) x headroom); "
                 "N+1 = after losing the largest provider)"]
         rows = []
-        for c in plan.capacity:
-            exact = "-" if c.gpus_exact is None else f"{c.gpus_exact:.2f}"
-            rows.append([f"{c.model}@{c.region}", f"{c.qps:g}", str(c.tokens_per_request),
-                         f"{c.gpu_type or '-'} {c.tokens_per_s or 0:g}x{c.efficiency or 0:g}", exact,
-                         "-" if c.required_gpus is None else str(c.required_gpus), f"{c.declared_equivalent:g}",
-                         f"{c.after_loss:g} (-{c.largest_provider})" if c.largest_provider else "-",
-                         "yes" if c.ok else "NO", "yes" if c.n_plus_1 else "NO"])
+        for cap in plan.capacity:
+            exact = "-" if cap.gpus_exact is None else f"{cap.gpus_exact:.2f}"
+            rows.append([f"{cap.model}@{cap.region}", f"{cap.qps:g}", str(cap.tokens_per_request),
+                         f"{cap.gpu_type or '-'} {cap.tokens_per_s or 0:g}x{cap.efficiency or 0:g}", exact,
+                         "-" if cap.required_gpus is None else str(cap.required_gpus),
+                         f"{cap.declared_equivalent:g}",
+                         f"{cap.after_loss:g} (-{cap.largest_provider})" if cap.largest_provider else "-",
+                         "yes" if cap.ok else "NO", "yes" if cap.n_plus_1 else "NO"])
         out += _table(rows, ["MODEL@REGION", "QPS", "TOKENS", "GPU Rt x E", "EXACT", "REQUIRED", "DECLARED",
                              "AFTER LOSS", "OK", "N+1"])
     if plan.vram:
