@@ -540,9 +540,9 @@ class Spec(_Strict):
         unique(self.pools, "pools")
         unique(self.tiers, "tiers")
         for i, p in enumerate(self.providers):
-            for r in p.regions:
-                if r not in regions:
-                    raise _At(f"providers[{i}].regions", f"unknown region {r!r}")
+            for region in p.regions:
+                if region not in regions:
+                    raise _At(f"providers[{i}].regions", f"unknown region {region!r}")
             if p.registry_credentials and p.registry_credentials not in self.secrets:
                 raise _At(f"providers[{i}].registry_credentials",
                           f"secret {NAMESPACE}:{p.registry_credentials} is not set in the stack file "
@@ -585,9 +585,9 @@ class Spec(_Strict):
                 raise _At(f"{where}.price_per_gpu_hour",
                           f"{pool.price_per_gpu_hour} is above provider {prov.name!r}'s cap {cap}")
         for i, t in enumerate(self.tiers):
-            for m in t.models:
-                if m not in models:
-                    raise _At(f"tiers[{i}] ({t.name}).models", f"unknown model {m!r}")
+            for model_id in t.models:
+                if model_id not in models:
+                    raise _At(f"tiers[{i}] ({t.name}).models", f"unknown model {model_id!r}")
         for i, f in enumerate(self.forecast):
             if f.model not in models:
                 raise _At(f"forecast[{i}].model", f"unknown model {f.model!r}")

@@ -610,7 +610,7 @@ class GpuLease(pulumi.ComponentResource):
             missing = [k for k in ("tls_ca", "tls_ca_key", "tls_days", "tls_renew_days") if args.get(k) is None]
             if missing:
                 raise ValueError(f"GpuLease {name}: tls_name without {', '.join(missing)}")
-            props.update({k: args[k] for k in ("tls_name", "tls_ca", "tls_days", "tls_renew_days")},  # type: ignore[literal-required]
+            props.update({k: args[k] for k in ("tls_name", "tls_ca", "tls_days", "tls_renew_days")},
                          tls_ca_key=pulumi.Output.secret(args["tls_ca_key"]))
         # A lease waits for the leases its component waits for (WorkerFleet's surge), resource to resource.
         waits = opts.depends_on if opts is not None and opts.depends_on is not None else []

@@ -547,7 +547,7 @@ class Marketplace(ABC):
                 found.append(self.status(candidate.lease_id))
             except NotFound:
                 self._forget(candidate.lease_id)
-        live = [s for s in found if s.status != "dead"]
+        live: list[LeaseState | None] = [s for s in found if s.status != "dead"]
         return (live or found or [None])[0]
 
     def leases(self) -> list[LeaseState]:

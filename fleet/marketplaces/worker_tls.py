@@ -36,8 +36,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from fleet.marketplaces.base import MarketplaceError
+
+if TYPE_CHECKING:   # a stack CA's key and certificate: a key type that signs certificates
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPrivateKeyTypes,
+        CertificateIssuerPublicKeyTypes,
+    )
 
 BOOTSTRAP_PATH = "/infermesh/bootstrap"          # images/worker/entrypoint.py serves it
 TOKEN_ENV, CA_ENV = "INFERMESH_BOOTSTRAP_TOKEN", "INFERMESH_TLS_CA"
@@ -89,7 +96,7 @@ def sign(csr_pem: bytes, ca_cert_pem: str, ca_key_pem: str, name: str, days: int
             or isinstance(public, ed25519.Ed25519PublicKey)):
         raise BootstrapFailed(f"the worker's key ({type(public).__name__}) is not one we sign", retryable=False)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
-    ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), None)
+    ca_key = cast("CertificateIssuerPrivateKeyTypes", serialization.load_pem_private_key(ca_key_pem.encode(), None))
     start = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(minutes=5)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
@@ -104,7 +111,8 @@ def sign(csr_pem: bytes, ca_cert_pem: str, ca_key_pem: str, name: str, days: int
                                          decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                cast("CertificateIssuerPublicKeyTypes", ca_cert.public_key())), critical=False)
             .sign(ca_key, None if isinstance(ca_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -119,7 +127,7 @@ def _client_identity(ca_cert_pem: str, ca_key_pem: str) -> tuple[bytes, bytes]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
-    ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), None)
+    ca_key = cast("CertificateIssuerPrivateKeyTypes", serialization.load_pem_private_key(ca_key_pem.encode(), None))
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "infermesh lease provider")]))
