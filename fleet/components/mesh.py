@@ -20,6 +20,7 @@ What changes when the fleet changes is kept apart from what does not:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
@@ -139,10 +140,13 @@ class WireGuardMesh(pulumi.ComponentResource):
             for n in nodes
         }
         self.public_keys = _all({n: k.public_key for n, k in self.keys.items()})
+
+        def interface(n: str, private_key: str) -> str:
+            return interface_config(private_key, nodes[n]["address"], prefix,
+                                    port if nodes[n]["role"] == "gateway" else None)
+
         self.interfaces = pulumi.Output.secret(_all({
-            n: k.private_key.apply(lambda pk, n=n: interface_config(
-                pk, nodes[n]["address"], prefix, port if nodes[n]["role"] == "gateway" else None))
-            for n, k in self.keys.items()
+            n: k.private_key.apply(functools.partial(interface, n)) for n, k in self.keys.items()
         }))
 
         gateways = [n for n in nodes.values() if n["role"] == "gateway"]

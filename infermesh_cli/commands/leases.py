@@ -25,6 +25,7 @@ marketplace could not be listed), 2 for a problem with the command itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -144,7 +145,7 @@ def default_adapters() -> dict[str, Callable[[], object] | str]:
             out[kind] = f"no credentials (set {API_KEY_ENV[kind]})"
             continue
         base = os.environ.get(f"INFERMESH_{kind.upper()}_BASE_URL") or None
-        out[kind] = lambda cls=cls, key=key, base=base: cls(key, base)
+        out[kind] = functools.partial(cls, key, base)
     return out
 
 
