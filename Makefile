@@ -39,7 +39,7 @@ lint: install typecheck
 
 # mypy (config in pyproject.toml) on the packages that are clean; `make test` and `make lint` run it first.
 typecheck: install
-	$(BIN)/python -m mypy gateway
+	$(BIN)/python -m mypy gateway fleet infermesh_cli
 
 clean:
 	rm -rf $(VENV) .infermesh .pytest_cache .mypy_cache

@@ -268,7 +268,7 @@ class LeaseProvider(ResourceProvider):
         ports = []
         for spec in props.get("ports") or []:
             port, _, proto = str(spec).partition("/")
-            ports.append(Port(int(port), proto or "tcp"))        # type: ignore[arg-type]
+            ports.append(Port(int(port), proto or "tcp"))
         cap = props.get("price_cap")
         return LeaseRequest(
             label=str(props.get("label") or lease_label(props)), gpu_type=str(props["gpu_type"]),
