@@ -112,7 +112,7 @@ def reserved_fallback(spec: Spec, plan: Plan) -> list[Violation]:
     if is_local_only(spec):
         return []
     eff = plan.effective or spec
-    reserved = {p.name for p in eff.providers if p.role == "reserved" and not getattr(p, "drained", False)}
+    reserved = {p.name for p in eff.providers if p.role == "reserved" and not p.drained}
 
     def on_reserved(model: str) -> bool:
         return any(p.model == model and p.provider in reserved and _active(eff, p) for p in eff.pools)

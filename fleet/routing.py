@@ -132,11 +132,12 @@ def routing_config(spec: Spec, endpoint: EndpointRule, tls_dir: str | None = Non
     for pool in spec.pools:
         prov = spec.provider(pool.provider)
         if kind(prov.kind).upstream:
-            endpoints = [{"id": f"{pool.name}/0", "url": prov.base_url, "credentials": prov.credentials,
-                          "channel": "https"}]
-            for limit in ("max_concurrency", "rpm"):       # the upstream's own (gateway/state/upstream_limits.py)
-                if getattr(prov, limit):
-                    endpoints[0][limit] = getattr(prov, limit)
+            endpoints: list[dict[str, Any]] = [{"id": f"{pool.name}/0", "url": prov.base_url,
+                                                "credentials": prov.credentials, "channel": "https"}]
+            # the upstream's own limits (gateway/state/upstream_limits.py)
+            for limit, value in (("max_concurrency", prov.max_concurrency), ("rpm", prov.rpm)):
+                if value:
+                    endpoints[0][limit] = value
         else:
             endpoints = [worker_endpoint(spec, pool, i, endpoint(pool, i)) for i in range(pool.replicas)]
         role = pool.role

@@ -20,6 +20,7 @@ from fleet import spec as spec_mod
 from infermesh_cli.errors import UserError
 from infermesh_cli.inputs import MAX_DEBUG_LOG_HOURS, cell, hours, key_id, shown, tenant_name
 from fleet.paths import ensure_state_dir
+from gateway.keys import KeyInfo
 from gateway.state import key_admin
 
 
@@ -72,21 +73,21 @@ def usd_micro(text: str) -> int:
     return int(whole) * 1_000_000 + int((frac + "000000")[:6])
 
 
-def _info(k) -> dict:
+def _info(k: KeyInfo) -> dict:
     return {"id": k.id, "tenant": k.tenant, "tier": k.tier, "prefix": k.prefix,
             "created_at": k.created_at, "revoked_at": k.revoked_at,
-            "models": k.models.split(",") if getattr(k, "models", None) else None,
-            "monthly_spend_micro_usd": getattr(k, "monthly_spend_micro_usd", None),
-            "region": getattr(k, "region", None)}
+            "models": k.models.split(",") if k.models else None,
+            "monthly_spend_micro_usd": k.monthly_spend_micro_usd,
+            "region": k.region}
 
 
-def _scope(k) -> str:
+def _scope(k: KeyInfo) -> str:
     parts = []
-    if getattr(k, "models", None):
+    if k.models:
         parts.append("models " + k.models)
-    if getattr(k, "monthly_spend_micro_usd", None) is not None:
+    if k.monthly_spend_micro_usd is not None:
         parts.append(f"spend ${k.monthly_spend_micro_usd / 1e6:,.2f}/month")
-    if getattr(k, "region", None):
+    if k.region:
         parts.append("region " + k.region)
     return "  " + "; ".join(cell(p) for p in parts) if parts else ""
 
