@@ -32,8 +32,6 @@ from fleet.kinds import KINDS, LEASED_KINDS, LOCAL_KINDS
 from fleet.routing import local_endpoints, routing_config
 from fleet.spec import Pool, Spec
 
-_throughput = throughput     # gateway/money.py imports it (and LEASED_KINDS, effective_spec) from here
-
 HOURS_PER_MONTH = 730
 WORKER_PORT = 8000                      # vLLM's OpenAI-compatible server on each worker
 GiB = 2 ** 30

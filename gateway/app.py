@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from fleet.paths import ADMIN_TOKEN_ENV, admin_token_path
 from fleet.spec import Spec, SpecError
 from gateway import channel, sla, sli
 from gateway.admission import Admission, Admitted, bearer
@@ -328,11 +329,12 @@ def request_id(raw: str | None) -> str:
 
 
 def _admin_token(state_dir: Path) -> str:
-    """The operator's token for /admin/*: INFERMESH_ADMIN_TOKEN, else one kept in the state dir."""
-    env = os.environ.get("INFERMESH_ADMIN_TOKEN")
+    """The operator's token for /admin/*: INFERMESH_ADMIN_TOKEN, else one kept in the state dir
+    (made at the first start; fleet.paths.admin_token is how the operator's tools read it)."""
+    env = os.environ.get(ADMIN_TOKEN_ENV)
     if env:
         return env
-    path = state_dir / "admin.token"
+    path = admin_token_path(state_dir)
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

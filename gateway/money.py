@@ -8,7 +8,7 @@ its tier's prices: uncached input and output at ``price_per_1m_tokens``, cached 
 - a leased pool: the lease's price per GPU-hour spread over the tokens it serves in an hour at the
   declared throughput and utilisation (price / (R x U x 3,600) per token). That is the plan's rate;
   `infermesh usage report` replaces it with the lease-hours really spread over the tokens the pool
-  served in each hour (fleet/commands/usage.py);
+  served in each hour (infermesh_cli/commands/usage.py);
 - a local process (sim, llama.cpp): nothing, unless its pool declares price_per_gpu_hour (then like a lease).
 
 Everything here is computed once per stack load; the request path does one dict lookup and a few
@@ -46,7 +46,9 @@ def tier_prices(tier: Tier) -> TierPrices:
 
 def pool_rates(spec: Spec) -> dict[str, float]:
     """Micro-dollars per token of every pool (failover pools included), as described above."""
-    from fleet.plan import LEASED_KINDS, _throughput, effective_spec
+    from fleet.capacity import throughput
+    from fleet.failover import effective_spec
+    from fleet.kinds import LEASED_KINDS
 
     eff = effective_spec(spec)
     out: dict[str, float] = {}
@@ -59,7 +61,7 @@ def pool_rates(spec: Spec) -> dict[str, float]:
             out[pool.name] = 0.0          # a local process: free, unless the stack prices it (demos, tests)
             continue
         price = pool.price_per_gpu_hour if pool.price_per_gpu_hour is not None else prov.price_cap_per_gpu_hour
-        t = _throughput(eff, pool.gpu.type, pool.model)
+        t = throughput(eff, pool.gpu.type, pool.model)
         out[pool.name] = price * 1e6 / (t.tokens_per_s * t.utilisation * 3600) if price and t else 0.0
     return out
 

@@ -17,10 +17,11 @@ The statistics are recomputed at most once a second per model, so a check is a d
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.sli import percentile
 
 if TYPE_CHECKING:
     from fleet.spec import Tier
@@ -55,8 +56,7 @@ class RiskWindow:
         q = self._events.get(model) or deque()
         while q and q[0][0] < now - self.window_s:
             q.popleft()
-        ttfts = sorted(t for _, t, _ in q if t is not None)
-        p95 = ttfts[max(0, math.ceil(0.95 * len(ttfts)) - 1)] if ttfts else 0.0
+        p95 = percentile([t for _, t, _ in q if t is not None], 95) or 0.0
         errors = sum(1 for *_, e in q if e)
         out = (len(q), p95, errors / len(q) if q else 0.0)
         self._stats[model] = (now, *out)

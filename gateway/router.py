@@ -91,6 +91,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from fleet import prometheus
 from fleet.routing import secret_env_name
 from gateway import channel
 
@@ -538,17 +539,10 @@ class Router:
                 text = await r.text()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return
-        waiting = kv = 0.0
-        gpu: dict[str, list[float]] = {}
-        for line in text.splitlines():
-            if line.startswith("vllm:num_requests_waiting"):
-                waiting += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")):
-                kv = max(kv, float(line.rsplit(" ", 1)[1]))
-            elif line.startswith(_DCGM):
-                name, value = _sample(line)
-                if name in _DCGM and value is not None:
-                    gpu.setdefault(name, []).append(value)
+        found = prometheus.collect(text, _LOAD)
+        waiting = sum(found["vllm:num_requests_waiting"])
+        kv = max(found["vllm:gpu_cache_usage_perc"] + found["vllm:kv_cache_usage_perc"], default=0.0)
+        gpu = {name: found[name] for name in _DCGM if found[name]}
         ep.waiting, ep.kv_usage = waiting, kv
         # GPU figures, for metrics only (routing does not read them); MiB per GPU in DCGM's units
         util, used = gpu.get("DCGM_FI_DEV_GPU_UTIL"), gpu.get("DCGM_FI_DEV_FB_USED")
@@ -584,19 +578,7 @@ class Router:
 
 
 _DCGM = ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_RESERVED")
-
-
-def _sample(line: str) -> tuple[str, float | None]:
-    """A Prometheus text sample line's metric name and value (labels may hold spaces; a timestamp may follow)."""
-    brace = line.find("{")
-    if brace >= 0:
-        name, rest = line[:brace], line[line.rfind("}") + 1:]
-    else:
-        name, _, rest = line.partition(" ")
-    try:
-        return name, float(rest.split()[0])
-    except (IndexError, ValueError):
-        return name, None
+_LOAD = ("vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc", *_DCGM)
 
 
 def _configure(ep: Endpoint, entry: dict[str, Any], tls_dir: str | None = None) -> None:

@@ -129,3 +129,24 @@ def test_panic_mode_tries_ejected_endpoints_but_never_refused_ones():
     picked = {r.pick_panic("m").id for _ in range(200)}
     assert picked == {"east/0", "east/1", "west/0"}
     assert r.pick_panic("m", exclude={e["east/0"], e["east/1"], e["west/0"]}) is None
+
+
+def test_prometheus_text_is_read_by_exact_name_with_labels_timestamps_and_junk():
+    """fleet.prometheus, as the router reads a worker's load: exact names only, spaces inside label
+    values, a timestamp after the value, comments and unparsable values skipped."""
+    from fleet import prometheus
+
+    text = "\n".join([
+        "# HELP vllm:num_requests_waiting Requests waiting.",
+        'vllm:num_requests_waiting{model_name="a b"} 3 1700000000000',
+        'vllm:num_requests_waiting{model_name="c"} 2',
+        "vllm:num_requests_waiting_total 99",
+        "vllm:kv_cache_usage_perc 0.5",
+        "vllm:kv_cache_usage_perc NaNish",
+        "DCGM_FI_DEV_GPU_UTIL{gpu=\"0\"} 80",
+    ])
+    found = prometheus.collect(text, ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                                      "DCGM_FI_DEV_GPU_UTIL", "vllm:gpu_cache_usage_perc"))
+    assert found == {"vllm:num_requests_waiting": [3.0, 2.0], "vllm:kv_cache_usage_perc": [0.5],
+                     "DCGM_FI_DEV_GPU_UTIL": [80.0], "vllm:gpu_cache_usage_perc": []}
+    assert prometheus.metric_sum(text, "vllm:num_requests_waiting") == 5.0

@@ -44,9 +44,8 @@ def fails_open(tier: Tier, tiers: list[Tier]) -> bool:
     paid tiers and closed for free tiers and for the lowest tier (lowest priority)."""
     if tier.limits_fail_open is not None:
         return tier.limits_fail_open
-    paid = tier.price_per_1m_tokens > 0 or tier.monthly_fee > 0
     lowest = tier.priority <= min(t.priority for t in tiers)
-    return paid and not lowest
+    return tier.paid and not lowest
 
 
 def redis_prefix(spec: Spec) -> str:
