@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from fleet.spec import Tier
     from gateway.keys import Principal
     from gateway.ledger import UsageRecord
-    from gateway.limits import Decision
+    from gateway.limits import LimitDecision
 
 
 class Keys(Protocol):
@@ -42,7 +42,7 @@ class Keys(Protocol):
 class Limiter(Protocol):
     """Rate limits per tenant and key (token buckets) and spend per key and month (gateway/limits.py)."""
 
-    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision: ...
+    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> LimitDecision: ...
 
     def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:
         """Correct the up-front token charge; never waits."""

@@ -44,7 +44,7 @@ class Bucket:
 
 
 @dataclass(slots=True)
-class Decision:
+class LimitDecision:
     allowed: bool
     headers: dict[str, str]
     retry_after: float = 0.0
@@ -53,7 +53,7 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class LimitPlan:
     """The buckets one request touches: (scope, capacity) pairs for requests and for tokens."""
 
     requests: tuple[tuple[str, int], ...]
@@ -61,21 +61,22 @@ class Plan:
     want: int = field(default=0)
 
 
-def plan(tenant: str, key_id: str, tier: Tier, tokens: int) -> Plan:
+def plan(tenant: str, key_id: str, tier: Tier, tokens: int) -> LimitPlan:
     req = [("t:" + tenant, tier.rpm)]
     tok = [("t:" + tenant, tier.tpm)]
     if tier.key_rpm:
         req.append(("k:" + key_id, tier.key_rpm))
     if tier.key_tpm:
         tok.append(("k:" + key_id, tier.key_tpm))
-    return Plan(tuple(req), tuple(tok), tokens)
+    return LimitPlan(tuple(req), tuple(tok), tokens)
 
 
 def _fmt(seconds: float) -> str:
     return f"{seconds:.3f}s" if seconds < 60 else f"{seconds / 60:.1f}m"
 
 
-def decide(p: Plan, req: list[tuple[float, float]], tok: list[tuple[float, float]], allowed: bool) -> Decision:
+def decide(p: LimitPlan, req: list[tuple[float, float]], tok: list[tuple[float, float]],
+           allowed: bool) -> LimitDecision:
     """Headers and verdict from each bucket's (level after the take, wait) — shared by both limiters,
     so they answer alike. The headers show the tightest bucket of each kind."""
     def tightest(caps, states):
@@ -94,13 +95,13 @@ def decide(p: Plan, req: list[tuple[float, float]], tok: list[tuple[float, float
         "x-ratelimit-reset-tokens": _fmt(treset),
     }
     if allowed:
-        return Decision(True, headers)
+        return LimitDecision(True, headers)
     wait_req = max(w for _, w in req)
     wait_tok = max(w for _, w in tok)
     retry = max(wait_req, wait_tok)
     headers["retry-after"] = str(max(1, math.ceil(retry)))
     reason = "requests per minute" if wait_req >= wait_tok else "tokens per minute"
-    return Decision(False, headers, retry, reason)
+    return LimitDecision(False, headers, retry, reason)
 
 
 class LocalLimiter:
@@ -154,7 +155,7 @@ class LocalLimiter:
         b.refill(now)
         return b
 
-    def admit_now(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
+    def admit_now(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> LimitDecision:
         p = plan(tenant, key_id, tier, tokens)
         now = time.monotonic()
         reqs = [self._bucket(self._requests, k, cap, now) for k, cap in p.requests]
@@ -178,7 +179,7 @@ class LocalLimiter:
             if b is not None:
                 b.level = min(b.capacity, b.level + charged - actual)
 
-    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
+    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> LimitDecision:
         return self.admit_now(tenant, key_id, tier, tokens)
 
     def settle(self, tenant: str, key_id: str, charged: int, actual: int) -> None:

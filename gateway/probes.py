@@ -39,7 +39,7 @@ import orjson
 from fleet.spec import Slo, Spec
 from gateway.backends import UpstreamLimits
 from gateway.metrics import Metrics
-from gateway.router import Endpoint, Pool, Router
+from gateway.router import Endpoint, RoutePool, Router
 from gateway.sla import Rollup
 
 PROBE_PROMPT = "infermesh synthetic probe: reply with a few words."
@@ -201,7 +201,7 @@ class Prober:
             lim = self._limits[model] = limits_for(self.spec, model)
         return lim
 
-    def _target(self, pool: Pool) -> Endpoint:
+    def _target(self, pool: RoutePool) -> Endpoint:
         i = self._turn.get(pool.name, 0)
         self._turn[pool.name] = i + 1
         return pool.endpoints[i % len(pool.endpoints)]

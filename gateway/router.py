@@ -123,7 +123,7 @@ def _expire(deadline) -> None:
 class Endpoint:
     id: str
     url: str
-    pool: Pool
+    pool: RoutePool
     outstanding: int = 0
     healthy: bool = True              # active checks: down on an answer that says so, or 2 timeouts in a row
     check_timeouts: int = 0
@@ -196,7 +196,7 @@ class Endpoint:
 
 
 @dataclass(eq=False)
-class Pool:
+class RoutePool:
     name: str
     provider: str
     region: str
@@ -217,7 +217,7 @@ class Pool:
 class ModelRoute:
     id: str
     fallback: str | None
-    pools: list[Pool]
+    pools: list[RoutePool]
     kind: str = "chat"                # chat | embedding (fleet.spec.Model.kind)
     context_length: int | None = None
     required_gpus: int = 0            # primary GPUs the plan sized for the forecast (0: no forecast)
@@ -244,7 +244,7 @@ class Router:
         for m in config.get("models", []):
             pools = []
             for p in m.get("pools", []):
-                pool = Pool(p["name"], p.get("provider", ""), p.get("region", ""), p.get("role", "primary"),
+                pool = RoutePool(p["name"], p.get("provider", ""), p.get("region", ""), p.get("role", "primary"),
                             float(p.get("weight", 1.0)), m["id"], send_model=p.get("upstream_model") or m["id"],
                             max_concurrency=int(p.get("max_concurrency") or 0), gpus=int(p.get("gpus") or 1))
                 for e in p.get("endpoints", []):
@@ -298,7 +298,7 @@ class Router:
             if served is not None:
                 pools = [p for p in route.pools if p.region == served]
                 required = route.required_by_region.get(served, 0)
-        by_role: dict[str, list[tuple[Pool, list[Endpoint]]]] = {"primary": [], "canary": [], "standby": []}
+        by_role: dict[str, list[tuple[RoutePool, list[Endpoint]]]] = {"primary": [], "canary": [], "standby": []}
         for pool in pools:
             groups = by_role.get(pool.role)
             if groups is None or pool.weight <= 0:
@@ -344,7 +344,7 @@ class Router:
         return ep.saturated() or (cap > 0 and ep.outstanding >= cap)
 
     @staticmethod
-    def standby_share(required_gpus: int, groups: list[tuple[Pool, list[Endpoint]]]) -> float:
+    def standby_share(required_gpus: int, groups: list[tuple[RoutePool, list[Endpoint]]]) -> float:
         """The share of new requests the standby pools take: the part of the plan's required primary
         GPUs (the forecast with headroom) that the available primary endpoints no longer provide.
         0 when the primaries carry it, or when the model has no forecast (then only the in-flight
@@ -366,7 +366,7 @@ class Router:
                for ep in pool.endpoints if ep not in exclude and not ep.refused]
         return self._p2c(eps) if eps else None
 
-    def _draw(self, groups: list[tuple[Pool, list[Endpoint]]]) -> tuple[Pool, list[Endpoint]]:
+    def _draw(self, groups: list[tuple[RoutePool, list[Endpoint]]]) -> tuple[RoutePool, list[Endpoint]]:
         if len(groups) == 1:
             return groups[0]
         return self.rng.choices(groups, weights=[pool.weight for pool, _ in groups])[0]

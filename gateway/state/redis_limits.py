@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.limits import Decision, LocalLimiter, decide, plan
+from gateway.limits import LimitDecision, LocalLimiter, decide, plan
 
 if TYPE_CHECKING:
     from fleet.spec import Tier
@@ -119,7 +119,12 @@ return 0
 
 class RedisLimiter:
     def __init__(self, url: str, prefix: str, fails_open: Callable[[Tier], bool], health: Health,
-                 timeout: float = 0.25, probe_interval: float = 0.5, max_backoff: float = 2.0) -> None:
+                 timeout: float = 1.0, probe_interval: float = 0.5, max_backoff: float = 2.0) -> None:
+        # ``timeout``: a call's socket deadline, which also counts the time this process's event loop
+        # takes to read the answer. Redis answers in about a millisecond; at 0.25 s a loaded 2-core
+        # machine (three replicas, their clients) marked a healthy Redis down, and every replica then
+        # held a key's spend against its own counter: 132 requests admitted against a limit of 54
+        # (tests/test_spend_shared.py, a fresh-clone CI run). A second of silence is a real outage.
         self.prefix = prefix
         self.fails_open = fails_open
         self.health = health
@@ -144,7 +149,7 @@ class RedisLimiter:
         # the tenant in braces: a request's buckets share one hash slot (Redis Cluster)
         return f"{self.prefix}rl:{{{tenant}}}:{scope}:{kind}"
 
-    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> Decision:
+    async def admit(self, tenant: str, key_id: str, tier: Tier, tokens: int) -> LimitDecision:
         if self.up:
             p = plan(tenant, key_id, tier, tokens)
             keys = ([self._key(tenant, s, "r") for s, _ in p.requests]
@@ -160,7 +165,7 @@ class RedisLimiter:
                 return decide(p, vals[:n], vals[n:], bool(int(out[0])))
         if self.fails_open(tier):
             return self.local.admit_now(tenant, key_id, tier, tokens)
-        return Decision(False, {"retry-after": "1"}, 1.0, "shared limits unavailable", unavailable=True)
+        return LimitDecision(False, {"retry-after": "1"}, 1.0, "shared limits unavailable", unavailable=True)
 
     def _spend_key(self, key_id: str, month: str) -> str:
         return f"{self.prefix}spend:{key_id}:{month}"
