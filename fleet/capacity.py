@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fleet.kinds import is_upstream
 from fleet.spec import Forecast, Pool, Spec, Throughput
 
 
@@ -55,7 +56,7 @@ def round_up(x: float) -> int:
 def counts_for_capacity(spec: Spec, pool: Pool) -> bool:
     """Whether a pool is supply the forecast can count on (not drained, not an upstream or overflow)."""
     prov = spec.provider(pool.provider)
-    return pool.role != "drained" and prov.kind != "openai" and prov.role != "overflow"
+    return pool.role != "drained" and not is_upstream(prov.kind) and prov.role != "overflow"
 
 
 def throughput(spec: Spec, gpu: str, model: str) -> Throughput | None:

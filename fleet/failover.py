@@ -22,7 +22,7 @@ stack) and handed on: the routing config and the local endpoints take it as an a
 from __future__ import annotations
 
 from fleet.capacity import counts_for_capacity, forecast_capacity, throughput
-from fleet.kinds import KINDS
+from fleet.kinds import KINDS, is_upstream
 from fleet.spec import Pool, Spec
 
 
@@ -55,7 +55,7 @@ def effective_spec(spec: Spec) -> Spec:
         if not providers_left or (need_two and len(providers_left) < 2):
             reserved = next((pr for pr in spec.providers if pr.role == "reserved" and pr.name not in drained
                              and region in pr.regions and pr.name not in providers_left
-                             and pr.kind != "openai"), None)
+                             and not is_upstream(pr.kind)), None)
             if reserved is not None:
                 src = gone[0]
                 name = f"{src.name}-via-{reserved.name}"

@@ -65,6 +65,12 @@ def kind(name: str) -> Kind:
         raise ValueError(f"unknown provider kind {name!r}; known: {sorted(KINDS)}") from None
 
 
+def is_upstream(kind_name: str) -> bool:
+    """An external OpenAI-compatible upstream (no leases, no workers): the overflow's kind."""
+    k = KINDS.get(kind_name)
+    return k is not None and k.upstream
+
+
 def channel_for(kind_name: str, connection: str = "container") -> Channel:
     """The channel the plan picks: WireGuard for SSH hosts (Ansible brings the mesh up there),
     else the kind's own (mutual TLS into marketplace containers and local workers)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from fleet.kinds import LEASED_KINDS, LOCAL_KINDS
+from fleet.kinds import LEASED_KINDS, LOCAL_KINDS, is_upstream
 from fleet.plan import Plan, build_plan, is_local_only
 from fleet.spec import Spec
 
@@ -54,7 +54,7 @@ class Rule:
 def _active(spec: Spec, pool) -> bool:
     """A pool that serves traffic: not drained, has replicas (upstreams always have one endpoint)."""
     prov = spec.provider(pool.provider)
-    return pool.role != "drained" and (pool.replicas > 0 or prov.kind == "openai")
+    return pool.role != "drained" and (pool.replicas > 0 or is_upstream(prov.kind))
 
 
 # ---- the rules ------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def workers_mesh_only(spec: Spec, plan: Plan) -> list[Violation]:
     if not network.is_private:
         out.append(Violation("workers-mesh-only", "mesh", f"mesh CIDR {spec.mesh.cidr} is public address space",
                              "use a private range such as 10.90.0.0/16"))
-    upstreams = {p.name for p in spec.providers if p.kind == "openai"}
+    upstreams = {p.name for p in spec.providers if is_upstream(p.kind)}
     for m in plan.routing.get("models", []):
         for pool in m.get("pools", []):
             if pool.get("provider") in upstreams:
@@ -183,7 +183,7 @@ def image_digest(spec: Spec, plan: Plan) -> list[Violation]:
     eff = plan.effective or spec
     for pool in eff.pools:
         kind = eff.provider(pool.provider).kind
-        if kind in LOCAL_KINDS or kind == "openai" or pool.role == "drained":
+        if kind in LOCAL_KINDS or is_upstream(kind) or pool.role == "drained":
             continue
         if not pool.image or not DIGEST_RE.search(pool.image):
             out.append(Violation("image-digest", f"pool/{pool.name}",

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from fleet import project
+from fleet.kinds import is_upstream
 
 NAMESPACE = "infermesh"
 ROOT = project.INSTALL_ROOT        # the code's own checkout; the operator's project: fleet.project.root()
@@ -121,7 +122,7 @@ class Provider(_Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Provider:
-        if self.kind == "openai" and not self.base_url:
+        if is_upstream(self.kind) and not self.base_url:
             raise ValueError("an `openai` provider needs base_url")
         if self.kind in ("vastai", "runpod", "akash", "openai") and not self.credentials:
             raise ValueError(f"a `{self.kind}` provider needs credentials (the name of a stack secret)")
@@ -567,7 +568,7 @@ class Spec(_Strict):
             prov = self.provider(pool.provider)
             if pool.region not in prov.regions:
                 raise _At(f"{where}.region", f"provider {prov.name!r} does not serve region {pool.region!r}")
-            if prov.kind == "openai":
+            if is_upstream(prov.kind):
                 continue
             vram = self.vram_gb(pool.gpu.type)
             if vram is None:
@@ -820,8 +821,6 @@ def parse(config: dict[str, Any], stack: str, source: str = "<config>",
         return Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{source}: {_describe(e, data)}") from None
-    except _At as e:  # pragma: no cover - pydantic wraps validator errors, kept for safety
-        raise SpecError(f"{source}: {e}") from None
 
 
 def load(stack: str, stacks_dir: Path | None = None) -> Spec:

@@ -151,6 +151,9 @@ class KeyAdmin:
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
 
+    def close(self) -> None:
+        self.conn.close()
+
     def create(self, tenant: str, tier: str | None, models: list[str] | None = None,
                monthly_spend_micro_usd: int | None = None, region: str | None = None) -> tuple[str, KeyInfo]:
         check_tenant(tenant)

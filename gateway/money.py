@@ -48,13 +48,13 @@ def pool_rates(spec: Spec) -> dict[str, float]:
     """Micro-dollars per token of every pool (failover pools included), as described above."""
     from fleet.capacity import throughput
     from fleet.failover import effective_spec
-    from fleet.kinds import LEASED_KINDS
+    from fleet.kinds import LEASED_KINDS, is_upstream
 
     eff = effective_spec(spec)
     out: dict[str, float] = {}
     for pool in eff.pools:
         prov = eff.provider(pool.provider)
-        if prov.kind == "openai":
+        if is_upstream(prov.kind):
             out[pool.name] = prov.price_per_1m_tokens or 0.0
             continue
         if prov.kind not in LEASED_KINDS and pool.price_per_gpu_hour is None:

@@ -187,7 +187,7 @@ def _in_provider_host() -> bool:
 
 
 def _what_to_do(err: Exception, props: Mapping[str, Any]) -> str:
-    from fleet.marketplaces import AuthFailed, LeaseAbandoned, NotFound, ProviderError, RateLimited
+    from fleet.marketplaces import AuthFailed, LeaseAbandoned, MarketplaceError, NotFound, ProviderError, RateLimited
 
     if isinstance(err, AuthFailed):
         return (err.fix or "set a valid key: pulumi config set --secret infermesh:<credentials> ...").replace(
@@ -197,8 +197,8 @@ def _what_to_do(err: Exception, props: Mapping[str, Any]) -> str:
         return f"the marketplace is limiting our calls{wait}; run `pulumi up` again in a few minutes"
     if isinstance(err, LeaseAbandoned):
         return err.fix
-    if getattr(err, "fix", ""):
-        return str(err.fix)
+    if isinstance(err, MarketplaceError) and err.fix:
+        return err.fix
     if isinstance(err, NotFound):
         return "run `pulumi refresh` so the stack forgets it, then `pulumi up`"
     if isinstance(err, ProviderError) and err.retryable:

@@ -166,9 +166,6 @@ class Port:
     port: int
     proto: Literal["tcp", "udp", "http"] = "tcp"
 
-    def key(self) -> str:
-        return f"{self.port}/{'tcp' if self.proto == 'http' else self.proto}"
-
 
 @dataclass(frozen=True)
 class LeaseRequest:

@@ -135,9 +135,7 @@ def compute(spec: spec_mod.Spec, state: Path, month: str, now: float) -> dict:
     try:
         keys = admin.list()
     finally:
-        close = getattr(admin, "close", None) or getattr(getattr(admin, "conn", None), "close", None)
-        if close:
-            close()
+        admin.close()
     tenants: dict[str, tuple[float, str]] = {}
     for k in keys:                       # the tenant's tier now, and when it first had a key
         first = min(tenants.get(k.tenant, (k.created_at, k.tier))[0], k.created_at)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
+from fleet.kinds import is_upstream
 from infermesh_cli.errors import UserError
 
 
@@ -94,7 +95,7 @@ def render(plan: plan_mod.Plan) -> str:
     for p in plan.pools:
         c = costs.get(p.name)
         reps = str(p.replicas) + (f" (+{p.failover_replicas} failover)" if p.failover_replicas else "")
-        gpu = "-" if p.provider_kind == "openai" else f"{p.gpu_count}x{p.gpu_type}"
+        gpu = "-" if is_upstream(p.provider_kind) else f"{p.gpu_count}x{p.gpu_type}"
         rows.append([p.name, p.model, f"{p.provider} ({p.provider_kind})", p.region, p.role, f"{p.weight:g}", gpu,
                      reps, _money(c.monthly if c else None),
                      "-" if not c or c.cogs_per_1m is None else f"${c.cogs_per_1m:.3f}"])

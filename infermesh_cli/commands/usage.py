@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from fleet import spec as spec_mod
 from fleet.failover import effective_spec
-from fleet.kinds import LEASED_KINDS
+from fleet.kinds import LEASED_KINDS, is_upstream
 from infermesh_cli.errors import UserError
 from infermesh_cli.inputs import cell, csv_cell, parse_since, shown, tenant_name
 from fleet.paths import state_dir
@@ -79,7 +79,7 @@ def lease_hour_micro_usd(spec: spec_mod.Spec) -> dict[str, int]:
     out: dict[str, int] = {}
     for pool in eff.pools:
         prov = eff.provider(pool.provider)
-        if prov.kind == "openai" or pool.role == "drained":
+        if is_upstream(prov.kind) or pool.role == "drained":
             continue
         if prov.kind not in LEASED_KINDS and pool.price_per_gpu_hour is None:
             continue
