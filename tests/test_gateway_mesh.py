@@ -17,14 +17,13 @@ import re
 import subprocess
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
 from fleet.components.gateway import (MESH_RUN, MESH_SECRET, PEERS_CONF_KEY, PEERS_KEY, STATEFULSET, mesh_hostname,
                                       mesh_node)
 from fleet.components.mesh import interface_config, peers_config
-from tests.test_k8s_schemas import CUSTOM, K8S_VERSION, manifests
+from tests.test_k8s_schemas import CUSTOM, manifests, validate_all
 from tests.test_pulumi_program import LEASE_TYPE, ROOT, Run, is_secret, run_program, stable_key, unwrap
 
 SCRIPT = ROOT / "images" / "mesh" / "mesh-sidecar"
@@ -211,17 +210,7 @@ def test_network_policy_opens_wireguard_and_nothing_of_the_mesh(mesh_runs, varia
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_rendered_object_of_a_mesh_stack_is_valid_for_a_current_kubernetes(mesh_runs, variant):
-    custom = set()
-    for obj in manifests(mesh_runs[variant]):
-        key = (obj["apiVersion"], obj["kind"])
-        if key in CUSTOM:
-            custom.add(key)
-            continue
-        try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{variant}: {obj['kind']} {obj['metadata'].get('name')}: {e.message} at "
-                        f"{'.'.join(str(p) for p in e.path)}")
+    _, custom = validate_all(manifests(mesh_runs[variant]), variant)
     assert custom == CUSTOM
 
 

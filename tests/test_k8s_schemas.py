@@ -46,6 +46,24 @@ def manifests(run) -> list[dict]:
     return out
 
 
+def validate_all(objects: list[dict], label: str) -> tuple[list[str], set[tuple[str, str]]]:
+    """Validate every built-in object strictly (one clear failure naming it); returns the kinds
+    checked and the custom resources seen (which have no schema here)."""
+    checked, custom = [], set()
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CUSTOM:
+            custom.add(key)
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{label}: {obj['kind']} {obj['metadata'].get('name')}: {e.message} at "
+                        f"{'.'.join(str(p) for p in e.path)}")
+        checked.append(obj["kind"])
+    return checked, custom
+
+
 def test_the_schemas_are_of_a_current_release():
     assert kubernetes_validate.latest_version() == K8S_VERSION
 
@@ -59,18 +77,7 @@ def test_every_rendered_object_is_valid_for_a_current_kubernetes(stack, monkeypa
         assert objects == []
         return
     assert len(objects) >= 12
-    checked, custom = [], set()
-    for obj in objects:
-        key = (obj["apiVersion"], obj["kind"])
-        if key in CUSTOM:
-            custom.add(key)
-            continue
-        try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{stack}: {obj['kind']} {obj['metadata'].get('name')}: {e.message} at "
-                        f"{'.'.join(str(p) for p in e.path)}")
-        checked.append(obj["kind"])
+    checked, custom = validate_all(objects, stack)
     assert {"StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Secret",
             "ConfigMap", "Namespace"} <= set(checked)
     assert custom == CUSTOM

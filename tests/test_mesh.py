@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.mesh.lab import Host, Lab, cleanup_leftovers, missing_tools, remove_stale_tmp
+from tests.mesh.lab import Host, Lab, cleanup_leftovers, remove_stale_tmp, require_lab
 
 pytestmark = pytest.mark.mesh
 
@@ -40,21 +40,7 @@ WORKER_PORT = 8000
 NODES = {"gw": "gateway-0", "w1": "meshpool-0", "w2": "meshpool-1"}
 
 
-def _skip_reason() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, sshd, wireguard-go)"
-    missing = missing_tools()
-    if missing:
-        return f"missing {', '.join(missing)}: run scripts/install-system-deps.sh"
-    return None
-
-
-if _skip_reason():
-    if os.environ.get("INFERMESH_MESH_TESTS") == "1":
-        pytest.fail(f"mesh tests requested but {_skip_reason()}", pytrace=False)
-    pytest.skip(_skip_reason(), allow_module_level=True)
+require_lab("network namespaces, sshd, wireguard-go")
 
 
 # ---- the lab ----------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pytest
 from fleet import mesh_keys
 from fleet.components.mesh import interface_config, peer_config, peers_config
 from fleet.plan import assign_addresses
-from tests.mesh.lab import missing_tools
+from tests.mesh.lab import require_lab
 
 pytestmark = pytest.mark.mesh
 
@@ -58,21 +58,7 @@ WG_RUN_DIR = Path("/var/run/wireguard")
 LOCK_FILE = Path("/run/lock/imw-mesh-sidecar.lock")
 
 
-def _skip_reason() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, WireGuard)"
-    missing = missing_tools()
-    if missing:
-        return f"missing {', '.join(missing)}: run scripts/install-system-deps.sh"
-    return None
-
-
-if _skip_reason():
-    if os.environ.get("INFERMESH_MESH_TESTS") == "1":
-        pytest.fail(f"mesh tests requested but {_skip_reason()}", pytrace=False)
-    pytest.skip(_skip_reason(), allow_module_level=True)
+require_lab("network namespaces, WireGuard")
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:

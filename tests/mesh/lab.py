@@ -49,6 +49,27 @@ def missing_tools() -> list[str]:
     return [t for t in REQUIRED_TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
 
 
+def require_lab(needs: str) -> None:
+    """At a test module's import: skip it where the lab cannot run (not Linux, not root, tools
+    missing), or fail it when INFERMESH_MESH_TESTS=1 asked for it (`make test-mesh`).
+    ``needs``: what root is needed for, for the message."""
+    import sys
+
+    import pytest
+
+    if sys.platform != "linux":
+        reason = "network namespaces need Linux"
+    elif os.geteuid() != 0:
+        reason = f"needs root ({needs})"
+    elif missing_tools():
+        reason = f"missing {', '.join(missing_tools())}: run scripts/install-system-deps.sh"
+    else:
+        return
+    if os.environ.get("INFERMESH_MESH_TESTS") == "1":
+        pytest.fail(f"mesh tests requested but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 @dataclass
 class Host:
     name: str            # short name: gw, w1, w2 (namespace imt-<name>)
