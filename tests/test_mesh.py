@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.mesh.lab import Host, Lab, cleanup_leftovers, remove_stale_tmp, require_lab
+from tests.mesh.lab import Host, Lab, cleanup_leftovers, remove_stale_tmp, require_lab, wait_until
 
 pytestmark = pytest.mark.mesh
 
@@ -104,20 +104,6 @@ class Mesh:
 
         # No SDK retries: every error the gateway returns is seen and counted.
         return openai.OpenAI(base_url=f"{self.gateway_url}/v1", api_key=self.api_key, max_retries=0, timeout=90)
-
-
-def wait_until(what: str, check, timeout_s: float = 60, interval: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001 - polled until the deadline; reported below
-            last = e
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout_s}s waiting until {what} (last: {last!r})")
 
 
 def write_hosts_file(lab: Lab, tmp: Path, gateway_state: Path, routing_file: Path) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ import pytest
 from fleet import mesh_keys
 from fleet.components.mesh import interface_config, peer_config, peers_config
 from fleet.plan import assign_addresses
+from tests.mesh import lab
 from tests.mesh.lab import require_lab
 
 pytestmark = pytest.mark.mesh
@@ -60,6 +62,8 @@ LOCK_FILE = Path("/run/lock/imw-mesh-sidecar.lock")
 
 require_lab("network namespaces, WireGuard")
 
+wait_until = functools.partial(lab.wait_until, timeout_s=20, interval=0.2)   # the sidecar's steps are quick
+
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout, env=env)
@@ -67,21 +71,6 @@ def sh(*cmd: str, check: bool = True, timeout: float = 30, env: dict | None = No
 
 def in_ns(ns: str, *cmd: str, check: bool = True, timeout: float = 30, env: dict | None = None):
     return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout, env=env)
-
-
-def wait_until(what: str, check, timeout_s: float = 20, interval: float = 0.2, log: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001 - keep polling; the last error goes into the message
-            last = e
-        time.sleep(interval)
-    tail = f"\nsidecar log:\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out waiting until {what} (last: {last!r}){tail}")
 
 
 def _namespaces() -> list[str]:

@@ -49,6 +49,23 @@ def missing_tools() -> list[str]:
     return [t for t in REQUIRED_TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
 
 
+def wait_until(what: str, check, timeout_s: float = 60, interval: float = 0.5, log: Path | None = None):
+    """Poll ``check`` until it returns something true (returned) or ``timeout_s`` passes (the test
+    fails naming ``what``, the last value or error, and the tail of ``log`` if given)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - polled until the deadline; reported below
+            last = e
+        time.sleep(interval)
+    tail = f"\nlog:\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting until {what} (last: {last!r}){tail}")
+
+
 def require_lab(needs: str) -> None:
     """At a test module's import: skip it where the lab cannot run (not Linux, not root, tools
     missing), or fail it when INFERMESH_MESH_TESTS=1 asked for it (`make test-mesh`).
