@@ -240,9 +240,9 @@ class Prober:
                 limit = self.limits(pool.model).ttft_s
                 seconds = r.ttft_ms / 1000 if r.ttft_ms is not None else limit + 0.001
                 if router.observe_ttft(ep, seconds):
-                    router.failure(ep)
+                    router.failure(ep, cause="probe: ttft")
             else:
-                router.failure(ep)
+                router.failure(ep, cause=f"probe: {r.result}")
         rates = self.log.pass_rates(time.time() - PASS_RATE_WINDOW_S)
         for m in router.models.values():
             for p in m.pools:

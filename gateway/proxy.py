@@ -18,6 +18,7 @@ sees one clean stream from the endpoint that answered.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -49,9 +50,18 @@ RESPONSE_FAILED = frozenset((b"response.failed", b"error"))
 class UpstreamFailure(Exception):
     """A failure before the first byte reached the client: worth another endpoint."""
 
-    def __init__(self, error_class: str) -> None:
+    def __init__(self, error_class: str, detail: str = "") -> None:
         super().__init__(error_class)
         self.error_class = error_class      # connect | timeout | reset | status_5xx | status_429
+        self.detail = detail                # for the operator's log only: the exception's class and errno
+
+
+def _detail(e: BaseException) -> str:
+    """An upstream error as one short line for the operator's log: its class and, for a socket
+    error, the errno's name (never a body, a header or an address)."""
+    os_error = getattr(e, "os_error", e)
+    errno_ = getattr(os_error, "errno", None)
+    return type(e).__name__ + (f" ({errno.errorcode.get(errno_, errno_)})" if errno_ else "")
 
 
 class Upstreams:
@@ -97,6 +107,8 @@ class Call:
                                         # do not count against MAX_ATTEMPTS (a dead region's workers, say)
         while True:
             ep = up.router.pick(model, exclude, adm.affinity, self.region)
+            if ep is None:       # before another model: this one's ejected endpoints that checks call healthy
+                ep = up.router.pick_ejected(model, exclude, self.region)
             if ep is None:
                 fallback = up.router.models[model].fallback
                 if (not self.rec.fallback and fallback and tier.allow_fallback and up.router.has_model(fallback)):
@@ -135,7 +147,8 @@ class Call:
                 refused += f.error_class == "connect"
                 exclude.add(ep)
                 # a missed deadline counts at once (a black hole is out before the next request waits on it)
-                up.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream))
+                up.router.failure(ep, at_once=f.error_class == "connect" or (f.error_class == "timeout" and adm.stream),
+                                  cause=f"{f.error_class}: {f.detail}" if f.detail else f.error_class)
                 pool = ep.pool
                 up.attempts.failed(pool.name, f.error_class)     # per-pool SLIs (gateway/sli.py)
                 up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
@@ -218,10 +231,10 @@ class Call:
                     ep.stream_waits.discard(expiry)
             except TimeoutError:
                 raise UpstreamFailure("timeout" if ep.available(time.monotonic()) else "unhealthy") from None
-            except aiohttp.ClientConnectorError:
-                raise UpstreamFailure("connect") from None
-            except (aiohttp.ClientError, ConnectionError, OSError):
-                raise UpstreamFailure("reset") from None
+            except aiohttp.ClientConnectorError as e:
+                raise UpstreamFailure("connect", _detail(e)) from None
+            except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                raise UpstreamFailure("reset", _detail(e)) from None
             released = True     # the stream owns the endpoint's slot from here on
             return self._stream(ep, resp, events, head, slow)
         finally:
@@ -299,7 +312,7 @@ class Call:
         rec.status = 200
         rec.ttlt_ms = (time.perf_counter() - self.started) * 1000
         if slow and up.router.outlier(ep, slow):
-            up.router.failure(ep)
+            up.router.failure(ep, cause="slow_ttft")
             pool = ep.pool
             up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region, "slow_ttft").inc()
         else:
@@ -314,7 +327,8 @@ class Call:
         up, rec = self.up, self.rec
         timed_out = events.expired or isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower()
         rec.status, rec.error = (504, "idle_timeout") if timed_out else (502, "stream_interrupted")
-        up.router.failure(ep, at_once=timed_out)       # a missed inter-token deadline counts at once
+        up.router.failure(ep, at_once=timed_out,       # a missed inter-token deadline counts at once
+                          cause="stream_" + ("timeout" if timed_out else "reset"))
         pool = ep.pool
         up.metrics.upstream_errors.labels(pool.model, pool.name, pool.provider, pool.region,
                                           "stream_" + ("timeout" if timed_out else "reset")).inc()
@@ -467,8 +481,8 @@ class Call:
                 if out:
                     yield b"".join(out)
                 batch = await events.batch()
-        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError):
-            up.router.failure(ep)
+        except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError) as e:
+            up.router.failure(ep, cause="stream_" + type(e).__name__)
         finally:
             if events is not None:
                 up.streams.discard(events)

@@ -60,7 +60,14 @@ Health:
   *slow* answer (below). At most half of a pool's endpoints are ejected at once; as in
   Envoy, one endpoint may always be ejected, so a one-endpoint pool can be ejected whole (the
   model's other pools, its standby and its fallback carry it). An ejected endpoint returns
-  only after its ejection time passed *and* a later active check passed.
+  only after its ejection time passed *and* a later active check passed, or at once when it
+  answers a request and was ejected for a refused connection, a reset or a 5xx.
+- Before a request leaves its model for the fallback model (nothing of the model available),
+  the model's ejected endpoints whose active checks pass are tried, if the ejection was for a
+  refused connection, a reset or a 5xx (``pick_ejected``; Envoy's panic routing, narrowed): in
+  the request's region, then its backup region. A spurious ejection of a model's last capacity
+  must not send every request to a smaller model for the whole ejection time. After the
+  fallback, ``pick_panic`` is the last resort.
 - TTFT degradation: each streamed answer's TTFT, measured from the start of the upstream
   attempt (so it is the endpoint's, not the gateway's queueing), is *slow* when it exceeds the
   model's slow limit (the strictest TTFT SLO, p95, of the tiers that serve the model; set by
@@ -105,6 +112,9 @@ KV_PRESSURE = 0.9
 SLOW_RELATIVE = 2.0               # a slow answer is also this many times the peers' median TTFT
 TTFT_EWMA_ALPHA = 0.5
 PEER_FRESH_S = 30.0
+# ejections that an ejected-but-checked-healthy endpoint may be tried again for before a model
+# fallback (Router.pick_ejected): cheap to try; a missed deadline (timeout) is not
+RETRYABLE_EJECTIONS = frozenset(("connect", "reset", "status_5xx"))
 STALL_S = 1.0                     # a started stream quiet this long on a lost endpoint is ended at once
 
 
@@ -132,6 +142,7 @@ class Endpoint:
     failures: int = 0                 # consecutive passive failures
     ejections: int = 0
     ejected_until: float = 0.0
+    eject_cause: str = ""             # the failure that ejected it last (an error class, ``probe: ...``)
     waiting: float = 0.0              # from the worker's /metrics
     kv_usage: float = 0.0
     gpu_util: float | None = None     # where the worker's /metrics has DCGM names (gateway/metrics.py)
@@ -354,6 +365,30 @@ class Router:
         have = sum(pool.gpus * len(eps) for pool, eps in groups)
         return max(0.0, 1.0 - have / required_gpus)
 
+    def pick_ejected(self, model: str, exclude: set[Endpoint] | frozenset = frozenset(),
+                     region: str | None = None) -> Endpoint | None:
+        """Before a request leaves its model for the fallback: the model's endpoints that requests
+        ejected (passive health) while their active checks still pass, for a failure that costs
+        little to try again (a refused connection, a reset, a 5xx), never for a missed deadline.
+        Envoy's panic routing, narrowed: a spurious ejection of a model's last healthy capacity (the
+        backup region's only worker, say) must not send everyone to a smaller model for its whole
+        ejection time. An attempt that succeeds ends the ejection (``success``). In the request's
+        region first, then its backup region, then anywhere."""
+        route = self.models.get(model)
+        if route is None:
+            return None
+        now = time.monotonic()
+        eps = [ep for pool in route.pools if pool.role != "drained" and pool.weight > 0 for ep in pool.endpoints
+               if ep not in exclude and ep.healthy and not ep.refused and now < ep.ejected_until
+               and ep.eject_cause.split(":", 1)[0] in RETRYABLE_EJECTIONS]
+        if not eps:
+            return None
+        for r in (region, self.backups.get(region)) if region is not None else ():
+            here = [ep for ep in eps if ep.pool.region == r]
+            if here:
+                return self._p2c(here)
+        return self._p2c(eps)
+
     def pick_panic(self, model: str, exclude: set[Endpoint] | frozenset = frozenset()) -> Endpoint | None:
         """The last resort when no endpoint of the model is available (Envoy's panic mode):
         endpoints taken out by ejection or by check *timeouts* may be an overloaded gateway's own
@@ -390,8 +425,15 @@ class Router:
     # ---- passive health ---------------------------------------------------------------
     def success(self, ep: Endpoint) -> None:
         ep.failures = 0
-        if ep.ejected_until and ep.available(time.monotonic()):
+        if not ep.ejected_until:
+            return
+        if ep.available(time.monotonic()):
             ep.ejections = max(0, ep.ejections - 1)
+            ep.ejected_until = 0.0
+        elif ep.healthy and ep.eject_cause.split(":", 1)[0] in RETRYABLE_EJECTIONS:
+            # an answer during an ejection for a refused connection, a reset or a 5xx (pick_ejected
+            # tried it, or a request that was already on it) shows that failure has passed: back now;
+            # the ejection count stays, so a flapping endpoint's next ejection is longer
             ep.ejected_until = 0.0
 
     def observe_ttft(self, ep: Endpoint, seconds: float) -> bool:
@@ -421,9 +463,10 @@ class Router:
                        for e in p.endpoints if e is not ep and now - e.ttft_at < PEER_FRESH_S)
         return not (peers and seconds <= SLOW_RELATIVE * peers[len(peers) // 2])
 
-    def failure(self, ep: Endpoint, at_once: bool = False) -> None:
+    def failure(self, ep: Endpoint, at_once: bool = False, cause: str = "") -> None:
         """A failed attempt; ``at_once`` (a missed connect, first-token or idle deadline) ejects
-        without waiting for EJECT_AFTER_FAILURES."""
+        without waiting for EJECT_AFTER_FAILURES. ``cause`` (the error class, or ``probe: ...``)
+        goes into the ejection's log line."""
         ep.failures += 1
         now = time.monotonic()
         if (ep.failures < EJECT_AFTER_FAILURES and not at_once) or now < ep.ejected_until:
@@ -435,7 +478,9 @@ class Router:
         ep.ejections += 1
         ep.ejected_until = now + min(EJECT_MAX_S, EJECT_BASE_S * 2 ** (ep.ejections - 1))
         ep.failures = 0
-        log.warning("endpoint %s of pool %s ejected for %.0fs", ep.id, pool.name, ep.ejected_until - now)
+        ep.eject_cause = cause
+        log.warning("endpoint %s of pool %s ejected for %.0fs (%s%s)", ep.id, pool.name, ep.ejected_until - now,
+                    cause or "failed", ", at once" if at_once else f", {EJECT_AFTER_FAILURES} in a row")
         self.on_eject(ep)
         ep.lost(dead=False, now=now)
 

@@ -245,16 +245,14 @@ def two_regions(cfg):
     cfg["gateway"] = {**cfg.get("gateway", {}), "region": "local"}
 
 
-# Quarantined (issue 17 stays open on it): in 1 of the 3 fresh-clone runs of the whole suite (and in one of
-# mine on a loaded machine) the backup region's one endpoint was ejected for 5 s within 13 ms of the local
-# workers' deaths, as the dead ones were (an at-once failure: its class is not in the log), so every
-# request after the kill went to the fallback model in `local` (demo-mini-east, 553 rows) instead of `far`.
-@pytest.mark.quarantine
 async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_marked(stack_factory):
     """Two regions: `local` (the gateway's, backup `far`) and `far` (demo-chat-far). Requests stay
     in `local` while it has capacity (far gets nothing, though its weight would give it a share);
     every demo-chat worker in `local` killed: the backup serves, marked in x-infermesh-region-failover
-    and in the ledger's region; no failures."""
+    and in the ledger's region; no failures. (It was quarantined for a while: in 1 of 3 suite runs
+    the backup's one endpoint was ejected with the dead ones, cause unlogged, and requests went to
+    the fallback model. Ejections now log their cause, and an ejected endpoint whose checks pass is
+    tried before a model fallback: Router.pick_ejected.)"""
     stack = stack_factory(mutate_with(two_regions))
     c = client(stack, timeout=60)
     stop = asyncio.Event()
@@ -292,10 +290,13 @@ async def test_a_regions_workers_all_down_traffic_goes_to_the_backup_region_mark
           f"{sum(s[2] == 'far' and s[3] == 'local' for s in after)}/{len(after)} in far marked failover from local; "
           f"ledger region far for {sum(r['region'] == 'far' for r in far_rows_after)}/{len(far_rows_after)}; "
           f"{len(failed)} failed {failed[:2]}")
-    assert before and all(s[2] == "local" and s[3] is None for s in before)
-    assert after and all(s[2] == "far" and s[3] == "local" for s in after)
-    assert far_rows_after and all(r["region"] == "far" for r in far_rows_after)
-    assert not failed
+    # what the router did, for a failure's message: every ejection and health change, with its cause
+    why = "\n".join(ln for ln in (stack.state / "logs" / "gateway.log").read_text().splitlines()
+                    if "infermesh.router" in ln)
+    assert before and all(s[2] == "local" and s[3] is None for s in before), why
+    assert after and all(s[2] == "far" and s[3] == "local" for s in after), why
+    assert far_rows_after and all(r["region"] == "far" for r in far_rows_after), why
+    assert not failed, why
 
 
 def keys_cli(stack, *args: str):

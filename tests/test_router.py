@@ -131,6 +131,49 @@ def test_panic_mode_tries_ejected_endpoints_but_never_refused_ones():
     assert r.pick_panic("m", exclude={e["east/0"], e["east/1"], e["west/0"]}) is None
 
 
+def two_region_router() -> Router:
+    """``local`` (pools a and b) with backup ``far`` (pool c), and ``other`` (pool d)."""
+    def pool(name, region):
+        return {"name": name, "provider": name, "region": region, "role": "primary", "weight": 1,
+                "endpoints": [{"id": f"{name}/0", "url": f"http://{name}-0"}]}
+    return Router({"region_backups": {"local": "far"}, "models": [{"id": "m", "fallback": None, "pools": [
+        pool("a", "local"), pool("b", "local"), pool("c", "far"), pool("d", "other")]}]}, rng=random.Random(5))
+
+
+def test_before_a_model_fallback_ejected_endpoints_that_pass_checks_are_tried_region_first():
+    """Router.pick_ejected: an endpoint ejected by requests (a refused connection, a reset, a 5xx)
+    whose active checks still pass is tried before the request leaves its model, in its region, then
+    the backup region, then anywhere; one ejected for a missed deadline, or refusing its checks, is not;
+    a success ends the ejection."""
+    r = Router(config(), rng=random.Random(6))
+    e = eps(r)
+    for ep in e.values():
+        r.failure(ep, at_once=True, cause="connect: ClientConnectorError (ECONNREFUSED)")
+    # at most half a pool is ejected by passive detection: east/1 stays in, so eject it by hand
+    e["east/1"].ejected_until, e["east/1"].eject_cause = time.monotonic() + 60, "timeout"
+    assert r.pick("m") is None
+    assert {ep.eject_cause.split(":")[0] for ep in e.values()} == {"connect", "timeout"}
+    picked = {r.pick_ejected("m").id for _ in range(200)}
+    assert picked == {"east/0", "west/0", "reserve/0"}           # east/1 missed a deadline: not tried
+    e["west/0"].healthy, e["west/0"].refused = False, True         # its check was refused: really down
+    assert {r.pick_ejected("m").id for _ in range(200)} == {"east/0", "reserve/0"}
+    r.success(e["east/0"])
+    assert r.pick("m") is e["east/0"]
+
+    g = two_region_router()
+    e = eps(g)
+    for ep in e.values():
+        g.failure(ep, at_once=True, cause="reset: ServerDisconnectedError")
+    assert g.pick("m", region="local") is None
+    assert {g.pick_ejected("m", region="local").id for _ in range(100)} == {"a/0", "b/0"}
+    assert g.pick_ejected("m", exclude={e["a/0"], e["b/0"]}, region="local").id == "c/0"   # the backup
+    assert g.pick_ejected("m", exclude={e["a/0"], e["b/0"], e["c/0"]}, region="local").id == "d/0"
+    assert g.pick_ejected("m", exclude=set(e.values()), region="local") is None
+    g.failure(e["c/0"], at_once=True)
+    e["c/0"].ejected_until, e["c/0"].eject_cause = time.monotonic() + 60, "status_429"  # overloaded: left alone
+    assert g.pick_ejected("m", exclude={e["a/0"], e["b/0"]}, region="local").id == "d/0"
+
+
 def test_prometheus_text_is_read_by_exact_name_with_labels_timestamps_and_junk():
     """fleet.prometheus, as the router reads a worker's load: exact names only, spaces inside label
     values, a timestamp after the value, comments and unparsable values skipped."""
