@@ -2,8 +2,9 @@
 
 Everything that decides something is in the plan (fleet/plan.py); this file reads the config
 in one place, builds the plan, composes the components (fleet/components) and exports what the
-operator and the next steps need: the public endpoint, the Ansible hosts file for SSH leases,
-the routing config and the plan's costs.
+operator and the next steps need: the public endpoint, the Ansible hosts file for SSH leases and
+the mesh keys (both read by ``infermesh bootstrap --from-pulumi``), the routing config and the
+plan's costs.
 
 A stack whose supply is all local (sim, llama.cpp: the ``local`` stack) rents nothing and runs
 no cluster: ``infermesh up`` runs it on one machine. Here it only exports its plan.
@@ -85,13 +86,11 @@ else:
     gateways = [n for n in plan.mesh if n.role == "gateway"]
     # WireGuard only where it is the channel (SSH hosts): marketplace containers are on mutual TLS
     on_mesh = [n for n in plan.mesh if n.role == "gateway" or lease_channel(plan.lease(n.name)) == "wireguard"]
+    # The one source of this stack's mesh keys (docs/mesh.md): the gateway pods take theirs from the mesh's
+    # interfaces, the SSH hosts theirs through `infermesh bootstrap --from-pulumi` (the `mesh_keys` output).
     mesh = WireGuardMesh("infermesh-mesh", {
         "nodes": [{"name": n.name, "role": n.role, "address": n.address, "peers": list(n.peers)} for n in on_mesh],
-        "cidr": spec.mesh.cidr, "port": spec.mesh.port, "keepalive_s": spec.mesh.keepalive_s,
-        # Each gateway node answers WireGuard at its own name: gateway-N is StatefulSet pod N, behind a UDP
-        # load balancer of its own that external-dns names so (fleet/components/gateway.py, docs/mesh.md).
-        "gateway_endpoints": {g.name: f"{mesh_hostname(g.name, spec.gateway.host)}:{spec.mesh.port}"
-                              for g in gateways},
+        "cidr": spec.mesh.cidr, "port": spec.mesh.port, "rotation": spec.mesh.rotation,
     })
     # the channel: mutual TLS into marketplace containers (the plan's choice per lease, fleet/kinds.py); each
     # worker makes its own key, its lease's provider signs its certificate with the CA (no key in a marketplace)
@@ -104,7 +103,7 @@ else:
         "leases": list(plan.leases),
         "launches": {lease.name: worker_launch(spec, lease) for lease in plan.leases},
         "credentials": {p.name: p.credentials for p in spec.providers if p.credentials},
-        "mesh_configs": mesh.worker_configs, "mesh_port": spec.mesh.port,
+        "mesh_port": spec.mesh.port,
         "default_image": images.worker_ref,
         "surge": {p.name: p.surge for p in spec.pools},
         "registry": {p.name: secrets[p.registry_credentials] for p in spec.providers
@@ -142,7 +141,14 @@ else:
                             if "=" in kv),
     }, opts=pulumi.ResourceOptions(depends_on=[gateway]))
     pulumi.export("endpoint", gateway.url)
-    pulumi.export("ansible_inventory", workers.inventory)
+    # The hosts file `infermesh bootstrap --from-pulumi` writes: the SSH leases' addresses, and the gateways, which
+    # are Kubernetes pods, not SSH hosts: each answers WireGuard at its own name (gateway-N is StatefulSet pod N,
+    # behind a UDP load balancer of its own that external-dns names so: fleet/components/gateway.py).
+    pulumi.export("ansible_inventory", workers.inventory.apply(lambda inv: {
+        **inv, "kubernetes_gateways": {g: mesh_hostname(g, spec.gateway.host) for g in gateway_names}}))
+    # Every mesh node's key pair (the SSH-host workers' and the gateway identities'), secret: Ansible's keys for
+    # the SSH hosts, so that they and the pods hold one set (fleet/mesh_keys.py's key file shape).
+    pulumi.export("mesh_keys", mesh.key_pairs)
     pulumi.export("images", {"gateway": images.gateway_ref, "worker": images.worker_ref, "mesh": images.mesh_ref})
 
 pulumi.export("routing_config", plan.routing)

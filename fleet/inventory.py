@@ -17,14 +17,22 @@ The hosts file (YAML or JSON), as the lease step records it::
         ssh_user: root                   # default root
         mesh_endpoint: 203.0.113.5       # optional: where peers dial this node's WireGuard port
         vars: {}                         # optional: overrides for this host only
+    kubernetes_gateways:                 # optional: gateways that are Kubernetes pods, not SSH hosts
+      gateway-1: gateway-1.mesh.api.example.com     # where workers dial its WireGuard port
 
-Only SSH-connected nodes are bootstrapped: gateways and the leases whose pool says
-``connection: ssh``. Container leases run the worker image and are not Ansible's business, and
-an SSH gateway does not route to them: they are reached on mutual TLS at the port their
-marketplace forwards, an address only the lease outputs hold, with material the Kubernetes
-gateways mount (fleet/components/gateway.py). The routing an SSH gateway gets (``routing_config``)
-leaves those endpoints out rather than carry a placeholder address; ``routing_left_out`` names
-them and the routing role says so.
+Only SSH-connected nodes are bootstrapped: the SSH-host gateways and the leases whose pool says
+``connection: ssh``. A Pulumi-managed stack's gateways are Kubernetes pods (fleet/components/gateway.py):
+``infermesh bootstrap --from-pulumi`` writes them under ``kubernetes_gateways`` (the stack's
+``ansible_inventory`` output), so the workers dial them at their mesh names and no play runs on them;
+their peer lists come from Pulumi (the pods' ConfigMap), their keys from the same Pulumi keys the
+controller's key file then holds (fleet/mesh_keys.py).
+
+Container leases run the worker image and are not Ansible's business, and an SSH gateway does
+not route to them: they are reached on mutual TLS at the port their marketplace forwards, an
+address only the lease outputs hold, with material the Kubernetes gateways mount
+(fleet/components/gateway.py). The routing an SSH gateway gets (``routing_config``) leaves those
+endpoints out rather than carry a placeholder address; ``routing_left_out`` names them and the
+routing role says so.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import hashlib
 import ipaddress
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +81,8 @@ class HostsFile:
     ssh_known_hosts: str | None = None
     ssh_private_key_file: str | None = None
     vars: dict[str, Any] = field(default_factory=dict)
+    kubernetes_gateways: dict[str, str] = field(default_factory=dict)
+    """Gateway node -> the host name its WireGuard port answers at (a Kubernetes pod, not an SSH host)."""
 
 
 def load_hosts(path: Path) -> HostsFile:
@@ -101,8 +112,17 @@ def load_hosts(path: Path) -> HostsFile:
             ssh_host=str(entry["ssh_host"]), ssh_port=port, ssh_user=str(entry.get("ssh_user", "root")),
             mesh_endpoint=entry.get("mesh_endpoint"), vars=dict(entry.get("vars") or {}),
         )
+    k8s = doc.get("kubernetes_gateways") or {}
+    if not isinstance(k8s, dict) or not all(isinstance(v, str) and v for v in k8s.values()):
+        raise InventoryError(f"{path}: kubernetes_gateways: expected gateway node -> host name (where workers "
+                             "dial its WireGuard port)")
+    both = sorted(set(k8s) & set(hosts))
+    if both:
+        raise InventoryError(f"{path}: {', '.join(both)}: under both hosts (an SSH host) and kubernetes_gateways "
+                             "(a pod); a gateway is one or the other")
     return HostsFile(hosts=hosts, ssh_known_hosts=doc.get("ssh_known_hosts"),
-                     ssh_private_key_file=doc.get("ssh_private_key_file"), vars=dict(doc.get("vars") or {}))
+                     ssh_private_key_file=doc.get("ssh_private_key_file"), vars=dict(doc.get("vars") or {}),
+                     kubernetes_gateways={str(k): v for k, v in k8s.items()})
 
 
 def interface_name(node: str) -> str:
@@ -117,10 +137,17 @@ def interface_name(node: str) -> str:
     return "wg-" + hashlib.sha256(node.encode()).hexdigest()[:12]
 
 
-def bootstrapped_nodes(plan: Plan) -> list[MeshNode]:
-    """The mesh nodes Ansible manages: every gateway, and the workers on SSH leases."""
+def bootstrapped_nodes(plan: Plan, kubernetes_gateways: Collection[str] = ()) -> list[MeshNode]:
+    """The mesh nodes Ansible manages: every gateway but those on Kubernetes, and the workers on SSH leases."""
     ssh_leases = {x.name for x in plan.leases if x.connection == "ssh"}
-    return [n for n in plan.mesh if n.role == "gateway" or n.name in ssh_leases]
+    return [n for n in plan.mesh
+            if (n.role == "gateway" and n.name not in kubernetes_gateways) or n.name in ssh_leases]
+
+
+def keyed_nodes(plan: Plan) -> list[str]:
+    """The nodes whose keys the playbooks read: every gateway (SSH host or pod), and the workers on SSH leases."""
+    ssh_leases = {x.name for x in plan.leases if x.connection == "ssh"}
+    return [n.name for n in plan.mesh if n.role == "gateway" or n.name in ssh_leases]
 
 
 def endpoint_id(lease: Lease) -> str:
@@ -131,7 +158,13 @@ def endpoint_id(lease: Lease) -> str:
 def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path,
                     worker_port: int = WORKER_PORT) -> dict[str, Any]:
     """The inventory as a dict (dump it as YAML or JSON). Raises InventoryError."""
-    nodes = bootstrapped_nodes(plan)
+    k8s = hosts.kubernetes_gateways
+    plan_gateways = [n.name for n in plan.mesh if n.role == "gateway"]
+    stray = sorted(set(k8s) - set(plan_gateways))
+    if stray:
+        raise InventoryError(f"hosts file: kubernetes_gateways names {', '.join(stray)}, which the plan does not "
+                             f"have as a gateway; plan gateways: {', '.join(plan_gateways) or 'none'}")
+    nodes = bootstrapped_nodes(plan, k8s)
     by_name = {n.name: n for n in plan.mesh}
     missing = [n.name for n in nodes if n.name not in hosts.hosts]
     if missing:
@@ -141,17 +174,23 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
     if unknown:
         raise InventoryError(f"hosts file names {', '.join(unknown)}, which the plan does not have; "
                              f"plan nodes: {', '.join(n.name for n in plan.mesh)}")
-    if not any(n.role == "gateway" for n in nodes):
+    if not plan_gateways:
         raise InventoryError("the plan has no gateway node")
+    if not nodes:
+        raise InventoryError("nothing to bootstrap: every gateway is a Kubernetes pod (kubernetes_gateways) and no "
+                             "pool has `connection: ssh`")
 
     network = ipaddress.ip_network(spec.mesh.cidr)
     leases = {x.name: x for x in plan.leases}
 
     def mesh_endpoint(name: str) -> str | None:
         addr = hosts.hosts.get(name)
-        if addr is None:
+        if name in k8s:
+            host = k8s[name]
+        elif addr is None:
             return None
-        host = addr.mesh_endpoint or addr.ssh_host
+        else:
+            host = addr.mesh_endpoint or addr.ssh_host
         return f"[{host}]:{spec.mesh.port}" if ":" in host else f"{host}:{spec.mesh.port}"
 
     def peers(node: MeshNode) -> list[dict[str, Any]]:
@@ -219,8 +258,9 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
                 "worker_max_model_len": pool.max_model_len or model.context_length,
                 # the plan's launch (fleet/launch.py): SSH hosts are on the WireGuard channel, no TLS flags
                 "worker_engine_args": launch.serving_flags(spec, pool, lease.gpu_count, None),
-                "worker_gateway_host": gateway_names[0],
             })
+            if gateway_names:       # an SSH-host gateway to ask whether it routes to the worker (not a pod)
+                hv["worker_gateway_host"] = gateway_names[0]
             sim = pool.sim
             if sim is not None:
                 hv["worker_sim_args"] = {"ttft_ms": sim.ttft_ms, "itl_ms": sim.itl_ms,
@@ -240,6 +280,8 @@ def build_inventory(spec: Spec, plan: Plan, hosts: HostsFile, *, keys_file: Path
         "routing_config": routing,
         "routing_left_out": left_out,
     }
+    if k8s:
+        all_vars["mesh_kubernetes_gateways"] = sorted(k8s)
     ssh_args = []
     if hosts.ssh_known_hosts:
         ssh_args += [f"-o UserKnownHostsFile={hosts.ssh_known_hosts}", "-o StrictHostKeyChecking=yes"]
@@ -341,7 +383,23 @@ def load_fleet(stack: str | None, *, stack_file: Path | None = None, stacks_dir:
     state = state_dir or default_state_dir(spec.stack)
     hosts = load_hosts(hosts_file or state / "hosts.yaml")
     keys_file = state / "mesh-keys.json"
-    if ensure_keys:
+    try:
+        source = mesh_keys.read_source(keys_file)
+    except ValueError as e:
+        raise InventoryError(str(e)) from None
+    if source is not None:
+        # Pulumi's keys (`bootstrap --from-pulumi`): never made here, or the SSH hosts and the pods would hold two sets
+        have = mesh_keys.read(keys_file)
+        missing = [n for n in keyed_nodes(plan) if n not in have]
+        if missing:
+            raise InventoryError(f"{keys_file}: the mesh keys from {source} have none for {', '.join(missing)}; run "
+                                 f"`pulumi up --stack {spec.stack}`, then `infermesh bootstrap --stack {spec.stack} "
+                                 "--from-pulumi`")
+    elif hosts.kubernetes_gateways:
+        raise InventoryError(f"the gateways {', '.join(sorted(hosts.kubernetes_gateways))} are Kubernetes pods holding "
+                             f"the Pulumi stack's mesh keys, and {keys_file} is not from it: run `infermesh bootstrap "
+                             f"--stack {spec.stack} --from-pulumi`")
+    elif ensure_keys:
         mesh_keys.ensure(keys_file, [n.name for n in plan.mesh])
     inventory = build_inventory(spec, plan, hosts, keys_file=keys_file)
     return Fleet(spec=spec, plan=plan, state_dir=state, hosts=hosts, keys_file=keys_file, inventory=inventory)

@@ -1,8 +1,17 @@
 """WireGuard key pairs for the mesh nodes, kept by the controller that runs the playbooks.
 
-On a deployed stack the keys are Pulumi secrets; `infermesh bootstrap` keeps the controller's
-copy in one file (mode 0600) under the stack's state dir, the only place they are written.
-The playbooks read it on the controller through a ``file`` lookup, so no key travels on a
+One source per stack (docs/mesh.md):
+
+- a Pulumi-managed stack: the keys are Pulumi's (``WireGuardKey`` resources, the stack's secret
+  ``mesh_keys`` output); ``infermesh bootstrap --from-pulumi`` copies them into this file and
+  leaves a *source marker* beside it (``mesh-keys.source``: ``{"source": "pulumi", "stack": S}``).
+  With the marker, nothing here makes or rotates a key (``read_source``): a key missing is an error
+  that says to run ``pulumi up`` and ``--from-pulumi`` again, and rotation is ``mesh.rotation``;
+- a stack without Pulumi (SSH-host gateways, the mesh lab): ``ensure`` makes the keys here, and
+  ``--playbook rotate-keys`` rotates them.
+
+The file is mode 0600 in a 0700 folder under the stack's state dir, the only place the keys are
+written on the controller. The playbooks read it through a ``file`` lookup, so no key travels on a
 command line, in an environment variable or in ansible-runner's artifacts.
 
 Rotation writes a *next* file beside the current one; the rotate-keys playbook applies it and
@@ -48,12 +57,47 @@ def read(path: Path) -> dict[str, KeyPair]:
 
 def write(path: Path, keys: dict[str, KeyPair]) -> None:
     """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, json.dumps(keys, indent=1, sort_keys=True))
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` into `path`, atomically, 0600 from the first byte, in a 0700 folder (fleet.paths.private_dir)."""
+    from fleet.paths import private_dir
+
+    private_dir(path.parent)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)              # a stale one may have another mode: O_CREAT would keep it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(keys, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
+
+
+PULUMI = "pulumi"
+
+
+def source_path(path: Path) -> Path:
+    """The source marker beside the key file `path` (``mesh-keys.source``)."""
+    return path.with_suffix(".source")
+
+
+def mark_source(path: Path, source: str, stack: str) -> None:
+    """Record that the key file `path` is a copy of `source`'s keys (``pulumi``) for `stack`."""
+    write_private(source_path(path), json.dumps({"source": source, "stack": stack}) + "\n")
+
+
+def read_source(path: Path) -> str | None:
+    """Where the key file's keys come from (``"Pulumi stack S"``), or None: the controller's own (``ensure``)."""
+    try:
+        doc = json.loads(source_path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source_path(path)}: unreadable source marker ({e}); delete it and run "
+                         "`infermesh bootstrap --from-pulumi` again") from None
+    if not isinstance(doc, dict) or doc.get("source") != PULUMI:
+        raise ValueError(f"{source_path(path)}: not a source marker ({{\"source\": \"pulumi\", ...}})")
+    return f"Pulumi stack {doc.get('stack')}"
 
 
 def ensure(path: Path, nodes: Iterable[str]) -> dict[str, KeyPair]:

@@ -357,6 +357,9 @@ class Mesh(_Strict):
     # annotations of the gateway pods' UDP load balancers (one per mesh identity): the cloud's kind of load
     # balancer, e.g. {"service.beta.kubernetes.io/aws-load-balancer-type": "external", ...} on EKS
     lb_annotations: dict[str, str] = {}
+    # bump to replace every mesh key of a Pulumi-managed stack (WireGuardMesh's `rotation`): `pulumi up`, then
+    # `infermesh bootstrap --from-pulumi` gives the SSH hosts theirs (docs/mesh.md#keys-one-source-per-stack)
+    rotation: NonNegInt = 0
 
     @field_validator("cidr")
     @classmethod

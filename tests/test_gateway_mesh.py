@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from fleet.components.gateway import (MESH_RUN, MESH_SECRET, PEERS_CONF_KEY, PEE
                                       mesh_node)
 from fleet.components.mesh import interface_config, peers_config
 from tests.test_k8s_schemas import CUSTOM, manifests, validate_all
-from tests.test_pulumi_program import LEASE_TYPE, ROOT, Run, is_secret, run_program, stable_key, unwrap
+from tests.test_pulumi_program import (ROOT, Run, assert_no_lease_holds_a_mesh_key, is_secret, mesh_keys_expected,
+                                       run_program, stable_key, unwrap)
 
 SCRIPT = ROOT / "images" / "mesh" / "mesh-sidecar"
 VARIANTS = {"prod-ssh": ("prod", False), "staging-ssh": ("staging", False), "prod-userspace": ("prod", True)}
@@ -110,22 +110,37 @@ def test_every_pod_the_hpa_may_start_has_an_identity_and_a_udp_endpoint(mesh_run
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_each_worker_dials_every_identity_at_its_services_name(mesh_runs, variant):
+def test_no_lease_carries_a_mesh_key(mesh_runs, variant):
+    """SSH hosts are on the mesh, and still no lease (what the marketplace stores) holds a WireGuard key: Ansible
+    writes a host's config over SSH (`infermesh bootstrap --from-pulumi`, tests/test_bootstrap_pulumi.py)."""
     run = mesh_runs[variant]
+    assert any(x.connection == "ssh" for x in run.plan.leases)
+    assert_no_lease_holds_a_mesh_key(run)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mesh_keys_output_is_the_pods_keys_and_each_worker_dials_every_identity(mesh_runs, variant, tmp_path):
+    """The `mesh_keys` output (the SSH hosts' key source) covers every mesh node and is the keys the pods hold; the
+    inventory built from the outputs has each worker dial every identity at its Service's name with that key."""
+    from fleet.inventory import build_inventory, host_vars, load_hosts
+
+    run = mesh_runs[variant]
+    keys = run.exports["mesh_keys"]
+    assert keys == mesh_keys_expected(run) and "mesh_keys" in run.secret_exports
     gws = gateways(run)
-    dialled = {f"{mesh_hostname(g.name, run.spec.gateway.host)}:{run.spec.mesh.port}": g for g in gws}
     ssh = [x for x in run.plan.leases if x.connection == "ssh"]
-    assert ssh
-    for r in run.mocks.of_type(LEASE_TYPE):
-        lease = unwrap(r.inputs["name"])
-        if lease not in {x.name for x in ssh}:
-            continue
-        conf = unwrap(r.inputs["env"])["WG_CONFIG"]
-        peers = re.findall(r"\[Peer\]\nPublicKey = (\S+)\nAllowedIPs = (\S+)\nEndpoint = (\S+)\n", conf)
-        assert len(peers) == len(gws)
-        for public, allowed, endpoint in peers:
-            g = dialled[endpoint]
-            assert (public, allowed) == (stable_key(g.name)[1], f"{g.address}/32")
+    assert set(keys) == {g.name for g in gws} | {x.name for x in ssh}
+    prefix = int(run.spec.mesh.cidr.rsplit("/", 1)[1])
+    assert unwrap(mesh_secret(run).inputs["stringData"]) == {
+        f"wg-{g.name}.conf": interface_config(keys[g.name]["private_key"], g.address, prefix, run.spec.mesh.port)
+        for g in gws}
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(run.exports["ansible_inventory"]))
+    inv = build_inventory(run.spec, run.plan, load_hosts(hosts), keys_file=tmp_path / "mesh-keys.json")
+    for lease in ssh:
+        peers = host_vars(inv, lease.name)["mesh_peers"]
+        assert [(p["name"], p["address"], p["endpoint"]) for p in peers] == [
+            (g.name, g.address, f"{mesh_hostname(g.name, run.spec.gateway.host)}:{run.spec.mesh.port}") for g in gws]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -159,6 +159,7 @@ class Run:
     plan: plan_mod.Plan
     mocks: Mocks
     exports: dict[str, Any] = field(default_factory=dict)
+    secret_exports: set[str] = field(default_factory=set)      # the exports Pulumi stores (and prints) as secrets
 
 
 def stack_config(stack: str, stacks_dir: Path | None = None) -> tuple[dict[str, str], list[str]]:
@@ -194,15 +195,21 @@ def run_program(stack: str, monkeypatch: pytest.MonkeyPatch, stacks_dir: Path | 
     exported: dict[str, Any] = {}
     monkeypatch.setattr(pulumi, "export", lambda name, value: exported.__setitem__(name, value))
     resolved: dict[str, Any] = {}
+    secret: set[str] = set()
+
+    async def secret_exports() -> None:
+        secret.update([name for name, value in exported.items()
+                       if isinstance(value, pulumi.Output) and await value.is_secret()])
 
     @pulumi.runtime.test
     def program():
         runpy.run_path(str(MAIN), run_name="__main__")
-        return pulumi.Output.from_input(exported).apply(resolved.update)
+        return pulumi.Output.all(pulumi.Output.from_input(exported).apply(resolved.update),
+                                 pulumi.Output.from_input(asyncio.ensure_future(secret_exports())))
 
     program()
     spec = spec_mod.load(stack, stacks_dir)
-    return Run(stack, spec, plan_mod.build_plan(spec), mocks, resolved)
+    return Run(stack, spec, plan_mod.build_plan(spec), mocks, resolved, secret)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +255,6 @@ def test_leases_per_pool(runs, stack):
             assert args[args.index("--host") + 1] == "0.0.0.0" and props["ports"] == ["8000/tcp"]
             assert args[args.index("--ssl-cert-reqs") + 1] == "2"
             assert {"--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs"} <= set(args)
-            assert "WG_CONFIG" not in unwrap(r_env(run, lease.name))
         else:
             # WireGuard: the worker API is never published, only WireGuard's UDP port where the market has UDP
             assert args[args.index("--host") + 1] == lease.mesh_address
@@ -276,7 +282,7 @@ def test_secrets_are_secret(runs, stack):
     from fleet.channel import worker_server_name
 
     for r in run.mocks.of_type(LEASE_TYPE):
-        assert is_secret(r.inputs["env"]), f"{r.name}: env (the worker's mesh key) is not secret"
+        assert is_secret(r.inputs["env"]), f"{r.name}: env is not secret"
         env = unwrap(r.inputs["env"])
         if env["INFERMESH_CHANNEL"] == "mtls":
             # no key and no certificate in the env a marketplace stores: the worker makes its own key, and the
@@ -286,7 +292,7 @@ def test_secrets_are_secret(runs, stack):
             assert "BEGIN CERTIFICATE" in r.inputs["tls_ca"] and "PRIVATE" not in r.inputs["tls_ca"]
             assert r.inputs["tls_name"] == worker_server_name(stack, unwrap(r.inputs["name"]))
         else:
-            assert "PrivateKey = " in env["WG_CONFIG"]
+            assert "WG_CONFIG" not in env           # no WireGuard key in a lease (test_no_lease_carries_a_mesh_key)
             assert "tls_ca_key" not in r.inputs or r.inputs["tls_ca_key"] is None
         assert is_secret(r.inputs["__provider"])
         # Only the NAME of the marketplace secret travels; its value appears in no input.
@@ -487,6 +493,102 @@ def test_ansible_inventory_for_ssh_leases(monkeypatch, tmp_path):
     hosts_file = tmp_path / "hosts.json"
     hosts_file.write_text(json.dumps(inv))
     assert set(load_hosts(hosts_file).hosts) == {x.name for x in ssh}
+
+
+# ---- the mesh keys: one source (Pulumi), never in a lease ----------------------------------------------------
+
+def mesh_key_holders(run: Run) -> dict[str, list[str]]:
+    """Per resource type, the resources whose inputs hold a mesh node's WireGuard private key (as the mocks made
+    them: ``stable_key``) or a wg-quick ``PrivateKey`` line; the WireGuardKey resources themselves left out."""
+    privates = [stable_key(n.name)[0] for n in run.plan.mesh]
+    holders: dict[str, list[str]] = {}
+    for r in run.mocks.resources:
+        if r.typ == KEY_TYPE:
+            continue
+        text = json.dumps(unwrap({k: v for k, v in r.inputs.items() if k != "__provider"}), default=str)
+        wg_text = "PrivateKey" in text if r.typ == LEASE_TYPE else "PrivateKey =" in text    # a lease: anywhere
+        if wg_text or "WG_CONFIG" in text or any(p in text for p in privates):
+            holders.setdefault(r.typ, []).append(r.name)
+    return holders
+
+
+def assert_no_lease_holds_a_mesh_key(run: Run) -> None:
+    """No lease (what a marketplace stores: env, args, every input) carries a WireGuard key: the only holder is
+    the gateway pods' identities Secret (Kubernetes, never a marketplace)."""
+    assert run.mocks.of_type(LEASE_TYPE)
+    holders = mesh_key_holders(run)
+    assert LEASE_TYPE not in holders and "infermesh:fleet:GpuLease" not in holders, holders
+    assert set(holders) <= {"kubernetes:core/v1:Secret"}, holders
+    for r in run.mocks.of_type(LEASE_TYPE):
+        assert "WG_CONFIG" not in unwrap(r.inputs["env"])
+
+
+def mesh_keys_expected(run: Run) -> dict[str, dict[str, str]]:
+    return {n.name: {"private_key": stable_key(n.name)[0], "public_key": stable_key(n.name)[1]}
+            for n in on_mesh(run.plan)}
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_no_lease_carries_a_mesh_key(runs, stack):
+    assert_no_lease_holds_a_mesh_key(runs[stack])
+
+
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_mesh_keys_output_is_every_mesh_nodes_pair_as_a_secret(runs, stack):
+    """The one key source for `infermesh bootstrap --from-pulumi`: every node on the mesh (the gateway identities
+    and the SSH-host workers), as fleet/mesh_keys.py's key file, exported as a secret (`--show-secrets` only)."""
+    run = runs[stack]
+    assert run.exports["mesh_keys"] == mesh_keys_expected(run)
+    assert {n for n, _ in run.exports["mesh_keys"].items()} == {k.name.removesuffix("-wg") for k in
+                                                                 run.mocks.of_type(KEY_TYPE)}
+    assert "mesh_keys" in run.secret_exports
+    # no other export holds a private key
+    privates = [pair["private_key"] for pair in run.exports["mesh_keys"].values()]
+    for name, value in run.exports.items():
+        if name != "mesh_keys":
+            assert not any(p in json.dumps(value, default=str) for p in privates), name
+    # the gateways: Kubernetes pods, each at the name its UDP load balancer has (not SSH hosts)
+    from fleet.components.gateway import mesh_hostname
+
+    assert run.exports["ansible_inventory"]["kubernetes_gateways"] == {
+        n.name: mesh_hostname(n.name, run.spec.gateway.host) for n in run.plan.mesh if n.role == "gateway"}
+    assert "mesh_keys" not in runs["local"].exports           # a local stack has no mesh
+
+
+def test_bumping_mesh_rotation_replaces_every_key(monkeypatch, tmp_path):
+    """`mesh.rotation` in the stack file reaches every WireGuardKey, and the provider, fed the inputs as the engine
+    sends them, replaces each one (the Pulumi stack's rotation; bootstrap's rotate-keys refuses such stacks)."""
+    from tests.engine import EngineHost
+
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.prod.yaml").read_text())
+    doc["config"]["infermesh:pools"][0]["connection"] = "ssh"               # workers on the mesh too
+    for folder, rotation in (("now", None), ("next", 1)):
+        if rotation is not None:
+            doc["config"].setdefault("infermesh:mesh", {})["rotation"] = rotation
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "Pulumi.rot.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = run_program("rot", monkeypatch, stacks_dir=tmp_path / "now")
+    after = run_program("rot", monkeypatch, stacks_dir=tmp_path / "next")
+    assert before.spec.mesh.rotation == 0 and after.spec.mesh.rotation == 1
+    old = {r.name: {k: v for k, v in r.inputs.items() if v is not None} for r in before.mocks.of_type(KEY_TYPE)}
+    new = {r.name: {k: v for k, v in r.inputs.items() if v is not None} for r in after.mocks.of_type(KEY_TYPE)}
+    assert sorted(old) == sorted(new) == sorted(f"{n.name}-wg" for n in on_mesh(before.plan))
+    assert any(n.role == "worker" for n in on_mesh(before.plan))
+    host = EngineHost(stack_config("prod")[0])
+    for name, props in old.items():
+        assert unwrap(props["rotation"]) == 0 and unwrap(new[name]["rotation"]) == 1
+        inputs, failures = host.check({}, props)
+        assert failures == []
+        key_id, outs = host.create(inputs)
+        next_inputs, failures = host.check(outs, new[name])
+        assert failures == []
+        assert host.diff(key_id, outs, next_inputs).replaces == ["rotation"], name
+        assert host.diff(key_id, outs, inputs).changes is False
+    # nothing but the keys (and what is made of them) changes: no lease is replaced for a rotation
+    leases_before = {r.name: unwrap(r.inputs) for r in before.mocks.of_type(LEASE_TYPE)}
+    leases_after = {r.name: unwrap(r.inputs) for r in after.mocks.of_type(LEASE_TYPE)}
+    strip = lambda d: {k: v for k, v in d.items() if k != "__provider"}  # noqa: E731
+    assert {n: strip(v) for n, v in leases_before.items()} == {n: strip(v) for n, v in leases_after.items()}
 
 
 def test_bad_stack_is_one_clear_error(monkeypatch, tmp_path):

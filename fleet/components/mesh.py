@@ -4,14 +4,19 @@ Keys must be stable across runs (a new key on every ``pulumi up`` would cut ever
 must never be derived from something guessable. So each node's key pair is a small dynamic
 resource: ``create`` generates the pair once (X25519 via ``cryptography``, like ``wg genkey``),
 Pulumi stores the private key in the state as a secret, and later runs read it back unchanged.
-Bumping ``rotation`` replaces a node's key.
+Bumping ``rotation`` (the stack's ``mesh.rotation``) replaces every key.
+
+These keys are the one source of a Pulumi-managed stack's mesh keys: the gateway pods take theirs
+from ``interfaces``, and the SSH-host workers get theirs from Ansible, which reads them from the
+stack's ``mesh_keys`` output (``key_pairs``) written to the controller's key file by
+``infermesh bootstrap --from-pulumi`` (docs/mesh.md). No private key goes into a lease: a
+marketplace stores what a lease is given.
 
 What changes when the fleet changes is kept apart from what does not:
 
 - ``interfaces``: per node, the secret ``[Interface]`` part (private key, address, listen port).
   Stable for a node for its whole life.
-- ``worker_configs``: per worker, its full wg-quick config (interface + one peer per gateway,
-  dialing out with keepalive, since workers sit behind NAT). Changes only when gateways change.
+- ``key_pairs``: per node, ``{private_key, public_key}`` (secret): fleet/mesh_keys.py's key file shape.
 - ``gateway_peers``: the gateways' peer list (one entry per worker: public key, allowed IP),
   not secret. It changes whenever a worker comes or goes, so it reaches the gateway pods in their
   ConfigMap (``peers_config``: wg(8) syntax), where each pod's mesh sidecar (images/mesh) applies it
@@ -81,10 +86,6 @@ class WireGuardMeshArgs(TypedDict):
     """The mesh network; addresses carry its prefix length."""
     port: int
     """WireGuard's UDP port on the gateways."""
-    gateway_endpoints: Mapping[str, pulumi.Input[str]]
-    """Where workers dial each gateway: ``host:port`` per gateway node."""
-    keepalive_s: NotRequired[int]
-    """PersistentKeepalive for workers behind NAT (default 25)."""
     rotation: NotRequired[int]
     """Bump to replace every key."""
 
@@ -121,20 +122,17 @@ def _all(outputs: Mapping[str, Any]) -> pulumi.Output[dict[str, Any]]:
 class WireGuardMesh(pulumi.ComponentResource):
     public_keys: pulumi.Output[dict[str, str]]
     interfaces: pulumi.Output[dict[str, str]]          # secret
-    worker_configs: pulumi.Output[dict[str, str]]      # secret
+    key_pairs: pulumi.Output[dict[str, dict[str, str]]]     # secret
     gateway_peers: pulumi.Output[list[dict[str, Any]]]
 
     def __init__(self, name: str, args: WireGuardMeshArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:WireGuardMesh", name, None, opts)
         prefix = ipaddress.ip_network(args["cidr"]).prefixlen
         port = args["port"]
-        keepalive = args.get("keepalive_s", 25)
         nodes = {n["name"]: n for n in args["nodes"]}
         for n in nodes.values():
             if n["role"] not in ("gateway", "worker"):
                 raise ValueError(f"WireGuardMesh: node {n['name']} has role {n['role']!r}; must be gateway or worker")
-            if n["role"] == "gateway" and n["name"] not in args["gateway_endpoints"]:
-                raise ValueError(f"WireGuardMesh: gateway_endpoints has no entry for {n['name']}")
         self.keys = {
             n: WireGuardKey(f"{n}-wg", n, args.get("rotation", 0), pulumi.ResourceOptions(parent=self))
             for n in nodes
@@ -149,19 +147,16 @@ class WireGuardMesh(pulumi.ComponentResource):
             n: k.private_key.apply(functools.partial(interface, n)) for n, k in self.keys.items()
         }))
 
-        gateways = [n for n in nodes.values() if n["role"] == "gateway"]
+        # the stack's `mesh_keys` output (fleet/mesh_keys.py's key file): Ansible's keys for the SSH hosts
+        self.key_pairs = pulumi.Output.secret(_all({
+            n: pulumi.Output.all(k.private_key, k.public_key).apply(
+                lambda a: {"private_key": a[0], "public_key": a[1]})
+            for n, k in self.keys.items()
+        }))
         workers = [n for n in nodes.values() if n["role"] == "worker"]
-        endpoints = _all({g["name"]: args["gateway_endpoints"][g["name"]] for g in gateways})
-
-        def worker_config(w: MeshNodeSpec):
-            return pulumi.Output.all(self.interfaces, self.public_keys, endpoints).apply(
-                lambda a: a[0][w["name"]] + "".join(
-                    peer_config(a[1][g], nodes[g]["address"], a[2][g], keepalive) for g in w["peers"]))
-
-        self.worker_configs = pulumi.Output.secret(_all({w["name"]: worker_config(w) for w in workers}))
         self.gateway_peers = self.public_keys.apply(lambda pub: [
             {"name": w["name"], "public_key": pub[w["name"]], "allowed_ips": [f"{w['address']}/32"]}
             for w in workers
         ])
         self.register_outputs({"public_keys": self.public_keys, "interfaces": self.interfaces,
-                               "worker_configs": self.worker_configs, "gateway_peers": self.gateway_peers})
+                               "key_pairs": self.key_pairs, "gateway_peers": self.gateway_peers})

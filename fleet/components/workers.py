@@ -11,7 +11,8 @@ client certificate required. Its key never leaves the container: the lease gets 
 key a secret input, its certificate public) and the endpoint name, and the lease provider signs the
 certificate request of the key the worker made at boot (fleet/marketplaces/worker_tls.py). SSH
 hosts join the WireGuard mesh (UDP published where the marketplace forwards UDP) and serve on
-their mesh address only.
+their mesh address only; their WireGuard key is never in the lease (the marketplace would store
+it): Ansible writes it over SSH, from the stack's ``mesh_keys`` output (docs/mesh.md).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ class WorkerFleetArgs(TypedDict):
     """Per lease name, what it runs (``worker_launch``)."""
     credentials: Mapping[str, str]
     """Per provider name, the name of its stack secret (never the key)."""
-    mesh_configs: pulumi.Input[Mapping[str, str]]
-    """Per worker, its wg-quick config (secret)."""
     mesh_port: int
     """WireGuard's UDP port."""
     default_image: NotRequired[pulumi.Input[str]]
@@ -83,7 +82,6 @@ class WorkerFleet(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: WorkerFleetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("infermesh:fleet:WorkerFleet", name, None, opts)
-        configs = pulumi.Output.secret(args["mesh_configs"])
         self.leases = {}
         waits_for = pace(args["leases"], args.get("surge", {}))
         for lease in sorted(args["leases"], key=lambda x: (x.pool, x.replica)):
@@ -93,6 +91,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 raise ValueError(f"WorkerFleet: lease {lease.name} has no image (pool {lease.pool}.image) and no "
                                  "built worker image was given")
             channel: dict[str, Any] = {}
+            env = dict(launch["env"])      # nothing secret: a marketplace stores what a lease is given
             if launch["channel"] == "mtls":
                 # the API port, forwarded by the marketplace (the lease's endpoint): TLS with client certificates,
                 # the certificate issued by the lease provider for the key the worker makes itself
@@ -100,13 +99,13 @@ class WorkerFleet(pulumi.ComponentResource):
                 tls = args.get("tls")
                 if not tls:
                     raise ValueError(f"WorkerFleet: lease {lease.name} is on the mtls channel and there is no stack CA")
-                env = dict(launch["env"])          # nothing secret: the CA certificate and token come at create
+                # (the CA certificate and the one-time token are added at create, by the lease provider)
                 channel = {"tls_name": worker_server_name(tls["stack"], lease.name), "tls_ca": tls["ca"],
                            "tls_ca_key": tls["ca_key"], "tls_days": tls["days"], "tls_renew_days": tls["renew_days"]}
             else:
+                # WireGuard (SSH hosts): no key in the lease; Ansible's mesh role writes the host's config over SSH
+                # (`infermesh bootstrap --from-pulumi`, with this stack's keys: docs/mesh.md)
                 ports = [f"{args['mesh_port']}/udp"] if lease.provider_kind in UDP_CAPABLE else []
-                env = configs.apply(lambda c, lease=lease, launch=launch: {**launch["env"],
-                                                                           "WG_CONFIG": c[lease.name]})
             if lease.connection == "ssh":
                 ports.append("22/tcp")
             self.leases[lease.name] = GpuLease(lease.name, {
@@ -160,7 +159,8 @@ def with_endpoints(routing: Mapping[str, Any], addrs: Mapping[str, Sequence[Any]
 
 
 def inventory(leases: Sequence[Lease], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """The hosts file ``infermesh bootstrap --hosts`` reads (``hosts``), with what each node is (``nodes``)."""
+    """The hosts file ``infermesh bootstrap --from-pulumi`` writes (``hosts``), with what each node is (``nodes``);
+    the program adds the gateway pods' mesh names (``kubernetes_gateways``)."""
     hosts, nodes = {}, {}
     for lease, (ssh_host, ssh_port, ssh_user, mesh_host) in zip(leases, rows, strict=False):
         entry: dict[str, Any] = {"ssh_host": ssh_host, "ssh_port": int(ssh_port or 22), "ssh_user": ssh_user or "root"}

@@ -22,10 +22,11 @@ worker makes its own key pair here and gets only a certificate for it (``tls_up`
 
 A used token is worthless: the endpoint is gone, and a container restarted on the same disk reuses
 its key and certificate and never opens it again. A forged certificate (not from the stack CA) is
-refused here and by the gateway. Otherwise (SSH hosts run by Ansible, or an image used by hand) the
-WireGuard mesh as before.
+refused here and by the gateway. Otherwise (an image used by hand) it serves where ``--host`` says:
+WireGuard is not its business (on SSH hosts, Ansible's mesh role sets up the mesh and runs vLLM; no
+lease carries a WireGuard key, docs/mesh.md).
 
-Environment (set by the GpuLease): WG_CONFIG (wg-quick config, secret), INFERMESH_MESH_ADDRESS,
+Environment (set by the GpuLease): INFERMESH_CHANNEL, INFERMESH_MESH_ADDRESS,
 INFERMESH_WEIGHTS_SHA256 (optional: checksum of the weights snapshot), INFERMESH_DRAIN_S,
 INFERMESH_RUN_AS (uid for vLLM), INFERMESH_TLS_CA and INFERMESH_BOOTSTRAP_TOKEN (mtls),
 INFERMESH_TLS_DIR (default /run/infermesh/tls), INFERMESH_SERVER_MODULE (what serves; default vLLM's
@@ -263,23 +264,6 @@ def tls_up(uid: int, argv: list[str]) -> None:
     log("mutual TLS material in place: own key, certificate from the stack CA; the bootstrap endpoint is closed")
 
 
-def mesh_up() -> None:
-    config = os.environ.pop("WG_CONFIG", "")
-    if not config:
-        log("no WG_CONFIG: not joining the mesh (vLLM will bind where --host says)")
-        return
-    path = Path("/run/wireguard/wg0.conf")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(config)
-    env = dict(os.environ)
-    if not Path("/sys/module/wireguard").exists():
-        env["WG_QUICK_USERSPACE_IMPLEMENTATION"] = "wireguard-go"
-    subprocess.run(["wg-quick", "up", str(path)], check=True, env=env)
-    log("mesh up")
-
-
 def snapshot_sha256(root: Path) -> str:
     """sha256 over (relative path, bytes) of every file, sorted: the same as fleet's weights checksum."""
     h = hashlib.sha256()
@@ -330,8 +314,6 @@ def main(argv: list[str]) -> int:
     uid = int(os.environ.get("INFERMESH_RUN_AS", "0"))
     if os.environ.get("INFERMESH_CHANNEL") == "mtls":
         tls_up(uid, argv)
-    else:
-        mesh_up()
     verify_weights(argv)
     module = os.environ.get("INFERMESH_SERVER_MODULE", "vllm.entrypoints.openai.api_server")
     child = subprocess.Popen([sys.executable, "-m", module, *argv],

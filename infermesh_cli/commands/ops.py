@@ -26,7 +26,7 @@ from typing import Any
 from fleet import mesh_keys
 from infermesh_cli.errors import UserError
 from infermesh_cli.inputs import bounded
-from infermesh_cli.commands.bootstrap import add_stack_args
+from infermesh_cli.commands.bootstrap import add_stack_args, drain_through_the_stack
 from fleet.inventory import GATEWAYS, WORKERS, Fleet, host_vars, load_fleet, nodes_of
 from fleet.routing import routing_without
 
@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if node not in nodes_of(fleet.inventory, WORKERS):
         raise UserError(f"--host {node}: only workers are drained; "
                         f"workers: {', '.join(nodes_of(fleet.inventory, WORKERS))}")
+    if fleet.hosts.kubernetes_gateways:
+        raise drain_through_the_stack("ops drain", fleet.spec.stack)
     return drain(fleet, node, timeout=args.timeout)
 
 
