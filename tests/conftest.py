@@ -182,3 +182,27 @@ def stack_factory(tmp_path) -> Iterator[Callable[..., RunningStack]]:
     finally:
         for s in started:
             s.stack.stop()
+
+
+FAKE_PULUMI = """#!/bin/sh
+# FAKE pulumi (the Pulumi CLI cannot be installed here): records its arguments, then answers as the test says.
+printf '%s\\n' "$*" >> "{calls}"
+{body}
+"""
+
+
+@pytest.fixture
+def fake_pulumi(tmp_path, monkeypatch):
+    """Puts a FAKE `pulumi` first on PATH; ``fake_pulumi(body)`` sets what it does (a shell snippet)."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "pulumi-calls"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    def install(body: str) -> Path:
+        script = bin_dir / "pulumi"
+        script.write_text(FAKE_PULUMI.format(calls=calls, body=body))
+        script.chmod(0o755)
+        return calls
+
+    return install

@@ -29,13 +29,6 @@ from tests.test_pulumi_program import ROOT, Run, run_program, unwrap
 
 STACK = "prod-ssh"
 TEMPLATE = ROOT / "playbooks" / "roles" / "mesh" / "templates" / "wg-quick.conf.j2"
-FAKE_PULUMI = """#!/bin/sh
-# FAKE pulumi for tests/test_bootstrap_pulumi.py: records its arguments, then answers as the scenario says.
-printf '%s\\n' "$*" >> "{calls}"
-{body}
-"""
-
-
 @pytest.fixture(scope="module")
 def stacks_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("stacks")
@@ -57,22 +50,6 @@ def outputs(program) -> dict:
     """`pulumi stack output --json --show-secrets` of the mocked program (a fresh copy per test)."""
     return json.loads(json.dumps(program.exports, default=str))
 
-
-@pytest.fixture
-def fake_pulumi(tmp_path, monkeypatch):
-    """Puts a FAKE `pulumi` first on PATH; ``fake_pulumi(body)`` sets what it does (a shell snippet)."""
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    calls = tmp_path / "pulumi-calls"
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-
-    def install(body: str) -> Path:
-        script = bin_dir / "pulumi"
-        script.write_text(FAKE_PULUMI.format(calls=calls, body=body))
-        script.chmod(0o755)
-        return calls
-
-    return install
 
 
 def printing(fake_pulumi, tmp_path: Path, doc: object) -> Path:

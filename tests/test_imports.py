@@ -68,8 +68,8 @@ FLOORS: dict[str, list[list[str]]] = {
     "infermesh_cli": [
         # 0: the one exception a command raises for an operator's mistake
         ["infermesh_cli", "infermesh_cli.errors"],
-        # 1: argument parsers and output cells
-        ["infermesh_cli.inputs"],
+        # 1: argument parsers and output cells; the Pulumi CLI's JSON answers
+        ["infermesh_cli.inputs", "infermesh_cli.pulumi_cli"],
         # 2: the commands
         ["infermesh_cli.commands.*"],
         # 3: the dispatcher (it loads the commands by name)

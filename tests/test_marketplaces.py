@@ -8,7 +8,6 @@ giving up after N tries, and a lease that dies. No test sleeps: adapters take an
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import yaml
@@ -714,7 +713,7 @@ def test_audit_cli_names_each_marketplace_without_credentials(monkeypatch, capsy
     leases_cmd.register(parser.add_subparsers(dest="command", required=True))
     for env in ("VASTAI_API_KEY", "RUNPOD_API_KEY", "AKASH_API_KEY"):
         monkeypatch.delenv(env, raising=False)
-    monkeypatch.setattr(leases_cmd.shutil, "which", lambda _: None)      # no Pulumi CLI: the plan is the reference
+    monkeypatch.setattr(leases_cmd.pulumi_cli, "available", lambda: False)   # no Pulumi CLI: the plan is the reference
     args = parser.parse_args(["leases", "audit", "--stack", "staging"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -892,13 +891,6 @@ def test_other_marketplaces_register_no_account_keys(vast, akash, sleeps):
 
 # ==== `infermesh leases audit` against `pulumi stack export` (a FAKE pulumi first on PATH) ================
 
-FAKE_PULUMI = """#!/bin/sh
-# FAKE pulumi for tests/test_marketplaces.py: records its arguments, then answers as the scenario says.
-printf '%s\\n' "$*" >> "{calls}"
-{body}
-"""
-
-
 def recorded_export(lease_id: str) -> dict:
     """A `pulumi stack export` document (format v3) as the Pulumi CLI prints it, with one GpuLease; secret
     outputs as the CLI writes them (a signature key and ciphertext)."""
@@ -919,22 +911,6 @@ def recorded_export(lease_id: str) -> dict:
              "parent": "urn:pulumi:prod::infermesh::infermesh:fleet:WorkerFleet$infermesh:fleet:GpuLease::qwen-vast-0"},
         ]}}
 
-
-@pytest.fixture
-def fake_pulumi(tmp_path, monkeypatch):
-    """Puts a FAKE `pulumi` first on PATH; ``fake_pulumi(body)`` sets what it does (a shell snippet)."""
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    calls = tmp_path / "pulumi-calls"
-    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-
-    def install(body: str) -> Path:
-        script = bin_dir / "pulumi"
-        script.write_text(FAKE_PULUMI.format(calls=calls, body=body))
-        script.chmod(0o755)
-        return calls
-
-    return install
 
 
 def test_audit_reads_the_state_from_pulumi_stack_export(vast, sleeps, tmp_path, monkeypatch, capsys, fake_pulumi):
@@ -968,7 +944,8 @@ def test_audit_reads_the_state_from_pulumi_stack_export(vast, sleeps, tmp_path, 
                       " >&2; exit 1",
      "failed (exit status 1: error: PULUMI_ACCESS_TOKEN must be set for login during non-interactive CLI sessions)"),
     ("silent failure", "exit 3", "failed (exit status 3); pass --state FILE instead"),
-    ("not an export", "echo 'Current stack is prod'", "printed no export document (JSONDecodeError: "),
+    ("not an export", "echo 'Current stack is prod'", "printed no JSON (Expecting value at line 1"),
+    ("JSON, not an export", "echo '[1, 2]'", "printed no export document (AttributeError: "),
 ])
 def test_audit_says_in_one_line_when_pulumi_stack_export_fails(scenario, body, said, monkeypatch, capsys,
                                                                fake_pulumi):

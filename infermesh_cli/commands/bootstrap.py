@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import binascii
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import yaml
 
 from fleet import mesh_keys
 from fleet.ansible_run import PLAYBOOKS, PlaybookResult, run_playbook
+from infermesh_cli import pulumi_cli
 from infermesh_cli.errors import UserError
 from fleet.inventory import GATEWAYS, WORKERS, load_fleet, nodes_of
 
@@ -139,22 +138,10 @@ def pulumi_outputs(stack: str) -> dict[str, Any]:
     """The stack's outputs, secrets shown (`pulumi stack output --json --show-secrets`). Raises UserError in one
     line; never with the output's text in it (it holds private keys)."""
     what = f"`pulumi stack output --stack {stack} --json --show-secrets`"
-    if shutil.which("pulumi") is None:
+    if not pulumi_cli.available():
         raise UserError(f"--from-pulumi reads {what}, and there is no `pulumi` on PATH: install the Pulumi CLI "
                         "(https://www.pulumi.com/docs/iac/download-install/) and log in to the stack's backend")
-    try:
-        done = subprocess.run(["pulumi", "stack", "output", "--stack", stack, "--json", "--show-secrets"],
-                              capture_output=True, text=True, timeout=120)
-    except (subprocess.SubprocessError, OSError) as e:
-        raise UserError(f"{what} failed ({type(e).__name__}: {e})") from None
-    if done.returncode != 0:
-        said = [line.strip() for line in done.stderr.splitlines() if line.strip()]      # pulumi's own reason
-        why = f"exit status {done.returncode}" + (f": {said[-1][:200]}" if said else "")
-        raise UserError(f"{what} failed ({why})")
-    try:
-        outputs = json.loads(done.stdout)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} printed no JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    outputs = pulumi_cli.run_json(["stack", "output", "--stack", stack, "--json", "--show-secrets"])
     if not isinstance(outputs, dict):
         raise UserError(f"{what} printed a JSON {type(outputs).__name__}, not the stack's outputs (an object)")
     return outputs

@@ -28,8 +28,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import yaml
 
 from fleet import plan as plan_mod
 from fleet import spec as spec_mod
+from infermesh_cli import pulumi_cli
 from infermesh_cli.errors import UserError
 
 LEASE_TYPE = "pulumi-python:dynamic/infermesh:GpuLease"
@@ -115,23 +114,14 @@ def load_state(stack: str, path: Path | None) -> set[str] | None:
             return state_lease_ids(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"--state {path}: not a `pulumi stack export` JSON file ({e})") from None
-    if shutil.which("pulumi") is None:
+    if not pulumi_cli.available():
         return None
-    what = f"`pulumi stack export --stack {stack}`"
+    doc = pulumi_cli.run_json(["stack", "export", "--stack", stack], hint="pass --state FILE instead")
     try:
-        done = subprocess.run(["pulumi", "stack", "export", "--stack", stack], capture_output=True, text=True,
-                              timeout=120)
-    except (subprocess.SubprocessError, OSError) as e:
-        raise UserError(f"{what} failed ({e}); pass --state FILE instead") from None
-    if done.returncode != 0:
-        said = [line.strip() for line in done.stderr.splitlines() if line.strip()]      # pulumi's own reason
-        why = f"exit status {done.returncode}" + (f": {said[-1][:200]}" if said else "")
-        raise UserError(f"{what} failed ({why}); pass --state FILE instead")
-    try:
-        return state_lease_ids(json.loads(done.stdout))
-    except (json.JSONDecodeError, AttributeError, TypeError) as e:
-        raise UserError(f"{what} printed no export document ({type(e).__name__}: {e}); pass --state FILE "
-                        "instead") from None
+        return state_lease_ids(doc)
+    except (AttributeError, TypeError) as e:
+        raise UserError(f"`pulumi stack export --stack {stack}` printed no export document ({type(e).__name__}: "
+                        f"{e}); pass --state FILE instead") from None
 
 
 def default_adapters() -> dict[str, Callable[[], object] | str]:
