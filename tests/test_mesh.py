@@ -460,7 +460,12 @@ def test_rotate_keys_under_load_drops_nothing(mesh: Mesh) -> None:
                  .stdout.splitlines())
     assert set(peers) == {new["meshpool-0"]["public_key"], new["meshpool-1"]["public_key"]}
     assert all(int(ts) > 0 for ts in peers.values())
-    assert load.ok > 0 and load.errors == [], f"{len(load.errors)} errors: {load.errors[:3]}"
+    # for a failure's message: what the gateway's router saw, and how many peers each node re-added
+    ansible_log = Path(result["artifact_dir"], "stdout")
+    why = "\n".join([ln for ln in (mesh.tmp / "gateway.log").read_text().splitlines() if "infermesh.router" in ln]
+                    + [ln.strip() for ln in (ansible_log.read_text().splitlines() if ansible_log.exists() else [])
+                       if "re-added peers" in ln])
+    assert load.ok > 0 and load.errors == [], f"{len(load.errors)} errors: {load.errors[:3]}\n{why}"
 
 
 def test_drain_removes_a_worker_under_load_without_dropping_requests(mesh: Mesh) -> None:
