@@ -389,13 +389,14 @@ def routed_pools(running) -> set[str]:
     return {p["pool"] for p in admin_get(running, "/admin/endpoints")["pools"]}
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+def wait_for(cond, timeout: float = 60.0, what: str = "condition", explain=None) -> None:
+    """Wait for ``cond()``; on timeout, fail naming ``what`` and what ``explain()`` says of the state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{explain()}" if explain else ""))
 
 
 def cli_args(running, action: str, *extra: str) -> list[str]:
@@ -1073,5 +1074,8 @@ def test_a_replica_that_cannot_be_read_rolls_the_canary_back(capsys, ha):
         assert str(ha.stack.replica_port(2)) in decision["reason"]
         assert err.count("trying again") == 2                 # three readings in a row, then the rollback
         wait_for(lambda: not any(f"{POOL}-canary" in replica_pools(ha, i) for i in range(3)),
-                 what="the canary out of every replica's routing")
+                 what="the canary out of every replica's routing",
+                 explain=lambda: (f"replicas' pools: {[sorted(replica_pools(ha, i)) for i in range(3)]}; "
+                                  f"the stack file follower said: {lines[-10:]}; "
+                                  f"its last error: {watcher.last_error}"))
     assert spec_mod.load(HA, ha.stacks_dir).canary is None
