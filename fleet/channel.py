@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
+
+from fleet.paths import write_private
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -214,15 +215,6 @@ def issue(ca: Issued, common_name: str, *, server: bool, dns: tuple[str, ...] = 
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _days_left(cert_pem: bytes) -> float:
     from cryptography import x509
     end = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
@@ -248,8 +240,8 @@ class LocalCerts:
         # (none yet, or lost) makes every leaf issued before it useless
         renewal = key.exists()
         ca = make_ca(f"infermesh {self.stack} local CA", key_pem=key.read_bytes() if renewal else None)
-        _write(key, ca.key_pem, True)
-        _write(crt, ca.cert_pem, False)
+        write_private(key, ca.key_pem)
+        write_private(crt, ca.cert_pem, mode=0o644)
         if not renewal:
             for stale in (self.dir / CLIENT_CERT, *self.dir.glob("workers/*.crt")):
                 stale.unlink(missing_ok=True)
@@ -258,8 +250,8 @@ class LocalCerts:
     def _leaf(self, cert: Path, key: Path, ca: Issued, **kw) -> tuple[Path, Path]:
         if not (cert.exists() and key.exists() and _days_left(cert.read_bytes()) > RENEW_DAYS):
             leaf = issue(ca, **kw)
-            _write(key, leaf.key_pem, True)
-            _write(cert, leaf.cert_pem, False)
+            write_private(key, leaf.key_pem)
+            write_private(cert, leaf.cert_pem, mode=0o644)
         return cert, key
 
     def client(self) -> tuple[Path, Path]:

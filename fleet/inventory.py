@@ -137,17 +137,15 @@ def interface_name(node: str) -> str:
     return "wg-" + hashlib.sha256(node.encode()).hexdigest()[:12]
 
 
-def bootstrapped_nodes(plan: Plan, kubernetes_gateways: Collection[str] = ()) -> list[MeshNode]:
-    """The mesh nodes Ansible manages: every gateway but those on Kubernetes, and the workers on SSH leases."""
-    ssh_leases = {x.name for x in plan.leases if x.connection == "ssh"}
-    return [n for n in plan.mesh
-            if (n.role == "gateway" and n.name not in kubernetes_gateways) or n.name in ssh_leases]
-
-
-def keyed_nodes(plan: Plan) -> list[str]:
+def keyed_nodes(plan: Plan) -> list[MeshNode]:
     """The nodes whose keys the playbooks read: every gateway (SSH host or pod), and the workers on SSH leases."""
     ssh_leases = {x.name for x in plan.leases if x.connection == "ssh"}
-    return [n.name for n in plan.mesh if n.role == "gateway" or n.name in ssh_leases]
+    return [n for n in plan.mesh if n.role == "gateway" or n.name in ssh_leases]
+
+
+def bootstrapped_nodes(plan: Plan, kubernetes_gateways: Collection[str] = ()) -> list[MeshNode]:
+    """The mesh nodes Ansible manages: the keyed nodes but the gateways on Kubernetes."""
+    return [n for n in keyed_nodes(plan) if n.name not in kubernetes_gateways]
 
 
 def endpoint_id(lease: Lease) -> str:
@@ -390,7 +388,7 @@ def load_fleet(stack: str | None, *, stack_file: Path | None = None, stacks_dir:
     if source is not None:
         # Pulumi's keys (`bootstrap --from-pulumi`): never made here, or the SSH hosts and the pods would hold two sets
         have = mesh_keys.read(keys_file)
-        missing = [n for n in keyed_nodes(plan) if n not in have]
+        missing = [n.name for n in keyed_nodes(plan) if n.name not in have]
         if missing:
             raise InventoryError(f"{keys_file}: the mesh keys from {source} have none for {', '.join(missing)}; run "
                                  f"`pulumi up --stack {spec.stack}`, then `infermesh bootstrap --stack {spec.stack} "

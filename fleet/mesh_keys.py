@@ -29,6 +29,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fleet.paths import write_private
+
 KeyPair = dict[str, str]    # {"private_key": base64, "public_key": base64}
 
 
@@ -58,19 +60,6 @@ def read(path: Path) -> dict[str, KeyPair]:
 def write(path: Path, keys: dict[str, KeyPair]) -> None:
     """Write atomically with mode 0600 from the first byte (never world-readable, not even briefly)."""
     write_private(path, json.dumps(keys, indent=1, sort_keys=True))
-
-
-def write_private(path: Path, text: str) -> None:
-    """`text` into `path`, atomically, 0600 from the first byte, in a 0700 folder (fleet.paths.private_dir)."""
-    from fleet.paths import private_dir
-
-    private_dir(path.parent)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)              # a stale one may have another mode: O_CREAT would keep it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 PULUMI = "pulumi"

@@ -64,6 +64,19 @@ def private_dir(path: Path, tighten: bool = False) -> Path:
     return path
 
 
+def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> Path:
+    """`data` into `path` atomically, with `mode` from the first byte (0600: never readable by others,
+    not even briefly), in a 0700 folder. A stale temp file is removed first: O_CREAT would keep its mode."""
+    private_dir(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
 def private_file(path: Path) -> Path:
     """Create `path` (empty) 0600 in a 0700 folder unless it exists; an existing file readable by
     group or others is tightened to 0600. SQLite then gives its -wal and -shm files the same mode.

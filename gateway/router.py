@@ -198,6 +198,10 @@ class Endpoint:
             return True
         return now >= self.ejected_until and self.checked_at >= self.ejected_until
 
+    def ejected_retryably(self) -> bool:
+        """Ejected last for a failure that is cheap to try again (RETRYABLE_EJECTIONS)."""
+        return self.eject_cause.split(":", 1)[0] in RETRYABLE_EJECTIONS
+
     def score(self) -> float:
         """Load: requests through us, the worker's queue, a penalty when its KV cache is nearly full."""
         return self.outstanding + self.waiting + (8.0 if self.kv_usage >= KV_PRESSURE else 0.0)
@@ -380,7 +384,7 @@ class Router:
         now = time.monotonic()
         eps = [ep for pool in route.pools if pool.role != "drained" and pool.weight > 0 for ep in pool.endpoints
                if ep not in exclude and ep.healthy and not ep.refused and now < ep.ejected_until
-               and ep.eject_cause.split(":", 1)[0] in RETRYABLE_EJECTIONS]
+               and ep.ejected_retryably()]
         if not eps:
             return None
         for r in (region, self.backups.get(region)) if region is not None else ():
@@ -430,7 +434,7 @@ class Router:
         if ep.available(time.monotonic()):
             ep.ejections = max(0, ep.ejections - 1)
             ep.ejected_until = 0.0
-        elif ep.healthy and ep.eject_cause.split(":", 1)[0] in RETRYABLE_EJECTIONS:
+        elif ep.healthy and ep.ejected_retryably():
             # an answer during an ejection for a refused connection, a reset or a 5xx (pick_ejected
             # tried it, or a request that was already on it) shows that failure has passed: back now;
             # the ejection count stays, so a flapping endpoint's next ejection is longer

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from fleet import mesh_keys
+from fleet.paths import write_private
 from fleet.ansible_run import PLAYBOOKS, PlaybookResult, run_playbook
 from infermesh_cli import pulumi_cli
 from infermesh_cli.errors import UserError
@@ -219,7 +220,7 @@ def write_from_pulumi(stack: str, outputs: dict[str, Any], hosts_path: Path, key
     hosts = hosts_from_outputs(stack, outputs, previous if isinstance(previous, dict) else {})
     mesh_keys.write(keys_file, keys)
     mesh_keys.mark_source(keys_file, mesh_keys.PULUMI, stack)
-    mesh_keys.write_private(hosts_path, yaml.safe_dump(hosts, sort_keys=False))
+    write_private(hosts_path, yaml.safe_dump(hosts, sort_keys=False))
     print(f"from Pulumi stack {stack}: {hosts_path} ({len(hosts['hosts'])} SSH hosts, "
           f"{len(hosts['kubernetes_gateways'])} gateway pods), {keys_file} ({len(keys)} key pairs, owner-only)",
           file=sys.stderr)
